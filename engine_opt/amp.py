@@ -1,0 +1,233 @@
+"""``AmpOptimWrapper``: mixed precision on CPU and CUDA.
+
+Autocast runs on the device type of the model's parameters. Only float16 gets
+a gradient scaler; bfloat16 needs none, and float32/float64 turn autocast off.
+A step skipped for non-finite gradients is read from the scaler's found-inf
+state, so it is reported correctly for fused optimizers too.
+
+Example:
+    >>> import torch
+    >>> from torch import nn
+    >>> model = nn.Linear(2, 1)
+    >>> wrapper = AmpOptimWrapper(optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+    ...                           dtype="fp16", loss_scale=dict(init_scale=1024.0))
+    >>> with wrapper.optim_context(model):
+    ...     loss = model(torch.ones(4, 2)).float().mean()
+    >>> wrapper.update_params(loss)
+    >>> wrapper.cast_dtype, wrapper.step_was_skipped, wrapper.loss_scaler.get_scale()
+    (torch.float16, False, 1024.0)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import math
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import checks
+from .wrapper import OptimWrapper
+
+_DTYPES = {
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "half": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float64": torch.float64,
+    "fp64": torch.float64,
+}
+_AUTOCAST_DTYPES = (torch.float16, torch.bfloat16)
+_SCALER_ARGS = ("init_scale", "growth_factor", "backoff_factor", "growth_interval", "enabled")
+
+
+def _device_type(optimizer: torch.optim.Optimizer) -> str:
+    """Device type of the optimizer's first parameter ('cpu' when it has none)."""
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            return str(param.device.type)
+    return "cpu"
+
+
+def parse_dtype(dtype: str | torch.dtype | None, device_type: str) -> torch.dtype:
+    """Turn the ``dtype`` argument into a ``torch.dtype``.
+
+    ``None`` means float16 on CUDA and bfloat16 elsewhere.
+
+    Example:
+        >>> parse_dtype("bf16", "cuda"), parse_dtype(None, "cpu")
+        (torch.bfloat16, torch.bfloat16)
+    """
+    if dtype is None:
+        return torch.float16 if device_type == "cuda" else torch.bfloat16
+    if isinstance(dtype, torch.dtype) and dtype in _DTYPES.values():
+        return dtype
+    if isinstance(dtype, str) and dtype in _DTYPES:
+        return _DTYPES[dtype]
+    raise ValueError(
+        f"dtype must be None, one of {list(_DTYPES)} or torch.float16/bfloat16/float32/float64, got {dtype!r}"
+    )
+
+
+def _check_loss_scale(loss_scale: Any) -> None:
+    if isinstance(loss_scale, torch.optim.Optimizer):
+        raise TypeError(
+            "AmpOptimWrapper got an optimizer as its first positional argument (loss_scale); "
+            "pass it by keyword: AmpOptimWrapper(optimizer=optimizer)"
+        )
+    if loss_scale == "dynamic" and isinstance(loss_scale, str):
+        return
+    if isinstance(loss_scale, (int, float)) and not isinstance(loss_scale, bool):
+        if not (math.isfinite(loss_scale) and loss_scale > 0):
+            raise ValueError(f"loss_scale as a number must be finite and > 0, got {loss_scale!r}")
+        return
+    if isinstance(loss_scale, Mapping):
+        checks.known_keys("loss_scale", loss_scale, _SCALER_ARGS)
+        growth = loss_scale.get("growth_factor", 2.0)
+        backoff = loss_scale.get("backoff_factor", 0.5)
+        init = loss_scale.get("init_scale", 2.0**16)
+        interval = loss_scale.get("growth_interval", 2000)
+        if not growth > 1:
+            raise ValueError(f"loss_scale['growth_factor'] must be > 1, got {growth!r}")
+        if not 0 < backoff < 1:
+            raise ValueError(f"loss_scale['backoff_factor'] must be in (0, 1), got {backoff!r}")
+        if not init > 0:
+            raise ValueError(f"loss_scale['init_scale'] must be > 0, got {init!r}")
+        checks.positive_int("loss_scale['growth_interval']", interval)
+        return
+    raise ValueError(
+        f"loss_scale must be 'dynamic', a positive number (static scale) or a dict of "
+        f"torch.amp.GradScaler arguments {list(_SCALER_ARGS)}, got {loss_scale!r}"
+    )
+
+
+def _build_scaler(loss_scale: Any, device_type: str, use_fsdp: bool) -> torch.amp.GradScaler:
+    kwargs: dict[str, Any] = {}
+    if isinstance(loss_scale, Mapping):
+        kwargs = dict(loss_scale)
+    elif not isinstance(loss_scale, str):
+        kwargs = {"init_scale": float(loss_scale)}
+    if use_fsdp:
+        from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+
+        accepts_device = "device" in inspect.signature(ShardedGradScaler).parameters
+        return ShardedGradScaler(device_type, **kwargs) if accepts_device else ShardedGradScaler(**kwargs)
+    return torch.amp.GradScaler(device_type, **kwargs)
+
+
+class AmpOptimWrapper(OptimWrapper):
+    """An ``OptimWrapper`` that runs the forward pass under autocast.
+
+    Args:
+        loss_scale: ``'dynamic'``, a positive number for a static scale, or a
+            dict of ``torch.amp.GradScaler`` arguments. Used for float16 only.
+        dtype: ``'float16'``/``'fp16'``, ``'bfloat16'``/``'bf16'``,
+            ``'float32'``, ``'float64'`` or a ``torch.dtype``. ``None`` picks
+            float16 on CUDA and bfloat16 on other devices. float32 and float64
+            run without autocast.
+        use_fsdp: Use ``ShardedGradScaler`` (for FSDP1-sharded models).
+        **kwargs: ``optimizer``, ``accumulative_counts``, ``clip_grad`` as for
+            ``OptimWrapper``; pass ``optimizer`` by keyword.
+
+    Attributes:
+        cast_dtype: The autocast dtype.
+        loss_scaler: The ``torch.amp.GradScaler`` for float16, else ``None``.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> model = nn.Linear(2, 1)
+        >>> wrapper = AmpOptimWrapper(optimizer=torch.optim.SGD(model.parameters(), lr=0.1), dtype="bf16")
+        >>> with wrapper.optim_context(model):
+        ...     out = model(torch.ones(3, 2))
+        >>> out.dtype, wrapper.loss_scaler
+        (torch.bfloat16, None)
+    """
+
+    def __init__(
+        self,
+        loss_scale: str | float | Mapping[str, Any] = "dynamic",
+        dtype: str | torch.dtype | None = None,
+        use_fsdp: bool = False,
+        **kwargs: Any,
+    ) -> None:
+        _check_loss_scale(loss_scale)
+        if "optimizer" not in kwargs:
+            raise TypeError("AmpOptimWrapper needs optimizer=..., got none")
+        super().__init__(**kwargs)
+        self._device_type = _device_type(self.optimizer)
+        self.cast_dtype = parse_dtype(dtype, self._device_type)
+        self._autocast = self.cast_dtype in _AUTOCAST_DTYPES
+        self.loss_scaler: torch.amp.GradScaler | None = None
+        self._scale_update_param: float | None = None
+        if self.cast_dtype == torch.float16:
+            self.loss_scaler = _build_scaler(loss_scale, self._device_type, use_fsdp)
+            if isinstance(loss_scale, (int, float)):
+                self._scale_update_param = float(loss_scale)
+
+    @contextlib.contextmanager
+    def optim_context(self, model: nn.Module) -> Iterator[None]:
+        """Gradient-sync control of ``OptimWrapper.optim_context`` plus autocast.
+
+        Autocast runs on the device type of ``model``'s parameters.
+        """
+        param = next(model.parameters(), None)
+        device_type = self._device_type if param is None else param.device.type
+        with super().optim_context(model), torch.autocast(device_type, self.cast_dtype, enabled=self._autocast):
+            yield
+
+    def backward(self, loss: torch.Tensor, **kwargs: Any) -> None:
+        """Scale the loss when a scaler exists, run backward and count the micro-step."""
+        if self.loss_scaler is not None:
+            loss = self.loss_scaler.scale(loss)
+        super().backward(loss, **kwargs)
+
+    def _unscale_grads(self) -> None:
+        if self.loss_scaler is not None:
+            self.loss_scaler.unscale_(self.optimizer)
+
+    def _optimizer_step(self, kwargs: dict[str, Any]) -> torch.Tensor | None:
+        scaler = self.loss_scaler
+        if scaler is None:
+            return super()._optimizer_step(kwargs)
+        scaler.step(self.optimizer, **kwargs)
+        # Read before update(), which clears it; fused optimizers step unconditionally.
+        found_inf: torch.Tensor = sum(scaler._found_inf_per_device(self.optimizer).values())
+        scaler.update(self._scale_update_param)
+        return found_inf
+
+    def state_dict(self) -> dict[str, Any]:
+        """``OptimWrapper.state_dict()`` plus ``'loss_scaler'``: the grad scaler's state.
+
+        Without a scaler (bfloat16, float32) it is ``{}``, as for a disabled
+        ``torch.amp.GradScaler``.
+        """
+        state = super().state_dict()
+        state["loss_scaler"] = {} if self.loss_scaler is None else self.loss_scaler.state_dict()
+        return state
+
+    def _check_state_dict(self, state_dict: Any) -> None:
+        super()._check_state_dict(state_dict)
+        scaler_state = checks.mapping("state_dict['loss_scaler']", state_dict.get("loss_scaler", {}))
+        if self.loss_scaler is not None and scaler_state:
+            expected = set(self.loss_scaler.state_dict())
+            if set(scaler_state) != expected:
+                raise ValueError(
+                    f"state_dict['loss_scaler'] must have the keys {sorted(expected)}, got {sorted(scaler_state)}"
+                )
+
+    def _load_checked(self, state_dict: Mapping[str, Any]) -> None:
+        super()._load_checked(state_dict)
+        scaler_state = state_dict.get("loss_scaler")
+        if self.loss_scaler is not None and scaler_state:  # {} comes from a run without a scaler
+            self.loss_scaler.load_state_dict(dict(scaler_state))
+
+    def _extra_repr(self) -> str:
+        scale = None if self.loss_scaler is None else self.loss_scaler.state_dict()
+        return f"  dtype={self.cast_dtype},\n  loss_scaler={scale},\n"

@@ -1,0 +1,449 @@
+"""``OptimWrapper``: one object that drives every optimizer update.
+
+The wrapper owns the order of one update (see ``docs/semantics.md``)::
+
+    with wrapper.optim_context(model):   # skips DDP/FSDP gradient sync mid-window
+        loss = loss_fn(model(x), y)
+    loss = loss / window_size            # scale_loss: A, or the true size of the last window
+    loss.backward()                      # backward: counts the micro-step
+    if window ends:                      # should_update
+        clip_grad_norm_(params, ...)     # step: clipping, then optimizer.step()
+        optimizer.step()
+        optimizer.zero_grad()
+
+Example:
+    >>> import torch
+    >>> from torch import nn
+    >>> model = nn.Linear(1, 1)
+    >>> wrapper = OptimWrapper(torch.optim.SGD(model.parameters(), lr=0.01), accumulative_counts=2)
+    >>> for _ in range(4):
+    ...     with wrapper.optim_context(model):
+    ...         loss = model(torch.ones(1, 1)).sum()
+    ...     wrapper.update_params(loss)
+    >>> wrapper.inner_count, wrapper.applied_steps
+    (4, 2)
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import checks
+
+_CLIP_ARGS = {
+    "norm": ("max_norm", ("max_norm", "norm_type", "error_if_nonfinite", "foreach")),
+    "value": ("clip_value", ("clip_value", "foreach")),
+}
+_COUNTER_KEYS = ("inner_count", "max_counts", "steps", "skipped_steps")
+
+
+def _parse_clip_grad(clip_grad: Any) -> tuple[str, dict[str, Any]] | None:
+    """Validate ``clip_grad`` and return ``(type, kwargs)`` without touching the caller's dict."""
+    if clip_grad is None:
+        return None
+    clip_grad = checks.mapping("clip_grad", clip_grad)
+    kwargs = dict(clip_grad)
+    clip_type = kwargs.pop("type", "norm")
+    if clip_type not in _CLIP_ARGS:
+        raise ValueError(f"clip_grad['type'] must be one of {sorted(_CLIP_ARGS)}, got {clip_type!r}")
+    required, accepted = _CLIP_ARGS[clip_type]
+    checks.known_keys(f"clip_grad (type {clip_type!r})", kwargs, ("type", *accepted))
+    if required not in kwargs:
+        raise ValueError(
+            f"clip_grad of type {clip_type!r} needs {required!r}, got {dict(clip_grad)!r}; "
+            f"for example dict(type={clip_type!r}, {required}=1.0)"
+        )
+    return clip_type, kwargs
+
+
+def _grad_sync_context(model: nn.Module, sync: bool) -> contextlib.AbstractContextManager[Any]:
+    """Return the context that stops gradient all-reduce for ``model`` when ``sync`` is False."""
+    set_sync = getattr(model, "set_requires_gradient_sync", None)
+    if callable(set_sync):  # FSDP2 decides during backward: the flag must outlive the forward.
+        set_sync(sync)
+        return contextlib.nullcontext()
+    no_sync = getattr(model, "no_sync", None)
+    if not sync and callable(no_sync):  # DDP decides during the forward.
+        return no_sync()  # type: ignore[no-any-return]
+    return contextlib.nullcontext()
+
+
+class OptimWrapper:
+    """Wrap a ``torch.optim.Optimizer`` with gradient accumulation and clipping.
+
+    Args:
+        optimizer: The optimizer to drive.
+        accumulative_counts: Number of micro-steps whose gradients are summed
+            before one optimizer step. Each loss is divided by the size of its
+            window, so a window of ``k`` micro-batches gives the update of one
+            batch ``k`` times larger.
+        clip_grad: ``None`` (no clipping) or a dict such as
+            ``dict(max_norm=1.0)`` / ``dict(type='norm', max_norm=1.0,
+            norm_type=2)`` for ``clip_grad_norm_``, or
+            ``dict(type='value', clip_value=0.5)`` for ``clip_grad_value_``.
+            Gradients are clipped once per window, just before the step.
+
+    Attributes:
+        optimizer: The wrapped optimizer.
+        clip_grad_kwargs: The clipping arguments without ``type`` (``{}``
+            when not clipping).
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> model = nn.Linear(2, 1)
+        >>> wrapper = OptimWrapper(torch.optim.SGD(model.parameters(), lr=0.1),
+        ...                        clip_grad=dict(max_norm=1.0))
+        >>> wrapper.update_params(model(torch.ones(3, 2)).sum())
+        >>> wrapper.get_lr()
+        {'lr': [0.1]}
+        >>> bool(wrapper.grad_norm > 0)
+        True
+    """
+
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        accumulative_counts: int = 1,
+        clip_grad: Mapping[str, Any] | None = None,
+    ) -> None:
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(
+                f"optimizer must be a torch.optim.Optimizer, got {optimizer!r} of type "
+                f"{type(optimizer).__name__}; build one first, e.g. SGD(model.parameters(), lr=0.01)"
+            )
+        self.optimizer = optimizer
+        self._accumulative_counts = checks.positive_int("accumulative_counts", accumulative_counts)
+        parsed = _parse_clip_grad(clip_grad)
+        self._clip_type = parsed[0] if parsed else None
+        self.clip_grad_kwargs: dict[str, Any] = parsed[1] if parsed else {}
+        self._inner_count = 0
+        self._max_counts = -1
+        self._steps = 0
+        self._skipped_base = 0
+        self._skipped_count: torch.Tensor | None = None
+        self._last_found_inf: torch.Tensor | None = None
+        self._grad_norm: torch.Tensor | None = None
+
+    # ------------------------------------------------------------------ counting
+
+    @property
+    def accumulative_counts(self) -> int:
+        """The number of micro-steps in one full accumulation window."""
+        return self._accumulative_counts
+
+    @property
+    def inner_count(self) -> int:
+        """The number of backward passes (micro-steps) counted so far."""
+        return self._inner_count
+
+    @property
+    def max_counts(self) -> int:
+        """The run length in micro-steps set by ``initialize_count_status``, or -1."""
+        return self._max_counts
+
+    def initialize_count_status(self, model: nn.Module, init_counts: int, max_counts: int) -> None:
+        """Tell the wrapper where the run stands and how long it is.
+
+        With the run length known, the last window is flushed at
+        ``max_counts`` and its losses are divided by its true size.
+
+        Args:
+            model: The trained model (accepted for MMEngine compatibility).
+            init_counts: Micro-steps already done (the resumed iteration).
+            max_counts: Total micro-steps of the run, or -1 if unknown.
+        """
+        if isinstance(init_counts, bool) or not isinstance(init_counts, int) or init_counts < 0:
+            raise ValueError(f"init_counts must be an int >= 0, got {init_counts!r}")
+        if (
+            isinstance(max_counts, bool)
+            or not isinstance(max_counts, int)
+            or not (max_counts == -1 or max_counts >= 1)
+        ):
+            raise ValueError(f"max_counts must be a positive int or -1 (unknown), got {max_counts!r}")
+        self._inner_count = init_counts
+        self._max_counts = max_counts
+
+    def _window_size(self) -> int:
+        """Size of the window that the next micro-step belongs to."""
+        size = self._accumulative_counts
+        if size == 1 or self._max_counts == -1:
+            return size
+        start = self._inner_count - self._inner_count % size
+        return min(size, self._max_counts - start) if start < self._max_counts else size
+
+    def should_update(self) -> bool:
+        """Whether the micro-step just counted by ``backward`` ends a window."""
+        return self._inner_count % self._accumulative_counts == 0 or self._inner_count == self._max_counts
+
+    def should_sync(self) -> bool:
+        """Whether the next backward ends a window, so gradients must be all-reduced."""
+        count = self._inner_count + 1
+        return count % self._accumulative_counts == 0 or count == self._max_counts
+
+    @contextlib.contextmanager
+    def optim_context(self, model: nn.Module) -> Iterator[None]:
+        """Context for the forward pass (and loss) of one micro-step.
+
+        On micro-steps that do not end a window it stops gradient
+        synchronisation: ``no_sync()`` for DDP, and
+        ``set_requires_gradient_sync(False)`` for FSDP2, which stays set through
+        the backward that follows.
+        """
+        with _grad_sync_context(model, self.should_sync()):
+            yield
+
+    # ------------------------------------------------------------------ one update
+
+    def scale_loss(self, loss: torch.Tensor) -> torch.Tensor:
+        """Divide ``loss`` by the size of the accumulation window it belongs to."""
+        size = self._window_size()
+        return loss if size == 1 else loss / size
+
+    def backward(self, loss: torch.Tensor, **kwargs: Any) -> None:
+        """Run ``loss.backward(**kwargs)`` and count the micro-step."""
+        loss.backward(**kwargs)  # type: ignore[no-untyped-call]
+        self._inner_count += 1
+
+    def step(self, **kwargs: Any) -> None:
+        """Clip the gradients if configured, then step the optimizer.
+
+        ``kwargs`` go to ``optimizer.step``.
+        """
+        grad_norm = None
+        if self._clip_type is not None:
+            self._unscale_grads()
+            grad_norm = self._clip_grad()
+        found_inf = self._optimizer_step(kwargs)
+        self._record_step(found_inf, grad_norm)
+
+    def zero_grad(self, **kwargs: Any) -> None:
+        """Run ``optimizer.zero_grad(**kwargs)``."""
+        self.optimizer.zero_grad(**kwargs)
+
+    def update_params(
+        self,
+        loss: torch.Tensor,
+        step_kwargs: dict[str, Any] | None = None,
+        zero_kwargs: dict[str, Any] | None = None,
+    ) -> None:
+        """Scale the loss, run backward and, at the end of a window, step and zero the grads.
+
+        Args:
+            loss: The loss of one micro-step, not yet divided by the window size.
+            step_kwargs: Keyword arguments for ``optimizer.step``.
+            zero_kwargs: Keyword arguments for ``optimizer.zero_grad``.
+        """
+        self.backward(self.scale_loss(loss))
+        if self.should_update():
+            self.step(**(step_kwargs or {}))
+            self.zero_grad(**(zero_kwargs or {}))
+
+    def _unscale_grads(self) -> None:
+        """Bring gradients to their true scale before clipping (no-op without a scaler)."""
+
+    def _params(self) -> list[torch.Tensor]:
+        return [param for group in self.optimizer.param_groups for param in group["params"]]
+
+    def _clip_grad(self) -> torch.Tensor | None:
+        params = self._params()
+        if self._clip_type == "norm":
+            return nn.utils.clip_grad_norm_(params, **self.clip_grad_kwargs)
+        nn.utils.clip_grad_value_(params, **self.clip_grad_kwargs)
+        return None
+
+    def _optimizer_step(self, kwargs: dict[str, Any]) -> torch.Tensor | None:
+        """Step the optimizer; return a found-inf tensor when the step may have been skipped."""
+        self.optimizer.step(**kwargs)
+        return None
+
+    def _record_step(self, found_inf: torch.Tensor | None, grad_norm: torch.Tensor | None) -> None:
+        """Count the window's step without reading any tensor on the host."""
+        self._steps += 1
+        self._last_found_inf = found_inf
+        if found_inf is not None:
+            self._skipped_count = found_inf if self._skipped_count is None else self._skipped_count + found_inf
+        if grad_norm is not None:
+            if found_inf is not None:  # keep the norm of the last step that was applied
+                previous = self._grad_norm if self._grad_norm is not None else torch.full_like(grad_norm, torch.nan)
+                grad_norm = torch.where(found_inf.to(grad_norm.device) > 0, previous, grad_norm)
+            self._grad_norm = grad_norm
+
+    # ------------------------------------------------------------------ what happened
+
+    @property
+    def step_was_skipped(self) -> bool:
+        """Whether the last window's step applied no update (non-finite fp16 gradients).
+
+        Reading it waits for the device.
+        """
+        return self._last_found_inf is not None and bool(self._last_found_inf)
+
+    @property
+    def skipped_steps(self) -> int:
+        """Number of windows whose step was skipped. Reading it waits for the device."""
+        pending = 0 if self._skipped_count is None else int(self._skipped_count.item())
+        return self._skipped_base + pending
+
+    @property
+    def applied_steps(self) -> int:
+        """Number of windows whose step updated the parameters. Reading it waits for the device."""
+        return self._steps - self.skipped_steps
+
+    @property
+    def grad_norm(self) -> torch.Tensor | None:
+        """Total gradient norm before clipping, of the last applied step, as a tensor.
+
+        Set only when clipping by norm; use ``clip_grad=dict(max_norm=float('inf'))``
+        to measure the norm without clipping. ``nan`` until a step is applied.
+        """
+        return self._grad_norm
+
+    # ------------------------------------------------------------------ optimizer views
+
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:
+        """The optimizer's own, live list of parameter groups."""
+        return self.optimizer.param_groups
+
+    @property
+    def defaults(self) -> dict[str, Any]:
+        """The optimizer's default hyperparameters."""
+        return self.optimizer.defaults
+
+    def get_lr(self) -> dict[str, list[Any]]:
+        """Learning rate of each param group: ``{'lr': [...]}``.
+
+        With several groups, ``'base_lr'`` (the optimizer's default) comes first.
+        """
+        groups = self.optimizer.param_groups
+        result: dict[str, list[Any]] = {}
+        if len(groups) > 1:
+            result["base_lr"] = [self.optimizer.defaults["lr"]]
+        result["lr"] = [group["lr"] for group in groups]
+        return result
+
+    def get_momentum(self) -> dict[str, list[Any]]:
+        """Momentum of each param group: ``momentum``, else ``betas[0]``, else 0."""
+        momentum = []
+        for group in self.optimizer.param_groups:
+            if "momentum" in group:
+                momentum.append(group["momentum"])
+            elif "betas" in group:
+                momentum.append(group["betas"][0])
+            else:
+                momentum.append(0)
+        return {"momentum": momentum}
+
+    # ------------------------------------------------------------------ state
+
+    def _in_window(self) -> bool:
+        return self._inner_count % self._accumulative_counts != 0 and self._inner_count != self._max_counts
+
+    def state_dict(self) -> dict[str, Any]:
+        """The optimizer's state dict plus the wrapper's counters.
+
+        The optimizer's keys stay at the top level, so the result also loads
+        into a plain optimizer. ``'counters'`` holds the micro-step and update
+        counts; between two micro-steps of a window, ``'accumulated_grads'``
+        holds the gradients summed so far, so a resumed run continues exactly.
+        """
+        state = dict(self.optimizer.state_dict())
+        state["counters"] = {
+            "inner_count": self._inner_count,
+            "max_counts": self._max_counts,
+            "steps": self._steps,
+            "skipped_steps": self.skipped_steps,
+        }
+        if self._in_window():
+            state["accumulated_grads"] = [
+                None if param.grad is None else param.grad.detach().clone() for param in self._params()
+            ]
+        return state
+
+    def _check_state_dict(self, state_dict: Any) -> None:
+        """Raise if ``state_dict`` cannot be loaded; change nothing."""
+        state_dict = checks.mapping("state_dict", state_dict)
+        missing = [key for key in ("state", "param_groups") if key not in state_dict]
+        if missing:
+            raise ValueError(
+                f"state_dict lacks the optimizer key(s) {missing}; got keys {sorted(state_dict)}. "
+                "Pass what OptimWrapper.state_dict() or Optimizer.state_dict() returned."
+            )
+        checks.mapping("state_dict['state']", state_dict["state"])
+        saved_groups = state_dict["param_groups"]
+        groups = self.optimizer.param_groups
+        if not isinstance(saved_groups, list) or not all(
+            isinstance(group, Mapping) and "params" in group for group in saved_groups
+        ):
+            raise ValueError("state_dict['param_groups'] must be a list of dicts with a 'params' entry")
+        if len(saved_groups) != len(groups):
+            raise ValueError(
+                f"state_dict has {len(saved_groups)} param group(s), the optimizer has {len(groups)}"
+            )
+        saved_sizes = [len(group["params"]) for group in saved_groups]
+        sizes = [len(group["params"]) for group in groups]
+        if saved_sizes != sizes:
+            raise ValueError(
+                f"state_dict param groups hold {saved_sizes} parameters, the optimizer's hold {sizes}"
+            )
+        if "counters" in state_dict:
+            counters = checks.mapping("state_dict['counters']", state_dict["counters"])
+            checks.known_keys("state_dict['counters']", counters, _COUNTER_KEYS)
+            for key, value in counters.items():
+                if isinstance(value, bool) or not isinstance(value, int):
+                    raise TypeError(f"state_dict['counters'][{key!r}] must be an int, got {value!r}")
+        if "accumulated_grads" in state_dict:
+            grads = state_dict["accumulated_grads"]
+            params = self._params()
+            if not isinstance(grads, list) or len(grads) != len(params):
+                raise ValueError(
+                    f"state_dict['accumulated_grads'] must be a list of {len(params)} tensors or None"
+                )
+            for index, (grad, param) in enumerate(zip(grads, params)):
+                if grad is not None and (not isinstance(grad, torch.Tensor) or grad.shape != param.shape):
+                    shape = tuple(grad.shape) if isinstance(grad, torch.Tensor) else type(grad).__name__
+                    raise ValueError(
+                        f"state_dict['accumulated_grads'][{index}] has shape {shape}, "
+                        f"the parameter has shape {tuple(param.shape)}"
+                    )
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        """Load what ``state_dict()`` returned, or a plain optimizer's state dict.
+
+        The whole dict is checked first: on error nothing is loaded. The
+        caller's dict is not modified.
+        """
+        self._check_state_dict(state_dict)
+        self._load_checked(state_dict)
+
+    def _load_checked(self, state_dict: Mapping[str, Any]) -> None:
+        self.optimizer.load_state_dict({"state": state_dict["state"], "param_groups": state_dict["param_groups"]})
+        counters = state_dict.get("counters")
+        if counters is not None:
+            self._inner_count = counters.get("inner_count", self._inner_count)
+            self._max_counts = counters.get("max_counts", self._max_counts)
+            self._steps = counters.get("steps", self._steps)
+            self._skipped_base = counters.get("skipped_steps", self.skipped_steps)
+            self._skipped_count = None
+            self._last_found_inf = None
+        grads = state_dict.get("accumulated_grads")
+        if grads is not None:
+            for param, grad in zip(self._params(), grads):
+                param.grad = None if grad is None else grad.detach().to(param.device, param.dtype, copy=True)
+
+    def __repr__(self) -> str:
+        clip = None if self._clip_type is None else {"type": self._clip_type, **self.clip_grad_kwargs}
+        optimizer = repr(self.optimizer).replace("\n", "\n  ")
+        return (
+            f"{type(self).__name__}(\n  accumulative_counts={self._accumulative_counts},\n"
+            f"  clip_grad={clip},\n{self._extra_repr()}  optimizer={optimizer},\n)"
+        )
+
+    def _extra_repr(self) -> str:
+        return ""

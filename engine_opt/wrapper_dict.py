@@ -1,0 +1,157 @@
+"""``OptimWrapperDict``: several named wrappers handled as one object.
+
+It reads like a read-only mapping of names to wrappers, and saves, loads and
+reports all of them at once. Updating is done on one member, since only the
+caller knows which loss belongs to which optimizer.
+
+Example:
+    >>> import torch
+    >>> from torch import nn
+    >>> gen, disc = nn.Linear(1, 1), nn.Linear(1, 1)
+    >>> wrappers = OptimWrapperDict(
+    ...     gen=OptimWrapper(torch.optim.SGD(gen.parameters(), lr=0.01)),
+    ...     disc=OptimWrapper(torch.optim.Adam(disc.parameters(), lr=0.001)))
+    >>> wrappers.get_lr()
+    {'gen.lr': [0.01], 'disc.lr': [0.001]}
+    >>> list(wrappers), len(wrappers), "gen" in wrappers
+    (['gen', 'disc'], 2, True)
+"""
+
+from __future__ import annotations
+
+from collections.abc import ItemsView, Iterator, KeysView, Mapping, ValuesView
+from typing import Any, NoReturn
+
+from torch import nn
+
+from . import checks
+from .wrapper import OptimWrapper
+
+
+class OptimWrapperDict:
+    """A read-only, ordered collection of named ``OptimWrapper`` objects.
+
+    Deliberately not a ``collections.abc.Mapping`` subclass: Ignite's
+    ``Checkpoint`` recurses into mappings, whereas this object must be saved
+    and loaded as one through its own ``state_dict``/``load_state_dict``.
+
+    Args:
+        **optim_wrappers: The wrappers, by name.
+    """
+
+    def __init__(self, **optim_wrappers: OptimWrapper) -> None:
+        if not optim_wrappers:
+            raise ValueError("OptimWrapperDict needs at least one wrapper, e.g. OptimWrapperDict(gen=..., disc=...)")
+        for name, wrapper in optim_wrappers.items():
+            if not isinstance(wrapper, OptimWrapper):
+                raise TypeError(
+                    f"OptimWrapperDict argument {name!r} must be an OptimWrapper, got {wrapper!r} "
+                    f"of type {type(wrapper).__name__}"
+                )
+        self.optim_wrappers: dict[str, OptimWrapper] = dict(optim_wrappers)
+
+    # ------------------------------------------------------------------ mapping
+
+    def __getitem__(self, name: str) -> OptimWrapper:
+        try:
+            return self.optim_wrappers[name]
+        except KeyError:
+            raise KeyError(f"no optimizer wrapper named {name!r}; known names: {list(self.optim_wrappers)}") from None
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.optim_wrappers)
+
+    def __len__(self) -> int:
+        return len(self.optim_wrappers)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.optim_wrappers
+
+    def keys(self) -> KeysView[str]:
+        """The names of the wrappers."""
+        return self.optim_wrappers.keys()
+
+    def values(self) -> ValuesView[OptimWrapper]:
+        """The wrappers."""
+        return self.optim_wrappers.values()
+
+    def items(self) -> ItemsView[str, OptimWrapper]:
+        """``(name, wrapper)`` pairs."""
+        return self.optim_wrappers.items()
+
+    # ------------------------------------------------------------------ all members
+
+    def zero_grad(self, **kwargs: Any) -> None:
+        """Run ``zero_grad(**kwargs)`` on every wrapper."""
+        for wrapper in self.optim_wrappers.values():
+            wrapper.zero_grad(**kwargs)
+
+    def initialize_count_status(self, model: nn.Module, init_counts: int, max_counts: int) -> None:
+        """Run ``initialize_count_status`` on every wrapper."""
+        for wrapper in self.optim_wrappers.values():
+            wrapper.initialize_count_status(model, init_counts, max_counts)
+
+    def get_lr(self) -> dict[str, list[Any]]:
+        """Learning rates with the wrapper's name as prefix: ``{'gen.lr': [...], ...}``."""
+        return {f"{name}.{key}": value for name, w in self.optim_wrappers.items() for key, value in w.get_lr().items()}
+
+    def get_momentum(self) -> dict[str, list[Any]]:
+        """Momentum with the wrapper's name as prefix: ``{'gen.momentum': [...], ...}``."""
+        return {
+            f"{name}.{key}": value for name, w in self.optim_wrappers.items() for key, value in w.get_momentum().items()
+        }
+
+    def state_dict(self) -> dict[str, dict[str, Any]]:
+        """``{name: wrapper.state_dict()}``."""
+        return {name: wrapper.state_dict() for name, wrapper in self.optim_wrappers.items()}
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        """Load ``{name: wrapper_state}``; every member is checked before any is loaded.
+
+        Raises:
+            ValueError: Names are missing or extra, or a member's state does not fit.
+        """
+        state_dict = checks.mapping("state_dict", state_dict)
+        missing = [name for name in self.optim_wrappers if name not in state_dict]
+        extra = [name for name in state_dict if name not in self.optim_wrappers]
+        if missing or extra:
+            raise ValueError(
+                f"state_dict names do not match OptimWrapperDict: missing {missing}, unexpected {extra}; "
+                f"expected {list(self.optim_wrappers)}"
+            )
+        for name, wrapper in self.optim_wrappers.items():
+            try:
+                wrapper._check_state_dict(state_dict[name])
+            except (TypeError, ValueError) as error:
+                raise type(error)(f"state_dict[{name!r}]: {error}") from error
+        for name, wrapper in self.optim_wrappers.items():
+            wrapper._load_checked(state_dict[name])
+
+    # ------------------------------------------------------------------ one member only
+
+    def _one_member(self, method: str) -> NoReturn:
+        first = next(iter(self.optim_wrappers))
+        raise NotImplementedError(
+            f"OptimWrapperDict.{method}() is ambiguous: call it on one member, "
+            f"e.g. optim_wrapper[{first!r}].{method}(...); members: {list(self.optim_wrappers)}"
+        )
+
+    def update_params(self, *args: Any, **kwargs: Any) -> NoReturn:
+        """Not available on the dict: call ``update_params`` on one member."""
+        self._one_member("update_params")
+
+    def backward(self, *args: Any, **kwargs: Any) -> NoReturn:
+        """Not available on the dict: call ``backward`` on one member."""
+        self._one_member("backward")
+
+    def step(self, *args: Any, **kwargs: Any) -> NoReturn:
+        """Not available on the dict: call ``step`` on one member."""
+        self._one_member("step")
+
+    def optim_context(self, *args: Any, **kwargs: Any) -> NoReturn:
+        """Not available on the dict: use ``optim_context`` of one member."""
+        self._one_member("optim_context")
+
+    def __repr__(self) -> str:
+        members = "".join(f"  {name}: {wrapper!r}".replace("\n", "\n  ") + ",\n" for name, wrapper in self.items())
+        return f"{type(self).__name__}(\n{members})"

@@ -1,0 +1,137 @@
+"""The independent oracle: plain PyTorch training loops, written out step by step.
+
+Nothing here imports engine_opt. Every wrapper configuration is compared with
+these loops bitwise (float32, CPU). The order of one update follows the
+reference in docs/semantics.md:
+
+    with autocast(...):                     # only for AMP
+        loss = loss_fn(model(x), y)
+    loss = loss / window_size               # true size of the window, also the last one
+    scaler.scale(loss).backward()           # scaler only for float16
+    if window ends:
+        scaler.unscale_(optimizer)          # only when clipping
+        clip_grad_norm_ / clip_grad_value_
+        scaler.step(optimizer); scaler.update()   (or optimizer.step())
+        optimizer.zero_grad()
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+
+
+def make_model(seed: int = 0, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """A small MLP with a bias and a norm layer."""
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(4, 8), nn.LayerNorm(8), nn.ReLU(), nn.Linear(8, 2)).to(dtype)
+
+
+def make_batches(n: int, batch_size: int = 5, seed: int = 1, dtype: torch.dtype = torch.float32) -> list[Batch]:
+    generator = torch.Generator().manual_seed(seed)
+    return [
+        (torch.randn(batch_size, 4, generator=generator, dtype=dtype),
+         torch.randn(batch_size, 2, generator=generator, dtype=dtype))
+        for _ in range(n)
+    ]
+
+
+def loss_fn(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return F.mse_loss(output.float(), target.float())
+
+
+OPTIMIZERS: dict[str, Callable[[Any], torch.optim.Optimizer]] = {
+    "sgd_momentum": lambda params: torch.optim.SGD(params, lr=0.05, momentum=0.9, weight_decay=1e-4),
+    "adam": lambda params: torch.optim.Adam(params, lr=0.01),
+    "adamw": lambda params: torch.optim.AdamW(params, lr=0.01, weight_decay=0.1),
+    "adamw_fused": lambda params: torch.optim.AdamW(params, lr=0.01, weight_decay=0.1, fused=True),
+}
+
+
+@dataclass
+class Plan:
+    """What the plain loop does; the same fields configure the wrapper under test."""
+
+    accumulate: int = 1
+    clip_norm: float | None = None
+    clip_value: float | None = None
+    amp_dtype: torch.dtype | None = None   # None: no autocast
+    scaler_kwargs: dict[str, Any] | None = None  # a GradScaler for float16
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def plain_loop(model: nn.Module, optimizer: torch.optim.Optimizer, batches: list[Batch], plan: Plan) -> dict[str, Any]:
+    """Train ``model`` on ``batches`` with plain PyTorch; return what happened."""
+    scaler = None
+    if plan.scaler_kwargs is not None:
+        scaler = torch.amp.GradScaler("cpu", **plan.scaler_kwargs)
+    n = len(batches)
+    skipped = 0
+    optimizer.zero_grad()
+    for idx, (x, y) in enumerate(batches):
+        window_start = idx - idx % plan.accumulate
+        window_size = min(plan.accumulate, n - window_start)
+        if plan.amp_dtype is not None:
+            with torch.autocast("cpu", dtype=plan.amp_dtype):
+                loss = loss_fn(model(x), y)
+        else:
+            loss = loss_fn(model(x), y)
+        if window_size > 1:
+            loss = loss / window_size
+        if scaler is not None:
+            scaler.scale(loss).backward()
+        else:
+            loss.backward()
+        if (idx + 1) % plan.accumulate == 0 or idx + 1 == n:
+            if scaler is not None and (plan.clip_norm is not None or plan.clip_value is not None):
+                scaler.unscale_(optimizer)
+            if plan.clip_norm is not None:
+                nn.utils.clip_grad_norm_(model.parameters(), plan.clip_norm)
+            if plan.clip_value is not None:
+                nn.utils.clip_grad_value_(model.parameters(), plan.clip_value)
+            if scaler is not None:
+                scale_before = scaler.get_scale()
+                scaler.step(optimizer)
+                scaler.update()
+                skipped += scaler.get_scale() < scale_before
+            else:
+                optimizer.step()
+            optimizer.zero_grad()
+    return {"scaler": scaler, "skipped": skipped}
+
+
+def clone(model: nn.Module) -> nn.Module:
+    return copy.deepcopy(model)
+
+
+def assert_same_tensors(actual: Any, expected: Any, where: str = "") -> None:
+    """Bitwise equality of nested containers of tensors and numbers."""
+    if isinstance(expected, torch.Tensor):
+        assert isinstance(actual, torch.Tensor), where
+        assert actual.dtype == expected.dtype and actual.shape == expected.shape, where
+        assert torch.equal(actual, expected) or (
+            torch.equal(torch.isnan(actual), torch.isnan(expected))
+            and torch.equal(actual.nan_to_num(), expected.nan_to_num())
+        ), f"tensors differ at {where}: max abs diff {(actual - expected).abs().max()}"
+    elif isinstance(expected, dict):
+        assert set(actual) == set(expected), f"keys differ at {where}: {set(actual) ^ set(expected)}"
+        for key in expected:
+            assert_same_tensors(actual[key], expected[key], f"{where}.{key}")
+    elif isinstance(expected, (list, tuple)):
+        assert len(actual) == len(expected), where
+        for index, (a, e) in enumerate(zip(actual, expected)):
+            assert_same_tensors(a, e, f"{where}[{index}]")
+    else:
+        assert actual == expected, f"{where}: {actual!r} != {expected!r}"
+
+
+def assert_same_model(actual: nn.Module, expected: nn.Module) -> None:
+    assert_same_tensors(dict(actual.state_dict()), dict(expected.state_dict()), "model")
