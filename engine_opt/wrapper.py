@@ -160,11 +160,7 @@ class OptimWrapper:
         """
         if isinstance(init_counts, bool) or not isinstance(init_counts, int) or init_counts < 0:
             raise ValueError(f"init_counts must be an int >= 0, got {init_counts!r}")
-        if (
-            isinstance(max_counts, bool)
-            or not isinstance(max_counts, int)
-            or not (max_counts == -1 or max_counts >= 1)
-        ):
+        if isinstance(max_counts, bool) or not isinstance(max_counts, int) or not (max_counts == -1 or max_counts >= 1):
             raise ValueError(f"max_counts must be a positive int or -1 (unknown), got {max_counts!r}")
         self._inner_count = init_counts
         self._max_counts = max_counts
@@ -383,15 +379,11 @@ class OptimWrapper:
         ):
             raise ValueError("state_dict['param_groups'] must be a list of dicts with a 'params' entry")
         if len(saved_groups) != len(groups):
-            raise ValueError(
-                f"state_dict has {len(saved_groups)} param group(s), the optimizer has {len(groups)}"
-            )
+            raise ValueError(f"state_dict has {len(saved_groups)} param group(s), the optimizer has {len(groups)}")
         saved_sizes = [len(group["params"]) for group in saved_groups]
         sizes = [len(group["params"]) for group in groups]
         if saved_sizes != sizes:
-            raise ValueError(
-                f"state_dict param groups hold {saved_sizes} parameters, the optimizer's hold {sizes}"
-            )
+            raise ValueError(f"state_dict param groups hold {saved_sizes} parameters, the optimizer's hold {sizes}")
         if "counters" in state_dict:
             counters = checks.mapping("state_dict['counters']", state_dict["counters"])
             checks.known_keys("state_dict['counters']", counters, _COUNTER_KEYS)
@@ -402,9 +394,7 @@ class OptimWrapper:
             grads = state_dict["accumulated_grads"]
             params = self._params()
             if not isinstance(grads, list) or len(grads) != len(params):
-                raise ValueError(
-                    f"state_dict['accumulated_grads'] must be a list of {len(params)} tensors or None"
-                )
+                raise ValueError(f"state_dict['accumulated_grads'] must be a list of {len(params)} tensors or None")
             for index, (grad, param) in enumerate(zip(grads, params)):
                 if grad is not None and (not isinstance(grad, torch.Tensor) or grad.shape != param.shape):
                     shape = tuple(grad.shape) if isinstance(grad, torch.Tensor) else type(grad).__name__

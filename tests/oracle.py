@@ -38,8 +38,10 @@ def make_model(seed: int = 0, dtype: torch.dtype = torch.float32) -> nn.Module:
 def make_batches(n: int, batch_size: int = 5, seed: int = 1, dtype: torch.dtype = torch.float32) -> list[Batch]:
     generator = torch.Generator().manual_seed(seed)
     return [
-        (torch.randn(batch_size, 4, generator=generator, dtype=dtype),
-         torch.randn(batch_size, 2, generator=generator, dtype=dtype))
+        (
+            torch.randn(batch_size, 4, generator=generator, dtype=dtype),
+            torch.randn(batch_size, 2, generator=generator, dtype=dtype),
+        )
         for _ in range(n)
     ]
 
@@ -63,7 +65,7 @@ class Plan:
     accumulate: int = 1
     clip_norm: float | None = None
     clip_value: float | None = None
-    amp_dtype: torch.dtype | None = None   # None: no autocast
+    amp_dtype: torch.dtype | None = None  # None: no autocast
     scaler_kwargs: dict[str, Any] | None = None  # a GradScaler for float16
     extra: dict[str, Any] = field(default_factory=dict)
 

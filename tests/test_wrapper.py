@@ -10,10 +10,19 @@ import tempfile
 import pytest
 import torch
 import torch.distributed as dist
+from oracle import (
+    OPTIMIZERS,
+    Plan,
+    assert_same_model,
+    assert_same_tensors,
+    loss_fn,
+    make_batches,
+    make_model,
+    plain_loop,
+)
 from torch import nn
 
 from engine_opt import OptimWrapper
-from oracle import OPTIMIZERS, Plan, assert_same_model, assert_same_tensors, clone, loss_fn, make_batches, make_model, plain_loop
 
 
 def run_wrapper(model, wrapper, batches):
@@ -37,7 +46,11 @@ CONFIGS = {
     "accumulate_2_short_last_window": (Plan(accumulate=2), {"accumulative_counts": 2}, 5),
     "clip_norm": (Plan(clip_norm=0.05), {"clip_grad": {"max_norm": 0.05}}, 5),
     "clip_value": (Plan(clip_value=0.01), {"clip_grad": {"type": "value", "clip_value": 0.01}}, 5),
-    "accumulate_3_clip_norm": (Plan(accumulate=3, clip_norm=0.05), {"accumulative_counts": 3, "clip_grad": {"max_norm": 0.05}}, 8),
+    "accumulate_3_clip_norm": (
+        Plan(accumulate=3, clip_norm=0.05),
+        {"accumulative_counts": 3, "clip_grad": {"max_norm": 0.05}},
+        8,
+    ),
 }
 
 
@@ -240,14 +253,14 @@ def test_bad_constructor_arguments(kwargs, error, words):
 
 def test_non_optimizer_is_refused():
     model = make_model()
-    with pytest.raises(TypeError, match="optimizer must be a torch.optim.Optimizer.*Sequential"):
+    with pytest.raises(TypeError, match=r"optimizer must be a torch.optim.Optimizer.*Sequential"):
         OptimWrapper(model)
 
 
 @pytest.mark.parametrize(("init", "total"), [(-1, 5), (0, 0), (1.0, 5), (0, "5")])
 def test_bad_count_status(init, total):
     wrapper = OptimWrapper(torch.optim.SGD(make_model().parameters(), lr=0.1))
-    with pytest.raises(ValueError, match="init_counts|max_counts"):
+    with pytest.raises(ValueError, match=r"init_counts|max_counts"):
         wrapper.initialize_count_status(None, init, total)
 
 
@@ -262,7 +275,9 @@ def _bad_states(good):
         "no optimizer keys": ({"counters": good["counters"]}, ValueError, "lacks the optimizer key"),
         "group count": (edit(param_groups=good["param_groups"] * 2), ValueError, "2 param group"),
         "group sizes": (
-            edit(param_groups=[{**good["param_groups"][0], "params": [0]}]), ValueError, "hold \\[1\\] parameters"
+            edit(param_groups=[{**good["param_groups"][0], "params": [0]}]),
+            ValueError,
+            "hold \\[1\\] parameters",
         ),
         "groups not dicts": (edit(param_groups=[3]), ValueError, "list of dicts"),
         "state not dict": (edit(state=[]), TypeError, "state_dict\\['state'\\]"),
@@ -278,8 +293,19 @@ def _bad_states(good):
 
 
 @pytest.mark.parametrize(
-    "case", ["not a dict", "no optimizer keys", "group count", "group sizes", "groups not dicts",
-             "state not dict", "counter type", "counter name", "grads length", "grads shape"]
+    "case",
+    [
+        "not a dict",
+        "no optimizer keys",
+        "group count",
+        "group sizes",
+        "groups not dicts",
+        "state not dict",
+        "counter type",
+        "counter name",
+        "grads length",
+        "grads shape",
+    ],
 )
 def test_failed_load_leaves_the_wrapper_as_it_was(case):
     model = make_model()

@@ -1,0 +1,95 @@
+"""The tutorial's nine sections (examples/tutorial_*.py) run and print what the tutorial says."""
+
+from __future__ import annotations
+
+import runpy
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+
+def run(name, capsys):
+    namespace = runpy.run_path(str(EXAMPLES / f"{name}.py"), run_name="__main__")
+    return namespace, capsys.readouterr().out
+
+
+def test_single_precision_wrapper_equals_the_plain_loop(capsys):
+    plain, _ = run("tutorial_1_pytorch_fp32", capsys)
+    wrapped, _ = run("tutorial_2_wrapper_fp32", capsys)
+    for a, b in zip(wrapped["model"].parameters(), plain["model"].parameters()):
+        assert torch.equal(a, b)
+    assert not torch.equal(wrapped["model"].bias, torch.nn.Linear(1, 1).bias)  # it trained
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on CUDA section 4 adds a loss scaler that section 3 lacks")
+def test_amp_wrapper_equals_the_plain_autocast_loop_on_cpu(capsys):
+    plain, _ = run("tutorial_3_pytorch_amp", capsys)
+    wrapped, _ = run("tutorial_4_wrapper_amp", capsys)
+    assert wrapped["optim_wrapper"].cast_dtype is torch.bfloat16
+    for a, b in zip(wrapped["model"].parameters(), plain["model"].parameters()):
+        assert torch.equal(a, b)
+
+
+def test_amp_accumulation_matches_the_exact_plain_loop(capsys):
+    run("tutorial_5_pytorch_amp_accumulation", capsys)  # the tutorial's own loop runs
+    wrapped, _ = run("tutorial_6_wrapper_amp_accumulation", capsys)
+    device = wrapped["device"]
+    torch.manual_seed(0)
+    model = torch.nn.Linear(1, 1).to(device)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    scaler = torch.amp.GradScaler(device, enabled=device == "cuda")
+    for idx in range(10):
+        with torch.autocast(device):
+            loss = F.l1_loss(model(torch.zeros(10, 1, 1, 1, device=device)), torch.ones(10, 1, 1, 1, device=device))
+        scaler.scale(loss / 2).backward()
+        if (idx + 1) % 2 == 0:
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad()
+    for a, b in zip(wrapped["model"].parameters(), model.parameters()):
+        assert torch.equal(a, b)
+    assert wrapped["optim_wrapper"].applied_steps + wrapped["optim_wrapper"].skipped_steps == 5
+
+
+def test_lr_and_momentum_print_as_in_the_tutorial(capsys):
+    _, out = run("tutorial_7_lr_momentum", capsys)
+    assert out.splitlines() == [
+        "get info from optimizer ------",
+        "0.01",
+        "0",
+        "get info from wrapper ------",
+        "{'lr': [0.01]}",
+        "{'momentum': [0]}",
+    ]
+
+
+def test_state_dicts_export_and_load(capsys):
+    namespace, out = run("tutorial_8_state_dict", capsys)
+    lines = out.splitlines()
+    assert lines[0] == "print state_dict" and lines[-1] == "load state_dict" and len(lines) == 4
+    assert lines[1].startswith("{'state': {}, 'param_groups': [{'lr': 0.01, 'momentum': 0,")
+    assert "'loss_scaler'" not in lines[1] and "'loss_scaler': " in lines[2]
+    expected_scaler = namespace["amp_optim_wrapper"].state_dict()["loss_scaler"]
+    assert lines[2].endswith(f"'loss_scaler': {expected_scaler}}}")
+
+
+def test_several_optimizers_print_as_in_the_tutorial(capsys):
+    _, out = run("tutorial_9_several_optimizers", capsys)
+    assert out.splitlines() == [
+        "wrapper_dict = wrapper1 + wrapper2",
+        "{'gen.lr': [0.01], 'disc.lr': [0.01]}",
+        "{'gen.momentum': [0], 'disc.momentum': [0]}",
+    ]
+
+
+def test_run_tutorial_runs_all_nine(capsys):
+    runpy.run_path(str(EXAMPLES / "run_tutorial.py"), run_name="__main__")
+    out = capsys.readouterr().out
+    assert [line for line in out.splitlines() if line.startswith("== ")] == [
+        f"== {path.stem}" for path in sorted(EXAMPLES.glob("tutorial_*.py"))
+    ]
+    assert len(list(EXAMPLES.glob("tutorial_*.py"))) == 9
