@@ -170,8 +170,10 @@ class OptimWrapper:
         size = self._accumulative_counts
         if size == 1 or self._max_counts == -1:
             return size
+        if self._inner_count >= self._max_counts:  # past the declared run: full windows again
+            return size
         start = self._inner_count - self._inner_count % size
-        return min(size, self._max_counts - start) if start < self._max_counts else size
+        return min(size, self._max_counts - start)
 
     def should_update(self) -> bool:
         """Whether the micro-step just counted by ``backward`` ends a window."""
@@ -295,8 +297,10 @@ class OptimWrapper:
     def grad_norm(self) -> torch.Tensor | None:
         """Total gradient norm before clipping, of the last applied step, as a tensor.
 
-        Set only when clipping by norm; use ``clip_grad=dict(max_norm=float('inf'))``
-        to measure the norm without clipping. ``nan`` until a step is applied.
+        Set only when clipping by norm (``None`` before the first step); use
+        ``clip_grad=dict(max_norm=float('inf'))`` to measure the norm without
+        clipping. A skipped step keeps the norm of the last applied one (``nan``
+        if none was applied yet).
         """
         return self._grad_norm
 

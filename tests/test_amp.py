@@ -273,7 +273,7 @@ def test_loss_scale_dict_is_not_mutated():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_cuda_defaults_to_float16_with_a_scaler_and_no_sync():
+def test_cuda_defaults_to_float16_with_a_scaler_and_no_host_sync():
     model = make_model().cuda()
     wrapper = AmpOptimWrapper(optimizer=torch.optim.AdamW(model.parameters(), lr=0.01, fused=True))
     assert wrapper.cast_dtype is FP16 and wrapper.loss_scaler is not None
@@ -284,3 +284,11 @@ def test_cuda_defaults_to_float16_with_a_scaler_and_no_sync():
     finally:
         torch.cuda.set_sync_debug_mode(0)
     assert wrapper.applied_steps + wrapper.skipped_steps == 4
+
+
+def test_use_fsdp_builds_a_sharded_scaler():
+    from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+
+    optimizer = torch.optim.SGD(make_model().parameters(), lr=0.1)
+    assert isinstance(AmpOptimWrapper(optimizer=optimizer, dtype="fp16", use_fsdp=True).loss_scaler, ShardedGradScaler)
+    assert AmpOptimWrapper(optimizer=optimizer, dtype="bf16", use_fsdp=True).loss_scaler is None

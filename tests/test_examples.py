@@ -93,3 +93,10 @@ def test_run_tutorial_runs_all_nine(capsys):
         f"== {path.stem}" for path in sorted(EXAMPLES.glob("tutorial_*.py"))
     ]
     assert len(list(EXAMPLES.glob("tutorial_*.py"))) == 9
+
+
+def test_the_readme_example_runs(capsys):
+    readme = (EXAMPLES.parent / "README.md").read_text()
+    code = readme.split("```python\n", 1)[1].split("```", 1)[0]
+    exec(compile(code, "README.md", "exec"), {})
+    assert capsys.readouterr().out.strip() == "{'lr': [0.001]} 2 False"

@@ -138,6 +138,19 @@ def test_counting_should_update_and_should_sync():
     assert sizes == [3, 3, 3, 3, 3, 3, 1]
 
 
+def test_micro_steps_past_the_run_length_form_full_windows_again():
+    model = make_model()
+    wrapper = OptimWrapper(torch.optim.SGD(model.parameters(), lr=0.1), accumulative_counts=3)
+    wrapper.initialize_count_status(model, 0, 4)
+    updates, sizes = [], []
+    for x, y in make_batches(10):
+        sizes.append(round(1 / wrapper.scale_loss(torch.tensor(1.0)).item()))
+        wrapper.update_params(loss_fn(model(x), y))
+        updates.append(wrapper.should_update())
+    assert [i + 1 for i, u in enumerate(updates) if u] == [3, 4, 6, 9]
+    assert sizes == [3, 3, 3, 1, 3, 3, 3, 3, 3, 3]
+
+
 def test_optimizer_views():
     model = make_model()
     optimizer = torch.optim.SGD(
