@@ -75,13 +75,19 @@ def parse_dtype(dtype: str | torch.dtype | None, device_type: str) -> torch.dtyp
     )
 
 
+def _number(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number, got {checks.describe(value)}")
+    return float(value)
+
+
 def _check_loss_scale(loss_scale: Any) -> None:
     if isinstance(loss_scale, torch.optim.Optimizer):
         raise TypeError(
             "AmpOptimWrapper got an optimizer as its first positional argument (loss_scale); "
             "pass it by keyword: AmpOptimWrapper(optimizer=optimizer)"
         )
-    if loss_scale == "dynamic" and isinstance(loss_scale, str):
+    if isinstance(loss_scale, str) and loss_scale == "dynamic":
         return
     if isinstance(loss_scale, (int, float)) and not isinstance(loss_scale, bool):
         if not (math.isfinite(loss_scale) and loss_scale > 0):
@@ -89,21 +95,20 @@ def _check_loss_scale(loss_scale: Any) -> None:
         return
     if isinstance(loss_scale, Mapping):
         checks.known_keys("loss_scale", loss_scale, _SCALER_ARGS)
-        growth = loss_scale.get("growth_factor", 2.0)
-        backoff = loss_scale.get("backoff_factor", 0.5)
-        init = loss_scale.get("init_scale", 2.0**16)
-        interval = loss_scale.get("growth_interval", 2000)
+        growth = _number("loss_scale['growth_factor']", loss_scale.get("growth_factor", 2.0))
+        backoff = _number("loss_scale['backoff_factor']", loss_scale.get("backoff_factor", 0.5))
+        init = _number("loss_scale['init_scale']", loss_scale.get("init_scale", 2.0**16))
         if not growth > 1:
             raise ValueError(f"loss_scale['growth_factor'] must be > 1, got {growth!r}")
         if not 0 < backoff < 1:
             raise ValueError(f"loss_scale['backoff_factor'] must be in (0, 1), got {backoff!r}")
-        if not init > 0:
-            raise ValueError(f"loss_scale['init_scale'] must be > 0, got {init!r}")
-        checks.positive_int("loss_scale['growth_interval']", interval)
+        if not (math.isfinite(init) and init > 0):
+            raise ValueError(f"loss_scale['init_scale'] must be finite and > 0, got {init!r}")
+        checks.positive_int("loss_scale['growth_interval']", loss_scale.get("growth_interval", 2000))
         return
     raise ValueError(
         f"loss_scale must be 'dynamic', a positive number (static scale) or a dict of "
-        f"torch.amp.GradScaler arguments {list(_SCALER_ARGS)}, got {loss_scale!r}"
+        f"torch.amp.GradScaler arguments {list(_SCALER_ARGS)}, got {checks.describe(loss_scale)}"
     )
 
 
@@ -167,7 +172,8 @@ class AmpOptimWrapper(OptimWrapper):
         self.loss_scaler: torch.amp.GradScaler | None = None
         self._scale_update_param: float | None = None
         if self.cast_dtype == torch.float16:
-            self.loss_scaler = _build_scaler(loss_scale, self._device_type, use_fsdp)
+            scaler = _build_scaler(loss_scale, self._device_type, use_fsdp)
+            self.loss_scaler = scaler if scaler.is_enabled() else None  # loss_scale=dict(enabled=False)
             if isinstance(loss_scale, (int, float)):
                 self._scale_update_param = float(loss_scale)
 

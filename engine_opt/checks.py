@@ -18,6 +18,19 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 
+def describe(value: Any, limit: int = 80) -> str:
+    """``repr(value)`` cut to ``limit`` characters, followed by its type.
+
+    Example:
+        >>> describe("sgd")
+        "'sgd' of type str"
+    """
+    text = repr(value)
+    if len(text) > limit:
+        text = text[: limit - 3] + "..."
+    return f"{text} of type {type(value).__name__}"
+
+
 def positive_int(name: str, value: Any) -> int:
     """Return ``value`` if it is an ``int`` of at least 1 (``bool`` is refused).
 
@@ -26,7 +39,7 @@ def positive_int(name: str, value: Any) -> int:
         ValueError: ``value`` is below 1.
     """
     if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be a positive int, got {value!r} of type {type(value).__name__}")
+        raise TypeError(f"{name} must be a positive int, got {describe(value)}")
     if value < 1:
         raise ValueError(f"{name} must be a positive int, got {value!r}")
     return value
@@ -35,7 +48,7 @@ def positive_int(name: str, value: Any) -> int:
 def mapping(name: str, value: Any) -> Mapping[str, Any]:
     """Return ``value`` if it is a mapping, else raise ``TypeError`` naming ``name``."""
     if not isinstance(value, Mapping):
-        raise TypeError(f"{name} must be a dict, got {value!r} of type {type(value).__name__}")
+        raise TypeError(f"{name} must be a dict, got {describe(value)}")
     return value
 
 

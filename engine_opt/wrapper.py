@@ -114,8 +114,8 @@ class OptimWrapper:
     ) -> None:
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(
-                f"optimizer must be a torch.optim.Optimizer, got {optimizer!r} of type "
-                f"{type(optimizer).__name__}; build one first, e.g. SGD(model.parameters(), lr=0.01)"
+                f"optimizer must be a torch.optim.Optimizer, got {checks.describe(optimizer)}; "
+                "build one first, e.g. SGD(model.parameters(), lr=0.01)"
             )
         self.optimizer = optimizer
         self._accumulative_counts = checks.positive_int("accumulative_counts", accumulative_counts)

@@ -45,8 +45,7 @@ class OptimWrapperDict:
         for name, wrapper in optim_wrappers.items():
             if not isinstance(wrapper, OptimWrapper):
                 raise TypeError(
-                    f"OptimWrapperDict argument {name!r} must be an OptimWrapper, got {wrapper!r} "
-                    f"of type {type(wrapper).__name__}"
+                    f"OptimWrapperDict argument {name!r} must be an OptimWrapper, got {checks.describe(wrapper)}"
                 )
         self.optim_wrappers: dict[str, OptimWrapper] = dict(optim_wrappers)
 

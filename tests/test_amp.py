@@ -248,6 +248,8 @@ def test_failed_load_leaves_the_scaler_as_it_was():
         ({"loss_scale": {"growth_factor": 1.0}}, ValueError, ["growth_factor", "1.0"]),
         ({"loss_scale": {"backoff_factor": 1.5}}, ValueError, ["backoff_factor", "1.5"]),
         ({"loss_scale": {"growth_interval": 0}}, ValueError, ["growth_interval", "0"]),
+        ({"loss_scale": {"init_scale": "big"}}, TypeError, ["init_scale", "'big'", "number"]),
+        ({"loss_scale": {"init_scale": float("inf")}}, ValueError, ["init_scale", "inf"]),
         ({"accumulative_counts": 0}, ValueError, ["accumulative_counts", "0"]),
     ],
 )
@@ -284,6 +286,16 @@ def test_cuda_defaults_to_float16_with_a_scaler_and_no_host_sync():
     finally:
         torch.cuda.set_sync_debug_mode(0)
     assert wrapper.applied_steps + wrapper.skipped_steps == 4
+
+
+def test_a_disabled_scaler_means_no_scaler():
+    model = make_model()
+    wrapper = AmpOptimWrapper(
+        optimizer=torch.optim.SGD(model.parameters(), lr=0.1), dtype="fp16", loss_scale={"enabled": False}
+    )
+    assert wrapper.loss_scaler is None
+    run_wrapper(model, wrapper, make_batches(2))
+    assert wrapper.applied_steps == 2 and wrapper.state_dict()["loss_scaler"] == {}
 
 
 def test_use_fsdp_builds_a_sharded_scaler():
