@@ -17,9 +17,8 @@ reference in docs/semantics.md:
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -67,7 +66,6 @@ class Plan:
     clip_value: float | None = None
     amp_dtype: torch.dtype | None = None  # None: no autocast
     scaler_kwargs: dict[str, Any] | None = None  # a GradScaler for float16
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def plain_loop(model: nn.Module, optimizer: torch.optim.Optimizer, batches: list[Batch], plan: Plan) -> dict[str, Any]:
@@ -108,10 +106,6 @@ def plain_loop(model: nn.Module, optimizer: torch.optim.Optimizer, batches: list
                 optimizer.step()
             optimizer.zero_grad()
     return {"scaler": scaler, "skipped": skipped}
-
-
-def clone(model: nn.Module) -> nn.Module:
-    return copy.deepcopy(model)
 
 
 def assert_same_tensors(actual: Any, expected: Any, where: str = "") -> None:
