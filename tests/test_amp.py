@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import copy
-import io
 
 import pytest
 import torch
+
+from engine_opt import AmpOptimWrapper
+from engine_opt.amp import parse_dtype
+
+from helpers import roundtrip, run_wrapper
 from oracle import (
     OPTIMIZERS,
     Plan,
@@ -17,24 +21,6 @@ from oracle import (
     make_model,
     plain_loop,
 )
-
-from engine_opt import AmpOptimWrapper
-from engine_opt.amp import parse_dtype
-
-
-def run_wrapper(model, wrapper, batches):
-    for x, y in batches:
-        with wrapper.optim_context(model):
-            loss = loss_fn(model(x), y)
-        wrapper.update_params(loss)
-
-
-def roundtrip(obj):
-    buffer = io.BytesIO()
-    torch.save(obj, buffer)
-    buffer.seek(0)
-    return torch.load(buffer, weights_only=True)
-
 
 FP16 = torch.float16
 CONFIGS = {

@@ -6,10 +6,11 @@ import copy
 
 import pytest
 import torch
-from oracle import Plan, assert_same_model, assert_same_tensors, loss_fn, make_batches, make_model, plain_loop
 from torch import nn
 
 from engine_opt import AmpOptimWrapper, OptimWrapper, OptimWrapperDict, build_optim_wrapper
+
+from oracle import Plan, assert_same_model, assert_same_tensors, loss_fn, make_batches, make_model, plain_loop
 
 
 class Net(nn.Module):

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import copy
-import io
 import os
 import tempfile
 
 import pytest
 import torch
 import torch.distributed as dist
+from torch import nn
+
+from engine_opt import OptimWrapper
+
+from helpers import roundtrip, run_wrapper
 from oracle import (
     OPTIMIZERS,
     Plan,
@@ -20,24 +24,6 @@ from oracle import (
     make_model,
     plain_loop,
 )
-from torch import nn
-
-from engine_opt import OptimWrapper
-
-
-def run_wrapper(model, wrapper, batches):
-    for x, y in batches:
-        with wrapper.optim_context(model):
-            loss = loss_fn(model(x), y)
-        wrapper.update_params(loss)
-
-
-def roundtrip(obj):
-    buffer = io.BytesIO()
-    torch.save(obj, buffer)
-    buffer.seek(0)
-    return torch.load(buffer, weights_only=True)
-
 
 CONFIGS = {
     "plain": (Plan(), {}, 5),

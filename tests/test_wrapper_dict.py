@@ -8,10 +8,11 @@ import pytest
 import torch
 from ignite.engine import Engine
 from ignite.handlers import Checkpoint, DiskSaver
-from oracle import assert_same_model, assert_same_tensors, make_batches
 from torch import nn
 
 from engine_opt import AmpOptimWrapper, OptimWrapper, OptimWrapperDict
+
+from oracle import assert_same_model, assert_same_tensors, make_batches
 
 
 def make_gan(seed=0):
