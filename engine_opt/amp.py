@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from . import checks
-from .wrapper import OptimWrapper
+from .wrapper import NO_CONTEXT, OptimWrapper
 
 _DTYPES = {
     "float16": torch.float16,
@@ -126,6 +126,14 @@ def _build_scaler(loss_scale: Any, device_type: str, use_fsdp: bool) -> torch.am
     return torch.amp.GradScaler(device_type, **kwargs)
 
 
+@contextlib.contextmanager
+def _both(
+    first: contextlib.AbstractContextManager[Any], second: contextlib.AbstractContextManager[Any]
+) -> Iterator[None]:
+    with first, second:
+        yield
+
+
 class AmpOptimWrapper(OptimWrapper):
     """An ``OptimWrapper`` that runs the forward pass under autocast.
 
@@ -177,16 +185,14 @@ class AmpOptimWrapper(OptimWrapper):
             if isinstance(loss_scale, (int, float)):
                 self._scale_update_param = float(loss_scale)
 
-    @contextlib.contextmanager
-    def optim_context(self, model: nn.Module) -> Iterator[None]:
+    def optim_context(self, model: nn.Module) -> contextlib.AbstractContextManager[None]:
         """Gradient-sync control of ``OptimWrapper.optim_context`` plus autocast.
 
-        Autocast runs on the device type of ``model``'s parameters.
+        Autocast runs on the device type of the optimized (the model's) parameters.
         """
-        param = next(model.parameters(), None)
-        device_type = self._device_type if param is None else param.device.type
-        with super().optim_context(model), torch.autocast(device_type, self.cast_dtype, enabled=self._autocast):
-            yield
+        autocast = torch.autocast(_device_type(self.optimizer), self.cast_dtype, enabled=self._autocast)
+        sync = super().optim_context(model)
+        return autocast if sync is NO_CONTEXT else _both(sync, autocast)
 
     def backward(self, loss: torch.Tensor, **kwargs: Any) -> None:
         """Scale the loss when a scaler exists, run backward and count the micro-step."""

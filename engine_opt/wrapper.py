@@ -27,7 +27,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -61,16 +61,20 @@ def _parse_clip_grad(clip_grad: Any) -> tuple[str, dict[str, Any]] | None:
     return clip_type, kwargs
 
 
-def _grad_sync_context(model: nn.Module, sync: bool) -> contextlib.AbstractContextManager[Any]:
-    """Return the context that stops gradient all-reduce for ``model`` when ``sync`` is False."""
-    set_sync = getattr(model, "set_requires_gradient_sync", None)
-    if callable(set_sync):  # FSDP2 decides during backward: the flag must outlive the forward.
-        set_sync(sync)
-        return contextlib.nullcontext()
-    no_sync = getattr(model, "no_sync", None)
-    if not sync and callable(no_sync):  # DDP decides during the forward.
-        return no_sync()  # type: ignore[no-any-return]
-    return contextlib.nullcontext()
+NO_CONTEXT: contextlib.AbstractContextManager[None] = contextlib.nullcontext()
+
+
+def _grad_sync_context(model: nn.Module, sync: bool) -> contextlib.AbstractContextManager[None]:
+    """Return the context that stops gradient all-reduce for ``model`` when ``sync`` is False.
+
+    Looked up on the class: ``nn.Module.__getattr__`` is slow for missing names.
+    """
+    if hasattr(type(model), "set_requires_gradient_sync"):  # FSDP2 decides during backward,
+        model.set_requires_gradient_sync(sync)  # type: ignore[operator]  # so the flag outlives the forward.
+        return NO_CONTEXT
+    if not sync and hasattr(type(model), "no_sync"):  # DDP decides during the forward.
+        return model.no_sync()  # type: ignore[operator,no-any-return]
+    return NO_CONTEXT
 
 
 class OptimWrapper:
@@ -184,8 +188,7 @@ class OptimWrapper:
         count = self._inner_count + 1
         return count % self._accumulative_counts == 0 or count == self._max_counts
 
-    @contextlib.contextmanager
-    def optim_context(self, model: nn.Module) -> Iterator[None]:
+    def optim_context(self, model: nn.Module) -> contextlib.AbstractContextManager[None]:
         """Context for the forward pass (and loss) of one micro-step.
 
         On micro-steps that do not end a window it stops gradient
@@ -193,8 +196,7 @@ class OptimWrapper:
         ``set_requires_gradient_sync(False)`` for FSDP2, which stays set through
         the backward that follows.
         """
-        with _grad_sync_context(model, self.should_sync()):
-            yield
+        return _grad_sync_context(model, self.should_sync())
 
     # ------------------------------------------------------------------ one update
 
