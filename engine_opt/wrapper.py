@@ -401,7 +401,7 @@ class OptimWrapper:
             params = self._params()
             if not isinstance(grads, list) or len(grads) != len(params):
                 raise ValueError(f"state_dict['accumulated_grads'] must be a list of {len(params)} tensors or None")
-            for index, (grad, param) in enumerate(zip(grads, params)):
+            for index, (grad, param) in enumerate(zip(grads, params, strict=True)):
                 if grad is not None and (not isinstance(grad, torch.Tensor) or grad.shape != param.shape):
                     shape = tuple(grad.shape) if isinstance(grad, torch.Tensor) else type(grad).__name__
                     raise ValueError(
@@ -430,7 +430,7 @@ class OptimWrapper:
             self._last_found_inf = None
         grads = state_dict.get("accumulated_grads")
         if grads is not None:
-            for param, grad in zip(self._params(), grads):
+            for param, grad in zip(self._params(), grads, strict=True):
                 param.grad = None if grad is None else grad.detach().to(param.device, param.dtype, copy=True)
 
     def __repr__(self) -> str:

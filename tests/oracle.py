@@ -123,7 +123,7 @@ def assert_same_tensors(actual: Any, expected: Any, where: str = "") -> None:
             assert_same_tensors(actual[key], expected[key], f"{where}.{key}")
     elif isinstance(expected, (list, tuple)):
         assert len(actual) == len(expected), where
-        for index, (a, e) in enumerate(zip(actual, expected)):
+        for index, (a, e) in enumerate(zip(actual, expected, strict=True)):
             assert_same_tensors(a, e, f"{where}[{index}]")
     else:
         assert actual == expected, f"{where}: {actual!r} != {expected!r}"

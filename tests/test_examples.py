@@ -20,7 +20,7 @@ def run(name, capsys):
 def test_single_precision_wrapper_equals_the_plain_loop(capsys):
     plain, _ = run("tutorial_1_pytorch_fp32", capsys)
     wrapped, _ = run("tutorial_2_wrapper_fp32", capsys)
-    for a, b in zip(wrapped["model"].parameters(), plain["model"].parameters()):
+    for a, b in zip(wrapped["model"].parameters(), plain["model"].parameters(), strict=True):
         assert torch.equal(a, b)
     assert not torch.equal(wrapped["model"].bias, torch.nn.Linear(1, 1).bias)  # it trained
 
@@ -30,7 +30,7 @@ def test_amp_wrapper_equals_the_plain_autocast_loop_on_cpu(capsys):
     plain, _ = run("tutorial_3_pytorch_amp", capsys)
     wrapped, _ = run("tutorial_4_wrapper_amp", capsys)
     assert wrapped["optim_wrapper"].cast_dtype is torch.bfloat16
-    for a, b in zip(wrapped["model"].parameters(), plain["model"].parameters()):
+    for a, b in zip(wrapped["model"].parameters(), plain["model"].parameters(), strict=True):
         assert torch.equal(a, b)
 
 
@@ -50,7 +50,7 @@ def test_amp_accumulation_matches_the_exact_plain_loop(capsys):
             scaler.step(optimizer)
             scaler.update()
             optimizer.zero_grad()
-    for a, b in zip(wrapped["model"].parameters(), model.parameters()):
+    for a, b in zip(wrapped["model"].parameters(), model.parameters(), strict=True):
         assert torch.equal(a, b)
     assert wrapped["optim_wrapper"].applied_steps + wrapped["optim_wrapper"].skipped_steps == 5
 

@@ -86,9 +86,10 @@ def test_accumulation_equals_one_big_batch_in_float64():
     model = make_model(dtype=torch.float64)
     wrapper = OptimWrapper(torch.optim.SGD(model.parameters(), lr=0.1), accumulative_counts=k)
     run_wrapper(model, wrapper, small)
-    for actual, expected in zip(model.parameters(), reference.parameters()):
+    for actual, expected in zip(model.parameters(), reference.parameters(), strict=True):
         torch.testing.assert_close(actual, expected, rtol=0, atol=1e-14)
-    assert any(not torch.equal(a, b) for a, b in zip(model.parameters(), make_model(dtype=torch.float64).parameters()))
+    untrained = make_model(dtype=torch.float64).parameters()
+    assert any(not torch.equal(a, b) for a, b in zip(model.parameters(), untrained, strict=True))
 
 
 def test_grad_norm_is_the_pre_clip_total_norm_and_stays_a_tensor():
