@@ -233,6 +233,8 @@ class AmpOptimWrapper(OptimWrapper):
                 raise ValueError(
                     f"state_dict['loss_scaler'] must have the keys {sorted(expected)}, got {sorted(scaler_state)}"
                 )
+            for key, value in scaler_state.items():
+                _number(f"state_dict['loss_scaler'][{key!r}]", value)
 
     def _load_checked(self, state_dict: Mapping[str, Any]) -> None:
         super()._load_checked(state_dict)

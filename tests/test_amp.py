@@ -219,6 +219,9 @@ def test_failed_load_leaves_the_scaler_as_it_was():
         assert wrapper.loss_scaler.get_scale() == 32.0
     with pytest.raises(TypeError, match="loss_scaler"):
         wrapper.load_state_dict(dict(state, loss_scaler=3))
+    with pytest.raises(TypeError, match=r"state_dict\['loss_scaler'\]\['scale'\] must be a number, got 'big'"):
+        wrapper.load_state_dict(dict(state, loss_scaler=dict(state["loss_scaler"], scale="big"), state={}))
+    assert wrapper.loss_scaler.get_scale() == 32.0
 
 
 @pytest.mark.parametrize(
