@@ -166,6 +166,8 @@ class OptimWrapper:
             raise ValueError(f"init_counts must be an int >= 0, got {init_counts!r}")
         if isinstance(max_counts, bool) or not isinstance(max_counts, int) or not (max_counts == -1 or max_counts >= 1):
             raise ValueError(f"max_counts must be a positive int or -1 (unknown), got {max_counts!r}")
+        if max_counts != -1 and init_counts > max_counts:
+            raise ValueError(f"init_counts ({init_counts}) must not exceed max_counts ({max_counts})")
         self._inner_count = init_counts
         self._max_counts = max_counts
 

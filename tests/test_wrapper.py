@@ -257,7 +257,7 @@ def test_non_optimizer_is_refused():
         OptimWrapper(model)
 
 
-@pytest.mark.parametrize(("init", "total"), [(-1, 5), (0, 0), (1.0, 5), (0, "5")])
+@pytest.mark.parametrize(("init", "total"), [(-1, 5), (0, 0), (1.0, 5), (0, "5"), (6, 5), (True, 5)])
 def test_bad_count_status(init, total):
     wrapper = OptimWrapper(torch.optim.SGD(make_model().parameters(), lr=0.1))
     with pytest.raises(ValueError, match=r"init_counts|max_counts"):
