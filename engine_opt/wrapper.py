@@ -162,10 +162,13 @@ class OptimWrapper:
             init_counts: Micro-steps already done (the resumed iteration).
             max_counts: Total micro-steps of the run, or -1 if unknown.
         """
-        if isinstance(init_counts, bool) or not isinstance(init_counts, int) or init_counts < 0:
-            raise ValueError(f"init_counts must be an int >= 0, got {init_counts!r}")
-        if isinstance(max_counts, bool) or not isinstance(max_counts, int) or not (max_counts == -1 or max_counts >= 1):
-            raise ValueError(f"max_counts must be a positive int or -1 (unknown), got {max_counts!r}")
+        for name, value in (("init_counts", init_counts), ("max_counts", max_counts)):
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(f"{name} must be an int, got {checks.describe(value)}")
+        if init_counts < 0:
+            raise ValueError(f"init_counts must be >= 0, got {init_counts}")
+        if not (max_counts == -1 or max_counts >= 1):
+            raise ValueError(f"max_counts must be a positive int or -1 (unknown), got {max_counts}")
         if max_counts != -1 and init_counts > max_counts:
             raise ValueError(f"init_counts ({init_counts}) must not exceed max_counts ({max_counts})")
         self._inner_count = init_counts

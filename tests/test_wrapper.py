@@ -257,11 +257,23 @@ def test_non_optimizer_is_refused():
         OptimWrapper(model)
 
 
-@pytest.mark.parametrize(("init", "total"), [(-1, 5), (0, 0), (1.0, 5), (0, "5"), (6, 5), (True, 5)])
-def test_bad_count_status(init, total):
-    wrapper = OptimWrapper(torch.optim.SGD(make_model().parameters(), lr=0.1))
-    with pytest.raises(ValueError, match=r"init_counts|max_counts"):
-        wrapper.initialize_count_status(None, init, total)
+@pytest.mark.parametrize(
+    ("init", "total", "error", "pattern"),
+    [
+        (-1, 5, ValueError, "init_counts must be >= 0, got -1"),
+        (0, 0, ValueError, "max_counts must be a positive int or -1"),
+        (6, 5, ValueError, r"init_counts \(6\) must not exceed max_counts \(5\)"),
+        (1.0, 5, TypeError, "init_counts must be an int, got 1.0 of type float"),
+        (0, "5", TypeError, "max_counts must be an int, got '5' of type str"),
+        (True, 5, TypeError, "init_counts must be an int, got True"),
+    ],
+)
+def test_bad_count_status(init, total, error, pattern):
+    model = make_model()
+    wrapper = OptimWrapper(torch.optim.SGD(model.parameters(), lr=0.1))
+    with pytest.raises(error, match=pattern):
+        wrapper.initialize_count_status(model, init, total)
+    assert (wrapper.inner_count, wrapper.max_counts) == (0, -1)
 
 
 def _bad_states(good):
