@@ -92,10 +92,6 @@ def _accepted_args(cls: type, skip: tuple[str, ...]) -> tuple[list[str], dict[st
     return None
 
 
-def _is_norm(module: nn.Module) -> bool:
-    return isinstance(module, _NORM_TYPES)
-
-
 def _param_groups(
     model: nn.Module, paramwise_cfg: Mapping[str, Any] | None, base_lr: Any, base_wd: Any
 ) -> list[dict[str, Any]]:
@@ -130,7 +126,7 @@ def _param_groups(
                     settings["weight_decay"] = base_wd * decay_mult
                 settings.update(options)
             else:
-                is_norm = _is_norm(module)
+                is_norm = isinstance(module, _NORM_TYPES)
                 if local_name == "bias" and not is_norm and "bias_lr_mult" in cfg:
                     settings["lr"] = base_lr * cfg["bias_lr_mult"]
                 if base_wd is not None:

@@ -360,7 +360,7 @@ class OptimWrapper:
         counts; between two micro-steps of a window, ``'accumulated_grads'``
         holds the gradients summed so far, so a resumed run continues exactly.
         """
-        state = dict(self.optimizer.state_dict())
+        state = self.optimizer.state_dict()
         state["counters"] = {
             "inner_count": self._inner_count,
             "max_counts": self._max_counts,

@@ -92,13 +92,11 @@ class OptimWrapperDict:
 
     def get_lr(self) -> dict[str, list[Any]]:
         """Learning rates with the wrapper's name as prefix: ``{'gen.lr': [...], ...}``."""
-        return {f"{name}.{key}": value for name, w in self.optim_wrappers.items() for key, value in w.get_lr().items()}
+        return {f"{name}.{key}": value for name, w in self.items() for key, value in w.get_lr().items()}
 
     def get_momentum(self) -> dict[str, list[Any]]:
         """Momentum with the wrapper's name as prefix: ``{'gen.momentum': [...], ...}``."""
-        return {
-            f"{name}.{key}": value for name, w in self.optim_wrappers.items() for key, value in w.get_momentum().items()
-        }
+        return {f"{name}.{key}": value for name, w in self.items() for key, value in w.get_momentum().items()}
 
     def state_dict(self) -> dict[str, dict[str, Any]]:
         """``{name: wrapper.state_dict()}``."""
