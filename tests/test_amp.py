@@ -170,30 +170,34 @@ def test_dtypes_and_autocast_device():
     assert "dtype=torch.float16" in repr(half) and "AmpOptimWrapper(" in repr(half)
 
 
-def test_state_dict_round_trip_restores_the_scale():
+def test_resume_mid_window_restores_the_scale_and_matches_the_plain_loop():
     batches = make_batches(6)
+    scaler_kwargs = {"init_scale": 4.0, "growth_interval": 1}
+    expected = make_model()
+    expected_optimizer = OPTIMIZERS["adamw"](expected.parameters())
+    result = plain_loop(
+        expected, expected_optimizer, batches, Plan(amp_dtype=FP16, scaler_kwargs=scaler_kwargs, accumulate=2)
+    )
+
     model = make_model()
     wrapper = AmpOptimWrapper(
-        optimizer=OPTIMIZERS["adamw"](model.parameters()),
-        dtype="fp16",
-        loss_scale={"init_scale": 4.0, "growth_interval": 1},
-        accumulative_counts=2,
+        optimizer=OPTIMIZERS["adamw"](model.parameters()), dtype="fp16", loss_scale=scaler_kwargs, accumulative_counts=2
     )
     run_wrapper(model, wrapper, batches[:3])
-    state = roundtrip(wrapper.state_dict())
-    assert state["loss_scaler"]["scale"] == 8.0 and "accumulated_grads" in state
+    state = roundtrip({"model": model.state_dict(), "wrapper": wrapper.state_dict()})
+    assert state["wrapper"]["loss_scaler"]["scale"] == 8.0 and "accumulated_grads" in state["wrapper"]
 
-    fresh_model = make_model(seed=3)
-    fresh_model.load_state_dict(model.state_dict())
-    fresh = AmpOptimWrapper(
-        optimizer=OPTIMIZERS["adamw"](fresh_model.parameters()), dtype="fp16", accumulative_counts=2
+    resumed_model = make_model(seed=3)
+    resumed_model.load_state_dict(state["model"])
+    resumed = AmpOptimWrapper(
+        optimizer=OPTIMIZERS["adamw"](resumed_model.parameters()), dtype="fp16", accumulative_counts=2
     )
-    fresh.load_state_dict(state)
-    assert fresh.loss_scaler.get_scale() == 8.0
-    run_wrapper(model, wrapper, batches[3:])
-    run_wrapper(fresh_model, fresh, batches[3:])
-    assert_same_model(fresh_model, model)
-    assert fresh.loss_scaler.state_dict() == wrapper.loss_scaler.state_dict()
+    resumed.load_state_dict(state["wrapper"])
+    assert resumed.loss_scaler.get_scale() == 8.0
+    run_wrapper(resumed_model, resumed, batches[3:])
+    assert_same_model(resumed_model, expected)
+    assert_same_tensors(resumed.optimizer.state_dict(), expected_optimizer.state_dict())
+    assert resumed.loss_scaler.state_dict() == result["scaler"].state_dict()
 
 
 def test_bf16_state_has_an_empty_scaler_entry_and_loads_across_precisions():

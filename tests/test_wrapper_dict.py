@@ -154,37 +154,54 @@ def test_state_round_trip_and_mismatches_load_nothing():
     assert_same_tensors(other.state_dict(), state)
 
 
-def test_checkpoints_as_one_object_through_ignite(tmp_path):
-    batches = [x for x, _ in make_batches(6)]
-    gan = make_gan()
-    wrappers = OptimWrapperDict(
-        gen=AmpOptimWrapper(
-            optimizer=torch.optim.Adam(gan["gen"].parameters(), lr=0.01),
-            dtype="fp16",
-            loss_scale={"init_scale": 64.0, "growth_interval": 1},
-        ),
+def plain_gan_loop(gan, batches):
+    """train_some written out with two plain optimizers and a GradScaler for the generator."""
+    gen_opt = torch.optim.Adam(gan["gen"].parameters(), lr=0.01)
+    disc_opt = torch.optim.SGD(gan["disc"].parameters(), lr=0.05, momentum=0.9)
+    scaler = torch.amp.GradScaler("cpu", init_scale=64.0, growth_interval=1)
+    for idx, x in enumerate(batches):
+        _, disc_loss = gan_losses(gan, x)
+        (disc_loss / 2).backward()
+        if (idx + 1) % 2 == 0:
+            disc_opt.step()
+            disc_opt.zero_grad()
+        gen_loss = -gan["disc"](gan["gen"](x)).mean()
+        scaler.scale(gen_loss).backward()
+        scaler.step(gen_opt)
+        scaler.update()
+        gen_opt.zero_grad()
+    return gen_opt, disc_opt, scaler
+
+
+def make_amp_gan_wrappers(gan, **gen_kwargs):
+    return OptimWrapperDict(
+        gen=AmpOptimWrapper(optimizer=torch.optim.Adam(gan["gen"].parameters(), lr=0.01), dtype="fp16", **gen_kwargs),
         disc=OptimWrapper(torch.optim.SGD(gan["disc"].parameters(), lr=0.05, momentum=0.9), accumulative_counts=2),
     )
+
+
+def test_checkpoints_as_one_object_through_ignite(tmp_path):
+    batches = [x for x, _ in make_batches(6)]
+    expected = make_gan()
+    gen_opt, disc_opt, scaler = plain_gan_loop(expected, batches)
+
+    gan = make_gan()
+    wrappers = make_amp_gan_wrappers(gan, loss_scale={"init_scale": 64.0, "growth_interval": 1})
     train_some(gan, wrappers, batches[:3])
     trainer = Engine(lambda engine, batch: None)
-    to_save = {"model": gan, "optim_wrapper": wrappers}
-    checkpoint = Checkpoint(to_save, DiskSaver(str(tmp_path), require_empty=False))
+    checkpoint = Checkpoint({"model": gan, "optim_wrapper": wrappers}, DiskSaver(str(tmp_path), require_empty=False))
     trainer.state.iteration = 3
     checkpoint(trainer)
-    train_some(gan, wrappers, batches[3:])
 
     resumed_gan = make_gan(seed=7)
-    resumed = OptimWrapperDict(
-        gen=AmpOptimWrapper(optimizer=torch.optim.Adam(resumed_gan["gen"].parameters(), lr=0.01), dtype="fp16"),
-        disc=OptimWrapper(
-            torch.optim.SGD(resumed_gan["disc"].parameters(), lr=0.05, momentum=0.9), accumulative_counts=2
-        ),
-    )
+    resumed = make_amp_gan_wrappers(resumed_gan)
     Checkpoint.load_objects({"model": resumed_gan, "optim_wrapper": resumed}, tmp_path / checkpoint.last_checkpoint)
     assert resumed["gen"].loss_scaler.get_scale() == 64.0 * 2**3  # three applied steps, growth_interval 1
     train_some(resumed_gan, resumed, batches[3:])
-    assert_same_model(resumed_gan, gan)
-    assert_same_tensors(resumed.state_dict(), wrappers.state_dict())
+    assert_same_model(resumed_gan, expected)
+    assert_same_tensors(resumed["gen"].optimizer.state_dict(), gen_opt.state_dict())
+    assert_same_tensors(resumed["disc"].optimizer.state_dict(), disc_opt.state_dict())
+    assert resumed["gen"].loss_scaler.state_dict() == scaler.state_dict()
 
 
 @pytest.mark.parametrize(
