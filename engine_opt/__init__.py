@@ -16,8 +16,18 @@ Example:
 
 from .amp import AmpOptimWrapper
 from .build import build_optim_wrapper
+from .events import OptimEvents, member_filter
+from .trainer import create_trainer
 from .wrapper import OptimWrapper
 from .wrapper_dict import OptimWrapperDict
 
-__all__ = ["AmpOptimWrapper", "OptimWrapper", "OptimWrapperDict", "build_optim_wrapper"]
+__all__ = [
+    "AmpOptimWrapper",
+    "OptimEvents",
+    "OptimWrapper",
+    "OptimWrapperDict",
+    "build_optim_wrapper",
+    "create_trainer",
+    "member_filter",
+]
 __version__ = "0.1.0"

@@ -214,6 +214,11 @@ class AmpOptimWrapper(OptimWrapper):
         scaler.update(self._scale_update_param)
         return found_inf
 
+    def _cancel_optimizer_step(self) -> torch.Tensor:
+        if self.loss_scaler is not None:  # gradients were unscaled: close the scaler's iteration
+            self.loss_scaler.update(self._scale_update_param)
+        return super()._cancel_optimizer_step()
+
     def state_dict(self) -> dict[str, Any]:
         """``OptimWrapper.state_dict()`` plus ``'loss_scaler'``: the grad scaler's state.
 

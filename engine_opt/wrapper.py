@@ -27,13 +27,18 @@ Example:
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Mapping
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
 from . import checks
+from .events import OptimEvents
+
+StepHook = Callable[["OptimWrapper", OptimEvents, "torch.Tensor | None"], None]
 
 _CLIP_ARGS = {
     "norm": ("max_norm", ("max_norm", "norm_type", "error_if_nonfinite", "foreach")),
@@ -133,6 +138,8 @@ class OptimWrapper:
         self._skipped_count: torch.Tensor | None = None
         self._last_found_inf: torch.Tensor | None = None
         self._grad_norm: torch.Tensor | None = None
+        self._step_hooks: OrderedDict[int, StepHook] = OrderedDict()  # weakly referenced by handles
+        self._cancel: bool | None = None  # None outside BEFORE_OPTIM_STEP hooks
 
     # ------------------------------------------------------------------ counting
 
@@ -214,18 +221,81 @@ class OptimWrapper:
         """Run ``loss.backward(**kwargs)`` and count the micro-step."""
         loss.backward(**kwargs)  # type: ignore[no-untyped-call]
         self._inner_count += 1
+        if self._step_hooks:
+            self._call_hooks(OptimEvents.BACKWARD_COMPLETED, loss)
 
     def step(self, **kwargs: Any) -> None:
         """Clip the gradients if configured, then step the optimizer.
 
-        ``kwargs`` go to ``optimizer.step``.
+        ``kwargs`` go to ``optimizer.step``. With step hooks registered, the
+        gradients are unscaled before ``BEFORE_OPTIM_STEP`` and the outcome is
+        reported as ``OPTIM_STEP_COMPLETED`` or ``OPTIM_STEP_SKIPPED`` (which,
+        with a float16 scaler, reads the scaler's found-inf flag on the host).
         """
+        hooks = bool(self._step_hooks)
         grad_norm = None
-        if self._clip_type is not None:
+        if self._clip_type is not None or hooks:
             self._unscale_grads()
+        if self._clip_type is not None:
             grad_norm = self._clip_grad()
-        found_inf = self._optimizer_step(kwargs)
+        cancel = False
+        if hooks:
+            self._cancel = False
+            try:
+                self._call_hooks(OptimEvents.BEFORE_OPTIM_STEP, None)
+                cancel = self._cancel
+            finally:
+                self._cancel = None
+        found_inf = self._cancel_optimizer_step() if cancel else self._optimizer_step(kwargs)
         self._record_step(found_inf, grad_norm)
+        if hooks:
+            skipped = cancel or (found_inf is not None and bool(found_inf))
+            self._call_hooks(OptimEvents.OPTIM_STEP_SKIPPED if skipped else OptimEvents.OPTIM_STEP_COMPLETED, None)
+
+    def cancel_step(self) -> None:
+        """Skip the step being prepared; call it from a ``BEFORE_OPTIM_STEP`` hook.
+
+        The optimizer does not step, the window's gradients are dropped by the
+        ``zero_grad`` that follows, and the step counts in ``skipped_steps``.
+
+        Raises:
+            RuntimeError: When called outside a ``BEFORE_OPTIM_STEP`` hook.
+        """
+        if self._cancel is None:
+            raise RuntimeError(
+                "cancel_step() can only be called from a step hook handling OptimEvents.BEFORE_OPTIM_STEP"
+            )
+        self._cancel = True
+
+    def register_step_hook(self, hook: StepHook) -> RemovableHandle:
+        """Call ``hook(wrapper, event, loss)`` at each ``OptimEvents`` event of this wrapper.
+
+        ``loss`` is the tensor given to ``backward`` for ``BACKWARD_COMPLETED``
+        and ``None`` otherwise. The trainer uses this to fire its Ignite events.
+
+        Returns:
+            A handle whose ``remove()`` unregisters the hook.
+
+        Example:
+            >>> import torch
+            >>> model = torch.nn.Linear(1, 1)
+            >>> wrapper = OptimWrapper(torch.optim.SGD(model.parameters(), lr=0.1))
+            >>> seen = []
+            >>> handle = wrapper.register_step_hook(lambda w, event, loss: seen.append(event.value))
+            >>> wrapper.update_params(model(torch.ones(1, 1)).sum())
+            >>> seen
+            ['backward_completed', 'before_optim_step', 'optim_step_completed']
+            >>> handle.remove()
+        """
+        if not callable(hook):
+            raise TypeError(f"hook must be callable as hook(wrapper, event, loss), got {checks.describe(hook)}")
+        handle = RemovableHandle(self._step_hooks)
+        self._step_hooks[handle.id] = hook
+        return handle
+
+    def _call_hooks(self, event: OptimEvents, loss: torch.Tensor | None) -> None:
+        for hook in tuple(self._step_hooks.values()):
+            hook(self, event, loss)
 
     def zero_grad(self, **kwargs: Any) -> None:
         """Run ``optimizer.zero_grad(**kwargs)``."""
@@ -266,6 +336,10 @@ class OptimWrapper:
         """Step the optimizer; return a found-inf tensor when the step may have been skipped."""
         self.optimizer.step(**kwargs)
         return None
+
+    def _cancel_optimizer_step(self) -> torch.Tensor:
+        """Leave the parameters as they are; return a found-inf flag that says so."""
+        return torch.ones(())
 
     def _record_step(self, found_inf: torch.Tensor | None, grad_norm: torch.Tensor | None) -> None:
         """Count the window's step without reading any tensor on the host."""

@@ -1,0 +1,79 @@
+"""``OptimEvents``: the optimizer events of one update, for Ignite handlers.
+
+The event map of one trainer iteration, with the ``engine.state`` counter each
+event advances (filters such as ``every=10`` count with it)::
+
+    ITERATION_STARTED
+      with wrapper.optim_context(model):          # autocast; no DDP/FSDP grad sync mid-window
+          loss = loss_fn(model(x), y)
+      (loss / window_size).backward()
+                     -> BACKWARD_COMPLETED         state.optim_backwards += 1
+      if the window ends:
+          unscale the gradients (fp16), clip them
+                     -> BEFORE_OPTIM_STEP          state.optim_steps += 1
+                        (gradients complete and unscaled: log norms, guard, veto the step here)
+          optimizer.step()  (skipped by the scaler or a guard when not finite)
+                     -> OPTIM_STEP_COMPLETED       state.optim_updates += 1   (an update was applied)
+                     or OPTIM_STEP_SKIPPED         state.optim_skipped += 1   (no update)
+          optimizer.zero_grad()
+    ITERATION_COMPLETED
+
+With an ``OptimWrapperDict`` the events fire for each member that updates;
+``engine.state.optim_name`` names it (``None`` for a single wrapper) and
+``engine.state.optim_wrapper`` is the member itself. At ``BACKWARD_COMPLETED``,
+``engine.state.optim_loss`` is the loss that went into ``backward`` (divided by
+the window size; times the loss scale under float16).
+
+Example:
+    >>> from ignite.engine import Engine
+    >>> engine = Engine(lambda engine, batch: None)
+    >>> engine.register_events(*OptimEvents, event_to_attr=EVENT_TO_ATTR)
+    >>> OptimEvents.OPTIM_STEP_COMPLETED.value, EVENT_TO_ATTR[OptimEvents.OPTIM_STEP_COMPLETED]
+    ('optim_step_completed', 'optim_updates')
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from ignite.engine import Engine, EventEnum
+
+if TYPE_CHECKING:
+    from .wrapper import OptimWrapper
+
+
+class OptimEvents(EventEnum):
+    """Events fired by the trainer around each optimizer update (see the module docstring)."""
+
+    BACKWARD_COMPLETED = "backward_completed"
+    BEFORE_OPTIM_STEP = "before_optim_step"
+    OPTIM_STEP_COMPLETED = "optim_step_completed"
+    OPTIM_STEP_SKIPPED = "optim_step_skipped"
+
+
+EVENT_TO_ATTR: dict[Any, str] = {
+    OptimEvents.BACKWARD_COMPLETED: "optim_backwards",
+    OptimEvents.BEFORE_OPTIM_STEP: "optim_steps",
+    OptimEvents.OPTIM_STEP_COMPLETED: "optim_updates",
+    OptimEvents.OPTIM_STEP_SKIPPED: "optim_skipped",
+}
+
+
+def member_filter(name: str) -> Callable[[Engine, Any], bool]:
+    """An event filter that passes only the events of one ``OptimWrapperDict`` member.
+
+    Example:
+        >>> event = OptimEvents.OPTIM_STEP_COMPLETED(event_filter=member_filter("gen"))
+    """
+
+    def passes(engine: Engine, _: Any) -> bool:
+        return vars(engine.state).get("optim_name") == name
+
+    return passes
+
+
+def current_member(engine: Engine) -> tuple[str | None, OptimWrapper]:
+    """The name (``None`` for a single wrapper) and wrapper of the event being handled."""
+    state = vars(engine.state)
+    return state["optim_name"], state["optim_wrapper"]

@@ -1,0 +1,42 @@
+"""Ignite handlers for trainers built by ``create_trainer``.
+
+- ``OptimParamsHandler``: learning rates, momenta, loss scale, update counts
+  and gradient norm to TensorBoard (with Ignite's ``TensorboardLogger``).
+- ``attach_checkpoint``, ``resume_from_latest``, ``ResumableLoader``:
+  periodic checkpoints with Ignite's ``Checkpoint`` and exact resume.
+- ``SchedulerHandler``: a learning-rate schedule that advances on applied updates.
+- ``NonFiniteGuard``: skip, or stop at, updates with non-finite losses or gradients.
+- ``attach_progress_bar``: Ignite's ``ProgressBar`` with loss, lr and loss scale.
+
+An exponential moving average of the weights is Ignite's ``EMAHandler``
+attached to ``OptimEvents.OPTIM_STEP_COMPLETED``, so it moves on applied
+updates only (see ``docs/strategies.md``).
+"""
+
+from .checkpoint import (
+    ResumableLoader,
+    attach_checkpoint,
+    latest_checkpoint,
+    resume_from_latest,
+    rng_state,
+    set_rng_state,
+)
+from .nonfinite import NonFiniteGuard
+from .params_logger import OptimParamsHandler, optim_scalars
+from .progress import attach_progress_bar, progress_values
+from .scheduler import SchedulerHandler
+
+__all__ = [
+    "NonFiniteGuard",
+    "OptimParamsHandler",
+    "ResumableLoader",
+    "SchedulerHandler",
+    "attach_checkpoint",
+    "attach_progress_bar",
+    "latest_checkpoint",
+    "optim_scalars",
+    "progress_values",
+    "resume_from_latest",
+    "rng_state",
+    "set_rng_state",
+]

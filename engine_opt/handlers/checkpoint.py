@@ -1,0 +1,250 @@
+"""Checkpoints with Ignite's ``Checkpoint``/``DiskSaver``, and exact resume.
+
+``attach_checkpoint`` saves ``to_save`` periodically and at the end of the run;
+``resume_from_latest`` loads the newest checkpoint of a directory into the same
+objects. ``ResumableLoader`` wraps the data so a checkpoint also holds the data
+position and the random number generators: a run resumed mid-epoch, in a new
+process, sees the same batches and random numbers as one that never stopped::
+
+    data = ResumableLoader(DataLoader(dataset, batch_size=32, shuffle=True))
+    to_save = {"model": model, "optim_wrapper": wrapper, "trainer": trainer, "data": data}
+    resume_from_latest(to_save, "checkpoints")          # None on a fresh start
+    attach_checkpoint(trainer, to_save, "checkpoints", every=100)
+    trainer.run(data, max_epochs=10)
+"""
+
+from __future__ import annotations
+
+import random
+import re
+import sys
+from collections.abc import Iterable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from ignite.engine import Engine, Events
+from ignite.handlers import Checkpoint, DiskSaver
+
+from .. import checks
+
+_STEP = re.compile(r"checkpoint_(\d+)\.pt$")
+_STATE_KEYS = ("epoch_rng", "position", "rng")
+
+
+def rng_state(generator: torch.Generator | None = None) -> dict[str, Any]:
+    """The states of torch's (CPU and initialised CUDA), Python's and NumPy's global generators.
+
+    With ``generator``, that generator's state is included too. Holds only
+    tensors, numbers and tuples, so it loads with ``weights_only=True``.
+
+    Example:
+        >>> state = rng_state()
+        >>> a = torch.rand(1); set_rng_state(state); b = torch.rand(1)
+        >>> bool(a == b)
+        True
+    """
+    state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():  # type: ignore[no-untyped-call]
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    numpy = sys.modules.get("numpy")
+    if numpy is not None:
+        kind, keys, pos, has_gauss, gauss = numpy.random.get_state()
+        state["numpy"] = (kind, torch.from_numpy(keys.astype("int64")), pos, has_gauss, gauss)
+    if generator is not None:
+        state["generator"] = generator.get_state()
+    return state
+
+
+def set_rng_state(state: Mapping[str, Any], generator: torch.Generator | None = None) -> None:
+    """Restore what ``rng_state`` returned."""
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    if "numpy" in state:
+        import numpy
+
+        kind, keys, pos, has_gauss, gauss = state["numpy"]
+        numpy.random.set_state((kind, keys.numpy().astype("uint32"), pos, has_gauss, gauss))
+    if generator is not None and "generator" in state:
+        generator.set_state(state["generator"])
+
+
+class ResumableLoader:
+    """An iterable of batches whose state is its position and the random generators.
+
+    Each pass records the generators' states as it begins; ``state_dict``
+    adds the number of batches given out and the generators' states now. A
+    loaded state takes effect at the next pass: the generators are set as
+    they were when the interrupted pass began, the batches already used are
+    drawn again and dropped, then the generators are set as they were at the
+    checkpoint. So a shuffled ``DataLoader`` (and dropout, augmentation...)
+    continues exactly.
+
+    Args:
+        data: A ``DataLoader`` or any re-iterable of batches. A ``DataLoader``
+            with its own ``generator`` has that generator saved too.
+
+    Example:
+        >>> loader = ResumableLoader(torch.utils.data.DataLoader(torch.arange(6), batch_size=2, shuffle=True))
+        >>> batches = iter(loader)
+        >>> first = next(batches)
+        >>> state = loader.state_dict()
+        >>> rest = [batch.tolist() for batch in batches]
+        >>> resumed = ResumableLoader(torch.utils.data.DataLoader(torch.arange(6), batch_size=2, shuffle=True))
+        >>> resumed.load_state_dict(state)
+        >>> [batch.tolist() for batch in resumed] == rest
+        True
+    """
+
+    def __init__(self, data: Iterable[Any]) -> None:
+        if not isinstance(data, Iterable) or isinstance(data, Iterator):
+            raise TypeError(
+                f"data must be a re-iterable collection of batches such as a DataLoader, got {checks.describe(data)}"
+            )
+        self.data = data
+        self._generator: torch.Generator | None = getattr(data, "generator", None)
+        self._epoch_rng: dict[str, Any] | None = None
+        self._position = 0
+        self._pending: dict[str, Any] | None = None
+
+    def __len__(self) -> int:
+        return len(self.data)  # type: ignore[arg-type]
+
+    def __iter__(self) -> Iterator[Any]:
+        pending, self._pending = self._pending, None
+        if pending is not None and pending["position"] > 0 and pending["epoch_rng"] is not None:
+            set_rng_state(pending["epoch_rng"], self._generator)
+            batches = iter(self.data)
+            skipped = sum(1 for _ in zip(range(pending["position"]), batches, strict=False))
+            if skipped == pending["position"] and not self._at_end(skipped):
+                set_rng_state(pending["rng"], self._generator)
+                self._epoch_rng = pending["epoch_rng"]
+                self._position = skipped
+                return self._count(batches)
+        if pending is not None:
+            set_rng_state(pending["rng"], self._generator)
+        self._epoch_rng = rng_state(self._generator)
+        self._position = 0
+        return self._count(iter(self.data))
+
+    def _at_end(self, position: int) -> bool:
+        try:
+            return position >= len(self.data)  # type: ignore[arg-type]
+        except TypeError:
+            return False
+
+    def _count(self, batches: Iterator[Any]) -> Iterator[Any]:
+        for batch in batches:
+            self._position += 1
+            yield batch
+
+    def state_dict(self) -> dict[str, Any]:
+        """``{'epoch_rng', 'position', 'rng'}``: where the current pass began, how far it got, the generators now."""
+        if self._pending is not None:
+            return dict(self._pending)
+        return {"epoch_rng": self._epoch_rng, "position": self._position, "rng": rng_state(self._generator)}
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        """Take ``state_dict`` into effect at the next pass over the data."""
+        state_dict = checks.mapping("state_dict", state_dict)
+        checks.known_keys("state_dict", state_dict, _STATE_KEYS)
+        missing = [key for key in _STATE_KEYS if key not in state_dict]
+        if missing:
+            raise ValueError(f"state_dict lacks {missing}; pass what ResumableLoader.state_dict() returned")
+        position = state_dict["position"]
+        if isinstance(position, bool) or not isinstance(position, int) or position < 0:
+            raise ValueError(f"state_dict['position'] must be an int >= 0, got {position!r}")
+        for key in ("epoch_rng", "rng"):
+            value = state_dict[key]
+            if not (value is None and key == "epoch_rng") and not (isinstance(value, Mapping) and "torch" in value):
+                raise ValueError(f"state_dict[{key!r}] must be what rng_state() returned, got {checks.describe(value)}")
+        self._pending = dict(state_dict)
+
+
+def attach_checkpoint(
+    trainer: Engine,
+    to_save: Mapping[str, Any],
+    dirname: str | Path,
+    *,
+    every: int | None = None,
+    n_saved: int | None = 2,
+) -> Checkpoint:
+    """Save ``to_save`` every ``every`` iterations (or each epoch), and when the run ends.
+
+    Files are ``checkpoint_{iteration}.pt`` in ``dirname``, written through a
+    temporary file and a rename (``DiskSaver(atomic=True)``); the newest
+    ``n_saved`` are kept.
+
+    Args:
+        trainer: The trainer.
+        to_save: Objects with ``state_dict``/``load_state_dict``, by name;
+            include the trainer, and the ``ResumableLoader`` for exact resume.
+        dirname: Directory for the files (created if missing).
+        every: Save period in iterations; ``None`` saves at each epoch's end.
+        n_saved: How many checkpoints to keep (``None``: all).
+
+    Returns:
+        The attached Ignite ``Checkpoint``.
+    """
+    if every is not None:
+        checks.positive_int("every", every)
+    if n_saved is not None:
+        checks.positive_int("n_saved", n_saved)
+    checkpoint = Checkpoint(
+        dict(to_save),
+        DiskSaver(str(dirname), require_empty=False, atomic=True, create_dir=True),
+        n_saved=n_saved,
+        global_step_transform=lambda engine, _: engine.state.iteration,
+    )
+    event = Events.EPOCH_COMPLETED if every is None else Events.ITERATION_COMPLETED(every=every)
+    trainer.add_event_handler(event, checkpoint)
+
+    def save_last(engine: Engine) -> None:
+        last = checkpoint.last_checkpoint
+        if last is None or _step_of(Path(str(last))) != engine.state.iteration:
+            checkpoint(engine)
+
+    trainer.add_event_handler(Events.COMPLETED, save_last)
+    return checkpoint
+
+
+def _step_of(path: Path) -> int | None:
+    match = _STEP.search(path.name)
+    return int(match.group(1)) if match else None
+
+
+def latest_checkpoint(dirname: str | Path) -> Path | None:
+    """The ``checkpoint_{iteration}.pt`` file of ``dirname`` with the highest iteration, or None."""
+    directory = Path(dirname)
+    if not directory.is_dir():
+        return None
+    steps = [(step, path) for path in directory.iterdir() if (step := _step_of(path)) is not None]
+    return max(steps)[1] if steps else None
+
+
+def resume_from_latest(to_load: Mapping[str, Any], dirname: str | Path) -> Path | None:
+    """Load the newest checkpoint of ``dirname`` into ``to_load``; return its path (None if there is none).
+
+    The file is read with ``weights_only=True`` and every name in
+    ``to_load`` must be in it before anything is loaded.
+    """
+    path = latest_checkpoint(dirname)
+    if path is None:
+        return None
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(state, Mapping):
+        raise ValueError(f"{path} does not hold a checkpoint dict, got {checks.describe(state)}")
+    missing = [name for name in to_load if name not in state]
+    if missing:
+        raise ValueError(f"{path} lacks {missing}; it holds {sorted(state)}")
+    for name, obj in to_load.items():
+        check = getattr(obj, "_check_state_dict", None)
+        if check is not None:
+            try:
+                check(state[name])
+            except (TypeError, ValueError) as error:
+                raise ValueError(f"{path}: {name!r} does not match: {error}") from error
+    Checkpoint.load_objects(dict(to_load), state)
+    return path

@@ -1,0 +1,103 @@
+"""``NonFiniteGuard``: never apply an update from a non-finite loss or gradient.
+
+A float16 grad scaler already skips such steps; in float32 and bfloat16
+nothing does, and one ``nan`` (spread to every gradient by
+``clip_grad_norm_``) would poison the weights and the optimizer state.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from ignite.engine import Engine
+
+from ..events import OptimEvents, current_member
+from ..wrapper import OptimWrapper
+
+_ACTIONS = ("skip", "stop")
+
+
+def _all_finite(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """One boolean tensor: whether every element of every tensor is finite."""
+    device = tensors[0].device
+    return torch.stack([torch.isfinite(tensor).all().to(device) for tensor in tensors]).all()
+
+
+class NonFiniteGuard:
+    """Skip (or stop at) any update whose window had a non-finite loss or gradient.
+
+    The losses of a window are checked on the device as they come
+    (``BACKWARD_COMPLETED``); at ``BEFORE_OPTIM_STEP`` the gradients are
+    checked too and the result is read once per update (one host sync). A bad
+    update is cancelled: the optimizer does not step, the gradients are
+    zeroed, and the step counts in the wrapper's ``skipped_steps`` (and fires
+    ``OPTIM_STEP_SKIPPED``). Members with a float16 grad scaler are left to it.
+
+    Args:
+        action: ``'skip'`` to drop the update and go on, or ``'stop'`` to drop
+            it and raise ``FloatingPointError`` naming the iteration.
+
+    Attributes:
+        skipped: Updates cancelled so far, by member name (``None`` for one wrapper).
+
+    Example:
+        >>> import torch
+        >>> import torch.nn.functional as F
+        >>> from engine_opt import OptimWrapper, create_trainer
+        >>> model = torch.nn.Linear(1, 1)
+        >>> wrapper = OptimWrapper(torch.optim.SGD(model.parameters(), lr=0.1))
+        >>> trainer = create_trainer(model, wrapper, F.mse_loss)
+        >>> guard = NonFiniteGuard("skip")
+        >>> guard.attach(trainer)
+        >>> data = [(torch.ones(1, 1), torch.zeros(1, 1)), (torch.ones(1, 1), torch.full((1, 1), float("nan")))]
+        >>> _ = trainer.run(data)
+        >>> guard.skipped, wrapper.applied_steps, bool(model.weight.isfinite().all())
+        ({None: 1}, 1, True)
+    """
+
+    def __init__(self, action: Literal["skip", "stop"] = "skip") -> None:
+        if action not in _ACTIONS:
+            raise ValueError(f"action must be one of {list(_ACTIONS)}, got {action!r}")
+        self.action = action
+        self.skipped: dict[str | None, int] = {}
+        self._loss_ok: dict[int, torch.Tensor] = {}
+
+    def attach(self, engine: Engine) -> None:
+        """Attach to a trainer built by ``create_trainer``."""
+        engine.add_event_handler(OptimEvents.BACKWARD_COMPLETED, self._check_loss)
+        engine.add_event_handler(OptimEvents.BEFORE_OPTIM_STEP, self._check_step)
+
+    @staticmethod
+    def _guarded(engine: Engine) -> OptimWrapper | None:
+        _, wrapper = current_member(engine)
+        return None if getattr(wrapper, "loss_scaler", None) is not None else wrapper
+
+    def _check_loss(self, engine: Engine) -> None:
+        wrapper = self._guarded(engine)
+        loss = vars(engine.state)["optim_loss"]
+        if wrapper is None or loss is None:
+            return
+        finite = torch.isfinite(loss.detach()).all()
+        previous = self._loss_ok.get(id(wrapper))
+        self._loss_ok[id(wrapper)] = finite if previous is None else previous & finite
+
+    def _check_step(self, engine: Engine) -> None:
+        wrapper = self._guarded(engine)
+        if wrapper is None:
+            return
+        checks = [param.grad for group in wrapper.param_groups for param in group["params"] if param.grad is not None]
+        loss_ok = self._loss_ok.pop(id(wrapper), None)
+        if loss_ok is not None:
+            checks.append(loss_ok)
+        if not checks or bool(_all_finite(checks)):
+            return
+        wrapper.cancel_step()
+        name, _ = current_member(engine)
+        self.skipped[name] = self.skipped.get(name, 0) + 1
+        if self.action == "stop":
+            member = "" if name is None else f" of {name!r}"
+            raise FloatingPointError(
+                f"non-finite loss or gradients{member} at iteration {engine.state.iteration}; "
+                "the update was not applied (weights and optimizer state are unchanged)"
+            )

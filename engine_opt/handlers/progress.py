@@ -1,0 +1,83 @@
+"""``attach_progress_bar``: Ignite's ``ProgressBar`` showing the loss, learning rate and loss scale."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from numbers import Number
+from typing import Any
+
+import torch
+from ignite.engine import Engine, Events
+from ignite.handlers import ProgressBar
+
+from .. import checks
+from ..wrapper import OptimWrapper
+from ..wrapper_dict import OptimWrapperDict
+
+
+def _loss_values(output: Any) -> dict[str, float]:
+    if isinstance(output, torch.Tensor) and output.numel() == 1:
+        return {"loss": output.item()}
+    if isinstance(output, Number):
+        return {"loss": float(output)}  # type: ignore[arg-type]
+    if isinstance(output, Mapping):
+        return {str(key): value for key, value in _flat_numbers(output).items()}
+    return {}
+
+
+def _flat_numbers(output: Mapping[Any, Any]) -> dict[str, float]:
+    numbers = {}
+    for key, value in output.items():
+        if isinstance(value, torch.Tensor) and value.numel() == 1:
+            numbers[str(key)] = value.item()
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            numbers[str(key)] = float(value)
+    return numbers
+
+
+def progress_values(optim_wrapper: OptimWrapper | OptimWrapperDict) -> Callable[[Any], dict[str, float]]:
+    """An ``output_transform`` for ``ProgressBar``: loss(es), first-group lr and loss scale.
+
+    Example:
+        >>> model = torch.nn.Linear(1, 1)
+        >>> show = progress_values(OptimWrapper(torch.optim.SGD(model.parameters(), lr=0.5)))
+        >>> show(torch.tensor(0.25))
+        {'loss': 0.25, 'lr': 0.5}
+    """
+    members = optim_wrapper.items() if isinstance(optim_wrapper, OptimWrapperDict) else [("", optim_wrapper)]
+
+    def transform(output: Any) -> dict[str, float]:
+        values = _loss_values(output)
+        for name, wrapper in members:
+            prefix = f"{name}." if name else ""
+            values[f"{prefix}lr"] = wrapper.param_groups[0]["lr"]
+            scaler = getattr(wrapper, "loss_scaler", None)
+            if scaler is not None:
+                values[f"{prefix}scale"] = scaler.get_scale()
+        return values
+
+    return transform
+
+
+def attach_progress_bar(
+    trainer: Engine, optim_wrapper: OptimWrapper | OptimWrapperDict, every: int = 1, **tqdm_kwargs: Any
+) -> ProgressBar:
+    """Attach a ``ProgressBar`` that shows the loss, learning rate and loss scale.
+
+    Showing values reads them on the host; ``every`` refreshes the bar every
+    ``every`` iterations to keep that rare.
+
+    Args:
+        trainer: The trainer.
+        optim_wrapper: The wrapper (or dict) whose lr and loss scale to show.
+        every: Refresh period in iterations.
+        **tqdm_kwargs: Passed to ``ProgressBar`` (``persist``, ``bar_format``...).
+
+    Returns:
+        The attached ``ProgressBar``.
+    """
+    checks.positive_int("every", every)
+    bar = ProgressBar(**tqdm_kwargs)
+    event = Events.ITERATION_COMPLETED(every=every)
+    bar.attach(trainer, output_transform=progress_values(optim_wrapper), event_name=event)
+    return bar
