@@ -108,6 +108,39 @@ def plain_loop(model: nn.Module, optimizer: torch.optim.Optimizer, batches: list
     return {"scaler": scaler, "skipped": skipped}
 
 
+def make_gan(seed: int = 0) -> nn.ModuleDict:
+    torch.manual_seed(seed)
+    return nn.ModuleDict({"gen": nn.Linear(4, 4), "disc": nn.Linear(4, 1)})
+
+
+def gan_losses(gan: nn.ModuleDict, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    fake = gan["gen"](x)
+    disc_loss = (gan["disc"](fake.detach()) - gan["disc"](x)).mean()
+    return fake, disc_loss
+
+
+def plain_gan_loop(
+    gan: nn.ModuleDict, batches: list[torch.Tensor]
+) -> tuple[torch.optim.Optimizer, torch.optim.Optimizer, torch.amp.GradScaler]:
+    """Discriminator (SGD, 2 micro-steps a window), then generator (Adam, float16 autocast and loss scaling)."""
+    gen_opt = torch.optim.Adam(gan["gen"].parameters(), lr=0.01)
+    disc_opt = torch.optim.SGD(gan["disc"].parameters(), lr=0.05, momentum=0.9)
+    scaler = torch.amp.GradScaler("cpu", init_scale=64.0, growth_interval=1)
+    for idx, x in enumerate(batches):
+        _, disc_loss = gan_losses(gan, x)
+        (disc_loss / 2).backward()
+        if (idx + 1) % 2 == 0:
+            disc_opt.step()
+            disc_opt.zero_grad()
+        with torch.autocast("cpu", dtype=torch.float16):
+            gen_loss = -gan["disc"](gan["gen"](x)).mean()
+        scaler.scale(gen_loss).backward()
+        scaler.step(gen_opt)
+        scaler.update()
+        gen_opt.zero_grad()
+    return gen_opt, disc_opt, scaler
+
+
 def assert_same_tensors(actual: Any, expected: Any, where: str = "") -> None:
     """Bitwise equality of nested containers of tensors and numbers."""
     if isinstance(expected, torch.Tensor):

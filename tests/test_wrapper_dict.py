@@ -12,12 +12,8 @@ from torch import nn
 
 from engine_opt import AmpOptimWrapper, OptimWrapper, OptimWrapperDict
 
-from oracle import assert_same_model, assert_same_tensors, make_batches
-
-
-def make_gan(seed=0):
-    torch.manual_seed(seed)
-    return nn.ModuleDict({"gen": nn.Linear(4, 4), "disc": nn.Linear(4, 1)})
+from helpers import make_amp_gan_wrappers, train_some
+from oracle import assert_same_model, assert_same_tensors, gan_losses, make_batches, make_gan, plain_gan_loop
 
 
 def make_wrappers(gan):
@@ -25,12 +21,6 @@ def make_wrappers(gan):
         gen=OptimWrapper(torch.optim.Adam(gan["gen"].parameters(), lr=0.01, betas=(0.5, 0.9))),
         disc=OptimWrapper(torch.optim.SGD(gan["disc"].parameters(), lr=0.05, momentum=0.9), accumulative_counts=2),
     )
-
-
-def gan_losses(gan, x):
-    fake = gan["gen"](x)
-    disc_loss = (gan["disc"](fake.detach()) - gan["disc"](x)).mean()
-    return fake, disc_loss
 
 
 def test_gan_training_matches_two_plain_optimizers():
@@ -122,13 +112,6 @@ def test_initialize_count_status_reaches_every_member():
     assert [(w.inner_count, w.max_counts) for w in wrappers.values()] == [(3, 9), (3, 9)]
 
 
-def train_some(gan, wrappers, batches):
-    for x in batches:
-        _, disc_loss = gan_losses(gan, x)
-        wrappers["disc"].update_params(disc_loss)
-        wrappers["gen"].update_params(-gan["disc"](gan["gen"](x)).mean())
-
-
 def test_state_round_trip_and_mismatches_load_nothing():
     gan = make_gan()
     wrappers = make_wrappers(gan)
@@ -152,32 +135,6 @@ def test_state_round_trip_and_mismatches_load_nothing():
         other.load_state_dict([state])
     other.load_state_dict(state)
     assert_same_tensors(other.state_dict(), state)
-
-
-def plain_gan_loop(gan, batches):
-    """train_some written out with two plain optimizers and a GradScaler for the generator."""
-    gen_opt = torch.optim.Adam(gan["gen"].parameters(), lr=0.01)
-    disc_opt = torch.optim.SGD(gan["disc"].parameters(), lr=0.05, momentum=0.9)
-    scaler = torch.amp.GradScaler("cpu", init_scale=64.0, growth_interval=1)
-    for idx, x in enumerate(batches):
-        _, disc_loss = gan_losses(gan, x)
-        (disc_loss / 2).backward()
-        if (idx + 1) % 2 == 0:
-            disc_opt.step()
-            disc_opt.zero_grad()
-        gen_loss = -gan["disc"](gan["gen"](x)).mean()
-        scaler.scale(gen_loss).backward()
-        scaler.step(gen_opt)
-        scaler.update()
-        gen_opt.zero_grad()
-    return gen_opt, disc_opt, scaler
-
-
-def make_amp_gan_wrappers(gan, **gen_kwargs):
-    return OptimWrapperDict(
-        gen=AmpOptimWrapper(optimizer=torch.optim.Adam(gan["gen"].parameters(), lr=0.01), dtype="fp16", **gen_kwargs),
-        disc=OptimWrapper(torch.optim.SGD(gan["disc"].parameters(), lr=0.05, momentum=0.9), accumulative_counts=2),
-    )
 
 
 def test_checkpoints_as_one_object_through_ignite(tmp_path):

@@ -1,0 +1,199 @@
+"""create_trainer: the Ignite trainer against the plain loop, bitwise; GAN and MMEngine models; bad arguments."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from ignite.engine import Engine, Events
+from torch import nn
+
+from engine_opt import AmpOptimWrapper, OptimWrapper, create_trainer
+
+from helpers import gan_step, make_amp_gan_wrappers
+from oracle import (
+    OPTIMIZERS,
+    Plan,
+    assert_same_model,
+    assert_same_tensors,
+    loss_fn,
+    make_batches,
+    make_gan,
+    make_model,
+    plain_gan_loop,
+    plain_loop,
+)
+
+PLANS = {
+    "fp32": (Plan(), {}),
+    "accumulate3_short_last_window": (Plan(accumulate=3), {"accumulative_counts": 3}),
+    "clip_norm": (Plan(clip_norm=0.5), {"clip_grad": {"max_norm": 0.5}}),
+    "bf16_accumulate2": (Plan(accumulate=2, amp_dtype=torch.bfloat16), {"accumulative_counts": 2, "dtype": "bf16"}),
+    "fp16_accumulate2_clip": (
+        Plan(accumulate=2, clip_norm=1.0, amp_dtype=torch.float16, scaler_kwargs={"init_scale": 256.0}),
+        {"accumulative_counts": 2, "clip_grad": {"max_norm": 1.0}, "dtype": "fp16", "loss_scale": {"init_scale": 256.0}},
+    ),
+}
+
+
+def build_wrapper(model, optimizer_name, kwargs):
+    optimizer = OPTIMIZERS[optimizer_name](model.parameters())
+    if "dtype" in kwargs:
+        return AmpOptimWrapper(optimizer=optimizer, **kwargs)
+    return OptimWrapper(optimizer, **kwargs)
+
+
+@pytest.mark.parametrize("optimizer_name", ["sgd_momentum", "adamw"])
+@pytest.mark.parametrize("plan_name", list(PLANS))
+def test_trainer_matches_the_plain_loop_over_two_epochs(plan_name, optimizer_name):
+    plan, kwargs = PLANS[plan_name]
+    batches = make_batches(7)
+    expected = make_model()
+    expected_optimizer = OPTIMIZERS[optimizer_name](expected.parameters())
+    plain = plain_loop(expected, expected_optimizer, batches * 2, plan)  # windows run across the epoch boundary
+
+    model = make_model()
+    wrapper = build_wrapper(model, optimizer_name, kwargs)
+    trainer = create_trainer(model, wrapper, loss_fn)
+    state = trainer.run(batches, max_epochs=2)  # no initialize_count_status: the trainer sets the run length
+
+    assert_same_model(model, expected)
+    assert_same_tensors(wrapper.optimizer.state_dict(), expected_optimizer.state_dict())
+    if plain["scaler"] is not None:
+        assert wrapper.loss_scaler.state_dict() == plain["scaler"].state_dict()
+    assert state.optim_backwards == 14
+    windows = -(-14 // plan.accumulate)
+    assert (state.optim_steps, state.optim_updates, state.optim_skipped) == (windows, windows, 0)
+    assert isinstance(state.output, torch.Tensor) and not state.output.requires_grad  # no .item() per iteration
+
+
+def test_gan_train_step_updates_each_member_like_two_plain_optimizers():
+    batches = [x for x, _ in make_batches(6)]
+    expected = make_gan()
+    gen_opt, disc_opt, scaler = plain_gan_loop(expected, batches)
+
+    gan = make_gan()
+    wrappers = make_amp_gan_wrappers(gan, loss_scale={"init_scale": 64.0, "growth_interval": 1})
+    trainer = create_trainer(gan, wrappers, train_step=lambda engine, x: gan_step(gan, wrappers, x))
+    state = trainer.run(batches)
+
+    assert_same_model(gan, expected)
+    assert_same_tensors(wrappers["gen"].optimizer.state_dict(), gen_opt.state_dict())
+    assert_same_tensors(wrappers["disc"].optimizer.state_dict(), disc_opt.state_dict())
+    assert wrappers["gen"].loss_scaler.state_dict() == scaler.state_dict()
+    assert set(state.output) == {"disc_loss", "gen_loss"}
+    growths = int(torch.log2(torch.tensor(scaler.get_scale() / 64.0)))  # growth_interval 1: x2 applied, /2 skipped
+    gen_skipped = (6 - growths) // 2
+    assert (state.optim_backwards, state.optim_skipped, state.optim_updates) == (12, gen_skipped, 9 - gen_skipped)
+    assert wrappers["gen"].skipped_steps == gen_skipped
+
+
+class MMEngineStyleModel(nn.Module):
+    """A model that runs its own update, as MMEngine's BaseModel.train_step does."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = make_model()
+
+    def train_step(self, data, optim_wrapper):
+        x, y = data
+        with optim_wrapper.optim_context(self):
+            loss = loss_fn(self.net(x), y)
+        optim_wrapper.update_params(loss)
+        return {"loss": loss.detach()}
+
+
+def test_a_model_with_train_step_is_used_as_is():
+    batches = make_batches(5)
+    expected = make_model()
+    expected_optimizer = OPTIMIZERS["adam"](expected.parameters())
+    plain_loop(expected, expected_optimizer, batches, Plan(accumulate=2))
+
+    model = MMEngineStyleModel()
+    wrapper = OptimWrapper(OPTIMIZERS["adam"](model.parameters()), accumulative_counts=2)
+    state = create_trainer(model, wrapper).run(batches)
+    assert_same_model(model.net, expected)
+    assert set(state.output) == {"loss"}
+
+
+def test_custom_prepare_batch_output_transform_and_train_mode():
+    batches = [{"x": x, "y": y} for x, y in make_batches(3)]
+    model = make_model()
+    wrapper = OptimWrapper(torch.optim.SGD(model.parameters(), lr=0.1))
+    trainer = create_trainer(
+        model,
+        wrapper,
+        loss_fn,
+        device="cpu",
+        prepare_batch=lambda batch, device, non_blocking: (batch["x"].to(device), batch["y"].to(device)),
+        output_transform=lambda x, y, y_pred, loss: {"loss": loss.detach(), "y_pred": y_pred.detach()},
+    )
+    modes = []
+    trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda engine: modes.append(model.training))
+    trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda engine: model.eval())  # as an evaluator would
+    state = trainer.run(batches)
+    assert modes == [True, True, True]
+    assert state.output["y_pred"].shape == (5, 2)
+
+
+def test_the_default_prepare_batch_names_the_layout_it_expects():
+    model = make_model()
+    trainer = create_trainer(model, OptimWrapper(torch.optim.SGD(model.parameters(), lr=0.1)), loss_fn)
+    with pytest.raises(ValueError, match=r"(?s)batches of \(x, y\).*prepare_batch=\.\.\."):
+        trainer.run([torch.ones(2, 4)])
+
+
+def test_the_run_length_is_set_on_resume():
+    model = make_model()
+    wrapper = OptimWrapper(torch.optim.SGD(model.parameters(), lr=0.1), accumulative_counts=4)
+    trainer = create_trainer(model, wrapper, loss_fn)
+    trainer.load_state_dict({"iteration": 5, "epoch_length": 3, "max_epochs": 2})
+    seen = []
+    trainer.add_event_handler(Events.STARTED, lambda engine: seen.append((wrapper.inner_count, wrapper.max_counts)))
+    trainer.run(make_batches(3), max_epochs=3)
+    assert seen == [(5, 9)]
+
+
+def test_a_plain_engine_event_handler_still_sees_ignite_events():
+    model = make_model()
+    trainer = create_trainer(model, OptimWrapper(torch.optim.SGD(model.parameters(), lr=0.1)), loss_fn)
+    assert isinstance(trainer, Engine)
+    iterations = []
+    trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda engine: iterations.append(engine.state.iteration))
+    trainer.run(make_batches(2), max_epochs=2)
+    assert iterations == [1, 2, 3, 4]
+
+
+def sgd(model):
+    return OptimWrapper(torch.optim.SGD(model.parameters(), lr=0.1))
+
+
+@pytest.mark.parametrize(
+    ("call", "error", "pattern"),
+    [
+        (lambda m: create_trainer("model", sgd(m), loss_fn), TypeError, "model must be a torch.nn.Module, got 'model'"),
+        (
+            lambda m: create_trainer(m, torch.optim.SGD(m.parameters(), lr=0.1), loss_fn),
+            TypeError,
+            r"(?s)optim_wrapper must be an OptimWrapper or an OptimWrapperDict, got SGD.*OptimWrapper\(SGD",
+        ),
+        (lambda m: create_trainer(m, sgd(m)), ValueError, "needs loss_fn, or train_step.*Sequential has none"),
+        (lambda m: create_trainer(m, sgd(m), loss_fn, train_step=lambda e, b: None), ValueError, "not both"),
+        (lambda m: create_trainer(m, sgd(m), "mse"), TypeError, r"loss_fn must be callable as loss_fn\(y_pred, y\)"),
+        (lambda m: create_trainer(m, sgd(m), lambda y_pred: y_pred), TypeError, "loss_fn must accept 2 positional"),
+        (lambda m: create_trainer(m, sgd(m), train_step=lambda batch: None), TypeError, r"train_step\(engine, batch\)"),
+        (
+            lambda m: create_trainer(m, sgd(m), loss_fn, output_transform=lambda loss: loss),
+            TypeError,
+            "output_transform must accept 4",
+        ),
+    ],
+)
+def test_bad_arguments(call, error, pattern):
+    with pytest.raises(error, match=pattern):
+        call(make_model())
+
+
+def test_a_wrapper_dict_needs_a_train_step():
+    gan = make_gan()
+    with pytest.raises(ValueError, match=r"OptimWrapperDict \(members \['gen', 'disc'\]\) needs train_step"):
+        create_trainer(gan, make_amp_gan_wrappers(gan), loss_fn)
