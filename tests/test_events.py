@@ -1,0 +1,206 @@
+"""OptimEvents: the event map, counters and filters, per dict member; step hooks and cancelling a step."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from ignite.engine import Events
+
+from engine_opt import AmpOptimWrapper, OptimEvents, OptimWrapper, create_trainer, member_filter
+
+from helpers import gan_step, make_amp_gan_wrappers, roundtrip
+from oracle import loss_fn, make_batches, make_gan, make_model
+
+
+def record_events(trainer, events=(*OptimEvents, Events.ITERATION_STARTED, Events.ITERATION_COMPLETED)):
+    seen = []
+    for event in events:
+        trainer.add_event_handler(
+            event,
+            lambda engine, event=event: seen.append(
+                (event.value, engine.state.iteration, vars(engine.state).get("optim_name"))
+            ),
+        )
+    return seen
+
+
+def test_the_event_map_of_an_accumulating_trainer():
+    model = make_model()
+    wrapper = OptimWrapper(torch.optim.SGD(model.parameters(), lr=0.1), accumulative_counts=2)
+    trainer = create_trainer(model, wrapper, loss_fn)
+    seen = record_events(trainer)
+    state = trainer.run(make_batches(3))
+    names = [(event, iteration) for event, iteration, _ in seen]
+    assert names == [
+        ("iteration_started", 1),
+        ("backward_completed", 1),
+        ("iteration_completed", 1),
+        ("iteration_started", 2),
+        ("backward_completed", 2),
+        ("before_optim_step", 2),
+        ("optim_step_completed", 2),
+        ("iteration_completed", 2),
+        ("iteration_started", 3),
+        ("backward_completed", 3),  # the last window, of one micro-step, is applied
+        ("before_optim_step", 3),
+        ("optim_step_completed", 3),
+        ("iteration_completed", 3),
+    ]
+    assert (state.optim_backwards, state.optim_steps, state.optim_updates, state.optim_skipped) == (3, 2, 2, 0)
+
+
+def test_gradients_are_complete_and_unscaled_before_the_step():
+    batches = make_batches(4)
+    expected_grads = []
+    model = make_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    for idx, (x, y) in enumerate(batches):
+        with torch.autocast("cpu", dtype=torch.float16):
+            loss = loss_fn(model(x), y)
+        scaler.scale(loss / 2).backward()
+        if idx % 2 == 1:
+            scaler.unscale_(optimizer)
+            expected_grads.append([p.grad.clone() for p in model.parameters()])
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad()
+
+    model = make_model()
+    wrapper = AmpOptimWrapper(
+        optimizer=torch.optim.SGD(model.parameters(), lr=0.1), dtype="fp16", loss_scale=1024.0, accumulative_counts=2
+    )
+    trainer = create_trainer(model, wrapper, loss_fn)
+    grads = []
+    trainer.add_event_handler(
+        OptimEvents.BEFORE_OPTIM_STEP, lambda engine: grads.append([p.grad.clone() for p in model.parameters()])
+    )
+    trainer.run(batches)
+    assert len(grads) == 2
+    for actual, expected in zip(grads, expected_grads, strict=True):
+        for a, e in zip(actual, expected, strict=True):
+            assert torch.equal(a, e)
+
+
+def test_a_skipped_fp16_step_fires_skipped_and_is_counted():
+    batches = make_batches(4)
+    batches[1] = (torch.full_like(batches[1][0], float("nan")), batches[1][1])
+    model = make_model()
+    wrapper = AmpOptimWrapper(
+        optimizer=torch.optim.SGD(model.parameters(), lr=0.1), dtype="fp16", loss_scale={"init_scale": 256.0}
+    )
+    trainer = create_trainer(model, wrapper, loss_fn)
+    seen = record_events(trainer, [OptimEvents.OPTIM_STEP_COMPLETED, OptimEvents.OPTIM_STEP_SKIPPED])
+    state = trainer.run(batches)
+    assert [(event, iteration) for event, iteration, _ in seen] == [
+        ("optim_step_completed", 1),
+        ("optim_step_skipped", 2),
+        ("optim_step_completed", 3),
+        ("optim_step_completed", 4),
+    ]
+    assert (state.optim_steps, state.optim_updates, state.optim_skipped) == (4, 3, 1)
+    assert torch.isfinite(torch.cat([p.flatten() for p in model.parameters()])).all()
+
+
+def test_filters_count_applied_updates():
+    model = make_model()
+    wrapper = OptimWrapper(torch.optim.SGD(model.parameters(), lr=0.1), accumulative_counts=2)
+    trainer = create_trainer(model, wrapper, loss_fn)
+    fired = []
+    trainer.add_event_handler(
+        OptimEvents.OPTIM_STEP_COMPLETED(every=2), lambda engine: fired.append(engine.state.iteration)
+    )
+    trainer.run(make_batches(10))
+    assert fired == [4, 8]  # updates 2 and 4 happen at iterations 4 and 8
+
+
+def test_events_fire_for_each_member_of_a_dict():
+    gan = make_gan()
+    wrappers = make_amp_gan_wrappers(gan, loss_scale=64.0)
+    trainer = create_trainer(gan, wrappers, train_step=lambda engine, x: gan_step(gan, wrappers, x))
+    seen = record_events(trainer, list(OptimEvents))
+    gen_updates = []
+    trainer.add_event_handler(
+        OptimEvents.OPTIM_STEP_COMPLETED(event_filter=member_filter("gen")),
+        lambda engine: gen_updates.append(engine.state.optim_wrapper),
+    )
+    trainer.run([x for x, _ in make_batches(2)])
+    assert seen == [
+        ("backward_completed", 1, "disc"),
+        ("backward_completed", 1, "gen"),
+        ("before_optim_step", 1, "gen"),
+        ("optim_step_completed", 1, "gen"),
+        ("backward_completed", 2, "disc"),
+        ("before_optim_step", 2, "disc"),
+        ("optim_step_completed", 2, "disc"),
+        ("backward_completed", 2, "gen"),
+        ("before_optim_step", 2, "gen"),
+        ("optim_step_completed", 2, "gen"),
+    ]
+    assert gen_updates == [wrappers["gen"], wrappers["gen"]]
+
+
+def test_counters_continue_from_the_wrappers_state_on_resume():
+    batches = make_batches(6)
+    model = make_model()
+    wrapper = OptimWrapper(torch.optim.SGD(model.parameters(), lr=0.1), accumulative_counts=2)
+    trainer = create_trainer(model, wrapper, loss_fn)
+    trainer.add_event_handler(Events.ITERATION_COMPLETED(once=4), lambda engine: engine.terminate())
+    trainer.run(batches)
+    saved = roundtrip({"wrapper": wrapper.state_dict(), "trainer": trainer.state_dict()})
+
+    resumed_wrapper = OptimWrapper(torch.optim.SGD(model.parameters(), lr=0.1), accumulative_counts=2)
+    resumed_wrapper.load_state_dict(saved["wrapper"])
+    resumed = create_trainer(model, resumed_wrapper, loss_fn)
+    resumed.load_state_dict(saved["trainer"])
+    fired = []
+    resumed.add_event_handler(OptimEvents.OPTIM_STEP_COMPLETED(every=3), lambda engine: fired.append(True))
+    state = resumed.run(batches)
+    assert (state.optim_backwards, state.optim_updates) == (6, 3)
+    assert fired == [True]  # the third update overall, not the third since resuming
+
+
+def test_step_hooks_without_a_trainer():
+    model = make_model()
+    wrapper = OptimWrapper(torch.optim.SGD(model.parameters(), lr=0.1))
+    before = [p.detach().clone() for p in model.parameters()]
+    events = []
+
+    def cancel(w, event, loss):
+        events.append((event.value, None if loss is None else loss.shape))
+        if event is OptimEvents.BEFORE_OPTIM_STEP:
+            w.cancel_step()
+
+    handle = wrapper.register_step_hook(cancel)
+    x, y = make_batches(1)[0]
+    wrapper.update_params(loss_fn(model(x), y))
+    assert events == [("backward_completed", ()), ("before_optim_step", None), ("optim_step_skipped", None)]
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), before, strict=True))
+    assert all(p.grad is None for p in model.parameters())
+    assert (wrapper.applied_steps, wrapper.skipped_steps, wrapper.step_was_skipped) == (0, 1, True)
+
+    handle.remove()
+    wrapper.update_params(loss_fn(model(x), y))
+    assert len(events) == 3 and wrapper.applied_steps == 1
+
+
+def test_cancelling_an_fp16_step_keeps_the_scaler_usable():
+    model = make_model()
+    wrapper = AmpOptimWrapper(optimizer=torch.optim.SGD(model.parameters(), lr=0.1), dtype="fp16", loss_scale=8.0)
+    handle = wrapper.register_step_hook(
+        lambda w, event, loss: w.cancel_step() if event is OptimEvents.BEFORE_OPTIM_STEP else None
+    )
+    x, y = make_batches(1)[0]
+    wrapper.update_params(loss_fn(model(x), y))
+    handle.remove()
+    wrapper.update_params(loss_fn(model(x), y))
+    assert (wrapper.applied_steps, wrapper.skipped_steps) == (1, 1)
+
+
+def test_hook_misuse_is_a_clear_error():
+    model = make_model()
+    wrapper = OptimWrapper(torch.optim.SGD(model.parameters(), lr=0.1))
+    with pytest.raises(RuntimeError, match="only be called from a step hook handling OptimEvents.BEFORE_OPTIM_STEP"):
+        wrapper.cancel_step()
+    with pytest.raises(TypeError, match=r"hook must be callable as hook\(wrapper, event, loss\), got 3"):
+        wrapper.register_step_hook(3)
