@@ -30,7 +30,12 @@ PLANS = {
     "bf16_accumulate2": (Plan(accumulate=2, amp_dtype=torch.bfloat16), {"accumulative_counts": 2, "dtype": "bf16"}),
     "fp16_accumulate2_clip": (
         Plan(accumulate=2, clip_norm=1.0, amp_dtype=torch.float16, scaler_kwargs={"init_scale": 256.0}),
-        {"accumulative_counts": 2, "clip_grad": {"max_norm": 1.0}, "dtype": "fp16", "loss_scale": {"init_scale": 256.0}},
+        {
+            "accumulative_counts": 2,
+            "clip_grad": {"max_norm": 1.0},
+            "dtype": "fp16",
+            "loss_scale": {"init_scale": 256.0},
+        },
     ),
 }
 

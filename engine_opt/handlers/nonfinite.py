@@ -86,11 +86,11 @@ class NonFiniteGuard:
         wrapper = self._guarded(engine)
         if wrapper is None:
             return
-        checks = [param.grad for group in wrapper.param_groups for param in group["params"] if param.grad is not None]
-        loss_ok = self._loss_ok.pop(id(wrapper), None)
-        if loss_ok is not None:
-            checks.append(loss_ok)
-        if not checks or bool(_all_finite(checks)):
+        grads = [param.grad for group in wrapper.param_groups for param in group["params"] if param.grad is not None]
+        finite = self._loss_ok.pop(id(wrapper), None)
+        if grads:
+            finite = _all_finite(grads) if finite is None else _all_finite(grads) & finite.to(grads[0].device)
+        if finite is None or bool(finite):
             return
         wrapper.cancel_step()
         name, _ = current_member(engine)

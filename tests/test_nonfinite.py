@@ -1,0 +1,114 @@
+"""NonFiniteGuard: a bad window is dropped exactly as if its batches were never seen; or the run stops."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from ignite.engine import Events
+
+from engine_opt import AmpOptimWrapper, OptimWrapper, create_trainer
+from engine_opt.handlers import NonFiniteGuard
+
+from oracle import (
+    OPTIMIZERS,
+    Plan,
+    assert_same_model,
+    assert_same_tensors,
+    loss_fn,
+    make_batches,
+    make_model,
+    plain_loop,
+)
+
+
+def poisoned(batches, index):
+    batches = list(batches)
+    x, y = batches[index]
+    batches[index] = (x, torch.full_like(y, float("nan")))
+    return batches
+
+
+@pytest.mark.parametrize("optimizer_name", ["sgd_momentum", "adamw"])
+@pytest.mark.parametrize(
+    ("wrapper_kwargs", "amp"),
+    [({}, False), ({"clip_grad": {"max_norm": 1.0}}, False), ({"dtype": "bf16", "clip_grad": {"max_norm": 1.0}}, True)],
+)
+def test_skip_drops_the_window_as_if_it_never_happened(optimizer_name, wrapper_kwargs, amp):
+    batches = make_batches(8)
+    bad = poisoned(batches, 3)  # window [2, 3] of accumulate=2
+    plan = Plan(
+        accumulate=2,
+        clip_norm=wrapper_kwargs.get("clip_grad", {}).get("max_norm"),
+        amp_dtype=torch.bfloat16 if amp else None,
+    )
+    expected = make_model()
+    expected_optimizer = OPTIMIZERS[optimizer_name](expected.parameters())
+    plain_loop(expected, expected_optimizer, batches[:2] + batches[4:], plan)
+
+    model = make_model()
+    optimizer = OPTIMIZERS[optimizer_name](model.parameters())
+    wrapper = (
+        AmpOptimWrapper(optimizer=optimizer, accumulative_counts=2, **wrapper_kwargs)
+        if amp
+        else OptimWrapper(optimizer, accumulative_counts=2, **wrapper_kwargs)
+    )
+    trainer = create_trainer(model, wrapper, loss_fn)
+    guard = NonFiniteGuard("skip")
+    guard.attach(trainer)
+    state = trainer.run(bad)
+    assert_same_model(model, expected)
+    assert_same_tensors(wrapper.optimizer.state_dict()["state"], expected_optimizer.state_dict()["state"])
+    assert guard.skipped == {None: 1}
+    assert (state.optim_updates, state.optim_skipped, wrapper.skipped_steps) == (3, 1, 1)
+
+
+def test_stop_raises_naming_the_iteration_and_leaves_the_weights_alone():
+    model = make_model()
+    wrapper = OptimWrapper(torch.optim.Adam(model.parameters(), lr=0.01))
+    trainer = create_trainer(model, wrapper, loss_fn)
+    NonFiniteGuard("stop").attach(trainer)
+    snapshots = []
+    trainer.add_event_handler(
+        Events.ITERATION_COMPLETED,
+        lambda engine: snapshots.append({k: v.clone() for k, v in model.state_dict().items()}),
+    )
+    with pytest.raises(FloatingPointError, match="non-finite loss or gradients at iteration 3; the update was not"):
+        trainer.run(poisoned(make_batches(5), 2))
+    assert_same_tensors(dict(model.state_dict()), snapshots[-1])
+    assert len(snapshots) == 2
+
+
+def test_a_non_finite_loss_with_finite_gradients_is_caught():
+    model = make_model()
+    wrapper = OptimWrapper(torch.optim.SGD(model.parameters(), lr=0.1))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+
+    def train_step(engine, batch):
+        x, y = batch
+        loss = loss_fn(model(x), y) + torch.tensor(float("inf"))  # the constant has no gradient
+        wrapper.update_params(loss)
+
+    trainer = create_trainer(model, wrapper, train_step=train_step)
+    guard = NonFiniteGuard()
+    guard.attach(trainer)
+    trainer.run(make_batches(2))
+    assert guard.skipped == {None: 2}
+    assert_same_tensors(dict(model.state_dict()), before)
+
+
+def test_members_with_a_grad_scaler_are_left_to_it():
+    model = make_model()
+    wrapper = AmpOptimWrapper(
+        optimizer=torch.optim.SGD(model.parameters(), lr=0.1), dtype="fp16", loss_scale={"init_scale": 256.0}
+    )
+    trainer = create_trainer(model, wrapper, loss_fn)
+    guard = NonFiniteGuard("stop")
+    guard.attach(trainer)
+    trainer.run(poisoned(make_batches(3), 1))
+    assert guard.skipped == {}
+    assert wrapper.skipped_steps == 1
+
+
+def test_bad_action():
+    with pytest.raises(ValueError, match=r"action must be one of \['skip', 'stop'\], got 'ignore'"):
+        NonFiniteGuard("ignore")

@@ -1,0 +1,123 @@
+"""OptimParamsHandler: tags and values read back from TensorBoard's event files."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from ignite.handlers.tensorboard_logger import TensorboardLogger
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from engine_opt import AmpOptimWrapper, OptimEvents, OptimWrapper, create_trainer
+from engine_opt.handlers import OptimParamsHandler, SchedulerHandler, optim_scalars
+
+from helpers import gan_step, make_amp_gan_wrappers
+from oracle import loss_fn, make_batches, make_gan, make_model
+
+
+def read_scalars(log_dir):
+    accumulator = EventAccumulator(str(log_dir))
+    accumulator.Reload()
+    return {tag: [(e.step, e.value) for e in accumulator.Scalars(tag)] for tag in accumulator.Tags()["scalars"]}
+
+
+def f32(value):
+    return torch.tensor(value, dtype=torch.float32).item()
+
+
+def test_logs_the_values_each_update_used(tmp_path):
+    model = make_model()
+    decay = [p for n, p in model.named_parameters() if n.endswith("weight")]
+    no_decay = [p for n, p in model.named_parameters() if n.endswith("bias")]
+    optimizer = torch.optim.SGD(
+        [{"params": decay}, {"params": no_decay, "lr": 0.4, "momentum": 0.5}], lr=0.2, momentum=0.9
+    )
+    wrapper = AmpOptimWrapper(
+        optimizer=optimizer,
+        dtype="fp16",
+        loss_scale={"init_scale": 256.0, "growth_interval": 1},
+        accumulative_counts=2,
+        clip_grad={"max_norm": 1e6},
+    )
+    trainer = create_trainer(model, wrapper, loss_fn)
+    SchedulerHandler(torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.5)).attach(trainer)  # first
+    norms = []
+    trainer.add_event_handler(OptimEvents.OPTIM_STEP_COMPLETED, lambda engine: norms.append(wrapper.grad_norm.item()))
+    tb_logger = TensorboardLogger(log_dir=str(tmp_path))
+    tb_logger.attach(
+        trainer,
+        log_handler=OptimParamsHandler(wrapper, tag="train"),
+        event_name=OptimEvents.OPTIM_STEP_COMPLETED(every=2),
+    )
+    trainer.run(make_batches(8))
+    tb_logger.close()
+
+    scalars = read_scalars(tmp_path)
+    assert set(scalars) == {
+        "train/base_lr",
+        "train/lr/group_0",
+        "train/lr/group_1",
+        "train/momentum/group_0",
+        "train/momentum/group_1",
+        "train/loss_scale",
+        "train/updates_applied",
+        "train/updates_skipped",
+        "train/grad_norm",
+    }
+    # Updates 2 and 4 used lr * 0.5**1 and lr * 0.5**3: the scheduler moves after the logger.
+    assert scalars["train/lr/group_0"] == [(2, f32(0.2 * 0.5)), (4, f32(0.2 * 0.5**3))]
+    assert scalars["train/lr/group_1"] == [(2, f32(0.4 * 0.5)), (4, f32(0.4 * 0.5**3))]
+    assert scalars["train/base_lr"] == [(2, f32(0.2)), (4, f32(0.2))]
+    assert scalars["train/momentum/group_1"] == [(2, 0.5), (4, 0.5)]
+    assert scalars["train/updates_applied"] == [(2, 2.0), (4, 4.0)]
+    assert scalars["train/updates_skipped"] == [(2, 0.0), (4, 0.0)]
+    assert scalars["train/loss_scale"] == [(2, 256.0 * 2**2), (4, 256.0 * 2**4)]
+    assert scalars["train/grad_norm"] == [(2, f32(norms[1])), (4, f32(norms[3]))]
+
+
+def test_a_dict_logs_every_member_with_its_prefix(tmp_path):
+    gan = make_gan()
+    wrappers = make_amp_gan_wrappers(gan, loss_scale=64.0)
+    trainer = create_trainer(gan, wrappers, train_step=lambda engine, x: gan_step(gan, wrappers, x))
+    tb_logger = TensorboardLogger(log_dir=str(tmp_path))
+    tb_logger.attach(trainer, log_handler=OptimParamsHandler(wrappers), event_name=OptimEvents.OPTIM_STEP_COMPLETED)
+    trainer.run([x for x, _ in make_batches(2)])
+    tb_logger.close()
+
+    scalars = read_scalars(tmp_path)
+    assert set(scalars) == {
+        "gen.lr/group_0",
+        "disc.lr/group_0",
+        "gen.momentum/group_0",
+        "disc.momentum/group_0",
+        "gen.loss_scale",
+        "gen.updates_applied",
+        "gen.updates_skipped",
+        "disc.updates_applied",
+        "disc.updates_skipped",
+    }
+    assert scalars["gen.momentum/group_0"][0] == (1, 0.8999999761581421)  # Adam's betas[0]
+    assert scalars["disc.updates_applied"] == [(1, 0.0), (2, 1.0), (3, 1.0)]  # logged at updates 1..3 overall
+
+
+def test_optim_scalars_reads_counts_and_groups():
+    model = make_model()
+    wrapper = OptimWrapper(torch.optim.SGD(model.parameters(), lr=0.1))
+    assert optim_scalars(wrapper) == {
+        "lr/group_0": 0.1,
+        "momentum/group_0": 0.0,
+        "updates_applied": 0.0,
+        "updates_skipped": 0.0,
+    }
+
+
+def test_bad_arguments(tmp_path):
+    model = make_model()
+    wrapper = OptimWrapper(torch.optim.SGD(model.parameters(), lr=0.1))
+    with pytest.raises(TypeError, match="optim_wrapper must be an OptimWrapper or an OptimWrapperDict, got SGD"):
+        OptimParamsHandler(wrapper.optimizer)
+    with pytest.raises(TypeError, match="tag must be a str or None, got 3"):
+        OptimParamsHandler(wrapper, tag=3)
+    handler = OptimParamsHandler(wrapper)
+    trainer = create_trainer(model, wrapper, loss_fn)
+    with pytest.raises(TypeError, match="works with a TensorboardLogger, got 'logger'"):
+        handler(trainer, "logger", OptimEvents.OPTIM_STEP_COMPLETED)
