@@ -200,7 +200,7 @@ def test_cancelling_an_fp16_step_keeps_the_scaler_usable():
 def test_hook_misuse_is_a_clear_error():
     model = make_model()
     wrapper = OptimWrapper(torch.optim.SGD(model.parameters(), lr=0.1))
-    with pytest.raises(RuntimeError, match="only be called from a step hook handling OptimEvents.BEFORE_OPTIM_STEP"):
+    with pytest.raises(RuntimeError, match=r"only be called from a step hook handling OptimEvents\.BEFORE_OPTIM_STEP"):
         wrapper.cancel_step()
     with pytest.raises(TypeError, match=r"hook must be callable as hook\(wrapper, event, loss\), got 3"):
         wrapper.register_step_hook(3)

@@ -10,7 +10,7 @@ from ignite.engine import Engine
 from ignite.handlers import Checkpoint, DiskSaver
 from torch import nn
 
-from engine_opt import AmpOptimWrapper, OptimWrapper, OptimWrapperDict
+from engine_opt import OptimWrapper, OptimWrapperDict
 
 from helpers import make_amp_gan_wrappers, train_some
 from oracle import assert_same_model, assert_same_tensors, gan_losses, make_batches, make_gan, plain_gan_loop

@@ -114,11 +114,11 @@ class ResumableLoader:
 
     def __iter__(self) -> Iterator[Any]:
         pending, self._pending = self._pending, None
-        if pending is not None and pending["position"] > 0 and pending["epoch_rng"] is not None:
+        if pending is not None and pending["epoch_rng"] is not None and not self._at_end(pending["position"]):
             set_rng_state(pending["epoch_rng"], self._generator)
             batches = iter(self.data)
             skipped = sum(1 for _ in zip(range(pending["position"]), batches, strict=False))
-            if skipped == pending["position"] and not self._at_end(skipped):
+            if skipped == pending["position"]:
                 set_rng_state(pending["rng"], self._generator)
                 self._epoch_rng = pending["epoch_rng"]
                 self._position = skipped

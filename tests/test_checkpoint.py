@@ -1,0 +1,168 @@
+"""Checkpoints and exact resume: files, the newest checkpoint, data position and RNG, resume in new processes."""
+
+from __future__ import annotations
+
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from engine_opt import OptimWrapper, create_trainer
+from engine_opt.handlers import (
+    ResumableLoader,
+    attach_checkpoint,
+    latest_checkpoint,
+    resume_from_latest,
+    rng_state,
+    set_rng_state,
+)
+
+from oracle import assert_same_tensors, loss_fn, make_batches, make_model
+
+ROOT = Path(__file__).resolve().parents[1]
+WORKER = Path(__file__).with_name("resume_worker.py")
+
+
+def run_worker(config, checkpoint_dir, output, kill_at=None):
+    args = [sys.executable, str(WORKER), config, str(checkpoint_dir), str(output)]
+    if kill_at is not None:
+        args.append(str(kill_at))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    result = subprocess.run(args, env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == (3 if kill_at is not None else 0), result.stderr
+    return result
+
+
+@pytest.mark.parametrize(
+    ("config", "kills"),
+    [
+        ("fp32", [4, 11]),  # 4: mid-epoch and mid-window; 11: resumes from the end of epoch 2
+        ("fp16", [5, 9]),  # killed between checkpoints: the iterations after 4 and 8 are redone
+        ("bf16", [7]),
+    ],
+)
+def test_a_killed_run_resumed_in_new_processes_ends_bitwise_equal(tmp_path, config, kills):
+    run_worker(config, tmp_path / "uninterrupted", tmp_path / "expected.pt")
+    for kill_at in kills:
+        run_worker(config, tmp_path / "interrupted", tmp_path / "unused.pt", kill_at)
+    run_worker(config, tmp_path / "interrupted", tmp_path / "actual.pt")
+    expected = torch.load(tmp_path / "expected.pt", weights_only=True)
+    actual = torch.load(tmp_path / "actual.pt", weights_only=True)
+    assert_same_tensors(actual, expected)
+    assert expected["wrapper"]["counters"]["steps"] > 0
+
+
+def train_with_checkpoints(tmp_path, n_batches, every):
+    model = make_model()
+    wrapper = OptimWrapper(torch.optim.SGD(model.parameters(), lr=0.1))
+    trainer = create_trainer(model, wrapper, loss_fn)
+    checkpoint = attach_checkpoint(
+        trainer, {"model": model, "optim_wrapper": wrapper, "trainer": trainer}, tmp_path, every=every
+    )
+    trainer.run(make_batches(n_batches))
+    return model, wrapper, trainer, checkpoint
+
+
+def test_periodic_files_the_newest_kept_and_the_last_iteration_saved(tmp_path):
+    train_with_checkpoints(tmp_path, 5, every=2)
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["checkpoint_4.pt", "checkpoint_5.pt"]
+    (tmp_path / "notes.txt").write_text("not a checkpoint")
+    assert latest_checkpoint(tmp_path) == tmp_path / "checkpoint_5.pt"
+
+
+def test_no_duplicate_save_when_the_run_ends_on_a_period(tmp_path):
+    *_, checkpoint = train_with_checkpoints(tmp_path, 4, every=2)
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["checkpoint_2.pt", "checkpoint_4.pt"]
+    assert Path(checkpoint.last_checkpoint).name == "checkpoint_4.pt"
+
+
+def test_the_newest_checkpoint_is_found_by_iteration_not_by_name(tmp_path):
+    for step in (20, 100, 3):
+        torch.save({}, tmp_path / f"checkpoint_{step}.pt")
+    assert latest_checkpoint(tmp_path) == tmp_path / "checkpoint_100.pt"
+    assert latest_checkpoint(tmp_path / "missing") is None
+
+
+def test_resume_loads_into_the_objects_or_changes_nothing(tmp_path):
+    model, *_ = train_with_checkpoints(tmp_path, 3, every=1)
+    fresh = make_model(seed=5)
+    fresh_wrapper = OptimWrapper(torch.optim.SGD(fresh.parameters(), lr=0.1))
+    fresh_trainer = create_trainer(fresh, fresh_wrapper, loss_fn)
+    path = resume_from_latest({"model": fresh, "optim_wrapper": fresh_wrapper, "trainer": fresh_trainer}, tmp_path)
+    assert path == tmp_path / "checkpoint_3.pt"
+    assert_same_tensors(dict(fresh.state_dict()), dict(model.state_dict()))
+    assert fresh_trainer.state.iteration == 3 and fresh_wrapper.inner_count == 3
+
+    assert resume_from_latest({"model": fresh}, tmp_path / "empty") is None
+    with pytest.raises(ValueError, match=r"checkpoint_3.pt lacks \['data'\]"):
+        resume_from_latest({"model": fresh, "data": ResumableLoader([1])}, tmp_path)
+
+    other = torch.nn.Linear(4, 2)
+    other_wrapper = OptimWrapper(torch.optim.SGD([{"params": [other.weight]}, {"params": [other.bias]}], lr=0.1))
+    before = {k: v.clone() for k, v in other.state_dict().items()}
+    with pytest.raises(ValueError, match=r"checkpoint_3.pt: 'optim_wrapper' does not match: state_dict has 1 param"):
+        resume_from_latest({"model": other, "optim_wrapper": other_wrapper}, tmp_path)
+    assert_same_tensors(dict(other.state_dict()), before)
+
+
+def shuffled(generator=None):
+    return DataLoader(torch.arange(10), batch_size=3, shuffle=True, generator=generator)
+
+
+@pytest.mark.parametrize("stop_after", [0, 1, 3, 4])
+def test_the_data_continues_where_it_stopped(stop_after):
+    torch.manual_seed(0)
+    loader = ResumableLoader(shuffled())
+    expected = [[batch.tolist() for batch in loader] for _ in range(2)]
+
+    torch.manual_seed(0)
+    loader = ResumableLoader(shuffled())
+    batches = iter(loader)
+    seen = [next(batches).tolist() for _ in range(stop_after)]
+    state = loader.state_dict()
+    torch.manual_seed(123)  # a new process
+    resumed = ResumableLoader(shuffled())
+    resumed.load_state_dict(state)
+    resumed_batches = [batch.tolist() for batch in resumed]
+    if stop_after < len(loader):
+        assert seen + resumed_batches == expected[0]
+        assert [batch.tolist() for batch in resumed] == expected[1]
+    else:  # the pass was over: the next one starts
+        assert (seen, resumed_batches) == (expected[0], expected[1])
+
+
+def test_a_loader_generator_is_saved_too():
+    loader = ResumableLoader(shuffled(torch.Generator().manual_seed(3)))
+    batches = iter(loader)
+    next(batches)
+    state = loader.state_dict()
+    rest = [batch.tolist() for batch in batches]
+    resumed = ResumableLoader(shuffled(torch.Generator().manual_seed(99)))
+    resumed.load_state_dict(state)
+    assert [batch.tolist() for batch in resumed] == rest
+
+
+def test_rng_state_round_trip_covers_python_and_numpy():
+    numpy = pytest.importorskip("numpy")
+    state = rng_state()
+    expected = (torch.rand(2), random.random(), numpy.random.rand())
+    set_rng_state(state)
+    assert (torch.rand(2).tolist(), random.random(), numpy.random.rand()) == (expected[0].tolist(), *expected[1:])
+
+
+def test_bad_loader_input():
+    with pytest.raises(TypeError, match="re-iterable collection of batches"):
+        ResumableLoader(iter([1, 2]))
+    loader = ResumableLoader([1, 2])
+    with pytest.raises(ValueError, match=r"state_dict lacks \['epoch_rng', 'rng'\]"):
+        loader.load_state_dict({"position": 1})
+    with pytest.raises(ValueError, match=r"state_dict\['position'\] must be an int >= 0, got -1"):
+        loader.load_state_dict({"position": -1, "epoch_rng": None, "rng": rng_state()})
+    with pytest.raises(ValueError, match=r"state_dict\['rng'\] must be what rng_state\(\) returned"):
+        loader.load_state_dict({"position": 0, "epoch_rng": None, "rng": 5})
+    assert list(loader) == [1, 2]  # nothing pending after failed loads
