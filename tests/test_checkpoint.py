@@ -111,22 +111,26 @@ def test_resume_loads_into_the_objects_or_changes_nothing(tmp_path):
 
 
 def shuffled(generator=None):
-    return DataLoader(torch.arange(10), batch_size=3, shuffle=True, generator=generator)
+    return DataLoader(torch.arange(12), batch_size=3, shuffle=True, generator=generator)  # 4 full batches
 
 
+@pytest.mark.parametrize("own_generator", [False, True])
 @pytest.mark.parametrize("stop_after", [0, 1, 3, 4])
-def test_the_data_continues_where_it_stopped(stop_after):
+def test_the_data_continues_where_it_stopped(stop_after, own_generator):
+    def make():
+        return shuffled(torch.Generator().manual_seed(3) if own_generator else None)
+
     torch.manual_seed(0)
-    loader = ResumableLoader(shuffled())
+    loader = ResumableLoader(make())
     expected = [[batch.tolist() for batch in loader] for _ in range(2)]
 
     torch.manual_seed(0)
-    loader = ResumableLoader(shuffled())
+    loader = ResumableLoader(make())
     batches = iter(loader)
     seen = [next(batches).tolist() for _ in range(stop_after)]
     state = loader.state_dict()
     torch.manual_seed(123)  # a new process
-    resumed = ResumableLoader(shuffled())
+    resumed = ResumableLoader(make())
     resumed.load_state_dict(state)
     resumed_batches = [batch.tolist() for batch in resumed]
     if stop_after < len(loader):

@@ -129,15 +129,29 @@ class ResumableLoader:
         self._position = 0
         return self._count(iter(self.data))
 
-    def _at_end(self, position: int) -> bool:
+    def _length(self) -> int | None:
         try:
-            return position >= len(self.data)  # type: ignore[arg-type]
+            return len(self.data)  # type: ignore[arg-type]
         except TypeError:
-            return False
+            return None
+
+    def _at_end(self, position: int) -> bool:
+        length = self._length()
+        return length is not None and position >= length
 
     def _count(self, batches: Iterator[Any]) -> Iterator[Any]:
+        length = self._length()
         for batch in batches:
             self._position += 1
+            if self._position == length:
+                # Finish the pass before handing out its last batch: a sampler sharing the loader's
+                # generator draws once more when exhausted, and that draw must belong to this pass.
+                rest = list(batches)
+                yield batch
+                for batch in rest:
+                    self._position += 1
+                    yield batch
+                return
             yield batch
 
     def state_dict(self) -> dict[str, Any]:

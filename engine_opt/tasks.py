@@ -1,0 +1,113 @@
+"""Built-in synthetic tasks for the ``engine-opt`` command: nothing to download.
+
+- ``classifier``: Gaussian clusters in 32 dimensions, 4 classes, an MLP,
+  cross-entropy; one ``OptimWrapper``.
+- ``gan``: a generator learning a ring of 8 Gaussians in the plane against a
+  discriminator; an ``OptimWrapperDict`` with members ``gen`` and ``disc``.
+
+Example:
+    >>> task = make_task("classifier", seed=0, batch_size=64)
+    >>> len(task.data), sorted(task.default_cfg["optimizer"].items())
+    (64, [('lr', 0.001), ('type', 'AdamW')])
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from ignite.engine import Engine
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from .wrapper import OptimWrapper
+from .wrapper_dict import OptimWrapperDict
+
+TASKS = ("classifier", "gan")
+_SAMPLES = 4096
+_NOISE = 8
+
+
+@dataclass
+class Task:
+    """What the command trains: the model, its data, and how one iteration updates it."""
+
+    name: str
+    model: nn.Module
+    data: DataLoader[Any]
+    default_cfg: dict[str, Any]
+    loss_fn: Callable[..., torch.Tensor] | None = None
+    make_train_step: Callable[[OptimWrapper | OptimWrapperDict], Callable[[Engine, Any], Any]] | None = None
+    loss_names: tuple[str, ...] = field(default=("loss",))
+
+
+def _classifier(generator: torch.Generator, batch_size: int) -> Task:
+    centers = torch.randn(4, 32, generator=generator) * 0.3  # overlapping clusters: not separable
+    labels = torch.randint(0, 4, (_SAMPLES,), generator=generator)
+    features = centers[labels] + torch.randn(_SAMPLES, 32, generator=generator)
+    model = nn.Sequential(nn.Linear(32, 128), nn.ReLU(), nn.Dropout(0.1), nn.Linear(128, 4))
+    data = DataLoader(TensorDataset(features, labels), batch_size=batch_size, shuffle=True, generator=generator)
+    cfg = {"type": "OptimWrapper", "optimizer": {"type": "AdamW", "lr": 1e-3}}
+    return Task("classifier", model, data, cfg, loss_fn=F.cross_entropy)
+
+
+def _ring(generator: torch.Generator) -> torch.Tensor:
+    angles = torch.randint(0, 8, (_SAMPLES,), generator=generator) * (2 * math.pi / 8)
+    points = torch.stack([angles.cos(), angles.sin()], dim=1) * 2
+    return points + 0.05 * torch.randn(_SAMPLES, 2, generator=generator)
+
+
+def _gan(generator: torch.Generator, batch_size: int) -> Task:
+    model = nn.ModuleDict(
+        {
+            "gen": nn.Sequential(nn.Linear(_NOISE, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 2)),
+            "disc": nn.Sequential(nn.Linear(2, 64), nn.LeakyReLU(0.2), nn.Linear(64, 1)),
+        }
+    )
+    data = DataLoader(TensorDataset(_ring(generator)), batch_size=batch_size, shuffle=True, generator=generator)
+    one = {"type": "OptimWrapper", "optimizer": {"type": "Adam", "lr": 1e-3, "betas": [0.5, 0.999]}}
+    cfg = {"gen": one, "disc": dict(one)}
+
+    def make_train_step(optim_wrapper: OptimWrapper | OptimWrapperDict) -> Callable[[Engine, Any], Any]:
+        if not isinstance(optim_wrapper, OptimWrapperDict):
+            raise TypeError("the gan task needs a wrapper config for each of 'gen' and 'disc'")
+        gen, disc = model["gen"], model["disc"]
+        gen_wrapper, disc_wrapper = optim_wrapper["gen"], optim_wrapper["disc"]
+
+        def train_step(engine: Engine, batch: Any) -> dict[str, torch.Tensor]:
+            model.train()
+            real = batch[0].to(next(gen.parameters()).device)
+            noise = torch.randn(real.shape[0], _NOISE, device=real.device)
+            with disc_wrapper.optim_context(disc):
+                fake = gen(noise).detach()
+                real_logits, fake_logits = disc(real), disc(fake)
+                disc_loss = F.binary_cross_entropy_with_logits(
+                    real_logits.float(), torch.ones_like(real_logits, dtype=torch.float)
+                ) + F.binary_cross_entropy_with_logits(
+                    fake_logits.float(), torch.zeros_like(fake_logits, dtype=torch.float)
+                )
+            disc_wrapper.update_params(disc_loss)
+            disc.requires_grad_(False)  # the generator's loss must not add to the discriminator's window
+            with gen_wrapper.optim_context(gen):
+                logits = disc(gen(noise)).float()
+                gen_loss = F.binary_cross_entropy_with_logits(logits, torch.ones_like(logits))
+            gen_wrapper.update_params(gen_loss)
+            disc.requires_grad_(True)
+            return {"gen_loss": gen_loss.detach(), "disc_loss": disc_loss.detach()}
+
+        return train_step
+
+    return Task("gan", model, data, cfg, make_train_step=make_train_step, loss_names=("gen_loss", "disc_loss"))
+
+
+def make_task(name: str, seed: int, batch_size: int) -> Task:
+    """Build the task called ``name`` (one of ``TASKS``) with its data drawn from ``seed``."""
+    if name not in TASKS:
+        raise ValueError(f"task must be one of {list(TASKS)}, got {name!r}")
+    generator = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    return _classifier(generator, batch_size) if name == "classifier" else _gan(generator, batch_size)

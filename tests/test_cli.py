@@ -1,0 +1,128 @@
+"""The engine-opt command: a default run, resume, the GAN task, and clear errors with exit status 2."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from engine_opt.cli import main
+
+from oracle import assert_same_tensors
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run(tmp_path, *args):
+    return main(["train", "--no-progress", "--log-dir", str(tmp_path / "logs"), *args])
+
+
+def test_the_default_run_trains_logs_checkpoints_and_summarises(tmp_path, capsys):
+    assert run(tmp_path, "--epochs", "2") == 0
+    out = capsys.readouterr().out
+    assert "trained classifier to epoch 2 (128 iterations)" in out
+    assert "updates:          128 applied, 0 skipped" in out
+    assert f"tensorboard --logdir {tmp_path / 'logs'}" in out
+    assert (tmp_path / "logs" / "checkpoints" / "checkpoint_128.pt").is_file()
+    assert list((tmp_path / "logs").glob("events.out.tfevents.*"))
+
+
+def test_resuming_continues_the_run_exactly(tmp_path):
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    assert run(straight, "--epochs", "3", "--dtype", "bf16") == 0
+    assert run(split, "--epochs", "1", "--dtype", "bf16") == 0
+    assert run(split, "--epochs", "3", "--dtype", "bf16", "--resume") == 0
+    expected = torch.load(straight / "logs" / "checkpoints" / "checkpoint_192.pt", weights_only=True)
+    actual = torch.load(split / "logs" / "checkpoints" / "checkpoint_192.pt", weights_only=True)
+    assert_same_tensors(actual["model"], expected["model"])
+    assert_same_tensors(actual["optim_wrapper"], expected["optim_wrapper"])
+
+
+def test_gan_with_a_config_file(tmp_path, capsys):
+    one = {"type": "AmpOptimWrapper", "dtype": "float16", "optimizer": {"type": "Adam", "lr": 1e-3}}
+    config = tmp_path / "gan.json"
+    config.write_text(json.dumps({"gen": one, "disc": {**one, "accumulative_counts": 2}}))
+    assert run(tmp_path, "--task", "gan", "--epochs", "1", "--config", str(config), "--schedule", "cosine") == 0
+    out = capsys.readouterr().out
+    assert "gen_loss" in out and "disc_loss" in out
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--epochs", "0"], "argument --epochs: expected a positive integer, got '0'"),
+        (["--task", "mnist"], "argument --task: invalid choice: 'mnist'"),
+        (["--dtype", "fp16", "--wrapper", "OptimWrapper"], "--dtype fp16 needs --wrapper AmpOptimWrapper"),
+        (["--optimizer", "Adamm"], "the wrapper options: .*'Adamm'"),
+        (["--clip-norm", "-1"], "argument --clip-norm: expected a positive number, got '-1'"),
+    ],
+)
+def test_bad_options_exit_with_a_message(tmp_path, capsys, args, message):
+    with pytest.raises(SystemExit) as exit_info:
+        run(tmp_path, *args)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert pytest.importorskip("re").search(message, err), err
+
+
+def test_bad_config_files(tmp_path, capsys):
+    config = tmp_path / "cfg.json"
+    for text, message in [
+        ("{not json", "is not valid JSON"),
+        ("[1, 2]", "must hold a JSON object, got list"),
+        ('{"optimizer": {"type": "SGD", "lr": 0.1}, "accumulative_counts": 0}', "accumulative_counts must be"),
+    ]:
+        config.write_text(text)
+        with pytest.raises(SystemExit):
+            run(tmp_path, "--config", str(config))
+        assert message in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        run(tmp_path, "--config", str(tmp_path / "missing.json"))
+    assert "cannot read" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        run(tmp_path, "--config", str(config), "--lr", "0.1")
+    assert "--config holds the whole wrapper config; drop --lr" in capsys.readouterr().err
+
+
+def test_an_earlier_run_is_not_overwritten_or_shortened(tmp_path, capsys):
+    assert run(tmp_path, "--epochs", "1") == 0
+    with pytest.raises(SystemExit):
+        run(tmp_path, "--epochs", "2")
+    assert "holds checkpoints of an earlier run; pass --resume" in capsys.readouterr().err
+    assert run(tmp_path, "--epochs", "2", "--resume") == 0
+    with pytest.raises(SystemExit):
+        run(tmp_path, "--epochs", "1", "--resume")
+    assert "--epochs 1 is less than the resumed run's 2" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        run(
+            tmp_path,
+            "--epochs",
+            "3",
+            "--resume",
+            "--task",
+            "gan",
+            "--checkpoint-dir",
+            str(tmp_path / "logs/checkpoints"),
+        )
+    assert "--resume:" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_cuda_without_a_gpu(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        run(tmp_path, "--device", "cuda")
+    assert "no CUDA device is available here; use --device cpu" in capsys.readouterr().err
+
+
+def test_python_dash_m():
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    result = subprocess.run(
+        [sys.executable, "-m", "engine_opt", "--version"], capture_output=True, text=True, env=env, timeout=120
+    )
+    assert result.returncode == 0 and result.stdout.startswith("engine-opt 0.1.0")
