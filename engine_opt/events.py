@@ -1,28 +1,8 @@
 """``OptimEvents``: the optimizer events of one update, for Ignite handlers.
 
-The event map of one trainer iteration, with the ``engine.state`` counter each
-event advances (filters such as ``every=10`` count with it)::
-
-    ITERATION_STARTED
-      with wrapper.optim_context(model):          # autocast; no DDP/FSDP grad sync mid-window
-          loss = loss_fn(model(x), y)
-      (loss / window_size).backward()
-                     -> BACKWARD_COMPLETED         state.optim_backwards += 1
-      if the window ends:
-          unscale the gradients (fp16), clip them
-                     -> BEFORE_OPTIM_STEP          state.optim_steps += 1
-                        (gradients complete and unscaled: log norms, guard, veto the step here)
-          optimizer.step()  (skipped by the scaler or a guard when not finite)
-                     -> OPTIM_STEP_COMPLETED       state.optim_updates += 1   (an update was applied)
-                     or OPTIM_STEP_SKIPPED         state.optim_skipped += 1   (no update)
-          optimizer.zero_grad()
-    ITERATION_COMPLETED
-
-With an ``OptimWrapperDict`` the events fire for each member that updates;
-``engine.state.optim_name`` names it (``None`` for a single wrapper) and
-``engine.state.optim_wrapper`` is the member itself. At ``BACKWARD_COMPLETED``,
-``engine.state.optim_loss`` is the loss that went into ``backward`` (divided by
-the window size; times the loss scale under float16).
+``create_trainer`` registers them on its engine; the wrappers fire them
+through step hooks, so they fire whoever calls ``update_params`` (the default
+process function, a custom ``train_step``, an MMEngine model's ``train_step``).
 
 Example:
     >>> from ignite.engine import Engine
@@ -44,7 +24,36 @@ if TYPE_CHECKING:
 
 
 class OptimEvents(EventEnum):
-    """Events fired by the trainer around each optimizer update (see the module docstring)."""
+    """Events fired around each optimizer update, and the ``engine.state`` counter each one advances.
+
+    The event map of one trainer iteration (filters such as ``every=10``
+    count with the event's counter)::
+
+        ITERATION_STARTED
+          with wrapper.optim_context(model):      # autocast; no DDP/FSDP grad sync mid-window
+              loss = loss_fn(model(x), y)
+          (loss / window_size).backward()
+                         -> BACKWARD_COMPLETED     state.optim_backwards += 1
+          if the window ends:
+              unscale the gradients (fp16), clip them
+                         -> BEFORE_OPTIM_STEP      state.optim_steps += 1
+                            (gradients complete and unscaled: log norms, guard,
+                             wrapper.cancel_step() to veto the update)
+              optimizer.step()  (skipped by the fp16 scaler for non-finite gradients, or vetoed)
+                         -> OPTIM_STEP_COMPLETED   state.optim_updates += 1   (an update was applied)
+                         or OPTIM_STEP_SKIPPED     state.optim_skipped += 1   (no update)
+              optimizer.zero_grad()
+        ITERATION_COMPLETED
+
+    While an event is handled, ``engine.state.optim_name`` names the wrapper
+    (its key in an ``OptimWrapperDict``, ``None`` for a single wrapper) and
+    ``engine.state.optim_wrapper`` is that wrapper; at ``BACKWARD_COMPLETED``,
+    ``engine.state.optim_loss`` is the loss given to ``backward`` (divided by
+    the window size; times the loss scale under float16).
+    ``engine.state.optim_members`` maps every name to its wrapper. The
+    counters start, on each run, from the wrappers' own counts, so they
+    continue across a resume.
+    """
 
     BACKWARD_COMPLETED = "backward_completed"
     BEFORE_OPTIM_STEP = "before_optim_step"

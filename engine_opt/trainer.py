@@ -211,6 +211,8 @@ def create_trainer(
 def _event_bridge(trainer: Engine, name: str | None) -> Callable[[OptimWrapper, OptimEvents, Any], None]:
     """A wrapper step hook that fires the trainer's matching event."""
 
+    handlers = getattr(trainer, "_event_handlers", None)  # Ignite's registry: events nobody handles are not fired
+
     def fire(wrapper: OptimWrapper, event: OptimEvents, loss: torch.Tensor | None) -> None:
         state = vars(trainer.state)
         state["optim_name"] = name
@@ -218,7 +220,8 @@ def _event_bridge(trainer: Engine, name: str | None) -> Callable[[OptimWrapper, 
         state["optim_loss"] = loss
         attr = EVENT_TO_ATTR[event]
         state[attr] = state.get(attr, 0) + 1
-        trainer.fire_event(event)
+        if handlers is None or handlers.get(event):
+            trainer.fire_event(event)
 
     return fire
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from ignite.engine import Events
+from ignite.handlers import EMAHandler
 
 from engine_opt import AmpOptimWrapper, OptimEvents, OptimWrapper, create_trainer, member_filter
 
@@ -204,3 +205,39 @@ def test_hook_misuse_is_a_clear_error():
         wrapper.cancel_step()
     with pytest.raises(TypeError, match=r"hook must be callable as hook\(wrapper, event, loss\), got 3"):
         wrapper.register_step_hook(3)
+
+
+def test_ignite_ema_on_applied_updates_matches_a_hand_written_average():
+    batches = make_batches(6)
+    batches[2] = (torch.full_like(batches[2][0], float("nan")), batches[2][1])  # window [2, 3] is skipped
+    expected = make_model()
+    optimizer = torch.optim.SGD(expected.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=256.0)
+    average = [p.detach().clone() for p in expected.parameters()]
+    for idx, (x, y) in enumerate(batches):
+        with torch.autocast("cpu", dtype=torch.float16):
+            loss = loss_fn(expected(x), y)
+        scaler.scale(loss / 2).backward()
+        if idx % 2 == 1:
+            scale = scaler.get_scale()
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad()
+            if scaler.get_scale() >= scale:  # applied
+                for avg, p in zip(average, expected.parameters(), strict=True):
+                    avg.mul_(1.0 - 0.25).add_(p.detach(), alpha=0.25)
+
+    model = make_model()
+    wrapper = AmpOptimWrapper(
+        optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+        dtype="fp16",
+        loss_scale={"init_scale": 256.0},
+        accumulative_counts=2,
+    )
+    trainer = create_trainer(model, wrapper, loss_fn)
+    ema = EMAHandler(model, momentum=0.25)
+    ema.attach(trainer, event=OptimEvents.OPTIM_STEP_COMPLETED)
+    state = trainer.run(batches)
+    assert (state.optim_updates, state.optim_skipped) == (2, 1)
+    for actual, avg in zip(ema.ema_model.parameters(), average, strict=True):
+        assert torch.equal(actual, avg)
