@@ -100,3 +100,34 @@ def test_the_readme_example_runs(capsys):
     code = readme.split("```python\n", 1)[1].split("```", 1)[0]
     exec(compile(code, "README.md", "exec"), {})
     assert capsys.readouterr().out.strip() == "{'lr': [0.001]} 2 False"
+
+
+def run_with_args(name, monkeypatch, capsys, *args):
+    monkeypatch.setattr("sys.argv", [name, *map(str, args)])
+    return run(name, capsys)
+
+
+def test_gan_example_updates_each_member(capsys):
+    namespace, out = run("gan_two_wrappers", capsys)
+    assert out.splitlines()[0] == "generator updates 64, all updates 96, skipped 0"  # 64 iterations, disc every 2
+    assert namespace["optim_wrapper"]["disc"].applied_steps == 32
+
+
+def test_trainer_example_logs_checkpoints_and_averages(tmp_path, monkeypatch, capsys):
+    namespace, out = run_with_args("trainer_with_handlers", monkeypatch, capsys, tmp_path)
+    assert "updates applied 64, skipped 0" in out
+    assert list(tmp_path.glob("events.out.tfevents.*"))
+    assert sorted(path.name for path in (tmp_path / "checkpoints").iterdir()) == [
+        "checkpoint_112.pt",
+        "checkpoint_128.pt",
+    ]
+    assert namespace["scheduler"].last_epoch == namespace["updates"] == 64
+
+
+def test_resume_example_ends_where_an_uninterrupted_run_ends(tmp_path, monkeypatch, capsys):
+    _, stopped = run_with_args("resume", monkeypatch, capsys, tmp_path / "a", "--stop-at", 10)
+    _, resumed = run_with_args("resume", monkeypatch, capsys, tmp_path / "a")
+    _, straight = run_with_args("resume", monkeypatch, capsys, tmp_path / "b")
+    assert "iteration 10: updates 3" in stopped
+    assert resumed.splitlines()[0] == f"resumed from {tmp_path / 'a' / 'checkpoint_10.pt'} at iteration 10"
+    assert resumed.splitlines()[1:] == straight.splitlines()[1:]
