@@ -178,6 +178,7 @@ class AmpOptimWrapper(OptimWrapper):
         self.cast_dtype = parse_dtype(dtype, self._device_type)
         self._autocast = self.cast_dtype in _AUTOCAST_DTYPES
         self.loss_scaler: torch.amp.GradScaler | None = None
+        self._unscaled = False  # unscale_ ran in this window
         self._scale_update_param: float | None = None
         if self.cast_dtype == torch.float16:
             scaler = _build_scaler(loss_scale, self._device_type, use_fsdp)
@@ -200,9 +201,10 @@ class AmpOptimWrapper(OptimWrapper):
             loss = self.loss_scaler.scale(loss)
         super().backward(loss, **kwargs)
 
-    def _unscale_grads(self) -> None:
-        if self.loss_scaler is not None:
+    def unscale_grads(self) -> None:
+        if self.loss_scaler is not None and not self._unscaled:
             self.loss_scaler.unscale_(self.optimizer)
+            self._unscaled = True
 
     def _optimizer_step(self, kwargs: dict[str, Any]) -> torch.Tensor | None:
         scaler = self.loss_scaler
@@ -212,11 +214,14 @@ class AmpOptimWrapper(OptimWrapper):
         # Read before update(), which clears it; fused optimizers step unconditionally.
         found_inf: torch.Tensor = sum(scaler._found_inf_per_device(self.optimizer).values())
         scaler.update(self._scale_update_param)
+        self._unscaled = False
         return found_inf
 
     def _cancel_optimizer_step(self) -> torch.Tensor:
-        if self.loss_scaler is not None:  # gradients were unscaled: close the scaler's iteration
+        if self.loss_scaler is not None:  # close the scaler's iteration; update() needs its inf check
+            self.unscale_grads()
             self.loss_scaler.update(self._scale_update_param)
+            self._unscaled = False
         return super()._cancel_optimizer_step()
 
     def state_dict(self) -> dict[str, Any]:

@@ -221,6 +221,8 @@ def _event_bridge(trainer: Engine, name: str | None) -> Callable[[OptimWrapper, 
         attr = EVENT_TO_ATTR[event]
         state[attr] = state.get(attr, 0) + 1
         if handlers is None or handlers.get(event):
+            if event is OptimEvents.BEFORE_OPTIM_STEP:
+                wrapper.unscale_grads()  # handlers see true gradients
             trainer.fire_event(event)
 
     return fire

@@ -228,15 +228,14 @@ class OptimWrapper:
         """Clip the gradients if configured, then step the optimizer.
 
         ``kwargs`` go to ``optimizer.step``. With step hooks registered, the
-        gradients are unscaled before ``BEFORE_OPTIM_STEP`` and the outcome is
-        reported as ``OPTIM_STEP_COMPLETED`` or ``OPTIM_STEP_SKIPPED`` (which,
-        with a float16 scaler, reads the scaler's found-inf flag on the host).
+        outcome is reported as ``OPTIM_STEP_COMPLETED`` or
+        ``OPTIM_STEP_SKIPPED`` (which, with a float16 scaler, reads the
+        scaler's found-inf flag on the host).
         """
         hooks = bool(self._step_hooks)
         grad_norm = None
-        if self._clip_type is not None or hooks:
-            self._unscale_grads()
         if self._clip_type is not None:
+            self.unscale_grads()
             grad_norm = self._clip_grad()
         cancel = False
         if hooks:
@@ -271,7 +270,9 @@ class OptimWrapper:
         """Call ``hook(wrapper, event, loss)`` at each ``OptimEvents`` event of this wrapper.
 
         ``loss`` is the tensor given to ``backward`` for ``BACKWARD_COMPLETED``
-        and ``None`` otherwise. The trainer uses this to fire its Ignite events.
+        and ``None`` otherwise. At ``BEFORE_OPTIM_STEP`` the gradients are
+        complete; call ``wrapper.unscale_grads()`` before reading them. The
+        trainer uses this to fire its Ignite events.
 
         Returns:
             A handle whose ``remove()`` unregisters the hook.
@@ -319,8 +320,13 @@ class OptimWrapper:
             self.step(**(step_kwargs or {}))
             self.zero_grad(**(zero_kwargs or {}))
 
-    def _unscale_grads(self) -> None:
-        """Bring gradients to their true scale before clipping (no-op without a scaler)."""
+    def unscale_grads(self) -> None:
+        """Bring the window's gradients to their true scale now (no-op without a float16 scaler).
+
+        The step does it before clipping; a ``BEFORE_OPTIM_STEP`` hook that
+        reads gradients calls it first (the trainer does, when a handler
+        listens). Calling it again before the step does nothing.
+        """
 
     def _params(self) -> list[torch.Tensor]:
         return [param for group in self.optimizer.param_groups for param in group["params"]]
