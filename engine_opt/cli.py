@@ -208,7 +208,11 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     members = list(optim_wrapper.values()) if isinstance(optim_wrapper, OptimWrapperDict) else [optim_wrapper]
     data = ResumableLoader(task.data)
     if task.make_train_step is not None:
-        trainer = create_trainer(task.model, optim_wrapper, train_step=task.make_train_step(optim_wrapper))
+        try:
+            train_step = task.make_train_step(optim_wrapper)
+        except ValueError as error:
+            raise UsageError(f"--config {args.config}: {error}") from None
+        trainer = create_trainer(task.model, optim_wrapper, train_step=train_step)
     else:
         trainer = create_trainer(task.model, optim_wrapper, task.loss_fn, device=device)
     schedulers = _schedulers(args, members, args.epochs * len(data))
@@ -293,5 +297,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.exit(2, f"engine-opt: error: {error}\n")
     except FloatingPointError as error:
         parser.exit(1, f"engine-opt: training stopped: {error}\n")
+    except OSError as error:  # an unwritable log or checkpoint directory, a full disk
+        parser.exit(1, f"engine-opt: error: {error}\n")
     print(summary(result))
     return 0

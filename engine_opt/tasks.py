@@ -73,8 +73,11 @@ def _gan(generator: torch.Generator, batch_size: int) -> Task:
     cfg = {"gen": one, "disc": dict(one)}
 
     def make_train_step(optim_wrapper: OptimWrapper | OptimWrapperDict) -> Callable[[Engine, Any], Any]:
-        if not isinstance(optim_wrapper, OptimWrapperDict):
-            raise TypeError("the gan task needs a wrapper config for each of 'gen' and 'disc'")
+        if not isinstance(optim_wrapper, OptimWrapperDict) or sorted(optim_wrapper) != ["disc", "gen"]:
+            raise ValueError(
+                "the gan task needs an OptimWrapperDict with members 'gen' and 'disc' "
+                '(a config {"gen": {...}, "disc": {...}})'
+            )
         gen, disc = model["gen"], model["disc"]
         gen_wrapper, disc_wrapper = optim_wrapper["gen"], optim_wrapper["disc"]
 

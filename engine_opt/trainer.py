@@ -175,6 +175,12 @@ def create_trainer(
             (not a Python float: no host sync per iteration).
         non_blocking: Passed to ``prepare_batch``.
 
+    When a run starts or resumes, each wrapper gets
+    ``initialize_count_status(model, iteration, max_iterations)``, as in
+    MMEngine's loops: this assumes one ``backward`` per iteration for each
+    wrapper. Data without a length (and no ``epoch_length``) leaves the run
+    length unknown, and a trailing partial window is not applied.
+
     Returns:
         The trainer. ``OptimEvents`` are registered on it; ``engine.state``
         counts them in ``optim_backwards``, ``optim_steps``,

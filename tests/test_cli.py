@@ -85,6 +85,10 @@ def test_bad_config_files(tmp_path, capsys):
     with pytest.raises(SystemExit):
         run(tmp_path, "--config", str(tmp_path / "missing.json"))
     assert "cannot read" in capsys.readouterr().err
+    config.write_text(json.dumps({"optimizer": {"type": "SGD", "lr": 0.1}}))
+    with pytest.raises(SystemExit):
+        run(tmp_path, "--config", str(config), "--task", "gan")
+    assert "the gan task needs an OptimWrapperDict with members 'gen' and 'disc'" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         run(tmp_path, "--config", str(config), "--lr", "0.1")
     assert "--config holds the whole wrapper config; drop --lr" in capsys.readouterr().err
@@ -111,6 +115,15 @@ def test_an_earlier_run_is_not_overwritten_or_shortened(tmp_path, capsys):
             str(tmp_path / "logs/checkpoints"),
         )
     assert "--resume:" in capsys.readouterr().err
+
+
+def test_an_unwritable_log_directory(tmp_path, capsys):
+    (tmp_path / "file").write_text("")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--no-progress", "--log-dir", str(tmp_path / "file" / "logs")])
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err
+    assert err.startswith("engine-opt: error:") and "Traceback" not in err
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
