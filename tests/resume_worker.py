@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
-from ignite.engine import Events
+from ignite.engine import Engine, Events
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -30,7 +31,8 @@ CONFIGS = {
 }
 
 
-def main(config: str, checkpoint_dir: str, output: str, kill_at: int | None) -> None:
+def build(config: str, checkpoint_dir: str, every: int = 2) -> tuple[Engine, ResumableLoader, Callable[[], dict]]:
+    """Build the run as a fresh process would, resume it if a checkpoint exists; return what runs and reports it."""
     torch.manual_seed(0)
     x, y = torch.randn(40, 6), torch.randn(40, 2)
     model = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Dropout(0.2), nn.Linear(16, 2))
@@ -42,18 +44,26 @@ def main(config: str, checkpoint_dir: str, output: str, kill_at: int | None) -> 
     SchedulerHandler(scheduler).attach(trainer)
     to_save = {"model": model, "optim_wrapper": wrapper, "trainer": trainer, "data": data, "scheduler": scheduler}
     resume_from_latest(to_save, checkpoint_dir)
-    attach_checkpoint(trainer, to_save, checkpoint_dir, every=2)
+    attach_checkpoint(trainer, to_save, checkpoint_dir, every=every)
+
+    def final() -> dict:
+        return {
+            "model": model.state_dict(),
+            "wrapper": wrapper.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "lr": wrapper.get_lr(),
+            "next_random": torch.rand(3),
+        }
+
+    return trainer, data, final
+
+
+def main(config: str, checkpoint_dir: str, output: str, kill_at: int | None) -> None:
+    trainer, data, final = build(config, checkpoint_dir)
     if kill_at is not None:
         trainer.add_event_handler(Events.ITERATION_COMPLETED(once=kill_at), lambda engine: os._exit(3))
     trainer.run(data, max_epochs=3)
-    final = {
-        "model": model.state_dict(),
-        "wrapper": wrapper.state_dict(),
-        "scheduler": scheduler.state_dict(),
-        "lr": wrapper.get_lr(),
-        "next_random": torch.rand(3),
-    }
-    torch.save(final, output)
+    torch.save(final(), output)
 
 
 if __name__ == "__main__":

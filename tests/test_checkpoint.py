@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from ignite.engine import Events
+from resume_worker import build
 from torch.utils.data import DataLoader
 
 from engine_opt import OptimWrapper, create_trainer
@@ -55,6 +57,22 @@ def test_a_killed_run_resumed_in_new_processes_ends_bitwise_equal(tmp_path, conf
     actual = torch.load(tmp_path / "actual.pt", weights_only=True)
     assert_same_tensors(actual, expected)
     assert expected["wrapper"]["counters"]["steps"] > 0
+
+
+@pytest.mark.parametrize("config", ["fp16", "bf16"])
+def test_stopping_after_any_iteration_and_resuming_ends_bitwise_equal(tmp_path, config):
+    trainer, data, final = build(config, tmp_path / "uninterrupted", every=1)
+    trainer.run(data, max_epochs=3)
+    expected = final()
+    for stop_at in range(1, 15):
+        checkpoint_dir = tmp_path / f"stopped_at_{stop_at}"
+        trainer, data, _ = build(config, checkpoint_dir, every=1)
+        trainer.add_event_handler(Events.ITERATION_COMPLETED(once=stop_at), lambda engine: engine.terminate())
+        trainer.run(data, max_epochs=3)
+        trainer, data, final = build(config, checkpoint_dir, every=1)  # reseeds, as a new process would
+        assert trainer.state.iteration == stop_at
+        trainer.run(data, max_epochs=3)
+        assert_same_tensors(final(), expected, f"stopped at {stop_at}")
 
 
 def train_with_checkpoints(tmp_path, n_batches, every):
