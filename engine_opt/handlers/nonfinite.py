@@ -61,7 +61,7 @@ class NonFiniteGuard:
             raise ValueError(f"action must be one of {list(_ACTIONS)}, got {action!r}")
         self.action = action
         self.skipped: dict[str | None, int] = {}
-        self._loss_ok: dict[int, torch.Tensor] = {}
+        self._loss_ok: dict[OptimWrapper, torch.Tensor] = {}
 
     def attach(self, engine: Engine) -> None:
         """Attach to a trainer built by ``create_trainer``."""
@@ -79,15 +79,15 @@ class NonFiniteGuard:
         if wrapper is None or loss is None:
             return
         finite = torch.isfinite(loss.detach()).all()
-        previous = self._loss_ok.get(id(wrapper))
-        self._loss_ok[id(wrapper)] = finite if previous is None else previous & finite
+        previous = self._loss_ok.get(wrapper)
+        self._loss_ok[wrapper] = finite if previous is None else previous & finite
 
     def _check_step(self, engine: Engine) -> None:
         wrapper = self._guarded(engine)
         if wrapper is None:
             return
         grads = [param.grad for group in wrapper.param_groups for param in group["params"] if param.grad is not None]
-        finite = self._loss_ok.pop(id(wrapper), None)
+        finite = self._loss_ok.pop(wrapper, None)
         if grads:
             finite = _all_finite(grads) if finite is None else _all_finite(grads) & finite.to(grads[0].device)
         if finite is None or bool(finite):

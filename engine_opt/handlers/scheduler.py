@@ -7,6 +7,7 @@ about ``lr_scheduler.step()`` before ``optimizer.step()`` cannot appear.
 
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
 import torch
@@ -64,7 +65,7 @@ class SchedulerHandler:
             )
         self.scheduler = scheduler
         self._target: Any = getattr(scheduler, "optimizer", None)
-        self._registered: set[int] = set()
+        self._registered: weakref.WeakSet[Engine] = weakref.WeakSet()
 
     def attach(self, engine: Engine) -> None:
         """Attach to a trainer built by ``create_trainer``."""
@@ -80,9 +81,9 @@ class SchedulerHandler:
             )
         if isinstance(self.scheduler, ParamScheduler) and self.scheduler.event_index == 0:
             self.scheduler(engine)  # the first value, for the first update
-        if id(engine) not in self._registered:
+        if engine not in self._registered:
             engine.add_event_handler(OptimEvents.OPTIM_STEP_COMPLETED, self._advance)
-            self._registered.add(id(engine))
+            self._registered.add(engine)
 
     def _advance(self, engine: Engine) -> None:
         _, wrapper = current_member(engine)
