@@ -118,16 +118,25 @@ class ResumableLoader:
             set_rng_state(pending["epoch_rng"], self._generator)
             batches = iter(self.data)
             skipped = sum(1 for _ in zip(range(pending["position"]), batches, strict=False))
-            if skipped == pending["position"]:
-                set_rng_state(pending["rng"], self._generator)
-                self._epoch_rng = pending["epoch_rng"]
-                self._position = skipped
-                return self._count(batches)
+            self._check_position(pending["position"], skipped)
+            set_rng_state(pending["rng"], self._generator)
+            self._epoch_rng = pending["epoch_rng"]
+            self._position = skipped
+            return self._count(batches)
         if pending is not None:
+            self._check_position(pending["position"], self._length())
             set_rng_state(pending["rng"], self._generator)
         self._epoch_rng = rng_state(self._generator)
         self._position = 0
         return self._count(iter(self.data))
+
+    @staticmethod
+    def _check_position(position: int, available: int | None) -> None:
+        if available is not None and position > available:
+            raise ValueError(
+                f"the checkpoint was taken after batch {position} of a pass, but the data gives only "
+                f"{available} batches; resume with the data the run was checkpointed with"
+            )
 
     def _length(self) -> int | None:
         try:
