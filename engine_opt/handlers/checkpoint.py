@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from ignite.engine import Engine, Events
 from ignite.handlers import Checkpoint, DiskSaver
+from torch import nn
 
 from .. import checks
 
@@ -250,8 +251,9 @@ def latest_checkpoint(dirname: str | Path) -> Path | None:
 def resume_from_latest(to_load: Mapping[str, Any], dirname: str | Path) -> Path | None:
     """Load the newest checkpoint of ``dirname`` into ``to_load``; return its path (None if there is none).
 
-    The file is read with ``weights_only=True`` and every name in
-    ``to_load`` must be in it before anything is loaded.
+    The file is read with ``weights_only=True``; before anything is loaded,
+    every name in ``to_load`` must be in it, models must find the same keys
+    and shapes, and wrappers (and wrapper dicts) must accept their state.
     """
     path = latest_checkpoint(dirname)
     if path is None:
@@ -263,11 +265,31 @@ def resume_from_latest(to_load: Mapping[str, Any], dirname: str | Path) -> Path 
     if missing:
         raise ValueError(f"{path} lacks {missing}; it holds {sorted(state)}")
     for name, obj in to_load.items():
-        check = getattr(obj, "_check_state_dict", None)
-        if check is not None:
-            try:
-                check(state[name])
-            except (TypeError, ValueError) as error:
-                raise ValueError(f"{path}: {name!r} does not match: {error}") from error
+        try:
+            _check_fits(obj, state[name])
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"{path}: {name!r} does not match: {error}") from error
     Checkpoint.load_objects(dict(to_load), state)
     return path
+
+
+def _check_fits(obj: Any, saved: Any) -> None:
+    """Raise if ``saved`` cannot be loaded into ``obj``: module keys and shapes, wrapper state."""
+    if isinstance(obj, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+        obj = obj.module  # Checkpoint saves and loads the wrapped module
+    if isinstance(obj, nn.Module):
+        saved = checks.mapping("the saved model state", saved)
+        expected = obj.state_dict()
+        missing, unexpected = sorted(set(expected) - set(saved)), sorted(set(saved) - set(expected))
+        if missing or unexpected:
+            raise ValueError(f"the model lacks {unexpected} and the checkpoint lacks {missing}")
+        shapes = [
+            f"{key}: saved {tuple(saved[key].shape)}, model {tuple(value.shape)}"
+            for key, value in expected.items()
+            if isinstance(saved[key], torch.Tensor) and saved[key].shape != value.shape
+        ]
+        if shapes:
+            raise ValueError(f"shapes differ: {'; '.join(shapes)}")
+    check = getattr(obj, "_check_state_dict", None)
+    if check is not None:
+        check(saved)
