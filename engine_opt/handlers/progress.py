@@ -21,7 +21,7 @@ def _loss_values(output: Any) -> dict[str, float]:
     if isinstance(output, Number):
         return {"loss": float(output)}  # type: ignore[arg-type]
     if isinstance(output, Mapping):
-        return {str(key): value for key, value in _flat_numbers(output).items()}
+        return _flat_numbers(output)
     return {}
 
 
