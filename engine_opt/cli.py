@@ -1,6 +1,6 @@
 """The ``engine-opt`` command: train a built-in synthetic task with any wrapper configuration.
 
-    engine-opt train                                   # classifier, fp32, about 10 s on 2 CPU cores
+    engine-opt train                                   # classifier, fp32, a few seconds on 2 CPU cores
     engine-opt train --dtype bf16 --accumulate 4 --clip-norm 1.0
     engine-opt train --task gan --dtype fp16
     engine-opt train --config wrapper.json             # a build_optim_wrapper config, as JSON
