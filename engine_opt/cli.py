@@ -5,24 +5,37 @@
     engine-opt train --task gan --dtype fp16
     engine-opt train --config wrapper.json             # a build_optim_wrapper config, as JSON
     engine-opt train --resume                          # continue from the newest checkpoint
+    engine-opt train --nproc-per-node 2                # data-parallel (DDP) in 2 processes
+    torchrun --nproc-per-node 2 -m engine_opt train    # the same, launched by torchrun (or across machines)
 
 It shows a progress bar, logs to TensorBoard, checkpoints, and ends with a
 summary. Bad options end with a message and exit status 2.
+
+Distributed runs go through ``ignite.distributed``: ``idist.Parallel``
+spawns the processes (or joins those ``torchrun`` started), ``auto_model``
+wraps the networks in ``DistributedDataParallel`` and each rank trains on its
+share of every global batch (``--batch-size`` is the global batch size). Rank
+0 alone logs, shows progress, writes checkpoints and prints the summary.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
+import os
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
+import ignite.distributed as idist
 import torch
+from ignite.distributed.launcher import Parallel
 from ignite.engine import Engine, Events
 from ignite.handlers.tensorboard_logger import OutputHandler, TensorboardLogger
+from torch.multiprocessing.spawn import ProcessExitedException
 
 from . import __version__
 from .build import build_optim_wrapper
@@ -37,6 +50,7 @@ from .handlers import (
     latest_checkpoint,
     resume_from_latest,
 )
+from .parallel import world_size
 from .tasks import TASKS, Task, make_task
 from .trainer import create_trainer
 from .wrapper import OptimWrapper
@@ -82,6 +96,13 @@ def build_parser() -> argparse.ArgumentParser:
     task.add_argument("--batch-size", type=_positive_int, default=64, help="micro-batch size (default: 64)")
     task.add_argument("--seed", type=int, default=0, help="seed of the data and the weights (default: 0)")
     task.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    parallel = train.add_argument_group("distributed (ignite.distributed)")
+    parallel.add_argument(
+        "--nproc-per-node", type=_positive_int, help="spawn this many data-parallel processes (default: 1)"
+    )
+    parallel.add_argument(
+        "--backend", choices=("gloo", "nccl"), help="torch.distributed backend (default: nccl on GPUs, else gloo)"
+    )
     wrapper = train.add_argument_group("wrapper (or --config)")
     wrapper.add_argument("--config", type=Path, help="a JSON file holding a build_optim_wrapper config")
     wrapper.add_argument("--wrapper", choices=("OptimWrapper", "AmpOptimWrapper"), help="wrapper type")
@@ -186,14 +207,16 @@ class _LossTracker:
         self.count += 1
 
     def means(self) -> dict[str, float]:
-        return {name: (total / max(self.count, 1)).item() for name, total in self.sums.items()}
+        """The means over all ranks (a collective call in a distributed run)."""
+        means = {name: total / max(self.count, 1) for name, total in self.sums.items()}
+        if world_size() > 1:
+            means = {name: cast(torch.Tensor, idist.all_reduce(mean)) / world_size() for name, mean in means.items()}
+        return {name: mean.item() for name, mean in means.items()}
 
 
 def train(args: argparse.Namespace) -> dict[str, Any]:
     """Run ``engine-opt train``; return the summary's figures."""
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda: no CUDA device is available here; use --device cpu")
+    device = _device(args)
     log_dir = args.log_dir or Path("runs") / args.task
     checkpoint_dir = args.checkpoint_dir or log_dir / "checkpoints"
     if not args.resume and latest_checkpoint(checkpoint_dir) is not None:
@@ -202,19 +225,21 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
             "or choose another --checkpoint-dir"
         )
 
-    task = make_task(args.task, args.seed, args.batch_size)
+    task = make_task(args.task, args.seed, args.batch_size)  # the same data and weights on every rank
     task.model.to(device)
+    if world_size() > 1:
+        torch.manual_seed(args.seed + idist.get_rank())  # each rank its own dropout and noise
     optim_wrapper = _build(args, task)
     members = list(optim_wrapper.values()) if isinstance(optim_wrapper, OptimWrapperDict) else [optim_wrapper]
     data = ResumableLoader(task.data)
     if task.make_train_step is not None:
         try:
-            train_step = task.make_train_step(optim_wrapper)
+            train_step = task.make_train_step(optim_wrapper, _parallel_model)
         except ValueError as error:
             raise UsageError(f"--config {args.config}: {error}") from None
         trainer = create_trainer(task.model, optim_wrapper, train_step=train_step)
     else:
-        trainer = create_trainer(task.model, optim_wrapper, task.loss_fn, device=device)
+        trainer = create_trainer(_parallel_model(task.model), optim_wrapper, task.loss_fn, device=device)
     schedulers = _schedulers(args, members, args.epochs * len(data))
     for scheduler in schedulers:
         SchedulerHandler(scheduler).attach(trainer)
@@ -235,34 +260,57 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     tracker = _LossTracker(task.loss_names)
     trainer.add_event_handler(Events.EPOCH_STARTED, tracker.reset)
     trainer.add_event_handler(Events.ITERATION_COMPLETED, tracker.update)
-    tb_logger = TensorboardLogger(log_dir=str(log_dir))
-    tb_logger.attach(trainer, OptimParamsHandler(optim_wrapper), OptimEvents.OPTIM_STEP_COMPLETED(every=10))
-    tb_logger.attach(
-        trainer,
-        OutputHandler(tag="train", output_transform=_as_losses, global_step_transform=lambda e, _: e.state.iteration),
-        Events.ITERATION_COMPLETED(every=10),
-    )
-    checkpoint = attach_checkpoint(trainer, to_save, checkpoint_dir, every=args.checkpoint_every)
-    if not args.no_progress:
-        attach_progress_bar(trainer, optim_wrapper, every=5, persist=True)
+    checkpoint = attach_checkpoint(trainer, to_save, checkpoint_dir, every=args.checkpoint_every)  # rank 0 writes
+    tb_logger = None
+    if idist.get_rank() == 0:
+        tb_logger = TensorboardLogger(log_dir=str(log_dir))
+        tb_logger.attach(trainer, OptimParamsHandler(optim_wrapper), OptimEvents.OPTIM_STEP_COMPLETED(every=10))
+        tb_logger.attach(
+            trainer,
+            OutputHandler(
+                tag="train", output_transform=_as_losses, global_step_transform=lambda e, _: e.state.iteration
+            ),
+            Events.ITERATION_COMPLETED(every=10),
+        )
+        if not args.no_progress:
+            attach_progress_bar(trainer, optim_wrapper, every=5, persist=True)
 
     start = time.perf_counter()
     try:
         state = trainer.run(data, max_epochs=args.epochs)
     finally:
-        tb_logger.close()
+        if tb_logger is not None:
+            tb_logger.close()
     return {
         "task": args.task,
         "epochs": state.epoch,
         "iterations": state.iteration,
         "seconds": time.perf_counter() - start,
         "losses": tracker.means(),
+        "processes": world_size(),
         "applied": sum(wrapper.applied_steps for wrapper in members),
         "skipped": sum(wrapper.skipped_steps for wrapper in members),
         "log_dir": log_dir,
         "checkpoint": checkpoint.last_checkpoint,
         "resumed_from": resumed,
     }
+
+
+def _device(args: argparse.Namespace) -> torch.device:
+    if world_size() > 1:  # each rank's device is chosen by ignite.distributed
+        device = idist.device()
+        if args.device is not None and torch.device(args.device).type != device.type:
+            raise UsageError(f"--device {args.device}: this distributed run places each rank on {device.type}")
+        return device
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda: no CUDA device is available here; use --device cpu")
+    return device
+
+
+def _parallel_model(model: torch.nn.Module) -> torch.nn.Module:
+    """``idist.auto_model(model)`` (DDP) in a distributed run; the model itself in one process."""
+    return idist.auto_model(model) if world_size() > 1 else model
 
 
 def _as_losses(output: Any) -> dict[str, Any]:
@@ -272,9 +320,10 @@ def _as_losses(output: Any) -> dict[str, Any]:
 def summary(result: dict[str, Any]) -> str:
     """The lines printed at the end of ``engine-opt train``."""
     losses = ", ".join(f"{name} {value:.4f}" for name, value in result["losses"].items())
+    processes = f" on {result['processes']} processes" if result["processes"] > 1 else ""
     lines = [
         f"engine-opt: trained {result['task']} to epoch {result['epochs']} "
-        f"({result['iterations']} iterations) in {result['seconds']:.1f} s",
+        f"({result['iterations']} iterations) in {result['seconds']:.1f} s{processes}",
     ]
     if result["resumed_from"] is not None:
         lines.append(f"  resumed from:     {result['resumed_from']}")
@@ -291,13 +340,49 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``engine-opt`` and ``python -m engine_opt``; returns the exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    distributed = args.nproc_per_node is not None or "WORLD_SIZE" in os.environ  # spawn, or under torchrun
+    if not distributed:
+        status = _run(args)
+        if status:
+            raise SystemExit(status)
+        return 0
+    backend = args.backend or ("nccl" if torch.cuda.is_available() and args.device != "cpu" else "gloo")
+    if backend == "nccl" and not torch.cuda.is_available():
+        parser.exit(2, "engine-opt: error: --backend nccl needs GPUs; use --backend gloo on CPU\n")
+    try:
+        with Parallel(backend=backend, nproc_per_node=args.nproc_per_node) as launcher:
+            launcher.run(_worker, args)
+    except ProcessExitedException as error:  # a spawned rank exited with an error status
+        parser.exit(error.exit_code, "")
+    return 0
+
+
+def _worker(local_rank: int, args: argparse.Namespace) -> None:
+    """One rank of a distributed run: exit with ``_run``'s status if it is not 0."""
+    status = _run(args)
+    # The run's objects (DDP's reducer among them) sit in reference cycles; free them while the process
+    # group still exists, or its threads are torn down at interpreter exit and the process aborts.
+    gc.collect()
+    if status:
+        sys.exit(status)
+
+
+def _run(args: argparse.Namespace) -> int:
+    """Train, print the summary (rank 0), return the exit status."""
+    name = "engine-opt" if world_size() == 1 else f"engine-opt (rank {idist.get_rank()})"
     try:
         result = train(args)
     except UsageError as error:
-        parser.exit(2, f"engine-opt: error: {error}\n")
+        return _fail(2, f"{name}: error: {error}")
     except FloatingPointError as error:
-        parser.exit(1, f"engine-opt: training stopped: {error}\n")
+        return _fail(1, f"{name}: training stopped: {error}")
     except OSError as error:  # an unwritable log or checkpoint directory, a full disk
-        parser.exit(1, f"engine-opt: error: {error}\n")
-    print(summary(result))
+        return _fail(1, f"{name}: error: {error}")
+    if idist.get_rank() == 0:
+        print(summary(result))
     return 0
+
+
+def _fail(status: int, message: str) -> int:
+    print(message, file=sys.stderr)
+    return status

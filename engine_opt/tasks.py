@@ -5,6 +5,10 @@
 - ``gan``: a generator learning a ring of 8 Gaussians in the plane against a
   discriminator; an ``OptimWrapperDict`` with members ``gen`` and ``disc``.
 
+In a distributed run (``ignite.distributed``) every rank builds the same data
+and weights; ``data`` then gives each rank its shard of every global batch
+(``auto_dataloader``: a ``DistributedSampler`` seeded with the task's seed).
+
 Example:
     >>> task = make_task("classifier", seed=0, batch_size=64)
     >>> len(task.data), sorted(task.default_cfg["optimizer"].items())
@@ -16,18 +20,22 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
+import ignite.distributed as idist
 import torch
 import torch.nn.functional as F
 from ignite.engine import Engine
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, TensorDataset
 
 from .wrapper import OptimWrapper
 from .wrapper_dict import OptimWrapperDict
 
 TASKS = ("classifier", "gan")
+TrainStep = Callable[[Engine, Any], Any]
+ModelWrap = Callable[[nn.Module], nn.Module]
+"""How the command readies a module for training: ``idist.auto_model`` in a distributed run."""
 _SAMPLES = 4096
 _NOISE = 8
 
@@ -41,16 +49,27 @@ class Task:
     data: DataLoader[Any]
     default_cfg: dict[str, Any]
     loss_fn: Callable[..., torch.Tensor] | None = None
-    make_train_step: Callable[[OptimWrapper | OptimWrapperDict], Callable[[Engine, Any], Any]] | None = None
+    make_train_step: Callable[[OptimWrapper | OptimWrapperDict, ModelWrap], TrainStep] | None = None
     loss_names: tuple[str, ...] = field(default=("loss",))
 
 
-def _classifier(generator: torch.Generator, batch_size: int) -> Task:
+def _loader(dataset: Dataset[Any], batch_size: int, generator: torch.Generator, seed: int) -> DataLoader[Any]:
+    """Shuffled batches of ``batch_size``; in a distributed run, each rank's share of them."""
+    if idist.get_world_size() == 1:
+        return DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=generator)
+    sampler: DistributedSampler[Any] = DistributedSampler(
+        dataset, idist.get_world_size(), idist.get_rank(), shuffle=True, seed=seed
+    )
+    loader = idist.auto_dataloader(dataset, batch_size=batch_size, sampler=sampler, generator=generator)
+    return cast(DataLoader[Any], loader)
+
+
+def _classifier(generator: torch.Generator, batch_size: int, seed: int) -> Task:
     centers = torch.randn(4, 32, generator=generator) * 0.3  # overlapping clusters: not separable
     labels = torch.randint(0, 4, (_SAMPLES,), generator=generator)
     features = centers[labels] + torch.randn(_SAMPLES, 32, generator=generator)
     model = nn.Sequential(nn.Linear(32, 128), nn.ReLU(), nn.Dropout(0.1), nn.Linear(128, 4))
-    data = DataLoader(TensorDataset(features, labels), batch_size=batch_size, shuffle=True, generator=generator)
+    data = _loader(TensorDataset(features, labels), batch_size, generator, seed)
     cfg = {"type": "OptimWrapper", "optimizer": {"type": "AdamW", "lr": 1e-3}}
     return Task("classifier", model, data, cfg, loss_fn=F.cross_entropy)
 
@@ -61,33 +80,37 @@ def _ring(generator: torch.Generator) -> torch.Tensor:
     return points + 0.05 * torch.randn(_SAMPLES, 2, generator=generator)
 
 
-def _gan(generator: torch.Generator, batch_size: int) -> Task:
+def _gan(generator: torch.Generator, batch_size: int, seed: int) -> Task:
     model = nn.ModuleDict(
         {
             "gen": nn.Sequential(nn.Linear(_NOISE, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 2)),
             "disc": nn.Sequential(nn.Linear(2, 64), nn.LeakyReLU(0.2), nn.Linear(64, 1)),
         }
     )
-    data = DataLoader(TensorDataset(_ring(generator)), batch_size=batch_size, shuffle=True, generator=generator)
+    data = _loader(TensorDataset(_ring(generator)), batch_size, generator, seed)
     one = {"type": "OptimWrapper", "optimizer": {"type": "Adam", "lr": 1e-3, "betas": [0.5, 0.999]}}
     cfg = {"gen": one, "disc": dict(one)}
 
-    def make_train_step(optim_wrapper: OptimWrapper | OptimWrapperDict) -> Callable[[Engine, Any], Any]:
+    def make_train_step(optim_wrapper: OptimWrapper | OptimWrapperDict, wrap: ModelWrap) -> TrainStep:
         if not isinstance(optim_wrapper, OptimWrapperDict) or sorted(optim_wrapper) != ["disc", "gen"]:
             raise ValueError(
                 "the gan task needs an OptimWrapperDict with members 'gen' and 'disc' "
                 '(a config {"gen": {...}, "disc": {...}})'
             )
+        # Each network is wrapped on its own (DDP needs one forward per backward); the passes that only
+        # feed the other network's update use the bare module, so they start no gradient reduction.
         gen, disc = model["gen"], model["disc"]
+        gen_train, disc_train = wrap(gen), wrap(disc)
         gen_wrapper, disc_wrapper = optim_wrapper["gen"], optim_wrapper["disc"]
 
         def train_step(engine: Engine, batch: Any) -> dict[str, torch.Tensor]:
             model.train()
             real = batch[0].to(next(gen.parameters()).device)
             noise = torch.randn(real.shape[0], _NOISE, device=real.device)
-            with disc_wrapper.optim_context(disc):
-                fake = gen(noise).detach()
-                real_logits, fake_logits = disc(real), disc(fake)
+            with disc_wrapper.optim_context(disc_train):
+                with torch.no_grad():
+                    fake = gen(noise)
+                real_logits, fake_logits = disc_train(real), disc_train(fake)
                 disc_loss = F.binary_cross_entropy_with_logits(
                     real_logits.float(), torch.ones_like(real_logits, dtype=torch.float)
                 ) + F.binary_cross_entropy_with_logits(
@@ -95,8 +118,8 @@ def _gan(generator: torch.Generator, batch_size: int) -> Task:
                 )
             disc_wrapper.update_params(disc_loss)
             disc.requires_grad_(False)  # the generator's loss must not add to the discriminator's window
-            with gen_wrapper.optim_context(gen):
-                logits = disc(gen(noise)).float()
+            with gen_wrapper.optim_context(gen_train):
+                logits = disc(gen_train(noise)).float()
                 gen_loss = F.binary_cross_entropy_with_logits(logits, torch.ones_like(logits))
             gen_wrapper.update_params(gen_loss)
             disc.requires_grad_(True)
@@ -113,4 +136,4 @@ def make_task(name: str, seed: int, batch_size: int) -> Task:
         raise ValueError(f"task must be one of {list(TASKS)}, got {name!r}")
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
-    return _classifier(generator, batch_size) if name == "classifier" else _gan(generator, batch_size)
+    return (_classifier if name == "classifier" else _gan)(generator, batch_size, seed)

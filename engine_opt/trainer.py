@@ -25,7 +25,7 @@ from ignite.engine import Engine, Events
 from ignite.utils import convert_tensor
 from torch import nn
 
-from . import checks
+from . import checks, parallel
 from .events import EVENT_TO_ATTR, OptimEvents
 from .wrapper import OptimWrapper
 from .wrapper_dict import OptimWrapperDict
@@ -179,7 +179,10 @@ def create_trainer(
     ``initialize_count_status(model, iteration, max_iterations)``, as in
     MMEngine's loops: this assumes one ``backward`` per iteration for each
     wrapper. Data without a length (and no ``epoch_length``) leaves the run
-    length unknown, and a trailing partial window is not applied.
+    length unknown, and a trailing partial window is not applied. In a
+    distributed run (``ignite.distributed``), the ranks' epoch lengths are
+    compared first, and a run whose ranks would do different numbers of
+    iterations is refused instead of hanging.
 
     Returns:
         The trainer. ``OptimEvents`` are registered on it; ``engine.state``
@@ -237,6 +240,7 @@ def _event_bridge(trainer: Engine, name: str | None) -> Callable[[OptimWrapper, 
 def _start_run(engine: Engine, model: nn.Module, members: list[tuple[str | None, OptimWrapper]]) -> None:
     """Tell the wrappers the run length; set the update counters from the wrappers' own."""
     state = engine.state
+    parallel.check_same_length(state.epoch_length)
     total = -1
     if state.max_iters is not None:
         total = state.max_iters

@@ -35,7 +35,7 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from . import checks
+from . import checks, parallel
 from .events import OptimEvents
 
 StepHook = Callable[["OptimWrapper", OptimEvents, "torch.Tensor | None"], None]
@@ -65,6 +65,11 @@ def _parse_clip_grad(clip_grad: Any) -> tuple[str, dict[str, Any]] | None:
         )
     return clip_type, kwargs
 
+
+# Optimizer state buffers shaped like their parameter (torch.optim's SGD, Adam(W), RMSprop, Adagrad, ...).
+_ELEMENTWISE_STATE = frozenset(
+    ("momentum_buffer", "exp_avg", "exp_avg_sq", "max_exp_avg_sq", "square_avg", "acc_delta", "sum", "prev", "ax")
+)
 
 NO_CONTEXT: contextlib.AbstractContextManager[None] = contextlib.nullcontext()
 
@@ -439,8 +444,10 @@ class OptimWrapper:
         into a plain optimizer. ``'counters'`` holds the micro-step and update
         counts; between two micro-steps of a window, ``'accumulated_grads'``
         holds the gradients summed so far, so a resumed run continues exactly.
+        A ``ZeroRedundancyOptimizer`` is consolidated first: every rank must
+        call this, and each gets the whole state.
         """
-        state = self.optimizer.state_dict()
+        state = parallel.optimizer_state_dict(self.optimizer)
         state["counters"] = {
             "inner_count": self._inner_count,
             "max_counts": self._max_counts,
@@ -475,6 +482,7 @@ class OptimWrapper:
         sizes = [len(group["params"]) for group in groups]
         if saved_sizes != sizes:
             raise ValueError(f"state_dict param groups hold {saved_sizes} parameters, the optimizer's hold {sizes}")
+        self._check_param_states(state_dict["state"], saved_groups)
         if "counters" in state_dict:
             counters = checks.mapping("state_dict['counters']", state_dict["counters"])
             checks.known_keys("state_dict['counters']", counters, _COUNTER_KEYS)
@@ -492,6 +500,30 @@ class OptimWrapper:
                     raise ValueError(
                         f"state_dict['accumulated_grads'][{index}] has shape {shape}, "
                         f"the parameter has shape {tuple(param.shape)}"
+                    )
+
+    def _check_param_states(self, states: Mapping[Any, Any], saved_groups: list[Mapping[str, Any]]) -> None:
+        """Each per-parameter state must belong to a parameter, and its element-wise buffers match its shape."""
+        params = dict(
+            zip(
+                [index for group in saved_groups for index in group["params"]],
+                self._params(),
+                strict=True,
+            )
+        )
+        for index, state in states.items():
+            if index not in params:
+                raise ValueError(
+                    f"state_dict['state'] has an entry for parameter {index!r}, which no param group lists"
+                )
+            if not isinstance(state, Mapping):
+                raise ValueError(f"state_dict['state'][{index!r}] must be a dict, got {checks.describe(state)}")
+            shape = params[index].shape
+            for key, value in state.items():
+                if key in _ELEMENTWISE_STATE and isinstance(value, torch.Tensor) and value.shape != shape:
+                    raise ValueError(
+                        f"state_dict['state'][{index!r}][{key!r}] has shape {tuple(value.shape)}, the parameter "
+                        f"has shape {tuple(shape)}: the optimizer state comes from another model"
                     )
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:

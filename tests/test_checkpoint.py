@@ -123,17 +123,17 @@ def test_resume_loads_into_the_objects_or_changes_nothing(tmp_path):
     wider = torch.nn.Sequential(torch.nn.Linear(4, 9), torch.nn.LayerNorm(9), torch.nn.ReLU(), torch.nn.Linear(9, 2))
     wider_wrapper = OptimWrapper(torch.optim.SGD(wider.parameters(), lr=0.1))
     before = {k: v.clone() for k, v in wider.state_dict().items()}
-    with pytest.raises(ValueError, match=r"checkpoint_3.pt: 'model' does not match: shapes differ: 0.weight: saved"):
+    with pytest.raises(ValueError, match=r"checkpoint_3.pt: 'model' does not match this run: shapes differ: 0.weight"):
         resume_from_latest({"model": wider, "optim_wrapper": wider_wrapper}, tmp_path)
     assert_same_tensors(dict(wider.state_dict()), before)
-    with pytest.raises(ValueError, match=r"'model' does not match: the model lacks \['0.bias', '0.weight'"):
+    with pytest.raises(ValueError, match=r"'model' does not match this run: the model lacks \['0.bias', '0.weight'"):
         resume_from_latest({"model": torch.nn.Linear(4, 2)}, tmp_path)
 
     same = make_model(seed=6)  # fits, but its wrapper does not: the model is not loaded either
     params = list(same.parameters())
     two_groups = OptimWrapper(torch.optim.SGD([{"params": params[:2]}, {"params": params[2:]}], lr=0.1))
     before = {k: v.clone() for k, v in same.state_dict().items()}
-    with pytest.raises(ValueError, match=r"checkpoint_3.pt: 'optim_wrapper' does not match: state_dict has 1 param"):
+    with pytest.raises(ValueError, match=r"checkpoint_3.pt: 'optim_wrapper' does not match this run: state_dict has 1"):
         resume_from_latest({"model": same, "optim_wrapper": two_groups}, tmp_path)
     assert_same_tensors(dict(same.state_dict()), before)
 

@@ -28,7 +28,7 @@ def test_gan_step_leaves_the_discriminator_window_to_the_discriminator_loss():
     wrappers = build_optim_wrapper(task.model, {"gen": one, "disc": {**one, "accumulative_counts": 2}})
     (real,) = next(iter(task.data))
     torch.manual_seed(1)
-    output = task.make_train_step(wrappers)(None, (real,))
+    output = task.make_train_step(wrappers, lambda module: module)(None, (real,))
     assert set(output) == {"gen_loss", "disc_loss"}
 
     torch.manual_seed(1)

@@ -2,8 +2,9 @@
 
 - ``OptimParamsHandler``: learning rates, momenta, loss scale, update counts
   and gradient norm to TensorBoard (with Ignite's ``TensorboardLogger``).
-- ``attach_checkpoint``, ``resume_from_latest``, ``ResumableLoader``:
-  periodic checkpoints with Ignite's ``Checkpoint`` and exact resume.
+- ``attach_checkpoint``, ``resume_from_latest``, ``load_checkpoint``,
+  ``ResumableLoader``: periodic checkpoints with Ignite's ``Checkpoint``,
+  checked all-or-nothing loads, and exact resume.
 - ``SchedulerHandler``: a learning-rate schedule that advances on applied updates.
 - ``NonFiniteGuard``: skip, or stop at, updates with non-finite losses or gradients.
 - ``attach_progress_bar``: Ignite's ``ProgressBar`` with loss, lr and loss scale.
@@ -17,6 +18,7 @@ from .checkpoint import (
     ResumableLoader,
     attach_checkpoint,
     latest_checkpoint,
+    load_checkpoint,
     resume_from_latest,
     rng_state,
     set_rng_state,
@@ -34,6 +36,7 @@ __all__ = [
     "attach_checkpoint",
     "attach_progress_bar",
     "latest_checkpoint",
+    "load_checkpoint",
     "optim_scalars",
     "progress_values",
     "resume_from_latest",

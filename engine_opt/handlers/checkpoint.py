@@ -15,19 +15,22 @@ process, sees the same batches and random numbers as one that never stopped::
 
 from __future__ import annotations
 
+import pickle
 import random
 import re
 import sys
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from ignite.engine import Engine, Events
 from ignite.handlers import Checkpoint, DiskSaver
 from torch import nn
 
-from .. import checks
+from .. import checks, parallel
+from ..wrapper import OptimWrapper
 
 _STEP = re.compile(r"checkpoint_(\d+)\.pt$")
 _STATE_KEYS = ("epoch_rng", "position", "rng")
@@ -106,8 +109,11 @@ class ResumableLoader:
             )
         self.data = data
         self._generator: torch.Generator | None = getattr(data, "generator", None)
+        sampler = getattr(data, "sampler", None)
+        self._set_epoch: Callable[[int], None] | None = getattr(sampler, "set_epoch", None)
         self._epoch_rng: dict[str, Any] | None = None
         self._position = 0
+        self._passes = 0
         self._pending: dict[str, Any] | None = None
 
     def __len__(self) -> int:
@@ -115,7 +121,11 @@ class ResumableLoader:
 
     def __iter__(self) -> Iterator[Any]:
         pending, self._pending = self._pending, None
+        if pending is not None:
+            pending = _own_rank(pending)
+            self._passes = pending.get("passes", self._passes)
         if pending is not None and pending["epoch_rng"] is not None and not self._at_end(pending["position"]):
+            self._begin_pass(self._passes - 1)
             set_rng_state(pending["epoch_rng"], self._generator)
             batches = iter(self.data)
             skipped = sum(1 for _ in zip(range(pending["position"]), batches, strict=False))
@@ -127,9 +137,16 @@ class ResumableLoader:
         if pending is not None:
             self._check_position(pending["position"], self._length())
             set_rng_state(pending["rng"], self._generator)
+        self._begin_pass(self._passes)
+        self._passes += 1
         self._epoch_rng = rng_state(self._generator)
         self._position = 0
         return self._count(iter(self.data))
+
+    def _begin_pass(self, index: int) -> None:
+        """Give a ``DistributedSampler`` (anything with ``set_epoch``) the index of the pass, so each shuffles anew."""
+        if self._set_epoch is not None:
+            self._set_epoch(max(index, 0))
 
     @staticmethod
     def _check_position(position: int, available: int | None) -> None:
@@ -165,26 +182,62 @@ class ResumableLoader:
             yield batch
 
     def state_dict(self) -> dict[str, Any]:
-        """``{'epoch_rng', 'position', 'rng'}``: where the current pass began, how far it got, the generators now."""
+        """Where the current pass began, how far it got, the generators now.
+
+        ``{'epoch_rng', 'position', 'rng', 'passes'}``; in a distributed run
+        also ``'ranks'``, every rank's generator states (a collective call:
+        every rank must make it, as Ignite's ``Checkpoint`` does).
+        """
         if self._pending is not None:
             return dict(self._pending)
-        return {"epoch_rng": self._epoch_rng, "position": self._position, "rng": rng_state(self._generator)}
+        state: dict[str, Any] = {
+            "epoch_rng": self._epoch_rng,
+            "position": self._position,
+            "rng": rng_state(self._generator),
+            "passes": self._passes,
+        }
+        if parallel.world_size() > 1:
+            ranks: list[Any] = [None] * parallel.world_size()
+            dist.all_gather_object(ranks, {"epoch_rng": state["epoch_rng"], "rng": state["rng"]})
+            state["ranks"] = ranks
+        return state
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
-        """Take ``state_dict`` into effect at the next pass over the data."""
+        """Take ``state_dict`` into effect at the next pass over the data (checked first)."""
+        self._check_state_dict(state_dict)
+        self._pending = dict(state_dict)
+
+    def _check_state_dict(self, state_dict: Any) -> None:
+        """Raise if ``state_dict`` cannot be loaded; change nothing."""
         state_dict = checks.mapping("state_dict", state_dict)
-        checks.known_keys("state_dict", state_dict, _STATE_KEYS)
+        checks.known_keys("state_dict", state_dict, (*_STATE_KEYS, "passes", "ranks"))
         missing = [key for key in _STATE_KEYS if key not in state_dict]
         if missing:
             raise ValueError(f"state_dict lacks {missing}; pass what ResumableLoader.state_dict() returned")
-        position = state_dict["position"]
-        if isinstance(position, bool) or not isinstance(position, int) or position < 0:
-            raise ValueError(f"state_dict['position'] must be an int >= 0, got {position!r}")
+        for key in ("position", "passes"):
+            value = state_dict.get(key, 0)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"state_dict[{key!r}] must be an int >= 0, got {value!r}")
         for key in ("epoch_rng", "rng"):
             value = state_dict[key]
             if not (value is None and key == "epoch_rng") and not (isinstance(value, Mapping) and "torch" in value):
                 raise ValueError(f"state_dict[{key!r}] must be what rng_state() returned, got {checks.describe(value)}")
-        self._pending = dict(state_dict)
+        ranks = state_dict.get("ranks")
+        world = parallel.world_size()
+        saved_world = 1 if ranks is None else len(ranks) if isinstance(ranks, list) else None
+        if saved_world != world:
+            raise ValueError(
+                f"the data state was saved by a run of {saved_world} process(es), this run has {world}; the data "
+                "position and random streams of each rank resume exactly only with as many processes"
+            )
+
+
+def _own_rank(state: dict[str, Any]) -> dict[str, Any]:
+    """``state`` with this rank's generator states in place of rank 0's."""
+    ranks = state.get("ranks")
+    if ranks is None:
+        return state
+    return {**state, **ranks[parallel.rank()]}
 
 
 def attach_checkpoint(
@@ -251,30 +304,63 @@ def latest_checkpoint(dirname: str | Path) -> Path | None:
 def resume_from_latest(to_load: Mapping[str, Any], dirname: str | Path) -> Path | None:
     """Load the newest checkpoint of ``dirname`` into ``to_load``; return its path (None if there is none).
 
-    The file is read with ``weights_only=True``; before anything is loaded,
-    every name in ``to_load`` must be in it, models must find the same keys
-    and shapes, and wrappers (and wrapper dicts) must accept their state.
+    See ``load_checkpoint`` for what is checked. In a distributed run every
+    rank calls it and reads the same file.
     """
     path = latest_checkpoint(dirname)
-    if path is None:
-        return None
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(state, Mapping):
-        raise ValueError(f"{path} does not hold a checkpoint dict, got {checks.describe(state)}")
-    missing = [name for name in to_load if name not in state]
-    if missing:
-        raise ValueError(f"{path} lacks {missing}; it holds {sorted(state)}")
-    for name, obj in to_load.items():
-        try:
-            _check_fits(obj, state[name])
-        except (TypeError, ValueError) as error:
-            raise ValueError(f"{path}: {name!r} does not match: {error}") from error
-    Checkpoint.load_objects(dict(to_load), state)
+    if path is not None:
+        load_checkpoint(to_load, path)
     return path
 
 
+def load_checkpoint(to_load: Mapping[str, Any], path: str | Path) -> None:
+    """Load the checkpoint file ``path`` into the objects of ``to_load``: all of them, or none.
+
+    The file is read with ``weights_only=True``, so loading it can never run
+    code. Before anything is loaded, every name in ``to_load`` must be in
+    it, and every object must accept its part: models the same keys and
+    shapes, wrappers, optimizers, the trainer and the ``ResumableLoader``
+    their states. On any mismatch a ``ValueError`` names the file and what
+    differs, and the objects are left as they were.
+    """
+    path = Path(path)
+    state = _read_checkpoint(path)
+    missing = [name for name in to_load if name not in state]
+    if missing:
+        raise ValueError(f"{path} lacks {missing}; it holds {sorted(state)}: is it a checkpoint of this run?")
+    for name, obj in to_load.items():
+        try:
+            _check_fits(obj, state[name])
+        except (TypeError, ValueError, KeyError) as error:
+            raise ValueError(f"{path}: {name!r} does not match this run: {error}") from None
+    Checkpoint.load_objects(dict(to_load), state)
+
+
+def _read_checkpoint(path: Path) -> Mapping[str, Any]:
+    """The dict saved in ``path``, read without running code; a ``ValueError`` naming the file otherwise."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except OSError as error:
+        raise ValueError(f"cannot read checkpoint {path}: {error.strerror or error}") from None
+    except pickle.UnpicklingError as error:
+        if "weights_only" in str(error).lower() or "unsupported global" in str(error).lower():
+            raise ValueError(
+                f"{path} holds objects other than tensors and plain containers; loading it could run code, "
+                "so it is refused (checkpoints written by attach_checkpoint hold none)"
+            ) from None
+        raise ValueError(f"{path} is not a readable checkpoint (damaged or not a torch.save file): {error}") from None
+    except Exception as error:  # truncated or corrupted files surface as RuntimeError, EOFError, ...
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ValueError(
+            f"{path} is not a readable checkpoint (truncated, damaged, or not a torch.save file): {first_line}"
+        ) from None
+    if not isinstance(state, Mapping):
+        raise ValueError(f"{path} does not hold a checkpoint dict, got {checks.describe(state)}")
+    return state
+
+
 def _check_fits(obj: Any, saved: Any) -> None:
-    """Raise if ``saved`` cannot be loaded into ``obj``: module keys and shapes, wrapper state."""
+    """Raise if ``saved`` cannot be loaded into ``obj``; change nothing."""
     if isinstance(obj, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
         obj = obj.module  # Checkpoint saves and loads the wrapped module
     if isinstance(obj, nn.Module):
@@ -290,6 +376,10 @@ def _check_fits(obj: Any, saved: Any) -> None:
         ]
         if shapes:
             raise ValueError(f"shapes differ: {'; '.join(shapes)}")
+    elif isinstance(obj, torch.optim.Optimizer):
+        OptimWrapper(obj)._check_state_dict(saved)
+    elif isinstance(obj, Engine):
+        Engine(lambda engine, batch: None).load_state_dict(checks.mapping("the saved trainer state", saved))
     check = getattr(obj, "_check_state_dict", None)
     if check is not None:
         check(saved)

@@ -2,16 +2,20 @@
 
 A float16 grad scaler already skips such steps; in float32 and bfloat16
 nothing does, and one ``nan`` (spread to every gradient by
-``clip_grad_norm_``) would poison the weights and the optimizer state.
+``clip_grad_norm_``) would poison the weights and the optimizer state. A
+scaler that skips step after step (its loss scale collapsing towards zero)
+is reported too.
 """
 
 from __future__ import annotations
 
+import warnings
 from typing import Literal
 
 import torch
 from ignite.engine import Engine
 
+from .. import checks, parallel
 from ..events import OptimEvents, current_member
 from ..wrapper import OptimWrapper
 
@@ -32,14 +36,25 @@ class NonFiniteGuard:
     checked too and the result is read once per update (one host sync). A bad
     update is cancelled: the optimizer does not step, the gradients are
     zeroed, and the step counts in the wrapper's ``skipped_steps`` (and fires
-    ``OPTIM_STEP_SKIPPED``). Members with a float16 grad scaler are left to it.
+    ``OPTIM_STEP_SKIPPED``). In a distributed run the ranks decide together
+    (one small all-reduce per update), so they never diverge.
+
+    Members with a float16 grad scaler are left to it: it skips bad steps and
+    lowers the scale. But ``max_scaler_skips`` skipped steps in a row mean
+    the scale has collapsed and training has stalled: ``'stop'`` raises
+    ``FloatingPointError``, ``'skip'`` warns (``RuntimeWarning``) once per
+    such streak.
 
     Args:
         action: ``'skip'`` to drop the update and go on, or ``'stop'`` to drop
             it and raise ``FloatingPointError`` naming the iteration.
+        max_scaler_skips: Consecutive skipped float16 steps that count as a
+            collapsed loss scale.
 
     Attributes:
         skipped: Updates cancelled so far, by member name (``None`` for one wrapper).
+        scaler_streaks: Current run of consecutive skipped steps of each
+            float16 member, by name.
 
     Example:
         >>> import torch
@@ -56,17 +71,40 @@ class NonFiniteGuard:
         ({None: 1}, 1, True)
     """
 
-    def __init__(self, action: Literal["skip", "stop"] = "skip") -> None:
+    def __init__(self, action: Literal["skip", "stop"] = "skip", *, max_scaler_skips: int = 20) -> None:
         if action not in _ACTIONS:
             raise ValueError(f"action must be one of {list(_ACTIONS)}, got {action!r}")
         self.action = action
+        self.max_scaler_skips = checks.positive_int("max_scaler_skips", max_scaler_skips)
         self.skipped: dict[str | None, int] = {}
+        self.scaler_streaks: dict[str | None, int] = {}
         self._loss_ok: dict[OptimWrapper, torch.Tensor] = {}
 
     def attach(self, engine: Engine) -> None:
         """Attach to a trainer built by ``create_trainer``."""
         engine.add_event_handler(OptimEvents.BACKWARD_COMPLETED, self._check_loss)
         engine.add_event_handler(OptimEvents.BEFORE_OPTIM_STEP, self._check_step)
+        engine.add_event_handler(OptimEvents.OPTIM_STEP_SKIPPED, self._scaler_step, True)
+        engine.add_event_handler(OptimEvents.OPTIM_STEP_COMPLETED, self._scaler_step, False)
+
+    def _scaler_step(self, engine: Engine, skipped: bool) -> None:
+        name, wrapper = current_member(engine)
+        scaler = getattr(wrapper, "loss_scaler", None)
+        if scaler is None:
+            return
+        streak = self.scaler_streaks.get(name, 0) + 1 if skipped else 0
+        self.scaler_streaks[name] = streak
+        if streak != self.max_scaler_skips:
+            return
+        member = "" if name is None else f" of {name!r}"
+        message = (
+            f"the float16 loss scale{member} has collapsed: {streak} updates in a row skipped for non-finite "
+            f"gradients (iteration {engine.state.iteration}, scale now {scaler.get_scale():.3g}); the loss or "
+            "the model overflows or is nan; try bf16, a lower learning rate, or clipping"
+        )
+        if self.action == "stop":
+            raise FloatingPointError(message)
+        warnings.warn(message, RuntimeWarning, stacklevel=2)
 
     @staticmethod
     def _guarded(engine: Engine) -> OptimWrapper | None:
@@ -90,7 +128,9 @@ class NonFiniteGuard:
         finite = self._loss_ok.pop(wrapper, None)
         if grads:
             finite = _all_finite(grads) if finite is None else _all_finite(grads) & finite.to(grads[0].device)
-        if finite is None or bool(finite):
+        if finite is None:  # nothing to check here; other ranks may have something
+            finite = torch.ones((), dtype=torch.bool)
+        if bool(parallel.all_ranks_agree(finite)):
             return
         wrapper.cancel_step()
         name, _ = current_member(engine)
