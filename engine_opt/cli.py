@@ -24,6 +24,7 @@ import argparse
 import gc
 import json
 import os
+import random
 import sys
 import time
 from collections.abc import Sequence
@@ -229,6 +230,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     task.model.to(device)
     if world_size() > 1:
         torch.manual_seed(args.seed + idist.get_rank())  # each rank its own dropout and noise
+        random.seed(args.seed + idist.get_rank())
     optim_wrapper = _build(args, task)
     members = list(optim_wrapper.values()) if isinstance(optim_wrapper, OptimWrapperDict) else [optim_wrapper]
     data = ResumableLoader(task.data)

@@ -32,15 +32,28 @@ def rank() -> int:
     return int(idist.get_rank())
 
 
+def gather_objects(obj: Any) -> list[Any]:
+    """``obj`` of every rank, by rank (a collective call); ``[obj]`` in one process."""
+    if world_size() == 1:
+        return [obj]
+    gathered: list[Any] = [None] * world_size()
+    dist.all_gather_object(gathered, obj)
+    return gathered
+
+
 def optimizer_state_dict(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     """``optimizer.state_dict()``, with a ``ZeroRedundancyOptimizer`` consolidated on every rank first.
 
     A collective call for a ``ZeroRedundancyOptimizer``: every rank must call it.
     """
-    if _is_zero(optimizer):
-        for rank in range(world_size()):
-            optimizer.consolidate_state_dict(to=rank)  # type: ignore[attr-defined]
-    return optimizer.state_dict()
+    if not _is_zero(optimizer):
+        return optimizer.state_dict()
+    state: dict[str, Any] = {}
+    for target in range(world_size()):  # each consolidation reaches one rank (and clears the others')
+        optimizer.consolidate_state_dict(to=target)  # type: ignore[attr-defined]
+        if target == rank():
+            state = optimizer.state_dict()
+    return state
 
 
 def _is_zero(optimizer: torch.optim.Optimizer) -> bool:
@@ -103,7 +116,8 @@ class GradientTraffic:
         self.calls = 0
         self.bytes = 0
         if isinstance(model, nn.parallel.DistributedDataParallel):
-            model.register_comm_hook(None, self._ddp_hook)
+            # A lambda: DDP rejects a hook whose annotations are not its own types (ours are strings).
+            model.register_comm_hook(None, lambda state, bucket: self._ddp_hook(state, bucket))
             return
         fsdp_modules = [module for module in model.modules() if hasattr(type(module), "set_custom_reduce_scatter")]
         if fsdp_modules:

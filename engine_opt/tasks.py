@@ -18,6 +18,7 @@ Example:
 from __future__ import annotations
 
 import math
+import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, cast
@@ -136,4 +137,5 @@ def make_task(name: str, seed: int, batch_size: int) -> Task:
         raise ValueError(f"task must be one of {list(TASKS)}, got {name!r}")
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
+    random.seed(seed)
     return (_classifier if name == "classifier" else _gan)(generator, batch_size, seed)

@@ -87,6 +87,12 @@ def _grad_sync_context(model: nn.Module, sync: bool) -> contextlib.AbstractConte
     return NO_CONTEXT
 
 
+def _accumulated_grads(state_dict: Mapping[str, Any]) -> Any:
+    """The gradients summed so far in the saved window, this rank's in a distributed run."""
+    by_rank = state_dict.get("rank_accumulated_grads")
+    return state_dict.get("accumulated_grads") if by_rank is None else by_rank[parallel.rank()]
+
+
 class OptimWrapper:
     """Wrap a ``torch.optim.Optimizer`` with gradient accumulation and clipping.
 
@@ -443,7 +449,9 @@ class OptimWrapper:
         The optimizer's keys stay at the top level, so the result also loads
         into a plain optimizer. ``'counters'`` holds the micro-step and update
         counts; between two micro-steps of a window, ``'accumulated_grads'``
-        holds the gradients summed so far, so a resumed run continues exactly.
+        holds the gradients summed so far, so a resumed run continues exactly
+        (in a distributed run, ``'rank_accumulated_grads'`` holds each rank's,
+        gathered by a collective call).
         A ``ZeroRedundancyOptimizer`` is consolidated first: every rank must
         call this, and each gets the whole state.
         """
@@ -455,9 +463,12 @@ class OptimWrapper:
             "skipped_steps": self.skipped_steps,
         }
         if self._in_window():
-            state["accumulated_grads"] = [
-                None if param.grad is None else param.grad.detach().clone() for param in self._params()
-            ]
+            grads = [None if param.grad is None else param.grad.detach().clone() for param in self._params()]
+            if parallel.world_size() == 1:
+                state["accumulated_grads"] = grads
+            else:  # not yet reduced: each rank's own sums (a collective call)
+                cpu_grads = [None if grad is None else grad.cpu() for grad in grads]
+                state["rank_accumulated_grads"] = parallel.gather_objects(cpu_grads)
         return state
 
     def _check_state_dict(self, state_dict: Any) -> None:
@@ -489,8 +500,15 @@ class OptimWrapper:
             for key, value in counters.items():
                 if isinstance(value, bool) or not isinstance(value, int):
                     raise TypeError(f"state_dict['counters'][{key!r}] must be an int, got {value!r}")
-        if "accumulated_grads" in state_dict:
-            grads = state_dict["accumulated_grads"]
+        by_rank = state_dict.get("rank_accumulated_grads")
+        if by_rank is not None and (not isinstance(by_rank, list) or len(by_rank) != parallel.world_size()):
+            saved = len(by_rank) if isinstance(by_rank, list) else checks.describe(by_rank)
+            raise ValueError(
+                f"state_dict was saved mid-window by a run of {saved} process(es), this run has "
+                f"{parallel.world_size()}; resume it with as many processes, or from a checkpoint between windows"
+            )
+        if "accumulated_grads" in state_dict or by_rank is not None:
+            grads = _accumulated_grads(state_dict)
             params = self._params()
             if not isinstance(grads, list) or len(grads) != len(params):
                 raise ValueError(f"state_dict['accumulated_grads'] must be a list of {len(params)} tensors or None")
@@ -545,7 +563,7 @@ class OptimWrapper:
             self._skipped_base = counters.get("skipped_steps", self.skipped_steps)
             self._skipped_count = None
             self._last_found_inf = None
-        grads = state_dict.get("accumulated_grads")
+        grads = _accumulated_grads(state_dict)
         if grads is not None:
             for param, grad in zip(self._params(), grads, strict=True):
                 param.grad = None if grad is None else grad.detach().to(param.device, param.dtype, copy=True)

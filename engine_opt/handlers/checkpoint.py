@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from ignite.engine import Engine, Events
 from ignite.handlers import Checkpoint, DiskSaver
 from torch import nn
@@ -197,9 +196,7 @@ class ResumableLoader:
             "passes": self._passes,
         }
         if parallel.world_size() > 1:
-            ranks: list[Any] = [None] * parallel.world_size()
-            dist.all_gather_object(ranks, {"epoch_rng": state["epoch_rng"], "rng": state["rng"]})
-            state["ranks"] = ranks
+            state["ranks"] = parallel.gather_objects({"epoch_rng": state["epoch_rng"], "rng": state["rng"]})
         return state
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:

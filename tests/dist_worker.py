@@ -1,0 +1,179 @@
+"""The ranks of the distributed tests (2 processes, gloo), launched with ``ignite.distributed.Parallel``.
+
+Each scenario records what its rank saw in a dict; ``scenarios`` saves them
+to ``OUT/rank{r}.pt`` for tests/test_parallel.py to compare with the plain
+single-process loops of tests/oracle.py.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import ignite.distributed as idist
+import torch
+from ignite.engine import Engine
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.optim import ZeroRedundancyOptimizer
+from torch.nn.parallel import DistributedDataParallel
+
+from engine_opt import OptimWrapper, create_trainer
+from engine_opt.handlers import NonFiniteGuard, attach_checkpoint, latest_checkpoint, load_checkpoint
+from engine_opt.parallel import GradientTraffic
+
+from oracle import OPTIMIZERS, loss_fn, make_batches, make_model
+
+ACCUMULATE = 4
+ITERATIONS = 8
+GLOBAL_BATCH = 6
+
+
+def global_batches() -> list[tuple[torch.Tensor, torch.Tensor]]:
+    return make_batches(ITERATIONS, batch_size=GLOBAL_BATCH)
+
+
+def my_share(batches: list[tuple[torch.Tensor, torch.Tensor]]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """This rank's half of every global batch (what a DistributedSampler would give it)."""
+    half = GLOBAL_BATCH // idist.get_world_size()
+    start = idist.get_rank() * half
+    return [(x[start : start + half], y[start : start + half]) for x, y in batches]
+
+
+def params_of(model: torch.nn.Module) -> list[torch.Tensor]:
+    return [
+        (param.full_tensor() if hasattr(param, "full_tensor") else param).detach().clone()
+        for param in model.parameters()
+    ]
+
+
+def ddp_with_wrapper() -> dict[str, Any]:
+    """The trainer's default step on DDP: accumulation 4, clipping."""
+    model = DistributedDataParallel(make_model())
+    traffic = GradientTraffic(model)
+    optimizer = OPTIMIZERS["sgd_momentum"](model.parameters())
+    wrapper = OptimWrapper(optimizer, accumulative_counts=ACCUMULATE, clip_grad={"max_norm": 1.0})
+    create_trainer(model, wrapper, loss_fn).run(my_share(global_batches()))
+    return {"calls": traffic.calls, "bytes": traffic.bytes, "params": params_of(model), "steps": wrapper.applied_steps}
+
+
+def ddp_without_sync_avoidance() -> dict[str, Any]:
+    """Control: the same accumulation written without no_sync reduces on every micro-step."""
+    model = DistributedDataParallel(make_model())
+    traffic = GradientTraffic(model)
+    optimizer = OPTIMIZERS["sgd_momentum"](model.parameters())
+    for index, (x, y) in enumerate(my_share(global_batches())):
+        (loss_fn(model(x), y) / ACCUMULATE).backward()
+        if (index + 1) % ACCUMULATE == 0:
+            optimizer.step()
+            optimizer.zero_grad()
+    return {"calls": traffic.calls, "params": params_of(model)}
+
+
+def fsdp2_with_wrapper() -> dict[str, Any]:
+    """FSDP2 (fully_shard) with the wrapper loop: the sync flag must cover the backward pass."""
+    model = make_model()
+    fully_shard(model)
+    traffic = GradientTraffic(model)
+    wrapper = OptimWrapper(OPTIMIZERS["sgd_momentum"](model.parameters()), accumulative_counts=ACCUMULATE)
+    for x, y in my_share(global_batches()):
+        with wrapper.optim_context(model):
+            loss = loss_fn(model(x), y)
+        wrapper.update_params(loss)
+    return {"calls": traffic.calls, "bytes": traffic.bytes, "params": params_of(model)}
+
+
+def fsdp2_without_sync_avoidance() -> dict[str, Any]:
+    """Control: FSDP2 accumulation written without set_requires_gradient_sync reduces on every micro-step."""
+    model = make_model()
+    fully_shard(model)
+    traffic = GradientTraffic(model)
+    for x, y in my_share(global_batches()):
+        (loss_fn(model(x), y) / ACCUMULATE).backward()
+    return {"calls": traffic.calls}
+
+
+def uneven_data() -> dict[str, Any]:
+    """Rank 1 has one batch more than rank 0: the trainer refuses to start on both ranks."""
+    model = DistributedDataParallel(make_model())
+    wrapper = OptimWrapper(torch.optim.SGD(model.parameters(), lr=0.05))
+    data = my_share(global_batches())[: 5 + idist.get_rank()]
+    try:
+        create_trainer(model, wrapper, loss_fn).run(data)
+    except ValueError as error:
+        return {"error": str(error), "params": params_of(model)}
+    return {"error": None, "params": params_of(model)}
+
+
+POISONED_ITERATION = 3
+
+
+def guard_agreement() -> dict[str, Any]:
+    """Only rank 1 sees a non-finite loss (its gradients stay finite): both ranks must skip that update."""
+    model = DistributedDataParallel(make_model())
+    wrapper = OptimWrapper(OPTIMIZERS["sgd_momentum"](model.parameters()))
+
+    def train_step(engine: Engine, batch: Any) -> torch.Tensor:
+        x, y = batch
+        with wrapper.optim_context(model):
+            loss = loss_fn(model(x), y)
+            if idist.get_rank() == 1 and engine.state.iteration == POISONED_ITERATION:
+                loss = loss + torch.tensor(float("inf"))  # a constant: no effect on the gradients
+        wrapper.update_params(loss)
+        return loss.detach()
+
+    trainer = create_trainer(model, wrapper, train_step=train_step)
+    guard = NonFiniteGuard("skip")
+    guard.attach(trainer)
+    trainer.run(my_share(global_batches()))
+    return {"skipped": guard.skipped, "params": params_of(model), "applied": wrapper.applied_steps}
+
+
+def zero_checkpoint(directory: Path) -> dict[str, Any]:
+    """ZeroRedundancyOptimizer in a wrapper, through Ignite's Checkpoint, written by rank 0, read by all."""
+
+    def build() -> tuple[torch.nn.Module, OptimWrapper]:
+        model = DistributedDataParallel(make_model())
+        optimizer = ZeroRedundancyOptimizer(model.parameters(), optimizer_class=torch.optim.AdamW, lr=0.01)
+        return model, OptimWrapper(optimizer, accumulative_counts=2)
+
+    model, wrapper = build()
+    trainer = create_trainer(model, wrapper, loss_fn)
+    to_save = {"model": model, "optim_wrapper": wrapper, "trainer": trainer}
+    attach_checkpoint(trainer, to_save, directory, every=2)
+    trainer.run(my_share(global_batches())[:5])
+    idist.barrier()  # rank 0 has written the last checkpoint
+    path = latest_checkpoint(directory)
+    assert path is not None
+    saved = torch.load(path, weights_only=True)
+    fresh_model, fresh_wrapper = build()
+    fresh_trainer = create_trainer(fresh_model, fresh_wrapper, loss_fn)
+    load_checkpoint({"model": fresh_model, "optim_wrapper": fresh_wrapper, "trainer": fresh_trainer}, path)
+    return {
+        "path": path.name,
+        "saved_states": len(saved["optim_wrapper"]["state"]),
+        "local_states": len(wrapper.optimizer.optim.state),
+        "expected": wrapper.state_dict(),
+        "loaded": fresh_wrapper.state_dict(),
+        "params": params_of(fresh_model),
+        "iteration": fresh_trainer.state.iteration,
+    }
+
+
+def scenarios(local_rank: int, out: str) -> None:
+    directory = Path(out)
+    results = {
+        "ddp": ddp_with_wrapper(),
+        "ddp_control": ddp_without_sync_avoidance(),
+        "fsdp2": fsdp2_with_wrapper(),
+        "fsdp2_control": fsdp2_without_sync_avoidance(),
+        "uneven": uneven_data(),
+        "guard": guard_agreement(),
+        "zero": zero_checkpoint(directory / "zero"),
+    }
+    torch.save(results, directory / f"rank{idist.get_rank()}.pt")
+
+
+if __name__ == "__main__":
+    with idist.Parallel(backend="gloo", nproc_per_node=2) as parallel:
+        parallel.run(scenarios, sys.argv[1])

@@ -1,0 +1,148 @@
+"""engine_opt.parallel, and the wrappers and trainer in real 2-process runs (gloo, CPU).
+
+tests/dist_worker.py runs the ranks; every scenario's result is compared
+with the plain single-process loop of tests/oracle.py over the same global
+batches, and the two ranks with each other.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from dist_worker import ACCUMULATE, ITERATIONS, POISONED_ITERATION, global_batches
+
+from engine_opt.parallel import GradientTraffic, all_ranks_agree, check_same_length, gather_objects
+
+from oracle import OPTIMIZERS, Plan, assert_same_tensors, make_model, plain_loop
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def environment():
+    """PYTHONPATH for the package, and a free port for the ranks to meet on (each launch its own)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    pythonpath = os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
+    return {**os.environ, "PYTHONPATH": pythonpath, "MASTER_PORT": str(port)}
+
+
+def run_python(args, cwd=None):
+    return subprocess.run(
+        [sys.executable, *args], cwd=cwd, env=environment(), capture_output=True, text=True, timeout=300
+    )
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory):
+    """Run every scenario of tests/dist_worker.py once, in 2 processes; the results of rank 0 and rank 1."""
+    out = tmp_path_factory.mktemp("ranks")
+    result = run_python([str(Path(__file__).with_name("dist_worker.py")), str(out)])
+    assert result.returncode == 0, result.stderr[-3000:]
+    return [torch.load(out / f"rank{rank}.pt", weights_only=True) for rank in (0, 1)]
+
+
+def single_process(batches, plan):
+    """The plain loop over the global batches, in this process: what data parallelism must reproduce."""
+    model = make_model()
+    plain_loop(model, OPTIMIZERS["sgd_momentum"](model.parameters()), batches, plan)
+    return [param.detach() for param in model.parameters()]
+
+
+def assert_ranks_match_one_process(ranks, key, expected):
+    assert_same_tensors(ranks[1][key]["params"], ranks[0][key]["params"])  # the ranks agree bitwise
+    for actual, wanted in zip(ranks[0][key]["params"], expected, strict=True):
+        torch.testing.assert_close(actual, wanted, rtol=1e-5, atol=1e-6)  # rounding: sum of halves vs whole
+
+
+def test_ddp_reduces_gradients_once_per_window(ranks):
+    windows = ITERATIONS // ACCUMULATE
+    for rank in ranks:
+        assert rank["ddp"]["calls"] == windows == 2
+        assert rank["ddp_control"]["calls"] == ITERATIONS  # the counter does count every reduction
+        assert rank["ddp"]["steps"] == windows
+        assert rank["ddp"]["bytes"] == sum(p.numel() * 4 for p in make_model().parameters()) * windows
+    expected = single_process(global_batches(), Plan(accumulate=ACCUMULATE, clip_norm=1.0))
+    assert_ranks_match_one_process(ranks, "ddp", expected)
+
+
+def test_fsdp2_reduces_gradients_once_per_window(ranks):
+    for rank in ranks:
+        assert rank["fsdp2"]["calls"] == ITERATIONS // ACCUMULATE == 2
+        assert rank["fsdp2_control"]["calls"] == ITERATIONS
+    expected = single_process(global_batches(), Plan(accumulate=ACCUMULATE))
+    assert_ranks_match_one_process(ranks, "fsdp2", expected)
+
+
+def test_ranks_with_different_data_lengths_are_refused_on_every_rank_instead_of_hanging(ranks):
+    for rank in ranks:
+        assert "different lengths per epoch ([5, 6], by rank" in rank["uneven"]["error"]
+    assert_same_tensors(ranks[1]["uneven"]["params"], ranks[0]["uneven"]["params"])
+    assert_same_tensors(ranks[0]["uneven"]["params"], [p.detach() for p in make_model().parameters()])
+
+
+def test_a_non_finite_loss_on_one_rank_skips_the_update_on_all_ranks(ranks):
+    for rank in ranks:
+        assert rank["guard"]["skipped"] == {None: 1}
+        assert rank["guard"]["applied"] == ITERATIONS - 1
+    batches = global_batches()
+    del batches[POISONED_ITERATION - 1]  # as if the skipped window had never been seen
+    assert_ranks_match_one_process(ranks, "guard", single_process(batches, Plan()))
+
+
+def test_zero_redundancy_optimizer_state_is_consolidated_saved_once_and_loaded_by_every_rank(ranks):
+    zero = [rank["zero"] for rank in ranks]
+    n_params = len(list(make_model().parameters()))
+    assert [z["local_states"] for z in zero] != [n_params, n_params]  # each rank holds only its shard
+    assert sum(z["local_states"] for z in zero) == n_params
+    for z in zero:
+        assert z["path"] == "checkpoint_5.pt" and z["iteration"] == 5
+        assert z["saved_states"] == n_params  # the file holds every parameter's state
+        assert_same_tensors(z["loaded"], z["expected"])
+    assert_same_tensors(zero[1]["params"], zero[0]["params"])
+
+
+def test_the_helpers_do_nothing_in_one_process():
+    check_same_length(None)
+    flag = torch.tensor(False)
+    assert all_ranks_agree(flag) is flag
+    assert gather_objects({"a": 1}) == [{"a": 1}]
+    traffic = GradientTraffic(make_model())
+    assert (traffic.calls, traffic.bytes) == (0, 0)
+
+
+def engine_opt_train(*args, cwd):
+    result = run_python(["-m", "engine_opt", "train", "--no-progress", "--nproc-per-node", "2", *args], cwd=cwd)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+@pytest.mark.parametrize("options", [["--accumulate", "3"], ["--task", "gan", "--dtype", "fp16", "--accumulate", "2"]])
+def test_a_two_process_run_resumed_mid_epoch_and_mid_window_ends_as_if_it_never_stopped(tmp_path, options):
+    common = [*options, "--checkpoint-every", "25", "--log-dir"]
+    straight = engine_opt_train("--epochs", "2", *common, "straight", cwd=tmp_path)
+    assert "on 2 processes" in straight.stdout
+    engine_opt_train("--epochs", "1", *common, "stopped", cwd=tmp_path)
+    checkpoints = tmp_path / "stopped" / "checkpoints"
+    (checkpoints / "checkpoint_64.pt").unlink()  # as if killed after iteration 50: mid-epoch, mid-window
+    resumed = engine_opt_train("--epochs", "2", *common, "stopped", "--resume", cwd=tmp_path)
+    assert "checkpoint_50.pt" in resumed.stdout
+    expected = torch.load(tmp_path / "straight" / "checkpoints" / "checkpoint_128.pt", weights_only=True)
+    actual = torch.load(checkpoints / "checkpoint_128.pt", weights_only=True)
+    for key in ("model", "optim_wrapper"):
+        assert_same_tensors(actual[key], expected[key], key)
+    for key in ("position", "passes"):
+        assert actual["data"][key] == expected["data"][key]
+    assert len(expected["data"]["ranks"]) == 2
+    for rank in (0, 1):  # each rank's own random stream (dropout, noise) continued where it was
+        for generator in ("torch", "python"):
+            assert_same_tensors(
+                actual["data"]["ranks"][rank]["rng"][generator], expected["data"]["ranks"][rank]["rng"][generator]
+            )
+    assert not torch.equal(expected["data"]["ranks"][0]["rng"]["torch"], expected["data"]["ranks"][1]["rng"]["torch"])
