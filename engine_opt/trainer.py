@@ -103,13 +103,33 @@ def _process_function(
         if not model.training:
             model.train()
         x, y = prepare(batch, device, non_blocking)
-        with wrapper.optim_context(model):
-            y_pred = model(x)
-            loss = loss_fn(y_pred, y)
-        wrapper.update_params(loss)
+        try:
+            with wrapper.optim_context(model):
+                y_pred = model(x)
+                loss = loss_fn(y_pred, y)
+            wrapper.update_params(loss)
+        except (RuntimeError, ValueError, TypeError, IndexError) as error:  # wrong shapes, dtypes, devices
+            _add_note(
+                error,
+                f"engine_opt: iteration {engine.state.iteration} failed on x = {_describe(x)}, y = {_describe(y)}",
+            )
+            raise
         return output_transform(x, y, y_pred, loss)
 
     return step
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"{str(value.dtype).removeprefix('torch.')} tensor {tuple(value.shape)} on {value.device}"
+    return checks.describe(value)
+
+
+def _add_note(error: BaseException, note: str) -> None:
+    """Say which batch a torch error came from (Python 3.11+ shows notes under the message)."""
+    add_note = getattr(error, "add_note", None)
+    if add_note is not None:
+        add_note(note)
 
 
 def _check_arguments(

@@ -1,16 +1,18 @@
 """A training process for the resume tests: dropout, shuffled data, accumulation, a scheduler, checkpoints.
 
-    python tests/resume_worker.py CONFIG CHECKPOINT_DIR OUTPUT [KILL_AT]
+    python tests/resume_worker.py CONFIG CHECKPOINT_DIR OUTPUT [KILL_AT] [--every N] [--epochs E] [--hidden H]
 
-Resumes from the newest checkpoint in CHECKPOINT_DIR, checkpoints every 2
-iterations, and dies with SIGKILL-like abruptness (os._exit) after iteration
-KILL_AT; otherwise trains 3 epochs of 5 iterations and saves the final state.
+Resumes from the newest checkpoint in CHECKPOINT_DIR, prints ``ready``,
+checkpoints every N iterations (2), and dies with SIGKILL-like abruptness
+(os._exit) after iteration KILL_AT; otherwise trains E epochs (3) of 5
+iterations and saves the final state. H (16) is the hidden width: a wide
+model makes each checkpoint take long enough to be killed in the middle.
 """
 
 from __future__ import annotations
 
+import argparse
 import os
-import sys
 from collections.abc import Callable
 
 import torch
@@ -31,11 +33,13 @@ CONFIGS = {
 }
 
 
-def build(config: str, checkpoint_dir: str, every: int = 2) -> tuple[Engine, ResumableLoader, Callable[[], dict]]:
+def build(
+    config: str, checkpoint_dir: str, every: int = 2, hidden: int = 16
+) -> tuple[Engine, ResumableLoader, Callable[[], dict]]:
     """Build the run as a fresh process would, resume it if a checkpoint exists; return what runs and reports it."""
     torch.manual_seed(0)
     x, y = torch.randn(40, 6), torch.randn(40, 2)
-    model = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Dropout(0.2), nn.Linear(16, 2))
+    model = nn.Sequential(nn.Linear(6, hidden), nn.ReLU(), nn.Dropout(0.2), nn.Linear(hidden, 2))
     optimizer = torch.optim.AdamW(model.parameters(), lr=0.01)
     wrapper = CONFIGS[config](optimizer)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=2, gamma=0.8)
@@ -58,13 +62,23 @@ def build(config: str, checkpoint_dir: str, every: int = 2) -> tuple[Engine, Res
     return trainer, data, final
 
 
-def main(config: str, checkpoint_dir: str, output: str, kill_at: int | None) -> None:
-    trainer, data, final = build(config, checkpoint_dir)
-    if kill_at is not None:
-        trainer.add_event_handler(Events.ITERATION_COMPLETED(once=kill_at), lambda engine: os._exit(3))
-    trainer.run(data, max_epochs=3)
-    torch.save(final(), output)
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("config", choices=sorted(CONFIGS))
+    parser.add_argument("checkpoint_dir")
+    parser.add_argument("output")
+    parser.add_argument("kill_at", type=int, nargs="?")
+    parser.add_argument("--every", type=int, default=2)
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--hidden", type=int, default=16)
+    args = parser.parse_args()
+    trainer, data, final = build(args.config, args.checkpoint_dir, args.every, args.hidden)
+    print("ready", flush=True)
+    if args.kill_at is not None:
+        trainer.add_event_handler(Events.ITERATION_COMPLETED(once=args.kill_at), lambda engine: os._exit(3))
+    trainer.run(data, max_epochs=args.epochs)
+    torch.save(final(), args.output)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]) if len(sys.argv) > 4 else None)
+    main()

@@ -6,6 +6,7 @@ import os
 import random
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -30,8 +31,8 @@ ROOT = Path(__file__).resolve().parents[1]
 WORKER = Path(__file__).with_name("resume_worker.py")
 
 
-def run_worker(config, checkpoint_dir, output, kill_at=None):
-    args = [sys.executable, str(WORKER), config, str(checkpoint_dir), str(output)]
+def run_worker(config, checkpoint_dir, output, kill_at=None, extra=()):
+    args = [sys.executable, str(WORKER), config, str(checkpoint_dir), str(output), *extra]
     if kill_at is not None:
         args.append(str(kill_at))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
@@ -202,3 +203,52 @@ def test_bad_loader_input():
     loader.load_state_dict(state)
     with pytest.raises(ValueError, match="after batch 3 of a pass, but the data gives only 2 batches"):
         iter(loader)
+
+
+KILL_RUN = ["--every", "1", "--epochs", "20", "--hidden", "100000"]  # 100 iterations, an 11 MB checkpoint each
+KILL_RUN_LENGTH = 100
+
+
+def test_random_sigkills_never_leave_an_unloadable_newest_checkpoint_and_the_run_ends_bitwise_equal(tmp_path):
+    """Real processes, real SIGKILLs at random moments (most land in a checkpoint write, the bulk of each iteration).
+
+    Each next process loads the newest checkpoint (weights_only) before it prints ``ready``; a kill that broke it
+    would fail there. A run that reaches its end is finished and compared bitwise with the uninterrupted one, and
+    the next kills hit a new run. ENGINE_OPT_KILL_TRIALS sets the number of kills (default 8).
+    """
+    trials = int(os.environ.get("ENGINE_OPT_KILL_TRIALS", "8"))
+    run_worker("fp32", tmp_path / "uninterrupted", tmp_path / "expected.pt", extra=KILL_RUN)
+    expected = torch.load(tmp_path / "expected.pt", weights_only=True)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    rng = random.Random(0)
+    runs, steps, interrupted_saves = 0, [], 0
+
+    def finish(checkpoints: Path) -> None:
+        run_worker("fp32", checkpoints, tmp_path / "actual.pt", extra=KILL_RUN)
+        assert_same_tensors(torch.load(tmp_path / "actual.pt", weights_only=True), expected)
+        assert len(list(checkpoints.glob("checkpoint_*.pt"))) <= 2  # earlier processes' files are retired too
+
+    checkpoints = tmp_path / "killed_0"
+    for _ in range(trials):
+        args = [sys.executable, str(WORKER), "fp32", str(checkpoints), str(tmp_path / "unused.pt"), *KILL_RUN]
+        with subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as process:
+            line = process.stdout.readline()
+            assert line == "ready\n", f"the newest checkpoint did not load: {process.stderr.read()[-2000:]}"
+            time.sleep(rng.uniform(0.0, 0.3))
+            process.kill()
+            process.wait()
+        leftovers = [path for path in checkpoints.iterdir() if path.name.startswith("tmp")]
+        interrupted_saves += len(leftovers)  # a save cut short: its temporary file, never renamed
+        for path in leftovers:
+            path.unlink()
+        newest = latest_checkpoint(checkpoints)
+        steps.append(0 if newest is None else int(newest.stem.split("_")[1]))
+        if steps[-1] == KILL_RUN_LENGTH:  # this run got to its end between two kills: check it, start another
+            finish(checkpoints)
+            runs += 1
+            checkpoints = tmp_path / f"killed_{runs}"
+    finish(checkpoints)
+    print(
+        f"{trials} kills over {runs + 1} runs, each ended bitwise equal to the uninterrupted run; "
+        f"{interrupted_saves} kills landed mid-save; newest checkpoint after each kill: {steps}"
+    )

@@ -109,6 +109,46 @@ def test_members_with_a_grad_scaler_are_left_to_it():
     assert wrapper.skipped_steps == 1
 
 
+def fp16_run(batches, action, max_scaler_skips):
+    model = make_model()
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
+    wrapper = AmpOptimWrapper(optimizer=optimizer, dtype="fp16", loss_scale={"init_scale": 256.0})
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    trainer = create_trainer(model, wrapper, loss_fn)
+    guard = NonFiniteGuard(action, max_scaler_skips=max_scaler_skips)
+    guard.attach(trainer)
+    return model, wrapper, guard, trainer, before
+
+
+def test_a_collapsing_fp16_loss_scale_stops_the_run_naming_the_iteration_and_the_scale():
+    batches = [poisoned([batch], 0)[0] for batch in make_batches(6)]  # every batch non-finite
+    model, wrapper, guard, trainer, before = fp16_run(batches, "stop", max_scaler_skips=4)
+    with pytest.raises(
+        FloatingPointError, match=r"loss scale has collapsed: 4 updates in a row skipped .*iteration 4, "
+    ):
+        trainer.run(batches)
+    assert trainer.state.iteration == 4 and wrapper.skipped_steps == 4
+    assert_same_tensors(dict(model.state_dict()), before)  # nothing was applied, nothing poisoned
+    assert wrapper.optimizer.state_dict()["state"] == {}
+    assert wrapper.loss_scaler.get_scale() == 256.0 / 2**4
+
+
+def test_a_collapsing_fp16_loss_scale_warns_once_per_streak_when_skipping():
+    batches = make_batches(10)
+    bad = (
+        [poisoned([batch], 0)[0] for batch in batches[:3]]
+        + batches[3:5]
+        + [poisoned([batch], 0)[0] for batch in batches[5:8]]
+    )
+    model, wrapper, guard, trainer, _ = fp16_run(bad, "skip", max_scaler_skips=3)
+    with pytest.warns(RuntimeWarning, match="loss scale has collapsed: 3 updates in a row") as warned:
+        trainer.run(bad)
+    assert [str(w.message).split("(iteration ")[1].split(",")[0] for w in warned] == ["3", "8"]
+    assert guard.scaler_streaks == {None: 3} and wrapper.skipped_steps == 6 and wrapper.applied_steps == 2
+    for value in [*model.state_dict().values(), *wrapper.optimizer.state_dict()["state"][0].values()]:
+        assert bool(torch.isfinite(value).all())
+
+
 def test_bad_action():
     with pytest.raises(ValueError, match=r"action must be one of \['skip', 'stop'\], got 'ignore'"):
         NonFiniteGuard("ignore")

@@ -19,6 +19,7 @@ import pickle
 import random
 import re
 import sys
+import zipfile
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -248,8 +249,11 @@ def attach_checkpoint(
     """Save ``to_save`` every ``every`` iterations (or each epoch), and when the run ends.
 
     Files are ``checkpoint_{iteration}.pt`` in ``dirname``, written through a
-    temporary file and a rename (``DiskSaver(atomic=True)``); the newest
-    ``n_saved`` are kept.
+    temporary file and a rename (``DiskSaver(atomic=True)``), so a process
+    killed while saving leaves the previous checkpoint as the newest one. The
+    newest ``n_saved`` are kept, counting those already in ``dirname`` (a
+    resumed run's). In a distributed run rank 0 writes the files; every rank
+    must attach it, since saving gathers state from all ranks.
 
     Args:
         trainer: The trainer.
@@ -272,6 +276,10 @@ def attach_checkpoint(
         n_saved=n_saved,
         global_step_transform=lambda engine, _: engine.state.iteration,
     )
+    directory = Path(dirname)
+    if directory.is_dir():  # checkpoints of the run being resumed count towards n_saved, so old ones go
+        saved = sorted((step, path.name) for path in directory.iterdir() if (step := _step_of(path)) is not None)
+        checkpoint.load_state_dict({"_saved": saved})
     event = Events.EPOCH_COMPLETED if every is None else Events.ITERATION_COMPLETED(every=every)
     trainer.add_event_handler(event, checkpoint)
 
@@ -334,26 +342,48 @@ def load_checkpoint(to_load: Mapping[str, Any], path: str | Path) -> None:
 
 
 def _read_checkpoint(path: Path) -> Mapping[str, Any]:
-    """The dict saved in ``path``, read without running code; a ``ValueError`` naming the file otherwise."""
+    """The dict saved in ``path``, read without running code; a ``ValueError`` naming the file otherwise.
+
+    torch's reader does not check the CRC32 of each record of the file, so
+    flipped bits in the tensor data would load silently; they are checked here.
+    """
+    if not path.is_file():
+        raise ValueError(f"cannot read checkpoint {path}: no such file")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except OSError as error:
-        raise ValueError(f"cannot read checkpoint {path}: {error.strerror or error}") from None
+        damaged = _failed_record(path)
+        state = None if damaged else torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
         if "weights_only" in str(error).lower() or "unsupported global" in str(error).lower():
             raise ValueError(
                 f"{path} holds objects other than tensors and plain containers; loading it could run code, "
                 "so it is refused (checkpoints written by attach_checkpoint hold none)"
             ) from None
-        raise ValueError(f"{path} is not a readable checkpoint (damaged or not a torch.save file): {error}") from None
-    except Exception as error:  # truncated or corrupted files surface as RuntimeError, EOFError, ...
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ValueError(f"{path} is not a readable checkpoint: {_first_line(error)}") from None
+    except PermissionError as error:
+        raise ValueError(f"cannot read checkpoint {path}: {error.strerror}") from None
+    except Exception as error:  # truncated or damaged files surface as RuntimeError, EOFError, OSError, ...
         raise ValueError(
-            f"{path} is not a readable checkpoint (truncated, damaged, or not a torch.save file): {first_line}"
+            f"{path} is not a readable checkpoint: truncated, damaged, or not written by torch.save "
+            f"({_first_line(error)})"
         ) from None
+    if damaged:
+        raise ValueError(f"{path} is damaged: its record {damaged!r} fails its CRC check")
     if not isinstance(state, Mapping):
         raise ValueError(f"{path} does not hold a checkpoint dict, got {checks.describe(state)}")
     return state
+
+
+def _failed_record(path: Path) -> str | None:
+    """The first record of a zip-format checkpoint whose CRC32 is wrong (None if all are right)."""
+    if not zipfile.is_zipfile(path):
+        return None
+    with zipfile.ZipFile(path) as archive:
+        return archive.testzip()
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return f"{type(error).__name__}: {text.splitlines()[0]}" if text else type(error).__name__
 
 
 def _check_fits(obj: Any, saved: Any) -> None:

@@ -1,0 +1,565 @@
+"""Every bad input of docs/hostile-input.md, and what the user gets: each table row is one case here.
+
+The table is rendered from these cases (``python tests/test_hostile_input.py``
+rewrites it), so the docs show the messages users really get. Each case must
+raise a ``ValueError``/``TypeError``/``KeyError`` (or, for the command, exit
+with status 2 and a message) naming what was wrong; a torch error from a bad
+batch must carry the note that says which batch. Loads must leave the objects
+as they were.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import os
+import pickle
+import re
+import struct
+import sys
+import zipfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from engine_opt import AmpOptimWrapper, OptimWrapper, OptimWrapperDict, build_optim_wrapper, cli, create_trainer
+from engine_opt.handlers import (
+    NonFiniteGuard,
+    ResumableLoader,
+    SchedulerHandler,
+    attach_checkpoint,
+    load_checkpoint,
+)
+
+from oracle import assert_same_tensors, make_model
+
+DOC = Path(__file__).resolve().parents[1] / "docs" / "hostile-input.md"
+TABLE_START = "<!-- table: rendered by tests/test_hostile_input.py -->"
+TABLE_END = "<!-- end of table -->"
+
+
+@dataclass
+class Case:
+    area: str
+    given: str  # what the user did, as it appears in the table
+    action: Callable[[], Any]
+    names: str  # a fragment the message must hold: the argument, value or file it is about
+
+
+def sgd(model: torch.nn.Module | None = None) -> torch.optim.Optimizer:
+    return torch.optim.SGD((model or make_model()).parameters(), lr=0.1)
+
+
+def wrapper_of(model: torch.nn.Module) -> OptimWrapper:
+    return OptimWrapper(torch.optim.AdamW(model.parameters(), lr=0.01))
+
+
+def trained(model: torch.nn.Module, wrapper: OptimWrapper) -> None:
+    wrapper.update_params(model(torch.ones(2, 4)).sum())
+
+
+def unchanged_after(objects: dict[str, Any], load: Callable[[], Any]) -> None:
+    """Run ``load``, which must fail; check that it changed none of ``objects``; re-raise its error."""
+    before = {name: copy.deepcopy(obj.state_dict()) for name, obj in objects.items()}
+    try:
+        load()
+    except Exception:
+        for name, obj in objects.items():
+            assert_same_tensors(obj.state_dict(), before[name], name)
+        raise
+    raise AssertionError("the load did not fail")
+
+
+def saved_run(path: str) -> None:
+    """A real checkpoint of a model, its wrapper and its trainer, at ``path``."""
+    model = make_model()
+    wrapper = wrapper_of(model)
+    trained(model, wrapper)
+    trainer = create_trainer(model, wrapper, F.mse_loss)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    torch.save(
+        {"model": model.state_dict(), "optim_wrapper": wrapper.state_dict(), "trainer": trainer.state_dict()}, path
+    )
+
+
+def load_into_fresh(path: str, model: torch.nn.Module | None = None, extra: dict[str, Any] | None = None) -> None:
+    model = model or make_model(seed=3)
+    wrapper = wrapper_of(model)
+    trained(model, wrapper)
+    to_load = {"model": model, "optim_wrapper": wrapper, **(extra or {})}
+    unchanged_after({"model": model, "optim_wrapper": wrapper}, lambda: load_checkpoint(to_load, path))
+
+
+def file_with(path: str, content: bytes) -> str:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_bytes(content)
+    return path
+
+
+def truncated(path: str) -> str:
+    saved_run(path)
+    data = Path(path).read_bytes()
+    return file_with(path, data[: len(data) // 2])
+
+
+def corrupted(path: str) -> str:
+    saved_run(path)
+    data = bytearray(Path(path).read_bytes())
+    for index in range(len(data) // 3, len(data) // 3 + 64):
+        data[index] ^= 0xFF
+    return file_with(path, bytes(data))
+
+
+class Exploit:
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (os.system, ("echo this should never run",))
+
+
+def flipped_tensor_bytes(path: str) -> str:
+    """Flip 4 bytes inside the largest tensor's data: the file still parses, only its CRC tells."""
+    saved_run(path)
+    with zipfile.ZipFile(path) as archive:
+        record = max((info for info in archive.infolist() if "/data/" in info.filename), key=lambda i: i.file_size)
+    data = bytearray(Path(path).read_bytes())
+    name_length, extra_length = struct.unpack("<HH", data[record.header_offset + 26 : record.header_offset + 30])
+    start = record.header_offset + 30 + name_length + extra_length
+    for index in range(start, start + 4):
+        data[index] ^= 0xFF
+    return file_with(path, bytes(data))
+
+
+def pickled_code(path: str) -> str:
+    return file_with(path, pickle.dumps({"model": Exploit()}, protocol=2))
+
+
+def other_model_optimizer_state() -> None:
+    wide = torch.nn.Sequential(torch.nn.Linear(4, 9), torch.nn.LayerNorm(9), torch.nn.ReLU(), torch.nn.Linear(9, 2))
+    wide_wrapper = wrapper_of(wide)
+    trained(wide, wide_wrapper)
+    model = make_model()
+    wrapper = wrapper_of(model)
+    unchanged_after({"optim_wrapper": wrapper}, lambda: wrapper.load_state_dict(wide_wrapper.state_dict()))
+
+
+def run_trainer(model: torch.nn.Module, loss_fn: Callable[..., Any], batch: Any) -> None:
+    create_trainer(model, OptimWrapper(sgd(model)), loss_fn).run([batch])
+
+
+def command(*args: str) -> None:
+    """``engine-opt train ARGS`` in the current directory; a SystemExit carries the message printed."""
+    stderr = io.StringIO()
+    with contextlib.redirect_stderr(stderr):
+        try:
+            cli.main(["train", "--no-progress", "--epochs", "1", *args])
+        except SystemExit as error:
+            message = stderr.getvalue().strip().splitlines()[-1] if stderr.getvalue().strip() else ""
+            raise SystemExit(f"exit {error.code}: {message}") from None
+
+
+def with_checkpoints_of_another_run() -> None:
+    command("--checkpoint-every", "1000")
+    command()
+
+
+def resume_with_other_options() -> None:
+    command("--log-dir", "runs/other")
+    command("--log-dir", "runs/other", "--resume", "--task", "gan")
+
+
+CASES = [
+    Case(
+        "constructor",
+        "`OptimWrapper(model)` (a module, not an optimizer)",
+        lambda: OptimWrapper(make_model()),
+        "Sequential",
+    ),
+    Case(
+        "constructor",
+        "`OptimWrapper(opt, accumulative_counts=0)`",
+        lambda: OptimWrapper(sgd(), accumulative_counts=0),
+        "accumulative_counts",
+    ),
+    Case(
+        "constructor",
+        "`OptimWrapper(opt, accumulative_counts=2.5)`",
+        lambda: OptimWrapper(sgd(), accumulative_counts=2.5),
+        "2.5",
+    ),
+    Case(
+        "constructor",
+        "`OptimWrapper(opt, clip_grad={'max_norm': 1, 'typ': 'norm'})`",
+        lambda: OptimWrapper(sgd(), clip_grad={"max_norm": 1, "typ": "norm"}),
+        "typ",
+    ),
+    Case(
+        "constructor",
+        "`OptimWrapper(opt, clip_grad={'type': 'value'})`",
+        lambda: OptimWrapper(sgd(), clip_grad={"type": "value"}),
+        "clip_value",
+    ),
+    Case(
+        "constructor",
+        "`AmpOptimWrapper(opt)` (optimizer passed positionally)",
+        lambda: AmpOptimWrapper(sgd()),
+        "optimizer=",
+    ),
+    Case(
+        "constructor",
+        "`AmpOptimWrapper(optimizer=opt, dtype='int8')`",
+        lambda: AmpOptimWrapper(optimizer=sgd(), dtype="int8"),
+        "int8",
+    ),
+    Case(
+        "constructor",
+        "`AmpOptimWrapper(optimizer=opt, loss_scale=-1)`",
+        lambda: AmpOptimWrapper(optimizer=sgd(), loss_scale=-1),
+        "-1",
+    ),
+    Case(
+        "constructor",
+        "`AmpOptimWrapper(optimizer=opt, loss_scale={'growth_factor': 0.5})`",
+        lambda: AmpOptimWrapper(optimizer=sgd(), loss_scale={"growth_factor": 0.5}),
+        "growth_factor",
+    ),
+    Case(
+        "constructor", "`OptimWrapperDict(gen=optimizer)` (not a wrapper)", lambda: OptimWrapperDict(gen=sgd()), "gen"
+    ),
+    Case(
+        "constructor",
+        "`wrappers['generator']` (no such member)",
+        lambda: OptimWrapperDict(gen=OptimWrapper(sgd()))["generator"],
+        "generator",
+    ),
+    Case("constructor", "`NonFiniteGuard('explode')`", lambda: NonFiniteGuard("explode"), "explode"),
+    Case("constructor", "`SchedulerHandler(optimizer)` (not a scheduler)", lambda: SchedulerHandler(sgd()), "SGD"),
+    Case(
+        "constructor",
+        "`attach_checkpoint(trainer, to_save, 'ckpt', every=0)`",
+        lambda: attach_checkpoint(create_trainer(make_model(), OptimWrapper(sgd()), F.mse_loss), {}, "ckpt", every=0),
+        "every",
+    ),
+    Case(
+        "constructor",
+        "`ResumableLoader(iter(loader))` (an iterator: cannot be replayed)",
+        lambda: ResumableLoader(iter([1, 2])),
+        "re-iterable",
+    ),
+    Case(
+        "config",
+        "`build_optim_wrapper(model, {'type': 'FastWrapper', ...})`",
+        lambda: build_optim_wrapper(make_model(), {"type": "FastWrapper", "optimizer": {"type": "SGD", "lr": 0.1}}),
+        "FastWrapper",
+    ),
+    Case(
+        "config",
+        "`build_optim_wrapper(model, {'optimizer': {'type': 'Adamm'}})`",
+        lambda: build_optim_wrapper(make_model(), {"optimizer": {"type": "Adamm", "lr": 0.1}}),
+        "Adamm",
+    ),
+    Case(
+        "config",
+        "`build_optim_wrapper(model, {'optimizer': {'lr': 0.1}})` (no type)",
+        lambda: build_optim_wrapper(make_model(), {"optimizer": {"lr": 0.1}}),
+        "type",
+    ),
+    Case(
+        "config",
+        "`build_optim_wrapper(model, {'type': 'OptimWrapper'})` (no optimizer)",
+        lambda: build_optim_wrapper(make_model(), {"type": "OptimWrapper"}),
+        "optimizer",
+    ),
+    Case(
+        "config",
+        "`build_optim_wrapper(model, {'optimizer': {'type': 'SGD', 'lr': 0.1, 'momentom': 0.9}})`",
+        lambda: build_optim_wrapper(make_model(), {"optimizer": {"type": "SGD", "lr": 0.1, "momentom": 0.9}}),
+        "momentom",
+    ),
+    Case(
+        "trainer",
+        "`create_trainer(model, optimizer, loss_fn)` (optimizer not wrapped)",
+        lambda: create_trainer(make_model(), sgd(), F.mse_loss),
+        "OptimWrapper",
+    ),
+    Case(
+        "trainer",
+        "`create_trainer(model, wrapper)` (no loss_fn, no train_step)",
+        lambda: create_trainer(make_model(), OptimWrapper(sgd()), None),
+        "loss_fn",
+    ),
+    Case(
+        "trainer",
+        "`create_trainer(model, wrapper_dict, loss_fn)`",
+        lambda: create_trainer(make_model(), OptimWrapperDict(gen=OptimWrapper(sgd())), F.mse_loss),
+        "train_step",
+    ),
+    Case(
+        "trainer",
+        "`create_trainer(model, wrapper, lambda y_pred: ...)` (wrong arity)",
+        lambda: create_trainer(make_model(), OptimWrapper(sgd()), lambda y_pred: y_pred.sum()),
+        "loss_fn",
+    ),
+    Case(
+        "data",
+        "a batch that is one tensor, not `(x, y)`",
+        lambda: run_trainer(make_model(), F.mse_loss, torch.ones(2, 4)),
+        "(x, y)",
+    ),
+    Case(
+        "data",
+        "`x` with 3 features for a model taking 4",
+        lambda: run_trainer(make_model(), F.mse_loss, (torch.ones(2, 3), torch.ones(2, 2))),
+        "float32 tensor (2, 3)",
+    ),
+    Case(
+        "data",
+        "float targets for `cross_entropy` over 2 classes, wrong shape",
+        lambda: run_trainer(make_model(), F.cross_entropy, (torch.ones(2, 4), torch.ones(2, 3))),
+        "y = float32 tensor (2, 3)",
+    ),
+    Case(
+        "data",
+        "a loss that is not a scalar (`loss_fn=lambda p, y: p - y`)",
+        lambda: run_trainer(make_model(), lambda p, y: p - y, (torch.ones(2, 4), torch.ones(2, 2))),
+        "iteration 1",
+    ),
+    Case(
+        "state dict",
+        "`wrapper.load_state_dict({'lr': 0.1})`",
+        lambda: OptimWrapper(sgd()).load_state_dict({"lr": 0.1}),
+        "param_groups",
+    ),
+    Case(
+        "state dict",
+        "a wrapper state dict with two param groups into one",
+        lambda: OptimWrapper(sgd()).load_state_dict(
+            OptimWrapper(
+                torch.optim.SGD(
+                    [
+                        {"params": [torch.zeros(1, requires_grad=True)]},
+                        {"params": [torch.zeros(1, requires_grad=True)]},
+                    ],
+                    lr=0.1,
+                )
+            ).state_dict()
+        ),
+        "2 param group",
+    ),
+    Case(
+        "state dict",
+        "an AdamW state of a model with other shapes (same parameter count)",
+        other_model_optimizer_state,
+        "exp_avg",
+    ),
+    Case(
+        "state dict",
+        "`counters` holding a string",
+        lambda: OptimWrapper(sgd()).load_state_dict({**sgd().state_dict(), "counters": {"steps": "7"}}),
+        "'steps'",
+    ),
+    Case(
+        "state dict",
+        "`ResumableLoader.load_state_dict({'position': -1, ...})`",
+        lambda: ResumableLoader([1]).load_state_dict(
+            {"position": -1, "epoch_rng": None, "rng": {"torch": torch.get_rng_state()}}
+        ),
+        "position",
+    ),
+    Case(
+        "checkpoint file",
+        "a checkpoint truncated to half its size",
+        lambda: load_into_fresh(truncated("ckpt/checkpoint_3.pt")),
+        "ckpt/checkpoint_3.pt",
+    ),
+    Case(
+        "checkpoint file",
+        "a checkpoint with 4 bytes flipped in a tensor's data",
+        lambda: load_into_fresh(flipped_tensor_bytes("ckpt/checkpoint_3.pt")),
+        "CRC",
+    ),
+    Case(
+        "checkpoint file",
+        "a checkpoint with 64 bytes flipped in its middle",
+        lambda: load_into_fresh(corrupted("ckpt/checkpoint_3.pt")),
+        "ckpt/checkpoint_3.pt",
+    ),
+    Case(
+        "checkpoint file",
+        "a text file named `checkpoint_3.pt`",
+        lambda: load_into_fresh(file_with("ckpt/checkpoint_3.pt", b"step: 3\n")),
+        "ckpt/checkpoint_3.pt",
+    ),
+    Case(
+        "checkpoint file",
+        "a pickle that would run a shell command when loaded",
+        lambda: load_into_fresh(pickled_code("ckpt/checkpoint_3.pt")),
+        "could run code",
+    ),
+    Case(
+        "checkpoint file",
+        "a file holding a tensor, not a dict",
+        lambda: load_into_fresh(file_with("ckpt/checkpoint_3.pt", _saved_bytes(torch.ones(3)))),
+        "checkpoint dict",
+    ),
+    Case(
+        "checkpoint file",
+        "a checkpoint of a model with other layer sizes",
+        lambda: (
+            saved_run("ckpt/checkpoint_3.pt"),
+            load_into_fresh(
+                "ckpt/checkpoint_3.pt",
+                torch.nn.Sequential(
+                    torch.nn.Linear(4, 9), torch.nn.LayerNorm(9), torch.nn.ReLU(), torch.nn.Linear(9, 2)
+                ),
+            ),
+        ),
+        "shapes differ",
+    ),
+    Case(
+        "checkpoint file",
+        "a checkpoint without the `data` entry being resumed",
+        lambda: (
+            saved_run("ckpt/checkpoint_3.pt"),
+            load_into_fresh("ckpt/checkpoint_3.pt", extra={"data": ResumableLoader([1])}),
+        ),
+        "lacks ['data']",
+    ),
+    Case(
+        "checkpoint file",
+        "a path that does not exist",
+        lambda: load_into_fresh("ckpt/checkpoint_9.pt"),
+        "ckpt/checkpoint_9.pt",
+    ),
+    Case("command", "`engine-opt train --epochs 0`", lambda: command("--epochs", "0"), "--epochs"),
+    Case(
+        "command",
+        "`engine-opt train --dtype fp16 --wrapper OptimWrapper`",
+        lambda: command("--dtype", "fp16", "--wrapper", "OptimWrapper"),
+        "--dtype fp16",
+    ),
+    Case("command", "`engine-opt train --optimizer Adamm`", lambda: command("--optimizer", "Adamm"), "Adamm"),
+    Case(
+        "command",
+        "`engine-opt train --config missing.json`",
+        lambda: command("--config", "missing.json"),
+        "missing.json",
+    ),
+    Case(
+        "command",
+        "`engine-opt train --config bad.json` (not JSON)",
+        lambda: (file_with("bad.json", b"{type: SGD"), command("--config", "bad.json")),
+        "bad.json",
+    ),
+    Case(
+        "command",
+        "`engine-opt train --config list.json` (a JSON list)",
+        lambda: (file_with("list.json", b"[1, 2]"), command("--config", "list.json")),
+        "list.json",
+    ),
+    Case(
+        "command",
+        "`engine-opt train --config c.json --lr 0.1`",
+        lambda: (file_with("c.json", b"{}"), command("--config", "c.json", "--lr", "0.1")),
+        "--lr",
+    ),
+    Case(
+        "command",
+        "`engine-opt train` into a directory holding another run's checkpoints",
+        with_checkpoints_of_another_run,
+        "--resume",
+    ),
+    Case(
+        "command",
+        "`engine-opt train --resume --task gan` on a classifier's checkpoints",
+        resume_with_other_options,
+        "--resume",
+    ),
+    Case(
+        "command",
+        "`engine-opt train --device cuda` without a GPU",
+        lambda: command("--device", "cuda"),
+        "--device cuda",
+    ),
+    Case(
+        "command",
+        "`engine-opt train --nproc-per-node 2 --backend nccl` without GPUs",
+        lambda: command("--nproc-per-node", "2", "--backend", "nccl"),
+        "--backend nccl",
+    ),
+]
+
+
+def _saved_bytes(obj: Any) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return buffer.getvalue()
+
+
+def outcome(case: Case) -> str:
+    """What the user gets, as the table shows it: the exception and its message (and note), or the exit."""
+    try:
+        case.action()
+    except SystemExit as error:
+        return str(error)
+    except (ValueError, TypeError, KeyError, RuntimeError) as error:
+        message = error.args[0] if isinstance(error, KeyError) and error.args else str(error)
+        notes = getattr(error, "__notes__", [])
+        return f"{type(error).__name__}: {message}" + "".join(f" [note: {note}]" for note in notes)
+    raise AssertionError(f"{case.given}: nothing was raised")
+
+
+def render(outcomes: list[str]) -> str:
+    def cell(text: str) -> str:
+        text = re.sub(r" at 0x[0-9a-f]+", "", text)  # object addresses change from run to run
+        return text.replace("|", "\\|").replace("\n", " ")
+
+    rows = ["| | Given | What the user gets |", "|---|---|---|"]
+    rows += [f"| {case.area} | {cell(case.given)} | {cell(got)} |" for case, got in zip(CASES, outcomes, strict=True)]
+    return "\n".join(rows)
+
+
+def all_outcomes(directory: Path) -> list[str]:
+    cwd = os.getcwd()
+    os.chdir(directory)  # relative paths: the messages do not depend on where the tests run
+    try:
+        return [outcome(case) for case in CASES]
+    finally:
+        os.chdir(cwd)
+
+
+@pytest.fixture(scope="module")
+def outcomes(tmp_path_factory):
+    if torch.cuda.is_available():
+        pytest.skip("the table records a machine without a GPU (the --device cuda and nccl rows)")
+    return all_outcomes(tmp_path_factory.mktemp("hostile"))
+
+
+@pytest.mark.parametrize("index", range(len(CASES)), ids=[f"{case.area}: {case.given}" for case in CASES])
+def test_each_bad_input_gets_a_clear_error_naming_what_was_wrong(outcomes, index):
+    got, case = outcomes[index], CASES[index]
+    assert got.startswith(("ValueError", "TypeError", "KeyError", "exit 2: ", "RuntimeError")), got
+    if got.startswith("RuntimeError"):  # torch's own error, kept, with the note saying which batch it came from
+        assert "[note: engine_opt: iteration" in got, got
+    assert case.names in got, f"{case.given}: {got!r} does not mention {case.names!r}"
+
+
+def test_the_docs_table_shows_what_users_get(outcomes):
+    text = DOC.read_text()
+    table = text[text.index(TABLE_START) + len(TABLE_START) : text.index(TABLE_END)].strip()
+    assert table == render(outcomes), "docs/hostile-input.md is stale: run `python tests/test_hostile_input.py`"
+
+
+if __name__ == "__main__":  # rewrite the table of docs/hostile-input.md
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as directory:
+        table = render(all_outcomes(Path(directory)))
+    text = DOC.read_text()
+    start, end = text.index(TABLE_START) + len(TABLE_START), text.index(TABLE_END)
+    DOC.write_text(text[:start] + "\n" + table + "\n" + text[end:])
+    print(f"rewrote the table of {DOC} ({len(CASES)} rows)", file=sys.stderr)
