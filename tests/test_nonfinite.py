@@ -109,7 +109,7 @@ def test_members_with_a_grad_scaler_are_left_to_it():
     assert wrapper.skipped_steps == 1
 
 
-def fp16_run(batches, action, max_scaler_skips):
+def fp16_run(action, max_scaler_skips):
     model = make_model()
     optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
     wrapper = AmpOptimWrapper(optimizer=optimizer, dtype="fp16", loss_scale={"init_scale": 256.0})
@@ -122,7 +122,7 @@ def fp16_run(batches, action, max_scaler_skips):
 
 def test_a_collapsing_fp16_loss_scale_stops_the_run_naming_the_iteration_and_the_scale():
     batches = [poisoned([batch], 0)[0] for batch in make_batches(6)]  # every batch non-finite
-    model, wrapper, guard, trainer, before = fp16_run(batches, "stop", max_scaler_skips=4)
+    model, wrapper, _, trainer, before = fp16_run("stop", max_scaler_skips=4)
     with pytest.raises(
         FloatingPointError, match=r"loss scale has collapsed: 4 updates in a row skipped .*iteration 4, "
     ):
@@ -140,7 +140,7 @@ def test_a_collapsing_fp16_loss_scale_warns_once_per_streak_when_skipping():
         + batches[3:5]
         + [poisoned([batch], 0)[0] for batch in batches[5:8]]
     )
-    model, wrapper, guard, trainer, _ = fp16_run(bad, "skip", max_scaler_skips=3)
+    model, wrapper, guard, trainer, _ = fp16_run("skip", max_scaler_skips=3)
     with pytest.warns(RuntimeWarning, match="loss scale has collapsed: 3 updates in a row") as warned:
         trainer.run(bad)
     assert [str(w.message).split("(iteration ")[1].split(",")[0] for w in warned] == ["3", "8"]
