@@ -258,6 +258,11 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         print(f"engine-opt: no checkpoint in {checkpoint_dir}; starting a new run", file=sys.stderr)
     if resumed is not None and trainer.state.max_epochs is not None and args.epochs < trainer.state.max_epochs:
         raise UsageError(f"--epochs {args.epochs} is less than the resumed run's {trainer.state.max_epochs}")
+    if resumed is not None and trainer.state.epoch >= args.epochs:  # Ignite would start a finished run over
+        raise UsageError(
+            f"the run in {checkpoint_dir} is complete ({trainer.state.epoch} epochs); "
+            f"pass --epochs above {trainer.state.epoch} to train it further"
+        )
 
     tracker = _LossTracker(task.loss_names)
     trainer.add_event_handler(Events.EPOCH_STARTED, tracker.reset)

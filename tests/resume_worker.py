@@ -76,7 +76,8 @@ def main() -> None:
     print("ready", flush=True)
     if args.kill_at is not None:
         trainer.add_event_handler(Events.ITERATION_COMPLETED(once=args.kill_at), lambda engine: os._exit(3))
-    trainer.run(data, max_epochs=args.epochs)
+    if trainer.state.epoch < args.epochs:  # Ignite would start a finished run over
+        trainer.run(data, max_epochs=args.epochs)
     torch.save(final(), args.output)
 
 

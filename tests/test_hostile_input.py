@@ -167,331 +167,74 @@ def with_checkpoints_of_another_run() -> None:
     command()
 
 
+def resume_a_complete_run() -> None:
+    command("--log-dir", "runs/done")
+    command("--log-dir", "runs/done", "--resume")
+
+
 def resume_with_other_options() -> None:
     command("--log-dir", "runs/other")
     command("--log-dir", "runs/other", "--resume", "--task", "gan")
 
 
+# fmt: off
 CASES = [
-    Case(
-        "constructor",
-        "`OptimWrapper(model)` (a module, not an optimizer)",
-        lambda: OptimWrapper(make_model()),
-        "Sequential",
-    ),
-    Case(
-        "constructor",
-        "`OptimWrapper(opt, accumulative_counts=0)`",
-        lambda: OptimWrapper(sgd(), accumulative_counts=0),
-        "accumulative_counts",
-    ),
-    Case(
-        "constructor",
-        "`OptimWrapper(opt, accumulative_counts=2.5)`",
-        lambda: OptimWrapper(sgd(), accumulative_counts=2.5),
-        "2.5",
-    ),
-    Case(
-        "constructor",
-        "`OptimWrapper(opt, clip_grad={'max_norm': 1, 'typ': 'norm'})`",
-        lambda: OptimWrapper(sgd(), clip_grad={"max_norm": 1, "typ": "norm"}),
-        "typ",
-    ),
-    Case(
-        "constructor",
-        "`OptimWrapper(opt, clip_grad={'type': 'value'})`",
-        lambda: OptimWrapper(sgd(), clip_grad={"type": "value"}),
-        "clip_value",
-    ),
-    Case(
-        "constructor",
-        "`AmpOptimWrapper(opt)` (optimizer passed positionally)",
-        lambda: AmpOptimWrapper(sgd()),
-        "optimizer=",
-    ),
-    Case(
-        "constructor",
-        "`AmpOptimWrapper(optimizer=opt, dtype='int8')`",
-        lambda: AmpOptimWrapper(optimizer=sgd(), dtype="int8"),
-        "int8",
-    ),
-    Case(
-        "constructor",
-        "`AmpOptimWrapper(optimizer=opt, loss_scale=-1)`",
-        lambda: AmpOptimWrapper(optimizer=sgd(), loss_scale=-1),
-        "-1",
-    ),
-    Case(
-        "constructor",
-        "`AmpOptimWrapper(optimizer=opt, loss_scale={'growth_factor': 0.5})`",
-        lambda: AmpOptimWrapper(optimizer=sgd(), loss_scale={"growth_factor": 0.5}),
-        "growth_factor",
-    ),
-    Case(
-        "constructor", "`OptimWrapperDict(gen=optimizer)` (not a wrapper)", lambda: OptimWrapperDict(gen=sgd()), "gen"
-    ),
-    Case(
-        "constructor",
-        "`wrappers['generator']` (no such member)",
-        lambda: OptimWrapperDict(gen=OptimWrapper(sgd()))["generator"],
-        "generator",
-    ),
+    Case("constructor", "`OptimWrapper(model)` (a module, not an optimizer)", lambda: OptimWrapper(make_model()), "Sequential"),
+    Case("constructor", "`OptimWrapper(opt, accumulative_counts=0)`", lambda: OptimWrapper(sgd(), accumulative_counts=0), "accumulative_counts"),
+    Case("constructor", "`OptimWrapper(opt, accumulative_counts=2.5)`", lambda: OptimWrapper(sgd(), accumulative_counts=2.5), "2.5"),
+    Case("constructor", "`OptimWrapper(opt, clip_grad={'max_norm': 1, 'typ': 'norm'})`", lambda: OptimWrapper(sgd(), clip_grad={"max_norm": 1, "typ": "norm"}), "typ"),
+    Case("constructor", "`OptimWrapper(opt, clip_grad={'type': 'value'})`", lambda: OptimWrapper(sgd(), clip_grad={"type": "value"}), "clip_value"),
+    Case("constructor", "`AmpOptimWrapper(opt)` (optimizer passed positionally)", lambda: AmpOptimWrapper(sgd()), "optimizer="),
+    Case("constructor", "`AmpOptimWrapper(optimizer=opt, dtype='int8')`", lambda: AmpOptimWrapper(optimizer=sgd(), dtype="int8"), "int8"),
+    Case("constructor", "`AmpOptimWrapper(optimizer=opt, loss_scale=-1)`", lambda: AmpOptimWrapper(optimizer=sgd(), loss_scale=-1), "-1"),
+    Case("constructor", "`AmpOptimWrapper(optimizer=opt, loss_scale={'growth_factor': 0.5})`", lambda: AmpOptimWrapper(optimizer=sgd(), loss_scale={"growth_factor": 0.5}), "growth_factor"),
+    Case("constructor", "`OptimWrapperDict(gen=optimizer)` (not a wrapper)", lambda: OptimWrapperDict(gen=sgd()), "gen"),
+    Case("constructor", "`wrappers['generator']` (no such member)", lambda: OptimWrapperDict(gen=OptimWrapper(sgd()))["generator"], "generator"),
     Case("constructor", "`NonFiniteGuard('explode')`", lambda: NonFiniteGuard("explode"), "explode"),
     Case("constructor", "`SchedulerHandler(optimizer)` (not a scheduler)", lambda: SchedulerHandler(sgd()), "SGD"),
-    Case(
-        "constructor",
-        "`attach_checkpoint(trainer, to_save, 'ckpt', every=0)`",
-        lambda: attach_checkpoint(create_trainer(make_model(), OptimWrapper(sgd()), F.mse_loss), {}, "ckpt", every=0),
-        "every",
-    ),
-    Case(
-        "constructor",
-        "`ResumableLoader(iter(loader))` (an iterator: cannot be replayed)",
-        lambda: ResumableLoader(iter([1, 2])),
-        "re-iterable",
-    ),
-    Case(
-        "config",
-        "`build_optim_wrapper(model, {'type': 'FastWrapper', ...})`",
-        lambda: build_optim_wrapper(make_model(), {"type": "FastWrapper", "optimizer": {"type": "SGD", "lr": 0.1}}),
-        "FastWrapper",
-    ),
-    Case(
-        "config",
-        "`build_optim_wrapper(model, {'optimizer': {'type': 'Adamm'}})`",
-        lambda: build_optim_wrapper(make_model(), {"optimizer": {"type": "Adamm", "lr": 0.1}}),
-        "Adamm",
-    ),
-    Case(
-        "config",
-        "`build_optim_wrapper(model, {'optimizer': {'lr': 0.1}})` (no type)",
-        lambda: build_optim_wrapper(make_model(), {"optimizer": {"lr": 0.1}}),
-        "type",
-    ),
-    Case(
-        "config",
-        "`build_optim_wrapper(model, {'type': 'OptimWrapper'})` (no optimizer)",
-        lambda: build_optim_wrapper(make_model(), {"type": "OptimWrapper"}),
-        "optimizer",
-    ),
-    Case(
-        "config",
-        "`build_optim_wrapper(model, {'optimizer': {'type': 'SGD', 'lr': 0.1, 'momentom': 0.9}})`",
-        lambda: build_optim_wrapper(make_model(), {"optimizer": {"type": "SGD", "lr": 0.1, "momentom": 0.9}}),
-        "momentom",
-    ),
-    Case(
-        "trainer",
-        "`create_trainer(model, optimizer, loss_fn)` (optimizer not wrapped)",
-        lambda: create_trainer(make_model(), sgd(), F.mse_loss),
-        "OptimWrapper",
-    ),
-    Case(
-        "trainer",
-        "`create_trainer(model, wrapper)` (no loss_fn, no train_step)",
-        lambda: create_trainer(make_model(), OptimWrapper(sgd()), None),
-        "loss_fn",
-    ),
-    Case(
-        "trainer",
-        "`create_trainer(model, wrapper_dict, loss_fn)`",
-        lambda: create_trainer(make_model(), OptimWrapperDict(gen=OptimWrapper(sgd())), F.mse_loss),
-        "train_step",
-    ),
-    Case(
-        "trainer",
-        "`create_trainer(model, wrapper, lambda y_pred: ...)` (wrong arity)",
-        lambda: create_trainer(make_model(), OptimWrapper(sgd()), lambda y_pred: y_pred.sum()),
-        "loss_fn",
-    ),
-    Case(
-        "data",
-        "a batch that is one tensor, not `(x, y)`",
-        lambda: run_trainer(make_model(), F.mse_loss, torch.ones(2, 4)),
-        "(x, y)",
-    ),
-    Case(
-        "data",
-        "`x` with 3 features for a model taking 4",
-        lambda: run_trainer(make_model(), F.mse_loss, (torch.ones(2, 3), torch.ones(2, 2))),
-        "float32 tensor (2, 3)",
-    ),
-    Case(
-        "data",
-        "float targets for `cross_entropy` over 2 classes, wrong shape",
-        lambda: run_trainer(make_model(), F.cross_entropy, (torch.ones(2, 4), torch.ones(2, 3))),
-        "y = float32 tensor (2, 3)",
-    ),
-    Case(
-        "data",
-        "a loss that is not a scalar (`loss_fn=lambda p, y: p - y`)",
-        lambda: run_trainer(make_model(), lambda p, y: p - y, (torch.ones(2, 4), torch.ones(2, 2))),
-        "iteration 1",
-    ),
-    Case(
-        "state dict",
-        "`wrapper.load_state_dict({'lr': 0.1})`",
-        lambda: OptimWrapper(sgd()).load_state_dict({"lr": 0.1}),
-        "param_groups",
-    ),
-    Case(
-        "state dict",
-        "a wrapper state dict with two param groups into one",
-        lambda: OptimWrapper(sgd()).load_state_dict(
-            OptimWrapper(
-                torch.optim.SGD(
-                    [
-                        {"params": [torch.zeros(1, requires_grad=True)]},
-                        {"params": [torch.zeros(1, requires_grad=True)]},
-                    ],
-                    lr=0.1,
-                )
-            ).state_dict()
-        ),
-        "2 param group",
-    ),
-    Case(
-        "state dict",
-        "an AdamW state of a model with other shapes (same parameter count)",
-        other_model_optimizer_state,
-        "exp_avg",
-    ),
-    Case(
-        "state dict",
-        "`counters` holding a string",
-        lambda: OptimWrapper(sgd()).load_state_dict({**sgd().state_dict(), "counters": {"steps": "7"}}),
-        "'steps'",
-    ),
-    Case(
-        "state dict",
-        "`ResumableLoader.load_state_dict({'position': -1, ...})`",
-        lambda: ResumableLoader([1]).load_state_dict(
-            {"position": -1, "epoch_rng": None, "rng": {"torch": torch.get_rng_state()}}
-        ),
-        "position",
-    ),
-    Case(
-        "checkpoint file",
-        "a checkpoint truncated to half its size",
-        lambda: load_into_fresh(truncated("ckpt/checkpoint_3.pt")),
-        "ckpt/checkpoint_3.pt",
-    ),
-    Case(
-        "checkpoint file",
-        "a checkpoint with 4 bytes flipped in a tensor's data",
-        lambda: load_into_fresh(flipped_tensor_bytes("ckpt/checkpoint_3.pt")),
-        "CRC",
-    ),
-    Case(
-        "checkpoint file",
-        "a checkpoint with 64 bytes flipped in its middle",
-        lambda: load_into_fresh(corrupted("ckpt/checkpoint_3.pt")),
-        "ckpt/checkpoint_3.pt",
-    ),
-    Case(
-        "checkpoint file",
-        "a text file named `checkpoint_3.pt`",
-        lambda: load_into_fresh(file_with("ckpt/checkpoint_3.pt", b"step: 3\n")),
-        "ckpt/checkpoint_3.pt",
-    ),
-    Case(
-        "checkpoint file",
-        "a pickle that would run a shell command when loaded",
-        lambda: load_into_fresh(pickled_code("ckpt/checkpoint_3.pt")),
-        "could run code",
-    ),
-    Case(
-        "checkpoint file",
-        "a file holding a tensor, not a dict",
-        lambda: load_into_fresh(file_with("ckpt/checkpoint_3.pt", _saved_bytes(torch.ones(3)))),
-        "checkpoint dict",
-    ),
-    Case(
-        "checkpoint file",
-        "a checkpoint of a model with other layer sizes",
-        lambda: (
-            saved_run("ckpt/checkpoint_3.pt"),
-            load_into_fresh(
-                "ckpt/checkpoint_3.pt",
-                torch.nn.Sequential(
-                    torch.nn.Linear(4, 9), torch.nn.LayerNorm(9), torch.nn.ReLU(), torch.nn.Linear(9, 2)
-                ),
-            ),
-        ),
-        "shapes differ",
-    ),
-    Case(
-        "checkpoint file",
-        "a checkpoint without the `data` entry being resumed",
-        lambda: (
-            saved_run("ckpt/checkpoint_3.pt"),
-            load_into_fresh("ckpt/checkpoint_3.pt", extra={"data": ResumableLoader([1])}),
-        ),
-        "lacks ['data']",
-    ),
-    Case(
-        "checkpoint file",
-        "a path that does not exist",
-        lambda: load_into_fresh("ckpt/checkpoint_9.pt"),
-        "ckpt/checkpoint_9.pt",
-    ),
+    Case("constructor", "`attach_checkpoint(trainer, to_save, 'ckpt', every=0)`", lambda: attach_checkpoint(create_trainer(make_model(), OptimWrapper(sgd()), F.mse_loss), {}, "ckpt", every=0), "every"),
+    Case("constructor", "`ResumableLoader(iter(loader))` (an iterator: cannot be replayed)", lambda: ResumableLoader(iter([1, 2])), "re-iterable"),
+    Case("config", "`build_optim_wrapper(model, {'type': 'FastWrapper', ...})`", lambda: build_optim_wrapper(make_model(), {"type": "FastWrapper", "optimizer": {"type": "SGD", "lr": 0.1}}), "FastWrapper"),
+    Case("config", "`build_optim_wrapper(model, {'optimizer': {'type': 'Adamm'}})`", lambda: build_optim_wrapper(make_model(), {"optimizer": {"type": "Adamm", "lr": 0.1}}), "Adamm"),
+    Case("config", "`build_optim_wrapper(model, {'optimizer': {'lr': 0.1}})` (no type)", lambda: build_optim_wrapper(make_model(), {"optimizer": {"lr": 0.1}}), "type"),
+    Case("config", "`build_optim_wrapper(model, {'type': 'OptimWrapper'})` (no optimizer)", lambda: build_optim_wrapper(make_model(), {"type": "OptimWrapper"}), "optimizer"),
+    Case("config", "`build_optim_wrapper(model, {'optimizer': {'type': 'SGD', 'lr': 0.1, 'momentom': 0.9}})`", lambda: build_optim_wrapper(make_model(), {"optimizer": {"type": "SGD", "lr": 0.1, "momentom": 0.9}}), "momentom"),
+    Case("trainer", "`create_trainer(model, optimizer, loss_fn)` (optimizer not wrapped)", lambda: create_trainer(make_model(), sgd(), F.mse_loss), "OptimWrapper"),
+    Case("trainer", "`create_trainer(model, wrapper)` (no loss_fn, no train_step)", lambda: create_trainer(make_model(), OptimWrapper(sgd()), None), "loss_fn"),
+    Case("trainer", "`create_trainer(model, wrapper_dict, loss_fn)`", lambda: create_trainer(make_model(), OptimWrapperDict(gen=OptimWrapper(sgd())), F.mse_loss), "train_step"),
+    Case("trainer", "`create_trainer(model, wrapper, lambda y_pred: ...)` (wrong arity)", lambda: create_trainer(make_model(), OptimWrapper(sgd()), lambda y_pred: y_pred.sum()), "loss_fn"),
+    Case("data", "a batch that is one tensor, not `(x, y)`", lambda: run_trainer(make_model(), F.mse_loss, torch.ones(2, 4)), "(x, y)"),
+    Case("data", "`x` with 3 features for a model taking 4", lambda: run_trainer(make_model(), F.mse_loss, (torch.ones(2, 3), torch.ones(2, 2))), "float32 tensor (2, 3)"),
+    Case("data", "float targets for `cross_entropy` over 2 classes, wrong shape", lambda: run_trainer(make_model(), F.cross_entropy, (torch.ones(2, 4), torch.ones(2, 3))), "y = float32 tensor (2, 3)"),
+    Case("data", "a loss that is not a scalar (`loss_fn=lambda p, y: p - y`)", lambda: run_trainer(make_model(), lambda p, y: p - y, (torch.ones(2, 4), torch.ones(2, 2))), "iteration 1"),
+    Case("state dict", "`wrapper.load_state_dict({'lr': 0.1})`", lambda: OptimWrapper(sgd()).load_state_dict({"lr": 0.1}), "param_groups"),
+    Case("state dict", "a wrapper state dict with two param groups into one", lambda: OptimWrapper(sgd()).load_state_dict( OptimWrapper( torch.optim.SGD( [ {"params": [torch.zeros(1, requires_grad=True)]}, {"params": [torch.zeros(1, requires_grad=True)]}, ], lr=0.1, ) ).state_dict() ), "2 param group"),
+    Case("state dict", "an AdamW state of a model with other shapes (same parameter count)", other_model_optimizer_state, "exp_avg"),
+    Case("state dict", "`counters` holding a string", lambda: OptimWrapper(sgd()).load_state_dict({**sgd().state_dict(), "counters": {"steps": "7"}}), "'steps'"),
+    Case("state dict", "`ResumableLoader.load_state_dict({'position': -1, ...})`", lambda: ResumableLoader([1]).load_state_dict( {"position": -1, "epoch_rng": None, "rng": {"torch": torch.get_rng_state()}} ), "position"),
+    Case("checkpoint file", "a checkpoint truncated to half its size", lambda: load_into_fresh(truncated("ckpt/checkpoint_3.pt")), "ckpt/checkpoint_3.pt"),
+    Case("checkpoint file", "a checkpoint with 4 bytes flipped in a tensor's data", lambda: load_into_fresh(flipped_tensor_bytes("ckpt/checkpoint_3.pt")), "CRC"),
+    Case("checkpoint file", "a checkpoint with 64 bytes flipped in its middle", lambda: load_into_fresh(corrupted("ckpt/checkpoint_3.pt")), "ckpt/checkpoint_3.pt"),
+    Case("checkpoint file", "a text file named `checkpoint_3.pt`", lambda: load_into_fresh(file_with("ckpt/checkpoint_3.pt", b"step: 3\n")), "ckpt/checkpoint_3.pt"),
+    Case("checkpoint file", "a pickle that would run a shell command when loaded", lambda: load_into_fresh(pickled_code("ckpt/checkpoint_3.pt")), "could run code"),
+    Case("checkpoint file", "a file holding a tensor, not a dict", lambda: load_into_fresh(file_with("ckpt/checkpoint_3.pt", _saved_bytes(torch.ones(3)))), "checkpoint dict"),
+    Case("checkpoint file", "a checkpoint of a model with other layer sizes", lambda: ( saved_run("ckpt/checkpoint_3.pt"), load_into_fresh( "ckpt/checkpoint_3.pt", torch.nn.Sequential( torch.nn.Linear(4, 9), torch.nn.LayerNorm(9), torch.nn.ReLU(), torch.nn.Linear(9, 2) ), ), ), "shapes differ"),
+    Case("checkpoint file", "a checkpoint without the `data` entry being resumed", lambda: ( saved_run("ckpt/checkpoint_3.pt"), load_into_fresh("ckpt/checkpoint_3.pt", extra={"data": ResumableLoader([1])}), ), "lacks ['data']"),
+    Case("checkpoint file", "a path that does not exist", lambda: load_into_fresh("ckpt/checkpoint_9.pt"), "ckpt/checkpoint_9.pt"),
     Case("command", "`engine-opt train --epochs 0`", lambda: command("--epochs", "0"), "--epochs"),
-    Case(
-        "command",
-        "`engine-opt train --dtype fp16 --wrapper OptimWrapper`",
-        lambda: command("--dtype", "fp16", "--wrapper", "OptimWrapper"),
-        "--dtype fp16",
-    ),
+    Case("command", "`engine-opt train --dtype fp16 --wrapper OptimWrapper`", lambda: command("--dtype", "fp16", "--wrapper", "OptimWrapper"), "--dtype fp16"),
     Case("command", "`engine-opt train --optimizer Adamm`", lambda: command("--optimizer", "Adamm"), "Adamm"),
-    Case(
-        "command",
-        "`engine-opt train --config missing.json`",
-        lambda: command("--config", "missing.json"),
-        "missing.json",
-    ),
-    Case(
-        "command",
-        "`engine-opt train --config bad.json` (not JSON)",
-        lambda: (file_with("bad.json", b"{type: SGD"), command("--config", "bad.json")),
-        "bad.json",
-    ),
-    Case(
-        "command",
-        "`engine-opt train --config list.json` (a JSON list)",
-        lambda: (file_with("list.json", b"[1, 2]"), command("--config", "list.json")),
-        "list.json",
-    ),
-    Case(
-        "command",
-        "`engine-opt train --config c.json --lr 0.1`",
-        lambda: (file_with("c.json", b"{}"), command("--config", "c.json", "--lr", "0.1")),
-        "--lr",
-    ),
-    Case(
-        "command",
-        "`engine-opt train` into a directory holding another run's checkpoints",
-        with_checkpoints_of_another_run,
-        "--resume",
-    ),
-    Case(
-        "command",
-        "`engine-opt train --resume --task gan` on a classifier's checkpoints",
-        resume_with_other_options,
-        "--resume",
-    ),
-    Case(
-        "command",
-        "`engine-opt train --device cuda` without a GPU",
-        lambda: command("--device", "cuda"),
-        "--device cuda",
-    ),
-    Case(
-        "command",
-        "`engine-opt train --nproc-per-node 2 --backend nccl` without GPUs",
-        lambda: command("--nproc-per-node", "2", "--backend", "nccl"),
-        "--backend nccl",
-    ),
+    Case("command", "`engine-opt train --config missing.json`", lambda: command("--config", "missing.json"), "missing.json"),
+    Case("command", "`engine-opt train --config bad.json` (not JSON)", lambda: (file_with("bad.json", b"{type: SGD"), command("--config", "bad.json")), "bad.json"),
+    Case("command", "`engine-opt train --config list.json` (a JSON list)", lambda: (file_with("list.json", b"[1, 2]"), command("--config", "list.json")), "list.json"),
+    Case("command", "`engine-opt train --config c.json --lr 0.1`", lambda: (file_with("c.json", b"{}"), command("--config", "c.json", "--lr", "0.1")), "--lr"),
+    Case("command", "`engine-opt train` into a directory holding another run's checkpoints", with_checkpoints_of_another_run, "--resume"),
+    Case("command", "`engine-opt train --resume --task gan` on a classifier's checkpoints", resume_with_other_options, "--resume"),
+    Case("command", "`engine-opt train --resume` of a run that is complete", resume_a_complete_run, "--epochs above 1"),
+    Case("command", "`engine-opt train --device cuda` without a GPU", lambda: command("--device", "cuda"), "--device cuda"),
+    Case("command", "`engine-opt train --nproc-per-node 2 --backend nccl` without GPUs", lambda: command("--nproc-per-node", "2", "--backend", "nccl"), "--backend nccl"),
 ]
+# fmt: on
 
 
 def _saved_bytes(obj: Any) -> bytes:
