@@ -212,7 +212,10 @@ class AmpOptimWrapper(OptimWrapper):
             return super()._optimizer_step(kwargs)
         scaler.step(self.optimizer, **kwargs)
         # Read before update(), which clears it; fused optimizers step unconditionally.
-        found_inf: torch.Tensor = sum(scaler._found_inf_per_device(self.optimizer).values())
+        flags = list(scaler._found_inf_per_device(self.optimizer).values())
+        found_inf: torch.Tensor = (
+            flags[0] if len(flags) == 1 else torch.stack([f.to(flags[0].device) for f in flags]).sum()
+        )
         scaler.update(self._scale_update_param)
         self._unscaled = False
         return found_inf

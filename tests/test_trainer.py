@@ -207,3 +207,30 @@ def test_a_wrapper_dict_needs_a_train_step():
     gan = make_gan()
     with pytest.raises(ValueError, match=r"OptimWrapperDict \(members \['gen', 'disc'\]\) needs train_step"):
         create_trainer(gan, make_amp_gan_wrappers(gan), loss_fn)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_the_trainer_with_its_schedule_handler_never_waits_for_the_gpu(dtype):
+    """torch raises on any host-device synchronisation while the trainer runs (after a warm-up run)."""
+    from engine_opt.handlers import SchedulerHandler
+
+    model = make_model().cuda()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.01, fused=True)
+    kwargs = {"accumulative_counts": 2, "clip_grad": {"max_norm": 1.0}}
+    wrapper = (
+        OptimWrapper(optimizer, **kwargs)
+        if dtype == "fp32"
+        else AmpOptimWrapper(optimizer=optimizer, dtype=dtype, **kwargs)
+    )
+    trainer = create_trainer(model, wrapper, loss_fn)
+    SchedulerHandler(torch.optim.lr_scheduler.StepLR(optimizer, step_size=2)).attach(trainer)
+    batches = [(x.cuda(), y.cuda()) for x, y in make_batches(8)]
+    trainer.run(batches[:2])  # lazy CUDA initialisation may synchronise once
+    before = wrapper.applied_steps
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        trainer.run(batches)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert wrapper.applied_steps - before == 4
