@@ -291,8 +291,7 @@ def measure_traffic() -> dict[str, dict[str, int]]:
     """A 2-process DDP run (gloo) of the mlp: gradient reductions and bytes per applied update."""
     with tempfile.TemporaryDirectory() as directory:
         out = Path(directory) / "traffic.json"
-        code = f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import bench; bench.traffic_main({str(out)!r})"
-        subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
+        subprocess.run([sys.executable, __file__, "--traffic", str(out)], check=True, capture_output=True, text=True)
         return json.loads(out.read_text())  # type: ignore[no-any-return]
 
 
@@ -335,13 +334,14 @@ def markdown(results: dict[str, Any]) -> str:
         cells = [f"{plain * 1e6:,.0f} µs ({spread(times['plain'])})"]
         for impl in IMPLS[1:]:
             if impl not in times:
-                cells.append("–")
+                cells.append("-")
                 continue
             ratio = statistics.median(times[impl]) / plain
             extra = (statistics.median(times[impl]) - plain) * 1e6
             cells.append(f"{ratio:.3f} ({extra:+.1f} µs, {spread(times[impl])})")
         c = row["config"]
-        lines.append(f"| {c['model']} | {c['precision']} | {c['accumulate']} | {'on' if c['clip'] else 'off'} | {' | '.join(cells)} |")
+        clip = "on" if c["clip"] else "off"
+        lines.append(f"| {c['model']} | {c['precision']} | {c['accumulate']} | {clip} | {' | '.join(cells)} |")
     if results["memory"]:
         unit = "peak CUDA memory allocated" if meta["device"].startswith("cuda") else "peak process RSS"
         lines += [
@@ -353,7 +353,7 @@ def markdown(results: dict[str, Any]) -> str:
         lines += ["| model | precision | plain | wrapper | trainer | ignite |", "|---|---|---|---|---|---|"]
         for row in results["memory"]:
             c, mem = row["config"], row["memory"]
-            cells = [f"{mem[i]['peak_mib'] - mem[i]['base_mib']:,.1f}" if i in mem else "–" for i in IMPLS]
+            cells = [f"{mem[i]['peak_mib'] - mem[i]['base_mib']:,.1f}" if i in mem else "-" for i in IMPLS]
             lines.append(f"| {c['model']} | {c['precision']} | {' | '.join(cells)} |")
     if results["traffic"]:
         lines += [
@@ -424,10 +424,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--docs", action="store_true", help="rewrite the table and the plot in docs/benchmarks.md")
     parser.add_argument("--no-memory", action="store_true")
     parser.add_argument("--no-traffic", action="store_true")
+    parser.add_argument("--render", type=Path, help="only render RESULTS.json again (table, plot, --docs)")
     parser.add_argument("--probe", help=argparse.SUPPRESS)
+    parser.add_argument("--traffic", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    if args.traffic:
+        traffic_main(args.traffic)
+        return
+    if args.render:
+        results = json.loads(args.render.read_text())
+        report(results, args.out, args.docs)
+        return
     if args.probe:
         spec = json.loads(args.probe)
         impl, n = spec.pop("impl"), spec.pop("n")
@@ -459,14 +468,19 @@ def main(argv: list[str] | None = None) -> None:
         "command": "python benchmarks/bench.py" + (" --smoke" if args.smoke else ""),
     }
     results = {"meta": meta, "speed": speed, "memory": memory, "traffic": traffic}
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "results.json").write_text(json.dumps(results, indent=1))
+    report(results, args.out, args.docs)
+
+
+def report(results: dict[str, Any], out: Path, docs: bool) -> None:
+    """Write results.json, results.md and results.png to ``out``; with ``docs``, copy the table and plot there."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(results, indent=1))
     table = markdown(results)
-    (args.out / "results.md").write_text(table)
-    plot(results, args.out / "results.png")
-    if args.docs:
-        write_docs(table, args.out / "results.png")
-    print(f"\n{table}\nwrote {args.out}/results.md, results.json, results.png in {meta['seconds']} s")
+    (out / "results.md").write_text(table)
+    plot(results, out / "results.png")
+    if docs:
+        write_docs(table, out / "results.png")
+    print(f"\n{table}\nwrote {out}/results.md, results.json, results.png ({results['meta']['seconds']} s of measuring)")
 
 
 if __name__ == "__main__":
