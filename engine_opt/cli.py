@@ -94,7 +94,12 @@ def build_parser() -> argparse.ArgumentParser:
     task = train.add_argument_group("task")
     task.add_argument("--task", choices=TASKS, default="classifier", help="what to train (default: classifier)")
     task.add_argument("--epochs", type=_positive_int, default=5, help="epochs to train, in total (default: 5)")
-    task.add_argument("--batch-size", type=_positive_int, default=64, help="micro-batch size (default: 64)")
+    task.add_argument(
+        "--batch-size",
+        type=_positive_int,
+        default=64,
+        help="batch size of one iteration, over all processes (default: 64)",
+    )
     task.add_argument("--seed", type=int, default=0, help="seed of the data and the weights (default: 0)")
     task.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     parallel = train.add_argument_group("distributed (ignite.distributed)")
