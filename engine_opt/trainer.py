@@ -17,6 +17,7 @@ is, so the last accumulation window is applied and divided by its true size.
 from __future__ import annotations
 
 import inspect
+import weakref
 from collections.abc import Callable, Sequence
 from typing import Any, cast
 
@@ -238,11 +239,21 @@ def create_trainer(
 
 
 def _event_bridge(trainer: Engine, name: str | None) -> Callable[[OptimWrapper, OptimEvents, Any], None]:
-    """A wrapper step hook that fires the trainer's matching event."""
+    """A wrapper step hook that fires the trainer's matching event.
 
-    handlers = getattr(trainer, "_event_handlers", None)  # Ignite's registry: events nobody handles are not fired
+    It holds the trainer by a weak reference (and nothing of it): the trainer
+    holds the wrapper, and a cycle would keep both, and a DDP model's reducer,
+    alive until the garbage collector runs, possibly after the process group
+    is gone.
+    """
+
+    trainer_ref = weakref.ref(trainer)
 
     def fire(wrapper: OptimWrapper, event: OptimEvents, loss: torch.Tensor | None) -> None:
+        trainer = trainer_ref()
+        if trainer is None:  # the wrapper outlived its trainer and is used on its own
+            return
+        handlers = getattr(trainer, "_event_handlers", None)  # Ignite's registry: unhandled events are not fired
         state = vars(trainer.state)
         state["optim_name"] = name
         state["optim_wrapper"] = wrapper

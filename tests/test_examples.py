@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import runpy
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -131,3 +135,16 @@ def test_resume_example_ends_where_an_uninterrupted_run_ends(tmp_path, monkeypat
     assert "iteration 10: updates 3" in stopped
     assert resumed.splitlines()[0] == f"resumed from {tmp_path / 'a' / 'checkpoint_10.pt'} at iteration 10"
     assert resumed.splitlines()[1:] == straight.splitlines()[1:]
+
+
+def test_distributed_example_reduces_once_per_window_in_two_processes(tmp_path):
+    with socket.socket() as sock:  # a free port for the ranks to meet on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {**os.environ, "MASTER_PORT": str(port)}
+    args = [sys.executable, str(EXAMPLES / "distributed.py"), str(tmp_path / "checkpoints")]
+    result = subprocess.run(args, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.splitlines()[-1] == "2 process(es): 16 iterations, 4 updates, 4 gradient reductions"
+    one = subprocess.run([*args[:2], str(tmp_path / "one"), "--nproc", "1"], capture_output=True, text=True)
+    assert one.stdout.splitlines()[-1] == "1 process(es): 16 iterations, 4 updates, 0 gradient reductions"

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import gc
+import weakref
+
 import pytest
 import torch
 from ignite.engine import Engine, Events
@@ -234,3 +237,22 @@ def test_the_trainer_with_its_schedule_handler_never_waits_for_the_gpu(dtype):
     finally:
         torch.cuda.set_sync_debug_mode(0)
     assert wrapper.applied_steps - before == 4
+
+
+def test_the_trainer_and_its_wrapper_form_no_reference_cycle():
+    """Freed as soon as the last reference goes (a DDP model must not outlive its process group)."""
+
+    def build():
+        model = make_model()
+        wrapper = OptimWrapper(torch.optim.SGD(model.parameters(), lr=0.1))
+        trainer = create_trainer(model, wrapper, loss_fn)
+        trainer.run(make_batches(2))
+        return weakref.ref(model), weakref.ref(wrapper), weakref.ref(trainer)
+
+    build()  # first calls fill lazy caches
+    gc.disable()
+    try:
+        refs = build()
+        assert [ref() for ref in refs] == [None, None, None]
+    finally:
+        gc.enable()
