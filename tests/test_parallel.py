@@ -123,7 +123,7 @@ def engine_opt_train(*args, cwd):
     return result
 
 
-@pytest.mark.parametrize("options", [["--accumulate", "3"], ["--task", "gan", "--dtype", "fp16", "--accumulate", "2"]])
+@pytest.mark.parametrize("options", [["--accumulate", "3"], ["--task", "gan", "--dtype", "fp16", "--accumulate", "3"]])
 def test_a_two_process_run_resumed_mid_epoch_and_mid_window_ends_as_if_it_never_stopped(tmp_path, options):
     common = [*options, "--checkpoint-every", "25", "--log-dir"]
     straight = engine_opt_train("--epochs", "2", *common, "straight", cwd=tmp_path)
