@@ -146,3 +146,19 @@ def test_a_two_process_run_resumed_mid_epoch_and_mid_window_ends_as_if_it_never_
                 actual["data"]["ranks"][rank]["rng"][generator], expected["data"]["ranks"][rank]["rng"][generator]
             )
     assert not torch.equal(expected["data"]["ranks"][0]["rng"]["torch"], expected["data"]["ranks"][1]["rng"]["torch"])
+
+
+def test_the_command_runs_under_torchrun(tmp_path):
+    env = environment()
+    args = ["-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", env["MASTER_PORT"]]
+    result = subprocess.run(
+        [sys.executable, *args, "-m", "engine_opt", "train", "--epochs", "1", "--no-progress"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "trained classifier to epoch 1 (64 iterations)" in result.stdout and "on 2 processes" in result.stdout
+    assert result.stdout.count("engine-opt: trained") == 1  # rank 0 alone prints the summary
