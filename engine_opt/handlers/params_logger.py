@@ -26,6 +26,7 @@ from typing import Any
 from ignite.engine import Engine, Events
 from ignite.handlers.base_logger import BaseHandler
 from ignite.handlers.tensorboard_logger import TensorboardLogger
+from tensorboard.compat.proto.summary_pb2 import Summary
 
 from .. import checks
 from ..wrapper import OptimWrapper
@@ -117,5 +118,17 @@ class OptimParamsHandler(BaseHandler):
             step = self.global_step_transform(engine, event_name)
         else:
             step = engine.state.get_event_attrib_value(event_name)
-        for tag, value in optim_scalars(self.optim_wrapper).items():
-            logger.writer.add_scalar(f"{self.prefix}{tag}", value, step)
+        scalars = {f"{self.prefix}{tag}": value for tag, value in optim_scalars(self.optim_wrapper).items()}
+        _write_scalars(logger.writer, scalars, step)
+
+
+def _write_scalars(writer: Any, scalars: dict[str, float], step: int) -> None:
+    """Write ``scalars`` as one event (one record, one hand-off to the writer thread), not one per tag."""
+    file_writer = getattr(writer, "file_writer", None)  # torch's SummaryWriter; None once closed
+    if file_writer is None:
+        for tag, value in scalars.items():
+            writer.add_scalar(tag, value, step)
+        return
+    file_writer.add_summary(
+        Summary(value=[Summary.Value(tag=tag, simple_value=value) for tag, value in scalars.items()]), step
+    )
