@@ -1,6 +1,6 @@
 """engine_opt against the loop a user writes by hand, measured side by side.
 
-    python benchmarks/bench.py                  # the full run: a few minutes on 2 CPU cores
+    python benchmarks/bench.py                  # the full run: about 9 minutes on 2 CPU cores
     python benchmarks/bench.py --smoke          # every code path, a few iterations (CI)
     python benchmarks/bench.py --docs           # also rewrite the table and plot in docs/benchmarks.md
 
@@ -227,7 +227,7 @@ def measure_speed(config: Config, device: torch.device, repeats: int, target_s: 
     batches = [pool[i % len(pool)] for i in range(n)]
     runners = {impl: RUNNERS[impl](config, make_model(config.model).to(device), device) for impl in config.impls()}
     for run in runners.values():  # warm up: allocator, kernels, lazy state
-        run(batches[: min(n, 8)])
+        run(batches[: min(n, 4)])
     times: dict[str, list[float]] = {impl: [] for impl in runners}
     for _ in range(repeats):
         for impl, run in runners.items():
@@ -417,7 +417,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--smoke", action="store_true", help="every path, a few iterations, no figures worth reading")
     parser.add_argument("--models", nargs="+", choices=["tiny", "mlp", "cnn"], help="default: all (--smoke: tiny)")
     parser.add_argument("--repeats", type=int, default=7, help="interleaved repeats (default: 7)")
-    parser.add_argument("--block-seconds", type=float, default=0.12, help="length of one timed block")
+    parser.add_argument("--block-seconds", type=float, default=0.3, help="length of one timed block")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default: 1, the steadiest figures)")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
@@ -427,6 +427,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--render", type=Path, help="only render RESULTS.json again (table, plot, --docs)")
     parser.add_argument("--probe", help=argparse.SUPPRESS)
     parser.add_argument("--traffic", help=argparse.SUPPRESS)
+    argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -465,10 +466,24 @@ def main(argv: list[str] | None = None) -> None:
         "repeats": repeats,
         "memory_iterations": memory_iterations,
         "seconds": round(time.perf_counter() - start, 1),
-        "command": "python benchmarks/bench.py" + (" --smoke" if args.smoke else ""),
+        "command": " ".join(["python benchmarks/bench.py", *measuring_arguments(argv)]),
     }
     results = {"meta": meta, "speed": speed, "memory": memory, "traffic": traffic}
     report(results, args.out, args.docs)
+
+
+def measuring_arguments(argv: list[str]) -> list[str]:
+    """The command-line arguments that change what is measured (not where it is written)."""
+    kept: list[str] = []
+    skip_value = False
+    for arg in argv:
+        if skip_value:
+            skip_value = False
+        elif arg == "--out":
+            skip_value = True
+        elif arg != "--docs" and not arg.startswith("--out="):
+            kept.append(arg)
+    return kept
 
 
 def report(results: dict[str, Any], out: Path, docs: bool) -> None:
