@@ -100,6 +100,33 @@ def test_no_duplicate_save_when_the_run_ends_on_a_period(tmp_path):
     assert Path(checkpoint.last_checkpoint).name == "checkpoint_4.pt"
 
 
+def test_a_lone_object_is_checkpointed_found_and_resumed_like_several(tmp_path):
+    model = make_model()
+    wrapper = OptimWrapper(torch.optim.SGD(model.parameters(), lr=0.1))
+    trainer = create_trainer(model, wrapper, loss_fn)
+    attach_checkpoint(trainer, {"model": model}, tmp_path, every=2)
+    trainer.run(make_batches(5))
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["checkpoint_4.pt", "checkpoint_5.pt"]
+
+    fresh = make_model(seed=5)
+    assert resume_from_latest({"model": fresh}, tmp_path) == tmp_path / "checkpoint_5.pt"
+    assert_same_tensors(dict(fresh.state_dict()), dict(model.state_dict()))
+
+
+def test_a_run_behind_the_files_in_its_directory_is_refused_before_it_trains(tmp_path):
+    train_with_checkpoints(tmp_path, 5, every=2)
+    model = make_model()
+    trainer = create_trainer(model, OptimWrapper(torch.optim.SGD(model.parameters(), lr=0.1)), loss_fn)
+    attach_checkpoint(trainer, {"model": model}, tmp_path, every=2)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(
+        ValueError, match=r"holds checkpoints of later iterations than this run's 0 \(checkpoint_4.pt, "
+    ):
+        trainer.run(make_batches(2))
+    assert_same_tensors(dict(model.state_dict()), before)
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["checkpoint_4.pt", "checkpoint_5.pt"]
+
+
 def test_the_newest_checkpoint_is_found_by_iteration_not_by_name(tmp_path):
     for step in (20, 100, 3):
         torch.save({}, tmp_path / f"checkpoint_{step}.pt")

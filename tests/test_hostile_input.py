@@ -162,6 +162,14 @@ def command(*args: str) -> None:
             raise SystemExit(f"exit {error.code}: {message}") from None
 
 
+def new_run_behind_the_checkpoints_there() -> None:
+    torch.save({}, file_with("later/checkpoint_8.pt", b""))
+    model = make_model()
+    trainer = create_trainer(model, wrapper_of(model), F.mse_loss)
+    attach_checkpoint(trainer, {"model": model}, "later", every=1)
+    unchanged_after({"model": model}, lambda: trainer.run([(torch.ones(2, 4), torch.ones(2, 2))]))
+
+
 def with_checkpoints_of_another_run() -> None:
     command("--checkpoint-every", "1000")
     command()
@@ -220,6 +228,7 @@ CASES = [
     Case("checkpoint file", "a file holding a tensor, not a dict", lambda: load_into_fresh(file_with("ckpt/checkpoint_3.pt", _saved_bytes(torch.ones(3)))), "checkpoint dict"),
     Case("checkpoint file", "a checkpoint of a model with other layer sizes", lambda: ( saved_run("ckpt/checkpoint_3.pt"), load_into_fresh( "ckpt/checkpoint_3.pt", torch.nn.Sequential( torch.nn.Linear(4, 9), torch.nn.LayerNorm(9), torch.nn.ReLU(), torch.nn.Linear(9, 2) ), ), ), "shapes differ"),
     Case("checkpoint file", "a checkpoint without the `data` entry being resumed", lambda: ( saved_run("ckpt/checkpoint_3.pt"), load_into_fresh("ckpt/checkpoint_3.pt", extra={"data": ResumableLoader([1])}), ), "lacks ['data']"),
+    Case("checkpoint file", "`attach_checkpoint` of a new run to a directory holding `checkpoint_8.pt`", new_run_behind_the_checkpoints_there, "checkpoint_8.pt"),
     Case("checkpoint file", "a path that does not exist", lambda: load_into_fresh("ckpt/checkpoint_9.pt"), "ckpt/checkpoint_9.pt"),
     Case("command", "`engine-opt train --epochs 0`", lambda: command("--epochs", "0"), "--epochs"),
     Case("command", "`engine-opt train --dtype fp16 --wrapper OptimWrapper`", lambda: command("--dtype", "fp16", "--wrapper", "OptimWrapper"), "--dtype fp16"),

@@ -252,8 +252,10 @@ def attach_checkpoint(
     temporary file and a rename (``DiskSaver(atomic=True)``), so a process
     killed while saving leaves the previous checkpoint as the newest one. The
     newest ``n_saved`` are kept, counting those already in ``dirname`` (a
-    resumed run's). In a distributed run rank 0 writes the files; every rank
-    must attach it, since saving gathers state from all ranks.
+    resumed run's); a run that starts behind the newest file there is refused
+    with a ``ValueError`` when it starts, since its own files would not be
+    kept. In a distributed run rank 0 writes the files; every rank must
+    attach it, since saving gathers state from all ranks.
 
     Args:
         trainer: The trainer.
@@ -275,11 +277,9 @@ def attach_checkpoint(
         DiskSaver(str(dirname), require_empty=False, atomic=True, create_dir=True),
         n_saved=n_saved,
         global_step_transform=lambda engine, _: engine.state.iteration,
+        filename_pattern="checkpoint_{global_step}.{ext}",  # Ignite would name a lone object's file after it
     )
-    directory = Path(dirname)
-    if directory.is_dir():  # checkpoints of the run being resumed count towards n_saved, so old ones go
-        saved = sorted((step, path.name) for path in directory.iterdir() if (step := _step_of(path)) is not None)
-        checkpoint.load_state_dict({"_saved": saved})
+    trainer.add_event_handler(Events.STARTED, _take_over_files, checkpoint, Path(dirname))
     event = Events.EPOCH_COMPLETED if every is None else Events.ITERATION_COMPLETED(every=every)
     trainer.add_event_handler(event, checkpoint)
 
@@ -290,6 +290,30 @@ def attach_checkpoint(
 
     trainer.add_event_handler(Events.COMPLETED, save_last)
     return checkpoint
+
+
+def _take_over_files(engine: Engine, checkpoint: Checkpoint, directory: Path) -> None:
+    """Count the checkpoints already in ``directory`` (the resumed run's) towards ``n_saved``.
+
+    Files from later iterations than the run's own belong to another run: its
+    checkpoints would rank below them and never be kept, so the run is refused
+    (on every rank: a collective call).
+    """
+    saved = (
+        sorted((step, path.name) for path in directory.iterdir() if (step := _step_of(path)) is not None)
+        if directory.is_dir()
+        else []
+    )
+    iteration = engine.state.iteration
+    later = sorted(
+        {name for names in parallel.gather_objects([n for s, n in saved if s > iteration]) for name in names}
+    )
+    if later:
+        raise ValueError(
+            f"{directory} holds checkpoints of later iterations than this run's {iteration} ({', '.join(later)}): "
+            "resume from the newest (resume_from_latest), or save to another directory"
+        )
+    checkpoint.load_state_dict({"_saved": saved})
 
 
 def _step_of(path: Path) -> int | None:
@@ -330,6 +354,8 @@ def load_checkpoint(to_load: Mapping[str, Any], path: str | Path) -> None:
     """
     path = Path(path)
     state = _read_checkpoint(path)
+    if len(to_load) == 1 and (name := next(iter(to_load))) not in state:
+        state = {name: state}  # Ignite's Checkpoint saves a lone object's state dict as the whole file
     missing = [name for name in to_load if name not in state]
     if missing:
         raise ValueError(f"{path} lacks {missing}; it holds {sorted(state)}: is it a checkpoint of this run?")
