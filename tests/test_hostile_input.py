@@ -163,7 +163,8 @@ def command(*args: str) -> None:
 
 
 def new_run_behind_the_checkpoints_there() -> None:
-    torch.save({}, file_with("later/checkpoint_8.pt", b""))
+    Path("later").mkdir()
+    torch.save({}, "later/checkpoint_8.pt")
     model = make_model()
     trainer = create_trainer(model, wrapper_of(model), F.mse_loss)
     attach_checkpoint(trainer, {"model": model}, "later", every=1)
