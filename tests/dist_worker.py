@@ -7,6 +7,7 @@ single-process loops of tests/oracle.py.
 
 from __future__ import annotations
 
+import gc
 import sys
 from pathlib import Path
 from typing import Any
@@ -172,6 +173,9 @@ def scenarios(local_rank: int, out: str) -> None:
         "zero": zero_checkpoint(directory / "zero"),
     }
     torch.save(results, directory / f"rank{idist.get_rank()}.pt")
+    # The trainers and checkpoint handlers above sit in reference cycles with their DDP models: free them
+    # while the process group exists (as docs/distributed.md tells users), not at interpreter exit.
+    gc.collect()
 
 
 if __name__ == "__main__":
