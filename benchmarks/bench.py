@@ -51,7 +51,7 @@ from torch import nn
 
 from engine_opt import AmpOptimWrapper, OptimEvents, OptimWrapper, create_trainer
 from engine_opt.handlers import OptimParamsHandler
-from engine_opt.parallel import GradientTraffic
+from engine_opt.testing import GradientTraffic
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs" / "benchmarks.md"

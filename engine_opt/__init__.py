@@ -4,6 +4,13 @@ Single precision, mixed precision (fp16 with loss scaling, bf16), gradient
 accumulation and clipping, one optimizer or several, with the same training
 code whatever the strategy.
 
+Three layers, each importing only those below (``docs/architecture.md``):
+``engine_opt.optim`` (the wrappers; torch only), ``engine_opt.engine`` and
+``engine_opt.handlers`` (the Ignite trainer, events and handlers), and
+``engine_opt.app`` (the ``engine-opt`` command). The wrappers import no
+training framework: ``create_trainer``, ``OptimEvents`` and ``member_filter``
+load Ignite when first used.
+
 Example:
     >>> import torch
     >>> from torch import nn
@@ -14,20 +21,37 @@ Example:
     {'momentum': [0]}
 """
 
-from .amp import AmpOptimWrapper
-from .build import build_optim_wrapper
-from .events import OptimEvents, member_filter
-from .trainer import create_trainer
-from .wrapper import OptimWrapper
-from .wrapper_dict import OptimWrapperDict
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from .optim import AmpOptimWrapper, OptimWrapper, OptimWrapperDict, StepEvent, build_optim_wrapper
+
+if TYPE_CHECKING:
+    from .engine import OptimEvents, create_trainer, member_filter
+
+_IGNITE_LAYER = {"OptimEvents", "create_trainer", "member_filter"}
 
 __all__ = [
     "AmpOptimWrapper",
     "OptimEvents",
     "OptimWrapper",
     "OptimWrapperDict",
+    "StepEvent",
     "build_optim_wrapper",
     "create_trainer",
     "member_filter",
 ]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> Any:
+    """The Ignite layer's names, imported on first use so that the core alone never loads Ignite."""
+    if name in _IGNITE_LAYER:
+        return getattr(importlib.import_module(".engine", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

@@ -1,5 +1,5 @@
 """``python -m engine_opt``: the ``engine-opt`` command."""
 
-from .cli import main
+from .app.cli import main
 
 raise SystemExit(main())

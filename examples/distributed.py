@@ -19,7 +19,7 @@ from torch.utils.data import TensorDataset
 
 from engine_opt import OptimWrapper, create_trainer
 from engine_opt.handlers import ResumableLoader, attach_checkpoint, resume_from_latest
-from engine_opt.parallel import GradientTraffic
+from engine_opt.testing import GradientTraffic
 
 
 def training(local_rank: int, checkpoint_dir: str) -> None:

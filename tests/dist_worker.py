@@ -21,7 +21,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from engine_opt import OptimWrapper, create_trainer
 from engine_opt.handlers import NonFiniteGuard, attach_checkpoint, latest_checkpoint, load_checkpoint
-from engine_opt.parallel import GradientTraffic
+from engine_opt.testing import GradientTraffic
 
 from oracle import OPTIMIZERS, loss_fn, make_batches, make_model
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from engine_opt import AmpOptimWrapper
-from engine_opt.amp import parse_dtype
+from engine_opt.optim.amp import parse_dtype
 
 from helpers import roundtrip, run_wrapper
 from oracle import (

@@ -1,6 +1,6 @@
 import pytest
 
-from engine_opt import checks
+from engine_opt.optim import checks
 
 
 @pytest.mark.parametrize("value", [1, 7])

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine_opt.cli import main
+from engine_opt.app.cli import main
 
 from oracle import assert_same_tensors
 

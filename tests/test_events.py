@@ -7,7 +7,7 @@ import torch
 from ignite.engine import Events
 from ignite.handlers import EMAHandler
 
-from engine_opt import AmpOptimWrapper, OptimEvents, OptimWrapper, create_trainer, member_filter
+from engine_opt import AmpOptimWrapper, OptimEvents, OptimWrapper, StepEvent, create_trainer, member_filter
 
 from helpers import gan_step, make_amp_gan_wrappers, roundtrip
 from oracle import loss_fn, make_batches, make_gan, make_model
@@ -19,7 +19,7 @@ def record_events(trainer, events=(*OptimEvents, Events.ITERATION_STARTED, Event
         trainer.add_event_handler(
             event,
             lambda engine, event=event: seen.append(
-                (event.value, engine.state.iteration, vars(engine.state).get("optim_name"))
+                (event.value, engine.state.iteration, engine.state.optim.name)
             ),
         )
     return seen
@@ -123,7 +123,7 @@ def test_events_fire_for_each_member_of_a_dict():
     gen_updates = []
     trainer.add_event_handler(
         OptimEvents.OPTIM_STEP_COMPLETED(event_filter=member_filter("gen")),
-        lambda engine: gen_updates.append(engine.state.optim_wrapper),
+        lambda engine: gen_updates.append(engine.state.optim.wrapper),
     )
     trainer.run([x for x, _ in make_batches(2)])
     assert seen == [
@@ -169,7 +169,7 @@ def test_step_hooks_without_a_trainer():
 
     def cancel(w, event, loss):
         events.append((event.value, None if loss is None else loss.shape))
-        if event is OptimEvents.BEFORE_OPTIM_STEP:
+        if event is StepEvent.BEFORE_OPTIM_STEP:
             w.cancel_step()
 
     handle = wrapper.register_step_hook(cancel)
@@ -189,7 +189,7 @@ def test_cancelling_an_fp16_step_keeps_the_scaler_usable():
     model = make_model()
     wrapper = AmpOptimWrapper(optimizer=torch.optim.SGD(model.parameters(), lr=0.1), dtype="fp16", loss_scale=8.0)
     handle = wrapper.register_step_hook(
-        lambda w, event, loss: w.cancel_step() if event is OptimEvents.BEFORE_OPTIM_STEP else None
+        lambda w, event, loss: w.cancel_step() if event is StepEvent.BEFORE_OPTIM_STEP else None
     )
     x, y = make_batches(1)[0]
     wrapper.update_params(loss_fn(model(x), y))
@@ -201,7 +201,7 @@ def test_cancelling_an_fp16_step_keeps_the_scaler_usable():
 def test_hook_misuse_is_a_clear_error():
     model = make_model()
     wrapper = OptimWrapper(torch.optim.SGD(model.parameters(), lr=0.1))
-    with pytest.raises(RuntimeError, match=r"only be called from a step hook handling OptimEvents\.BEFORE_OPTIM_STEP"):
+    with pytest.raises(RuntimeError, match=r"only be called from a step hook handling StepEvent\.BEFORE_OPTIM_STEP"):
         wrapper.cancel_step()
     with pytest.raises(TypeError, match=r"hook must be callable as hook\(wrapper, event, loss\), got 3"):
         wrapper.register_step_hook(3)

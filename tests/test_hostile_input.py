@@ -28,7 +28,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from engine_opt import AmpOptimWrapper, OptimWrapper, OptimWrapperDict, build_optim_wrapper, cli, create_trainer
+from engine_opt import AmpOptimWrapper, OptimWrapper, OptimWrapperDict, build_optim_wrapper, create_trainer
+from engine_opt.app import cli
 from engine_opt.handlers import (
     NonFiniteGuard,
     ResumableLoader,

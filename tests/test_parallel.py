@@ -1,4 +1,4 @@
-"""engine_opt.parallel, and the wrappers and trainer in real 2-process runs (gloo, CPU).
+"""engine_opt.optim.distributed, and the wrappers and trainer in real 2-process runs (gloo, CPU).
 
 tests/dist_worker.py runs the ranks; every scenario's result is compared
 with the plain single-process loop of tests/oracle.py over the same global
@@ -17,7 +17,8 @@ import pytest
 import torch
 from dist_worker import ACCUMULATE, ITERATIONS, POISONED_ITERATION, global_batches
 
-from engine_opt.parallel import GradientTraffic, all_ranks_agree, check_same_length, gather_objects
+from engine_opt.optim.distributed import all_ranks_agree, check_same_length, gather_objects
+from engine_opt.testing import GradientTraffic
 
 from oracle import OPTIMIZERS, Plan, assert_same_tensors, make_model, plain_loop
 

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from engine_opt import build_optim_wrapper
-from engine_opt.tasks import make_task
+from engine_opt.app.tasks import make_task
 
 from oracle import assert_same_tensors
 

@@ -2,9 +2,10 @@
 
 - ``OptimParamsHandler``: learning rates, momenta, loss scale, update counts
   and gradient norm to TensorBoard (with Ignite's ``TensorboardLogger``).
-- ``attach_checkpoint``, ``resume_from_latest``, ``load_checkpoint``,
-  ``ResumableLoader``: periodic checkpoints with Ignite's ``Checkpoint``,
-  checked all-or-nothing loads, and exact resume.
+- ``attach_checkpoint``, ``resume_from_latest``: periodic checkpoints with
+  Ignite's ``Checkpoint``, and resuming from the newest; with
+  ``load_checkpoint`` (checked, all-or-nothing loads) and ``ResumableLoader``
+  (the data position), from ``engine_opt.engine``, for exact resume.
 - ``SchedulerHandler``: a learning-rate schedule that advances on applied updates.
 - ``NonFiniteGuard``: skip, or stop at, updates with non-finite losses or gradients.
 - ``attach_progress_bar``: Ignite's ``ProgressBar`` with loss, lr and loss scale.
@@ -14,15 +15,9 @@ attached to ``OptimEvents.OPTIM_STEP_COMPLETED``, so it moves on applied
 updates only (see ``docs/strategies.md``).
 """
 
-from .checkpoint import (
-    ResumableLoader,
-    attach_checkpoint,
-    latest_checkpoint,
-    load_checkpoint,
-    resume_from_latest,
-    rng_state,
-    set_rng_state,
-)
+from ..engine.checkpoint_files import load_checkpoint
+from ..engine.resumable_loader import ResumableLoader, rng_state, set_rng_state
+from .checkpoint import attach_checkpoint, latest_checkpoint, resume_from_latest
 from .nonfinite import NonFiniteGuard
 from .params_logger import OptimParamsHandler, optim_scalars
 from .progress import attach_progress_bar, progress_values

@@ -15,17 +15,13 @@ from typing import Literal
 import torch
 from ignite.engine import Engine
 
-from .. import checks, parallel
-from ..events import OptimEvents, current_member
-from ..wrapper import OptimWrapper
+from ..engine.events import OptimEvents
+from ..engine.state import optim_state
+from ..optim import checks, distributed
+from ..optim.finite import grads_finite
+from ..optim.wrapper import OptimWrapper
 
 _ACTIONS = ("skip", "stop")
-
-
-def _all_finite(tensors: list[torch.Tensor]) -> torch.Tensor:
-    """One boolean tensor: whether every element of every tensor is finite."""
-    device = tensors[0].device
-    return torch.stack([torch.isfinite(tensor).all().to(device) for tensor in tensors]).all()
 
 
 class NonFiniteGuard:
@@ -82,14 +78,15 @@ class NonFiniteGuard:
 
     def attach(self, engine: Engine) -> None:
         """Attach to a trainer built by ``create_trainer``."""
+        optim_state(engine)  # refuses other engines
         engine.add_event_handler(OptimEvents.BACKWARD_COMPLETED, self._check_loss)
         engine.add_event_handler(OptimEvents.BEFORE_OPTIM_STEP, self._check_step)
-        engine.add_event_handler(OptimEvents.OPTIM_STEP_SKIPPED, self._scaler_step, True)
-        engine.add_event_handler(OptimEvents.OPTIM_STEP_COMPLETED, self._scaler_step, False)
+        engine.add_event_handler(OptimEvents.OPTIM_STEP_SKIPPED, self._count_scaler_outcome, True)
+        engine.add_event_handler(OptimEvents.OPTIM_STEP_COMPLETED, self._count_scaler_outcome, False)
 
-    def _scaler_step(self, engine: Engine, skipped: bool) -> None:
-        name, wrapper = current_member(engine)
-        scaler = getattr(wrapper, "loss_scaler", None)
+    def _count_scaler_outcome(self, engine: Engine, skipped: bool) -> None:
+        name, wrapper = optim_state(engine).member()
+        scaler = wrapper.loss_scaler
         if scaler is None:
             return
         streak = self.scaler_streaks.get(name, 0) + 1 if skipped else 0
@@ -107,37 +104,37 @@ class NonFiniteGuard:
         warnings.warn(message, RuntimeWarning, stacklevel=2)
 
     @staticmethod
-    def _guarded(engine: Engine) -> OptimWrapper | None:
-        _, wrapper = current_member(engine)
-        return None if getattr(wrapper, "loss_scaler", None) is not None else wrapper
+    def _unscaled_member(engine: Engine) -> tuple[str | None, OptimWrapper] | None:
+        """The member of the event if the guard checks it: one without a float16 scaler."""
+        name, wrapper = optim_state(engine).member()
+        return None if wrapper.loss_scaler is not None else (name, wrapper)
 
     def _check_loss(self, engine: Engine) -> None:
-        wrapper = self._guarded(engine)
-        loss = vars(engine.state)["optim_loss"]
-        if wrapper is None or loss is None:
+        member = self._unscaled_member(engine)
+        loss = optim_state(engine).loss
+        if member is None or loss is None:
             return
+        _, wrapper = member
         finite = torch.isfinite(loss.detach()).all()
         previous = self._loss_ok.get(wrapper)
         self._loss_ok[wrapper] = finite if previous is None else previous & finite
 
     def _check_step(self, engine: Engine) -> None:
-        wrapper = self._guarded(engine)
-        if wrapper is None:
+        member = self._unscaled_member(engine)
+        if member is None:
             return
-        grads = [param.grad for group in wrapper.param_groups for param in group["params"] if param.grad is not None]
-        finite = self._loss_ok.pop(wrapper, None)
-        if grads:
-            finite = _all_finite(grads) if finite is None else _all_finite(grads) & finite.to(grads[0].device)
-        if finite is None:  # nothing to check here; other ranks may have something
-            finite = torch.ones((), dtype=torch.bool)
-        if bool(parallel.all_ranks_agree(finite)):
+        name, wrapper = member
+        finite = grads_finite(wrapper.optimizer)
+        loss_ok = self._loss_ok.pop(wrapper, None)
+        if loss_ok is not None:
+            finite = finite & loss_ok.to(finite.device)
+        if bool(distributed.all_ranks_agree(finite)):
             return
         wrapper.cancel_step()
-        name, _ = current_member(engine)
         self.skipped[name] = self.skipped.get(name, 0) + 1
         if self.action == "stop":
-            member = "" if name is None else f" of {name!r}"
+            where = "" if name is None else f" of {name!r}"
             raise FloatingPointError(
-                f"non-finite loss or gradients{member} at iteration {engine.state.iteration}; "
+                f"non-finite loss or gradients{where} at iteration {engine.state.iteration}; "
                 "the update was not applied (weights and optimizer state are unchanged)"
             )

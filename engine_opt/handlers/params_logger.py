@@ -26,11 +26,11 @@ from typing import Any
 from ignite.engine import Engine, Events
 from ignite.handlers.base_logger import BaseHandler
 from ignite.handlers.tensorboard_logger import TensorboardLogger
-from tensorboard.compat.proto.summary_pb2 import Summary
 
-from .. import checks
-from ..wrapper import OptimWrapper
-from ..wrapper_dict import OptimWrapperDict
+from ..optim import checks
+from ..optim.wrapper import OptimWrapper
+from ..optim.wrapper_dict import OptimWrapperDict, member_prefix, members
+from .tensorboard_writer import write_scalars
 
 
 def _group_tags(values: dict[str, list[Any]]) -> dict[str, Any]:
@@ -55,12 +55,10 @@ def optim_scalars(optim_wrapper: OptimWrapper | OptimWrapperDict) -> dict[str, f
         {'lr/group_0': 0.1, 'momentum/group_0': 0.9, 'updates_applied': 0.0, 'updates_skipped': 0.0}
     """
     scalars = {**_group_tags(optim_wrapper.get_lr()), **_group_tags(optim_wrapper.get_momentum())}
-    members = optim_wrapper.items() if isinstance(optim_wrapper, OptimWrapperDict) else [("", optim_wrapper)]
-    for name, wrapper in members:
-        prefix = f"{name}." if name else ""
-        scaler = getattr(wrapper, "loss_scaler", None)
-        if scaler is not None:
-            scalars[f"{prefix}loss_scale"] = scaler.get_scale()
+    for name, wrapper in members(optim_wrapper):
+        prefix = member_prefix(name)
+        if wrapper.loss_scaler is not None:
+            scalars[f"{prefix}loss_scale"] = wrapper.loss_scaler.get_scale()
         scalars[f"{prefix}updates_applied"] = wrapper.applied_steps
         scalars[f"{prefix}updates_skipped"] = wrapper.skipped_steps
         if wrapper.grad_norm is not None:
@@ -119,16 +117,4 @@ class OptimParamsHandler(BaseHandler):
         else:
             step = engine.state.get_event_attrib_value(event_name)
         scalars = {f"{self.prefix}{tag}": value for tag, value in optim_scalars(self.optim_wrapper).items()}
-        _write_scalars(logger.writer, scalars, step)
-
-
-def _write_scalars(writer: Any, scalars: dict[str, float], step: int) -> None:
-    """Write ``scalars`` as one event (one record, one hand-off to the writer thread), not one per tag."""
-    file_writer = getattr(writer, "file_writer", None)  # torch's SummaryWriter; None once closed
-    if file_writer is None:
-        for tag, value in scalars.items():
-            writer.add_scalar(tag, value, step)
-        return
-    file_writer.add_summary(
-        Summary(value=[Summary.Value(tag=tag, simple_value=value) for tag, value in scalars.items()]), step
-    )
+        write_scalars(logger.writer, scalars, step)

@@ -10,9 +10,9 @@ import torch
 from ignite.engine import Engine, Events
 from ignite.handlers import ProgressBar
 
-from .. import checks
-from ..wrapper import OptimWrapper
-from ..wrapper_dict import OptimWrapperDict
+from ..optim import checks
+from ..optim.wrapper import OptimWrapper
+from ..optim.wrapper_dict import OptimWrapperDict, member_prefix, members
 
 
 def _loss_values(output: Any) -> dict[str, float]:
@@ -44,16 +44,15 @@ def progress_values(optim_wrapper: OptimWrapper | OptimWrapperDict) -> Callable[
         >>> show(torch.tensor(0.25))
         {'loss': 0.25, 'lr': 0.5}
     """
-    members = optim_wrapper.items() if isinstance(optim_wrapper, OptimWrapperDict) else [("", optim_wrapper)]
+    shown = members(optim_wrapper)
 
     def transform(output: Any) -> dict[str, float]:
         values = _loss_values(output)
-        for name, wrapper in members:
-            prefix = f"{name}." if name else ""
+        for name, wrapper in shown:
+            prefix = member_prefix(name)
             values[f"{prefix}lr"] = wrapper.param_groups[0]["lr"]
-            scaler = getattr(wrapper, "loss_scaler", None)
-            if scaler is not None:
-                values[f"{prefix}scale"] = scaler.get_scale()
+            if wrapper.loss_scaler is not None:
+                values[f"{prefix}scale"] = wrapper.loss_scaler.get_scale()
         return values
 
     return transform

@@ -14,8 +14,9 @@ import torch
 from ignite.engine import Engine, Events
 from ignite.handlers.param_scheduler import ParamScheduler
 
-from .. import checks
-from ..events import OptimEvents, current_member
+from ..engine.events import OptimEvents
+from ..engine.state import optim_state
+from ..optim import checks
 
 Scheduler = torch.optim.lr_scheduler.LRScheduler | ParamScheduler
 
@@ -73,7 +74,7 @@ class SchedulerHandler:
             engine.add_event_handler(Events.STARTED, self._started)
 
     def _started(self, engine: Engine) -> None:
-        members = vars(engine.state).get("optim_members", {})
+        members = optim_state(engine).members
         if not any(self._target in (wrapper, wrapper.optimizer) for wrapper in members.values()):
             raise ValueError(
                 f"the scheduler's optimizer is not driven by this trainer's wrapper(s) {list(members)}: "
@@ -86,7 +87,7 @@ class SchedulerHandler:
             self._registered.add(engine)
 
     def _advance(self, engine: Engine) -> None:
-        _, wrapper = current_member(engine)
+        _, wrapper = optim_state(engine).member()
         if self._target is not wrapper and self._target is not wrapper.optimizer:
             return
         if isinstance(self.scheduler, ParamScheduler):

@@ -27,70 +27,25 @@ Example:
 from __future__ import annotations
 
 import contextlib
-from collections import OrderedDict
-from collections.abc import Callable, Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from . import checks, parallel
-from .events import OptimEvents
+from . import checks, distributed
+from .clipping import GradClipper
+from .hooks import StepEvent, StepHook, StepHooks
+from .state_checks import check_optimizer_state
 
-StepHook = Callable[["OptimWrapper", OptimEvents, "torch.Tensor | None"], None]
-
-_CLIP_ARGS = {
-    "norm": ("max_norm", ("max_norm", "norm_type", "error_if_nonfinite", "foreach")),
-    "value": ("clip_value", ("clip_value", "foreach")),
-}
 _COUNTER_KEYS = ("inner_count", "max_counts", "steps", "skipped_steps")
-
-
-def _parse_clip_grad(clip_grad: Any) -> tuple[str, dict[str, Any]] | None:
-    """Validate ``clip_grad`` and return ``(type, kwargs)`` without touching the caller's dict."""
-    if clip_grad is None:
-        return None
-    clip_grad = checks.mapping("clip_grad", clip_grad)
-    kwargs = dict(clip_grad)
-    clip_type = kwargs.pop("type", "norm")
-    if clip_type not in _CLIP_ARGS:
-        raise ValueError(f"clip_grad['type'] must be one of {sorted(_CLIP_ARGS)}, got {clip_type!r}")
-    required, accepted = _CLIP_ARGS[clip_type]
-    checks.known_keys(f"clip_grad (type {clip_type!r})", kwargs, ("type", *accepted))
-    if required not in kwargs:
-        raise ValueError(
-            f"clip_grad of type {clip_type!r} needs {required!r}, got {dict(clip_grad)!r}; "
-            f"for example dict(type={clip_type!r}, {required}=1.0)"
-        )
-    return clip_type, kwargs
-
-
-# Optimizer state buffers shaped like their parameter (torch.optim's SGD, Adam(W), RMSprop, Adagrad, ...).
-_ELEMENTWISE_STATE = frozenset(
-    ("momentum_buffer", "exp_avg", "exp_avg_sq", "max_exp_avg_sq", "square_avg", "acc_delta", "sum", "prev", "ax")
-)
-
-NO_CONTEXT: contextlib.AbstractContextManager[None] = contextlib.nullcontext()
-
-
-def _grad_sync_context(model: nn.Module, sync: bool) -> contextlib.AbstractContextManager[None]:
-    """Return the context that stops gradient all-reduce for ``model`` when ``sync`` is False.
-
-    Looked up on the class: ``nn.Module.__getattr__`` is slow for missing names.
-    """
-    if hasattr(type(model), "set_requires_gradient_sync"):  # FSDP2 decides during backward,
-        model.set_requires_gradient_sync(sync)  # type: ignore[operator]  # so the flag outlives the forward.
-        return NO_CONTEXT
-    if not sync and hasattr(type(model), "no_sync"):  # DDP decides during the forward.
-        return model.no_sync()  # type: ignore[operator,no-any-return]
-    return NO_CONTEXT
 
 
 def _accumulated_grads(state_dict: Mapping[str, Any]) -> Any:
     """The gradients summed so far in the saved window, this rank's in a distributed run."""
     by_rank = state_dict.get("rank_accumulated_grads")
-    return state_dict.get("accumulated_grads") if by_rank is None else by_rank[parallel.rank()]
+    return state_dict.get("accumulated_grads") if by_rank is None else by_rank[distributed.rank()]
 
 
 class OptimWrapper:
@@ -112,6 +67,8 @@ class OptimWrapper:
         optimizer: The wrapped optimizer.
         clip_grad_kwargs: The clipping arguments without ``type`` (``{}``
             when not clipping).
+        loss_scaler: The float16 grad scaler: always ``None`` here (see
+            ``AmpOptimWrapper``).
 
     Example:
         >>> import torch
@@ -138,18 +95,19 @@ class OptimWrapper:
                 "build one first, e.g. SGD(model.parameters(), lr=0.01)"
             )
         self.optimizer = optimizer
+        self.loss_scaler: torch.amp.GradScaler | None = None
         self._accumulative_counts = checks.positive_int("accumulative_counts", accumulative_counts)
-        parsed = _parse_clip_grad(clip_grad)
-        self._clip_type = parsed[0] if parsed else None
-        self.clip_grad_kwargs: dict[str, Any] = parsed[1] if parsed else {}
+        self._clipper = GradClipper.parse(clip_grad)
+        self.clip_grad_kwargs: dict[str, Any] = {} if self._clipper is None else dict(self._clipper.kwargs)
         self._inner_count = 0
         self._max_counts = -1
-        self._steps = 0
-        self._skipped_base = 0
-        self._skipped_count: torch.Tensor | None = None
+        self._steps = 0  # windows stepped, applied or skipped
+        self._stepping = False  # between the start of step() and the count of its outcome
+        self._skipped_loaded = 0  # skipped steps read from a loaded state dict
+        self._skipped_on_device: torch.Tensor | None = None  # skipped steps since, summed on the device
         self._last_found_inf: torch.Tensor | None = None
         self._grad_norm: torch.Tensor | None = None
-        self._step_hooks: OrderedDict[int, StepHook] = OrderedDict()  # weakly referenced by handles
+        self._hooks = StepHooks()
         self._cancel: bool | None = None  # None outside BEFORE_OPTIM_STEP hooks
 
     # ------------------------------------------------------------------ counting
@@ -219,7 +177,7 @@ class OptimWrapper:
         ``set_requires_gradient_sync(False)`` for FSDP2, which stays set through
         the backward that follows.
         """
-        return _grad_sync_context(model, self.should_sync())
+        return distributed.grad_sync_context(model, self.should_sync())
 
     # ------------------------------------------------------------------ one update
 
@@ -232,35 +190,53 @@ class OptimWrapper:
         """Run ``loss.backward(**kwargs)`` and count the micro-step."""
         loss.backward(**kwargs)  # type: ignore[no-untyped-call]
         self._inner_count += 1
-        if self._step_hooks:
-            self._call_hooks(OptimEvents.BACKWARD_COMPLETED, loss)
+        if self._hooks.listens(StepEvent.BACKWARD_COMPLETED):
+            self._hooks.call(self, StepEvent.BACKWARD_COMPLETED, loss)
 
     def step(self, **kwargs: Any) -> None:
         """Clip the gradients if configured, then step the optimizer.
 
-        ``kwargs`` go to ``optimizer.step``. With step hooks registered, the
-        outcome is reported as ``OPTIM_STEP_COMPLETED`` or
-        ``OPTIM_STEP_SKIPPED`` (which, with a float16 scaler, reads the
-        scaler's found-inf flag on the host).
+        ``kwargs`` go to ``optimizer.step``. Step hooks see the outcome as
+        ``OPTIM_STEP_COMPLETED`` or ``OPTIM_STEP_SKIPPED`` (which, with a
+        float16 scaler, reads the scaler's found-inf flag on the host; only
+        when a hook listens to one of them).
         """
-        hooks = bool(self._step_hooks)
-        grad_norm = None
-        if self._clip_type is not None:
-            self.unscale_grads()
-            grad_norm = self._clip_grad()
-        cancel = False
-        if hooks:
-            self._cancel = False
-            try:
-                self._call_hooks(OptimEvents.BEFORE_OPTIM_STEP, None)
-                cancel = self._cancel
-            finally:
-                self._cancel = None
-        found_inf = self._cancel_optimizer_step() if cancel else self._optimizer_step(kwargs)
+        self._stepping = True
+        try:
+            grad_norm = self._unscale_and_clip()
+            cancel = self._before_step()
+            found_inf = self._cancel_optimizer_step() if cancel else self._optimizer_step(kwargs)
+        finally:
+            self._stepping = False
         self._record_step(found_inf, grad_norm)
-        if hooks:
-            skipped = cancel or (found_inf is not None and bool(found_inf))
-            self._call_hooks(OptimEvents.OPTIM_STEP_SKIPPED if skipped else OptimEvents.OPTIM_STEP_COMPLETED, None)
+        self._report_outcome(cancel, found_inf)
+
+    def _unscale_and_clip(self) -> torch.Tensor | None:
+        """Unscale when clipping or when a ``BEFORE_OPTIM_STEP`` hook reads the gradients; clip."""
+        if self._clipper is None and not self._hooks.listens(StepEvent.BEFORE_OPTIM_STEP):
+            return None
+        self.unscale_grads()
+        return None if self._clipper is None else self._clipper.clip(self._params())
+
+    def _before_step(self) -> bool:
+        """Call the ``BEFORE_OPTIM_STEP`` hooks; whether one of them cancelled the step."""
+        if not self._hooks.listens(StepEvent.BEFORE_OPTIM_STEP):
+            return False
+        self._cancel = False
+        try:
+            self._hooks.call(self, StepEvent.BEFORE_OPTIM_STEP, None)
+            return self._cancel
+        finally:
+            self._cancel = None
+
+    def _report_outcome(self, cancelled: bool, found_inf: torch.Tensor | None) -> None:
+        completed, skipped = StepEvent.OPTIM_STEP_COMPLETED, StepEvent.OPTIM_STEP_SKIPPED
+        if not (self._hooks.listens(completed) or self._hooks.listens(skipped)):
+            return
+        was_skipped = cancelled or (found_inf is not None and bool(found_inf))  # the host read
+        event = skipped if was_skipped else completed
+        if self._hooks.listens(event):
+            self._hooks.call(self, event, None)
 
     def cancel_step(self) -> None:
         """Skip the step being prepared; call it from a ``BEFORE_OPTIM_STEP`` hook.
@@ -272,18 +248,16 @@ class OptimWrapper:
             RuntimeError: When called outside a ``BEFORE_OPTIM_STEP`` hook.
         """
         if self._cancel is None:
-            raise RuntimeError(
-                "cancel_step() can only be called from a step hook handling OptimEvents.BEFORE_OPTIM_STEP"
-            )
+            raise RuntimeError("cancel_step() can only be called from a step hook handling StepEvent.BEFORE_OPTIM_STEP")
         self._cancel = True
 
-    def register_step_hook(self, hook: StepHook) -> RemovableHandle:
-        """Call ``hook(wrapper, event, loss)`` at each ``OptimEvents`` event of this wrapper.
+    def register_step_hook(self, hook: StepHook, events: Iterable[StepEvent] | None = None) -> RemovableHandle:
+        """Call ``hook(wrapper, event, loss)`` at each of ``events`` (every ``StepEvent`` by default).
 
         ``loss`` is the tensor given to ``backward`` for ``BACKWARD_COMPLETED``
-        and ``None`` otherwise. At ``BEFORE_OPTIM_STEP`` the gradients are
-        complete; call ``wrapper.unscale_grads()`` before reading them. The
-        trainer uses this to fire its Ignite events.
+        and ``None`` otherwise. While a ``BEFORE_OPTIM_STEP`` hook is
+        registered, the gradients are unscaled before it runs. Events without
+        hooks cost nothing. The trainer uses this to fire its Ignite events.
 
         Returns:
             A handle whose ``remove()`` unregisters the hook.
@@ -299,15 +273,7 @@ class OptimWrapper:
             ['backward_completed', 'before_optim_step', 'optim_step_completed']
             >>> handle.remove()
         """
-        if not callable(hook):
-            raise TypeError(f"hook must be callable as hook(wrapper, event, loss), got {checks.describe(hook)}")
-        handle = RemovableHandle(self._step_hooks)
-        self._step_hooks[handle.id] = hook
-        return handle
-
-    def _call_hooks(self, event: OptimEvents, loss: torch.Tensor | None) -> None:
-        for hook in tuple(self._step_hooks.values()):
-            hook(self, event, loss)
+        return self._hooks.add(hook, events)
 
     def zero_grad(self, **kwargs: Any) -> None:
         """Run ``optimizer.zero_grad(**kwargs)``."""
@@ -334,20 +300,12 @@ class OptimWrapper:
     def unscale_grads(self) -> None:
         """Bring the window's gradients to their true scale now (no-op without a float16 scaler).
 
-        The step does it before clipping; a ``BEFORE_OPTIM_STEP`` hook that
-        reads gradients calls it first (the trainer does, when a handler
-        listens). Calling it again before the step does nothing.
+        The step does it before clipping, and before ``BEFORE_OPTIM_STEP``
+        hooks. Calling it again before the step does nothing.
         """
 
     def _params(self) -> list[torch.Tensor]:
         return [param for group in self.optimizer.param_groups for param in group["params"]]
-
-    def _clip_grad(self) -> torch.Tensor | None:
-        params = self._params()
-        if self._clip_type == "norm":
-            return nn.utils.clip_grad_norm_(params, **self.clip_grad_kwargs)
-        nn.utils.clip_grad_value_(params, **self.clip_grad_kwargs)
-        return None
 
     def _optimizer_step(self, kwargs: dict[str, Any]) -> torch.Tensor | None:
         """Step the optimizer; return a found-inf tensor when the step may have been skipped."""
@@ -363,7 +321,8 @@ class OptimWrapper:
         self._steps += 1
         self._last_found_inf = found_inf
         if found_inf is not None:
-            self._skipped_count = found_inf if self._skipped_count is None else self._skipped_count + found_inf
+            pending = self._skipped_on_device
+            self._skipped_on_device = found_inf if pending is None else pending + found_inf
         if grad_norm is not None:
             if found_inf is not None:  # keep the norm of the last step that was applied
                 previous = self._grad_norm if self._grad_norm is not None else torch.full_like(grad_norm, torch.nan)
@@ -371,6 +330,14 @@ class OptimWrapper:
             self._grad_norm = grad_norm
 
     # ------------------------------------------------------------------ what happened
+
+    @property
+    def step_count(self) -> int:
+        """Windows that reached the optimizer step, applied or skipped; the one being stepped counts.
+
+        A Python int, read without waiting for the device.
+        """
+        return self._steps + self._stepping
 
     @property
     def step_was_skipped(self) -> bool:
@@ -383,8 +350,8 @@ class OptimWrapper:
     @property
     def skipped_steps(self) -> int:
         """Number of windows whose step was skipped. Reading it waits for the device."""
-        pending = 0 if self._skipped_count is None else int(self._skipped_count.item())
-        return self._skipped_base + pending
+        pending = 0 if self._skipped_on_device is None else int(self._skipped_on_device.item())
+        return self._skipped_loaded + pending
 
     @property
     def applied_steps(self) -> int:
@@ -455,7 +422,7 @@ class OptimWrapper:
         A ``ZeroRedundancyOptimizer`` is consolidated first: every rank must
         call this, and each gets the whole state.
         """
-        state = parallel.optimizer_state_dict(self.optimizer)
+        state = distributed.optimizer_state_dict(self.optimizer)
         state["counters"] = {
             "inner_count": self._inner_count,
             "max_counts": self._max_counts,
@@ -464,104 +431,71 @@ class OptimWrapper:
         }
         if self._in_window():
             grads = [None if param.grad is None else param.grad.detach().clone() for param in self._params()]
-            if parallel.world_size() == 1:
+            if distributed.world_size() == 1:
                 state["accumulated_grads"] = grads
             else:  # not yet reduced: each rank's own sums (a collective call)
                 cpu_grads = [None if grad is None else grad.cpu() for grad in grads]
-                state["rank_accumulated_grads"] = parallel.gather_objects(cpu_grads)
+                state["rank_accumulated_grads"] = distributed.gather_objects(cpu_grads)
         return state
 
-    def _check_state_dict(self, state_dict: Any) -> None:
-        """Raise if ``state_dict`` cannot be loaded; change nothing."""
-        state_dict = checks.mapping("state_dict", state_dict)
-        missing = [key for key in ("state", "param_groups") if key not in state_dict]
-        if missing:
-            raise ValueError(
-                f"state_dict lacks the optimizer key(s) {missing}; got keys {sorted(state_dict)}. "
-                "Pass what OptimWrapper.state_dict() or Optimizer.state_dict() returned."
-            )
-        checks.mapping("state_dict['state']", state_dict["state"])
-        saved_groups = state_dict["param_groups"]
-        groups = self.optimizer.param_groups
-        if not isinstance(saved_groups, list) or not all(
-            isinstance(group, Mapping) and "params" in group for group in saved_groups
-        ):
-            raise ValueError("state_dict['param_groups'] must be a list of dicts with a 'params' entry")
-        if len(saved_groups) != len(groups):
-            raise ValueError(f"state_dict has {len(saved_groups)} param group(s), the optimizer has {len(groups)}")
-        saved_sizes = [len(group["params"]) for group in saved_groups]
-        sizes = [len(group["params"]) for group in groups]
-        if saved_sizes != sizes:
-            raise ValueError(f"state_dict param groups hold {saved_sizes} parameters, the optimizer's hold {sizes}")
-        self._check_param_states(state_dict["state"], saved_groups)
+    def check_state_dict(self, state_dict: Any) -> None:
+        """Raise ``ValueError``/``TypeError`` if ``state_dict`` cannot be loaded; change nothing.
+
+        Example:
+            >>> import torch
+            >>> wrapper = OptimWrapper(torch.optim.SGD(torch.nn.Linear(1, 1).parameters(), lr=0.1))
+            >>> wrapper.check_state_dict({"lr": 0.1})
+            Traceback (most recent call last):
+            ...
+            ValueError: state_dict lacks the optimizer key(s) ['state', 'param_groups']; got keys ['lr']. ...
+        """
+        check_optimizer_state(self.optimizer, state_dict)
         if "counters" in state_dict:
             counters = checks.mapping("state_dict['counters']", state_dict["counters"])
             checks.known_keys("state_dict['counters']", counters, _COUNTER_KEYS)
             for key, value in counters.items():
                 if isinstance(value, bool) or not isinstance(value, int):
                     raise TypeError(f"state_dict['counters'][{key!r}] must be an int, got {value!r}")
+        self._check_accumulated_grads(state_dict)
+
+    def _check_accumulated_grads(self, state_dict: Mapping[str, Any]) -> None:
         by_rank = state_dict.get("rank_accumulated_grads")
-        if by_rank is not None and (not isinstance(by_rank, list) or len(by_rank) != parallel.world_size()):
+        world = distributed.world_size()
+        if by_rank is not None and (not isinstance(by_rank, list) or len(by_rank) != world):
             saved = len(by_rank) if isinstance(by_rank, list) else checks.describe(by_rank)
             raise ValueError(
-                f"state_dict was saved mid-window by a run of {saved} process(es), this run has "
-                f"{parallel.world_size()}; resume it with as many processes, or from a checkpoint between windows"
+                f"state_dict was saved mid-window by a run of {saved} process(es), this run has {world}; "
+                "resume it with as many processes, or from a checkpoint between windows"
             )
-        if "accumulated_grads" in state_dict or by_rank is not None:
-            grads = _accumulated_grads(state_dict)
-            params = self._params()
-            if not isinstance(grads, list) or len(grads) != len(params):
-                raise ValueError(f"state_dict['accumulated_grads'] must be a list of {len(params)} tensors or None")
-            for index, (grad, param) in enumerate(zip(grads, params, strict=True)):
-                if grad is not None and (not isinstance(grad, torch.Tensor) or grad.shape != param.shape):
-                    shape = tuple(grad.shape) if isinstance(grad, torch.Tensor) else type(grad).__name__
-                    raise ValueError(
-                        f"state_dict['accumulated_grads'][{index}] has shape {shape}, "
-                        f"the parameter has shape {tuple(param.shape)}"
-                    )
-
-    def _check_param_states(self, states: Mapping[Any, Any], saved_groups: list[Mapping[str, Any]]) -> None:
-        """Each per-parameter state must belong to a parameter, and its element-wise buffers match its shape."""
-        params = dict(
-            zip(
-                [index for group in saved_groups for index in group["params"]],
-                self._params(),
-                strict=True,
-            )
-        )
-        for index, state in states.items():
-            if index not in params:
+        if "accumulated_grads" not in state_dict and by_rank is None:
+            return
+        grads = _accumulated_grads(state_dict)
+        params = self._params()
+        if not isinstance(grads, list) or len(grads) != len(params):
+            raise ValueError(f"state_dict['accumulated_grads'] must be a list of {len(params)} tensors or None")
+        for index, (grad, param) in enumerate(zip(grads, params, strict=True)):
+            if grad is not None and (not isinstance(grad, torch.Tensor) or grad.shape != param.shape):
+                shape = tuple(grad.shape) if isinstance(grad, torch.Tensor) else type(grad).__name__
                 raise ValueError(
-                    f"state_dict['state'] has an entry for parameter {index!r}, which no param group lists"
+                    f"state_dict['accumulated_grads'][{index}] has shape {shape}, "
+                    f"the parameter has shape {tuple(param.shape)}"
                 )
-            if not isinstance(state, Mapping):
-                raise ValueError(f"state_dict['state'][{index!r}] must be a dict, got {checks.describe(state)}")
-            shape = params[index].shape
-            for key, value in state.items():
-                if key in _ELEMENTWISE_STATE and isinstance(value, torch.Tensor) and value.shape != shape:
-                    raise ValueError(
-                        f"state_dict['state'][{index!r}][{key!r}] has shape {tuple(value.shape)}, the parameter "
-                        f"has shape {tuple(shape)}: the optimizer state comes from another model"
-                    )
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
         """Load what ``state_dict()`` returned, or a plain optimizer's state dict.
 
-        The whole dict is checked first: on error nothing is loaded. The
-        caller's dict is not modified.
+        The whole dict is checked first (``check_state_dict``): on error
+        nothing is loaded. The caller's dict is not modified.
         """
-        self._check_state_dict(state_dict)
-        self._load_checked(state_dict)
-
-    def _load_checked(self, state_dict: Mapping[str, Any]) -> None:
+        self.check_state_dict(state_dict)
         self.optimizer.load_state_dict({"state": state_dict["state"], "param_groups": state_dict["param_groups"]})
         counters = state_dict.get("counters")
         if counters is not None:
             self._inner_count = counters.get("inner_count", self._inner_count)
             self._max_counts = counters.get("max_counts", self._max_counts)
             self._steps = counters.get("steps", self._steps)
-            self._skipped_base = counters.get("skipped_steps", self.skipped_steps)
-            self._skipped_count = None
+            self._skipped_loaded = counters.get("skipped_steps", self.skipped_steps)
+            self._skipped_on_device = None
             self._last_found_inf = None
         grads = _accumulated_grads(state_dict)
         if grads is not None:
@@ -569,7 +503,7 @@ class OptimWrapper:
                 param.grad = None if grad is None else grad.detach().to(param.device, param.dtype, copy=True)
 
     def __repr__(self) -> str:
-        clip = None if self._clip_type is None else {"type": self._clip_type, **self.clip_grad_kwargs}
+        clip = None if self._clipper is None else dict(self._clipper.as_config())
         optimizer = repr(self.optimizer).replace("\n", "\n  ")
         return (
             f"{type(self).__name__}(\n  accumulative_counts={self._accumulative_counts},\n"

@@ -30,9 +30,11 @@ import torch
 from torch import nn
 
 from . import checks
-from .wrapper import NO_CONTEXT, OptimWrapper
+from .distributed import NO_CONTEXT
+from .grad_scaler import step_reporting_skip
+from .wrapper import OptimWrapper
 
-_DTYPES = {
+DTYPE_ALIASES = {
     "float16": torch.float16,
     "fp16": torch.float16,
     "half": torch.float16,
@@ -66,12 +68,12 @@ def parse_dtype(dtype: str | torch.dtype | None, device_type: str) -> torch.dtyp
     """
     if dtype is None:
         return torch.float16 if device_type == "cuda" else torch.bfloat16
-    if isinstance(dtype, torch.dtype) and dtype in _DTYPES.values():
+    if isinstance(dtype, torch.dtype) and dtype in DTYPE_ALIASES.values():
         return dtype
-    if isinstance(dtype, str) and dtype in _DTYPES:
-        return _DTYPES[dtype]
+    if isinstance(dtype, str) and dtype in DTYPE_ALIASES:
+        return DTYPE_ALIASES[dtype]
     raise ValueError(
-        f"dtype must be None, one of {list(_DTYPES)} or torch.float16/bfloat16/float32/float64, got {dtype!r}"
+        f"dtype must be None, one of {list(DTYPE_ALIASES)} or torch.float16/bfloat16/float32/float64, got {dtype!r}"
     )
 
 
@@ -127,10 +129,10 @@ def _build_scaler(loss_scale: Any, device_type: str, use_fsdp: bool) -> torch.am
 
 
 @contextlib.contextmanager
-def _both(
-    first: contextlib.AbstractContextManager[Any], second: contextlib.AbstractContextManager[Any]
+def _grad_sync_and_autocast(
+    grad_sync: contextlib.AbstractContextManager[Any], autocast: contextlib.AbstractContextManager[Any]
 ) -> Iterator[None]:
-    with first, second:
+    with grad_sync, autocast:
         yield
 
 
@@ -177,7 +179,6 @@ class AmpOptimWrapper(OptimWrapper):
         self._device_type = _device_type(self.optimizer)
         self.cast_dtype = parse_dtype(dtype, self._device_type)
         self._autocast = self.cast_dtype in _AUTOCAST_DTYPES
-        self.loss_scaler: torch.amp.GradScaler | None = None
         self._unscaled = False  # unscale_ ran in this window
         self._scale_update_param: float | None = None
         if self.cast_dtype == torch.float16:
@@ -193,7 +194,7 @@ class AmpOptimWrapper(OptimWrapper):
         """
         autocast = torch.autocast(_device_type(self.optimizer), self.cast_dtype, enabled=self._autocast)
         sync = super().optim_context(model)
-        return autocast if sync is NO_CONTEXT else _both(sync, autocast)
+        return autocast if sync is NO_CONTEXT else _grad_sync_and_autocast(sync, autocast)
 
     def backward(self, loss: torch.Tensor, **kwargs: Any) -> None:
         """Scale the loss when a scaler exists, run backward and count the micro-step."""
@@ -210,12 +211,7 @@ class AmpOptimWrapper(OptimWrapper):
         scaler = self.loss_scaler
         if scaler is None:
             return super()._optimizer_step(kwargs)
-        scaler.step(self.optimizer, **kwargs)
-        # Read before update(), which clears it; fused optimizers step unconditionally.
-        flags = list(scaler._found_inf_per_device(self.optimizer).values())
-        found_inf: torch.Tensor = (
-            flags[0] if len(flags) == 1 else torch.stack([f.to(flags[0].device) for f in flags]).sum()
-        )
+        found_inf = step_reporting_skip(scaler, self.optimizer, kwargs, self.unscale_grads)
         scaler.update(self._scale_update_param)
         self._unscaled = False
         return found_inf
@@ -237,8 +233,9 @@ class AmpOptimWrapper(OptimWrapper):
         state["loss_scaler"] = {} if self.loss_scaler is None else self.loss_scaler.state_dict()
         return state
 
-    def _check_state_dict(self, state_dict: Any) -> None:
-        super()._check_state_dict(state_dict)
+    def check_state_dict(self, state_dict: Any) -> None:
+        """``OptimWrapper.check_state_dict`` plus the grad scaler's state under ``'loss_scaler'``."""
+        super().check_state_dict(state_dict)
         scaler_state = checks.mapping("state_dict['loss_scaler']", state_dict.get("loss_scaler", {}))
         if self.loss_scaler is not None and scaler_state:
             expected = set(self.loss_scaler.state_dict())
@@ -249,10 +246,11 @@ class AmpOptimWrapper(OptimWrapper):
             for key, value in scaler_state.items():
                 _number(f"state_dict['loss_scaler'][{key!r}]", value)
 
-    def _load_checked(self, state_dict: Mapping[str, Any]) -> None:
-        super()._load_checked(state_dict)
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        """``OptimWrapper.load_state_dict`` plus the grad scaler's state (``{}``: a run without a scaler)."""
+        super().load_state_dict(state_dict)
         scaler_state = state_dict.get("loss_scaler")
-        if self.loss_scaler is not None and scaler_state:  # {} comes from a run without a scaler
+        if self.loss_scaler is not None and scaler_state:
             self.loss_scaler.load_state_dict(dict(scaler_state))
 
     def _extra_repr(self) -> str:

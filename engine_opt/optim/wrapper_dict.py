@@ -28,6 +28,32 @@ from . import checks
 from .wrapper import OptimWrapper
 
 
+def members(optim_wrapper: OptimWrapper | OptimWrapperDict) -> list[tuple[str | None, OptimWrapper]]:
+    """``(name, wrapper)`` of every member; a single wrapper is the one member named ``None``.
+
+    Every handler goes through this, so one name convention holds everywhere.
+
+    Example:
+        >>> import torch
+        >>> wrapper = OptimWrapper(torch.optim.SGD(torch.nn.Linear(1, 1).parameters(), lr=0.1))
+        >>> [name for name, _ in members(wrapper)], [name for name, _ in members(OptimWrapperDict(gen=wrapper))]
+        ([None], ['gen'])
+    """
+    if isinstance(optim_wrapper, OptimWrapperDict):
+        return list(optim_wrapper.items())
+    return [(None, optim_wrapper)]
+
+
+def member_prefix(name: str | None) -> str:
+    """``'{name}.'``, the prefix of a member's keys and tags (``''`` for a single wrapper).
+
+    Example:
+        >>> member_prefix("gen"), member_prefix(None)
+        ('gen.', '')
+    """
+    return "" if name is None else f"{name}."
+
+
 class OptimWrapperDict:
     """A read-only, ordered collection of named ``OptimWrapper`` objects.
 
@@ -102,8 +128,8 @@ class OptimWrapperDict:
         """``{name: wrapper.state_dict()}``."""
         return {name: wrapper.state_dict() for name, wrapper in self.optim_wrappers.items()}
 
-    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
-        """Load ``{name: wrapper_state}``; every member is checked before any is loaded.
+    def check_state_dict(self, state_dict: Any) -> None:
+        """Raise unless ``state_dict`` has every member's name, and every member's state fits; change nothing.
 
         Raises:
             ValueError: Names are missing or extra, or a member's state does not fit.
@@ -118,11 +144,19 @@ class OptimWrapperDict:
             )
         for name, wrapper in self.optim_wrappers.items():
             try:
-                wrapper._check_state_dict(state_dict[name])
+                wrapper.check_state_dict(state_dict[name])
             except (TypeError, ValueError) as error:
                 raise type(error)(f"state_dict[{name!r}]: {error}") from error
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        """Load ``{name: wrapper_state}``; every member is checked before any is loaded.
+
+        Raises:
+            ValueError: Names are missing or extra, or a member's state does not fit.
+        """
+        self.check_state_dict(state_dict)
         for name, wrapper in self.optim_wrappers.items():
-            wrapper._load_checked(state_dict[name])
+            wrapper.load_state_dict(state_dict[name])
 
     # ------------------------------------------------------------------ one member only
 

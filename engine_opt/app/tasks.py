@@ -30,11 +30,11 @@ from ignite.engine import Engine
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, TensorDataset
 
-from .wrapper import OptimWrapper
-from .wrapper_dict import OptimWrapperDict
+from ..engine.process import TrainStep
+from ..optim.wrapper import OptimWrapper
+from ..optim.wrapper_dict import OptimWrapperDict
 
 TASKS = ("classifier", "gan")
-TrainStep = Callable[[Engine, Any], Any]
 ModelWrap = Callable[[nn.Module], nn.Module]
 """How the command readies a module for training: ``idist.auto_model`` in a distributed run."""
 _SAMPLES = 4096

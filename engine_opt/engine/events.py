@@ -1,8 +1,9 @@
 """``OptimEvents``: the optimizer events of one update, for Ignite handlers.
 
-``create_trainer`` registers them on its engine; the wrappers fire them
-through step hooks, so they fire whoever calls ``update_params`` (the default
-process function, a custom ``train_step``, an MMEngine model's ``train_step``).
+``create_trainer`` registers them on its engine and fires each one from the
+wrapper's step hook of the same name (``StepEvent``), so they fire whoever
+calls ``update_params`` (the default process function, a custom
+``train_step``, an MMEngine model's ``train_step``).
 
 Example:
     >>> from ignite.engine import Engine
@@ -15,12 +16,11 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from ignite.engine import Engine, EventEnum
 
-if TYPE_CHECKING:
-    from .wrapper import OptimWrapper
+from ..optim.hooks import StepEvent
 
 
 class OptimEvents(EventEnum):
@@ -33,32 +33,41 @@ class OptimEvents(EventEnum):
           with wrapper.optim_context(model):      # autocast; no DDP/FSDP grad sync mid-window
               loss = loss_fn(model(x), y)
           (loss / window_size).backward()
-                         -> BACKWARD_COMPLETED     state.optim_backwards += 1
+                         -> BACKWARD_COMPLETED     state.optim_backwards
           if the window ends:
               unscale the gradients (fp16), clip them
-                         -> BEFORE_OPTIM_STEP      state.optim_steps += 1
+                         -> BEFORE_OPTIM_STEP      state.optim_steps
                             (gradients complete and unscaled: log norms, guard,
                              wrapper.cancel_step() to veto the update)
               optimizer.step()  (skipped by the fp16 scaler for non-finite gradients, or vetoed)
-                         -> OPTIM_STEP_COMPLETED   state.optim_updates += 1   (an update was applied)
-                         or OPTIM_STEP_SKIPPED     state.optim_skipped += 1   (no update)
+                         -> OPTIM_STEP_COMPLETED   state.optim_updates   (an update was applied)
+                         or OPTIM_STEP_SKIPPED     state.optim_skipped   (no update)
               optimizer.zero_grad()
         ITERATION_COMPLETED
 
-    While an event is handled, ``engine.state.optim_name`` names the wrapper
-    (its key in an ``OptimWrapperDict``, ``None`` for a single wrapper) and
-    ``engine.state.optim_wrapper`` is that wrapper; at ``BACKWARD_COMPLETED``,
-    ``engine.state.optim_loss`` is the loss given to ``backward`` (divided by
-    the window size; times the loss scale under float16).
-    ``engine.state.optim_members`` maps every name to its wrapper. The
-    counters start, on each run, from the wrappers' own counts, so they
-    continue across a resume.
+    While an event is handled, ``engine.state.optim`` (an ``OptimState``)
+    says which member it is about: ``name`` (its key in an
+    ``OptimWrapperDict``, ``None`` for a single wrapper), ``wrapper``, and at
+    ``BACKWARD_COMPLETED`` the ``loss`` given to ``backward`` (divided by the
+    window size; times the loss scale under float16). The counters are the
+    sums of the wrappers' own counts, so they continue across a resume. An
+    event without handlers is not fired and costs nothing.
     """
 
     BACKWARD_COMPLETED = "backward_completed"
     BEFORE_OPTIM_STEP = "before_optim_step"
     OPTIM_STEP_COMPLETED = "optim_step_completed"
     OPTIM_STEP_SKIPPED = "optim_step_skipped"
+
+    @classmethod
+    def of(cls, event: StepEvent) -> OptimEvents:
+        """The Ignite event fired for the wrapper's step event ``event``.
+
+        Example:
+            >>> OptimEvents.of(StepEvent.BEFORE_OPTIM_STEP) is OptimEvents.BEFORE_OPTIM_STEP
+            True
+        """
+        return cls[event.name]
 
 
 EVENT_TO_ATTR: dict[Any, str] = {
@@ -77,12 +86,7 @@ def member_filter(name: str) -> Callable[[Engine, Any], bool]:
     """
 
     def passes(engine: Engine, _: Any) -> bool:
-        return vars(engine.state).get("optim_name") == name
+        optim = getattr(engine.state, "optim", None)
+        return optim is not None and optim.name == name
 
     return passes
-
-
-def current_member(engine: Engine) -> tuple[str | None, OptimWrapper]:
-    """The name (``None`` for a single wrapper) and wrapper of the event being handled."""
-    state = vars(engine.state)
-    return state["optim_name"], state["optim_wrapper"]

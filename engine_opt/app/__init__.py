@@ -1,0 +1,1 @@
+"""The application: the ``engine-opt`` command and its built-in tasks. Imports the layers below."""

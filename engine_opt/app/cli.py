@@ -1,0 +1,158 @@
+"""The ``engine-opt`` command: train a built-in synthetic task with any wrapper configuration.
+
+    engine-opt train                                   # classifier, fp32, a few seconds on 2 CPU cores
+    engine-opt train --dtype bf16 --accumulate 4 --clip-norm 1.0
+    engine-opt train --task gan --dtype fp16
+    engine-opt train --config wrapper.json             # a build_optim_wrapper config, as JSON
+    engine-opt train --resume                          # continue from the newest checkpoint
+    engine-opt train --nproc-per-node 2                # data-parallel (DDP) in 2 processes
+    torchrun --nproc-per-node 2 -m engine_opt train    # the same, launched by torchrun (or across machines)
+
+It shows a progress bar, logs to TensorBoard, checkpoints, and ends with a
+summary. Bad options end with a message and exit status 2.
+
+Distributed runs go through ``ignite.distributed``: ``idist.Parallel``
+spawns the processes (or joins those ``torchrun`` started), ``auto_model``
+wraps the networks in ``DistributedDataParallel`` and each rank trains on its
+share of every global batch (``--batch-size`` is the global batch size). Rank
+0 alone logs, shows progress, writes checkpoints and prints the summary.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from ignite.distributed.launcher import Parallel
+from torch.multiprocessing.spawn import ProcessExitedException
+
+from .. import __version__
+from ..optim.distributed import rank, world_size
+from .config import UsageError
+from .tasks import TASKS
+from .train import summary, train
+
+_DTYPES = ("fp32", "bf16", "fp16")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``engine-opt``."""
+    parser = argparse.ArgumentParser(prog="engine-opt", description="Train with engine_opt's optimizer wrappers.")
+    parser.add_argument("--version", action="version", version=f"engine-opt {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    train = commands.add_parser("train", help="train a built-in synthetic task (no downloads)")
+    task = train.add_argument_group("task")
+    task.add_argument("--task", choices=TASKS, default="classifier", help="what to train (default: classifier)")
+    task.add_argument("--epochs", type=_positive_int, default=5, help="epochs to train, in total (default: 5)")
+    task.add_argument(
+        "--batch-size",
+        type=_positive_int,
+        default=64,
+        help="batch size of one iteration, over all processes (default: 64)",
+    )
+    task.add_argument("--seed", type=int, default=0, help="seed of the data and the weights (default: 0)")
+    task.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    parallel = train.add_argument_group("distributed (ignite.distributed)")
+    parallel.add_argument(
+        "--nproc-per-node", type=_positive_int, help="spawn this many data-parallel processes (default: 1)"
+    )
+    parallel.add_argument(
+        "--backend", choices=("gloo", "nccl"), help="torch.distributed backend (default: nccl on GPUs, else gloo)"
+    )
+    wrapper = train.add_argument_group("wrapper (or --config)")
+    wrapper.add_argument("--config", type=Path, help="a JSON file holding a build_optim_wrapper config")
+    wrapper.add_argument("--wrapper", choices=("OptimWrapper", "AmpOptimWrapper"), help="wrapper type")
+    wrapper.add_argument("--dtype", choices=_DTYPES, help="fp32, or bf16/fp16 mixed precision (default: fp32)")
+    wrapper.add_argument("--accumulate", type=_positive_int, help="micro-batches per update (default: 1)")
+    wrapper.add_argument("--clip-norm", type=_positive_float, help="clip the gradient norm to this value")
+    wrapper.add_argument("--optimizer", help="any torch.optim name (default: the task's)")
+    wrapper.add_argument("--lr", type=_positive_float, help="learning rate (default: the task's)")
+    strategies = train.add_argument_group("strategies")
+    strategies.add_argument("--schedule", choices=("constant", "cosine"), default="constant", help="lr schedule")
+    strategies.add_argument(
+        "--nonfinite", choices=("off", "skip", "stop"), default="off", help="guard against nan/inf updates"
+    )
+    output = train.add_argument_group("output")
+    output.add_argument("--log-dir", type=Path, help="TensorBoard log directory (default: runs/TASK)")
+    output.add_argument("--checkpoint-dir", type=Path, help="checkpoint directory (default: LOG_DIR/checkpoints)")
+    output.add_argument("--checkpoint-every", type=_positive_int, help="save every N iterations (default: each epoch)")
+    output.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
+    output.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``engine-opt`` and ``python -m engine_opt``; returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    distributed = args.nproc_per_node is not None or "WORLD_SIZE" in os.environ  # spawn, or under torchrun
+    if not distributed:
+        status = _run(args)
+        if status:
+            raise SystemExit(status)
+        return 0
+    backend = args.backend or ("nccl" if torch.cuda.is_available() and args.device != "cpu" else "gloo")
+    if backend == "nccl" and not torch.cuda.is_available():
+        parser.exit(2, "engine-opt: error: --backend nccl needs GPUs; use --backend gloo on CPU\n")
+    try:
+        with Parallel(backend=backend, nproc_per_node=args.nproc_per_node) as launcher:
+            launcher.run(_worker, args)
+    except ProcessExitedException as error:  # a spawned rank exited with an error status
+        parser.exit(error.exit_code, "")
+    return 0
+
+
+def _worker(local_rank: int, args: argparse.Namespace) -> None:
+    """One rank of a distributed run: exit with ``_run``'s status if it is not 0."""
+    status = _run(args)
+    # The run's objects (DDP's reducer among them) sit in reference cycles; free them while the process
+    # group still exists, or its threads are torn down at interpreter exit and the process aborts.
+    gc.collect()
+    if status:
+        sys.exit(status)
+
+
+def _run(args: argparse.Namespace) -> int:
+    """Train, print the summary (rank 0), return the exit status."""
+    name = "engine-opt" if world_size() == 1 else f"engine-opt (rank {rank()})"
+    try:
+        result = train(args)
+    except UsageError as error:
+        return _fail(2, f"{name}: error: {error}")
+    except FloatingPointError as error:
+        return _fail(1, f"{name}: training stopped: {error}")
+    except OSError as error:  # an unwritable log or checkpoint directory, a full disk
+        return _fail(1, f"{name}: error: {error}")
+    if rank() == 0:
+        print(summary(result))
+    return 0
+
+
+def _fail(status: int, message: str) -> int:
+    print(message, file=sys.stderr)
+    return status

@@ -1,0 +1,69 @@
+"""The ``build_optim_wrapper`` config that ``engine-opt train``'s options describe.
+
+Example:
+    >>> import argparse
+    >>> from engine_opt.app.tasks import make_task
+    >>> args = argparse.Namespace(config=None, wrapper=None, dtype="bf16", accumulate=4, clip_norm=None,
+    ...                           optimizer=None, lr=None)
+    >>> wrapper_config(args, make_task("classifier", seed=0, batch_size=64))
+    {'type': 'AmpOptimWrapper', 'optimizer': {'type': 'AdamW', 'lr': 0.001}, 'dtype': 'bf16', 'accumulative_counts': 4}
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from .tasks import Task
+
+WRAPPER_FLAGS = ("wrapper", "dtype", "accumulate", "clip_norm", "optimizer", "lr")
+"""The options that make up a wrapper config; ``--config`` replaces them all."""
+
+
+class UsageError(Exception):
+    """A bad option or config: reported as a message, exit status 2."""
+
+
+def wrapper_config(args: argparse.Namespace, task: Task) -> dict[str, Any]:
+    """The ``build_optim_wrapper`` config that the options describe (a dict per member for the GAN)."""
+    if args.config is not None:
+        given = [f"--{flag.replace('_', '-')}" for flag in WRAPPER_FLAGS if getattr(args, flag) is not None]
+        if given:
+            raise UsageError(f"--config holds the whole wrapper config; drop {', '.join(given)} or edit the file")
+        return _load_config(args.config)
+    if args.wrapper == "OptimWrapper" and args.dtype in ("bf16", "fp16"):
+        raise UsageError(f"--dtype {args.dtype} needs --wrapper AmpOptimWrapper (or no --wrapper)")
+    if task.make_train_step is None:
+        return _one_config(args, task.default_cfg)
+    return {name: _one_config(args, default) for name, default in task.default_cfg.items()}
+
+
+def _load_config(path: Path) -> dict[str, Any]:
+    try:
+        cfg = json.loads(path.read_text())
+    except OSError as error:
+        raise UsageError(f"--config: cannot read {path}: {error.strerror}") from None
+    except json.JSONDecodeError as error:
+        raise UsageError(f"--config: {path} is not valid JSON: {error}") from None
+    if not isinstance(cfg, dict):
+        raise UsageError(f"--config: {path} must hold a JSON object, got {type(cfg).__name__}")
+    return cfg
+
+
+def _one_config(args: argparse.Namespace, default: dict[str, Any]) -> dict[str, Any]:
+    amp = args.wrapper == "AmpOptimWrapper" or args.dtype in ("bf16", "fp16")
+    cfg: dict[str, Any] = {"type": "AmpOptimWrapper" if amp else "OptimWrapper"}
+    cfg["optimizer"] = dict(default["optimizer"])
+    if args.optimizer is not None:
+        cfg["optimizer"] = {"type": args.optimizer, "lr": cfg["optimizer"]["lr"]}
+    if args.lr is not None:
+        cfg["optimizer"]["lr"] = args.lr
+    if amp and args.dtype is not None:
+        cfg["dtype"] = args.dtype  # an alias AmpOptimWrapper accepts (DTYPE_ALIASES)
+    if args.accumulate is not None:
+        cfg["accumulative_counts"] = args.accumulate
+    if args.clip_norm is not None:
+        cfg["clip_grad"] = {"max_norm": args.clip_norm}
+    return cfg

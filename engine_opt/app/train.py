@@ -1,0 +1,280 @@
+"""``engine-opt train``, step by step: build the run, resume it, attach its handlers, run it, report.
+
+Example:
+    >>> import tempfile
+    >>> from engine_opt.app.cli import build_parser
+    >>> with tempfile.TemporaryDirectory() as directory:
+    ...     args = build_parser().parse_args(["train", "--epochs", "1", "--no-progress", "--log-dir", directory])
+    ...     result = train(args)
+    >>> result.iterations, result.applied
+    (64, 64)
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, cast
+
+import ignite.distributed as idist
+import torch
+from ignite.engine import Engine, Events
+from ignite.handlers import Checkpoint
+from ignite.handlers.tensorboard_logger import OutputHandler, TensorboardLogger
+
+from ..engine.events import OptimEvents
+from ..engine.resumable_loader import ResumableLoader
+from ..engine.trainer import Trainer, create_trainer
+from ..handlers import (
+    NonFiniteGuard,
+    OptimParamsHandler,
+    SchedulerHandler,
+    attach_checkpoint,
+    attach_progress_bar,
+    latest_checkpoint,
+    resume_from_latest,
+)
+from ..optim import build_optim_wrapper
+from ..optim.distributed import rank, world_size
+from ..optim.wrapper import OptimWrapper
+from ..optim.wrapper_dict import OptimWrapperDict, members
+from .config import UsageError, wrapper_config
+from .tasks import Task, make_task
+
+
+@dataclass
+class Run:
+    """Everything one ``engine-opt train`` trains and saves."""
+
+    task: Task
+    optim_wrapper: OptimWrapper | OptimWrapperDict
+    trainer: Trainer
+    data: ResumableLoader
+    schedulers: list[torch.optim.lr_scheduler.LRScheduler]
+    log_dir: Path
+    checkpoint_dir: Path
+
+    def to_save(self) -> dict[str, Any]:
+        """What a checkpoint holds, by name."""
+        saved: dict[str, Any] = {"model": self.task.model, "optim_wrapper": self.optim_wrapper}
+        saved.update(trainer=self.trainer, data=self.data)
+        saved.update({f"scheduler_{index}": scheduler for index, scheduler in enumerate(self.schedulers)})
+        return saved
+
+
+@dataclass
+class Result:
+    """What the summary reports."""
+
+    task: str
+    epochs: int
+    iterations: int
+    seconds: float
+    losses: dict[str, float]
+    processes: int
+    applied: int
+    skipped: int
+    log_dir: Path
+    checkpoint: str | None
+    resumed_from: Path | None = field(default=None)
+
+
+def train(args: argparse.Namespace) -> Result:
+    """Run ``engine-opt train``; return what the summary reports."""
+    run = build(args)
+    resumed = resume(run, args)
+    tracker, checkpoint, tb_logger = attach_handlers(run, args)
+    start = time.perf_counter()
+    try:
+        state = run.trainer.run(run.data, max_epochs=args.epochs)
+    finally:
+        if tb_logger is not None:
+            tb_logger.close()
+    return Result(
+        task=args.task,
+        epochs=state.epoch,
+        iterations=state.iteration,
+        seconds=time.perf_counter() - start,
+        losses=tracker.means(),
+        processes=world_size(),
+        applied=sum(wrapper.applied_steps for _, wrapper in members(run.optim_wrapper)),
+        skipped=sum(wrapper.skipped_steps for _, wrapper in members(run.optim_wrapper)),
+        log_dir=run.log_dir,
+        checkpoint=None if checkpoint.last_checkpoint is None else str(checkpoint.last_checkpoint),
+        resumed_from=resumed,
+    )
+
+
+def build(args: argparse.Namespace) -> Run:
+    """The task, its wrapper(s) from the options, the trainer and its schedules; nothing attached yet."""
+    device = _device(args)
+    log_dir = args.log_dir or Path("runs") / args.task
+    checkpoint_dir = args.checkpoint_dir or log_dir / "checkpoints"
+    if not args.resume and latest_checkpoint(checkpoint_dir) is not None:
+        raise UsageError(
+            f"{checkpoint_dir} holds checkpoints of an earlier run; pass --resume to continue it, "
+            "or choose another --checkpoint-dir"
+        )
+    task = make_task(args.task, args.seed, args.batch_size)  # the same data and weights on every rank
+    task.model.to(device)
+    if world_size() > 1:
+        torch.manual_seed(args.seed + rank())  # each rank its own dropout and noise
+        random.seed(args.seed + rank())
+    optim_wrapper = _build_wrappers(args, task)
+    data = ResumableLoader(task.data)
+    trainer = _build_trainer(args, task, optim_wrapper, device)
+    schedulers = _schedulers(args.schedule, optim_wrapper, args.epochs * len(data))
+    return Run(task, optim_wrapper, trainer, data, schedulers, log_dir, checkpoint_dir)
+
+
+def resume(run: Run, args: argparse.Namespace) -> Path | None:
+    """Load the newest checkpoint with ``--resume``; refuse one that does not fit or is already complete."""
+    if not args.resume:
+        return None
+    try:
+        resumed = resume_from_latest(run.to_save(), run.checkpoint_dir)
+    except (ValueError, RuntimeError) as error:
+        raise UsageError(f"--resume: {error}; resume with the options of the interrupted run") from None
+    if resumed is None:
+        print(f"engine-opt: no checkpoint in {run.checkpoint_dir}; starting a new run", file=sys.stderr)
+        return None
+    state = run.trainer.state
+    if state.max_epochs is not None and args.epochs < state.max_epochs:
+        raise UsageError(f"--epochs {args.epochs} is less than the resumed run's {state.max_epochs}")
+    if state.epoch >= args.epochs:  # Ignite would start a finished run over
+        raise UsageError(
+            f"the run in {run.checkpoint_dir} is complete ({state.epoch} epochs); "
+            f"pass --epochs above {state.epoch} to train it further"
+        )
+    return resumed
+
+
+def attach_handlers(run: Run, args: argparse.Namespace) -> tuple[LossTracker, Checkpoint, TensorboardLogger | None]:
+    """Schedules, the guard, the loss tracker and checkpoints on every rank; logs and progress on rank 0."""
+    trainer = run.trainer
+    for scheduler in run.schedulers:
+        SchedulerHandler(scheduler).attach(trainer)
+    if args.nonfinite != "off":
+        NonFiniteGuard(args.nonfinite).attach(trainer)
+    tracker = LossTracker(run.task.loss_names)
+    trainer.add_event_handler(Events.EPOCH_STARTED, tracker.reset)
+    trainer.add_event_handler(Events.ITERATION_COMPLETED, tracker.update)
+    checkpoint = attach_checkpoint(trainer, run.to_save(), run.checkpoint_dir, every=args.checkpoint_every)
+    if rank() != 0:
+        return tracker, checkpoint, None
+    tb_logger = TensorboardLogger(log_dir=str(run.log_dir))
+    tb_logger.attach(trainer, OptimParamsHandler(run.optim_wrapper), OptimEvents.OPTIM_STEP_COMPLETED(every=10))
+    losses = OutputHandler(tag="train", output_transform=_as_losses, global_step_transform=_iteration)
+    tb_logger.attach(trainer, losses, Events.ITERATION_COMPLETED(every=10))
+    if not args.no_progress:
+        attach_progress_bar(trainer, run.optim_wrapper, every=5, persist=True)
+    return tracker, checkpoint, tb_logger
+
+
+class LossTracker:
+    """Mean of each loss over the last epoch, summed on the device and read once at the end."""
+
+    def __init__(self, names: tuple[str, ...]) -> None:
+        self.names = names
+        self.sums: dict[str, torch.Tensor] = {}
+        self.count = 0
+
+    def reset(self, engine: Engine) -> None:
+        self.sums, self.count = {}, 0
+
+    def update(self, engine: Engine) -> None:
+        values: dict[str, torch.Tensor] = _as_losses(engine.state.output)
+        for name in self.names:
+            value = values[name].detach().float()
+            self.sums[name] = value if name not in self.sums else self.sums[name] + value
+        self.count += 1
+
+    def means(self) -> dict[str, float]:
+        """The means over all ranks (a collective call in a distributed run)."""
+        means = {name: total / max(self.count, 1) for name, total in self.sums.items()}
+        if world_size() > 1:
+            means = {name: cast(torch.Tensor, idist.all_reduce(mean)) / world_size() for name, mean in means.items()}
+        return {name: mean.item() for name, mean in means.items()}
+
+
+def summary(result: Result) -> str:
+    """The lines printed at the end of ``engine-opt train``."""
+    losses = ", ".join(f"{name} {value:.4f}" for name, value in result.losses.items())
+    processes = f" on {result.processes} processes" if result.processes > 1 else ""
+    lines = [
+        f"engine-opt: trained {result.task} to epoch {result.epochs} "
+        f"({result.iterations} iterations) in {result.seconds:.1f} s{processes}",
+    ]
+    if result.resumed_from is not None:
+        lines.append(f"  resumed from:     {result.resumed_from}")
+    lines += [
+        f"  last epoch loss:  {losses}",
+        f"  updates:          {result.applied} applied, {result.skipped} skipped",
+        f"  checkpoint:       {result.checkpoint}",
+        f"  TensorBoard logs: {result.log_dir}   (view: tensorboard --logdir {result.log_dir})",
+    ]
+    return "\n".join(lines)
+
+
+def _build_wrappers(args: argparse.Namespace, task: Task) -> OptimWrapper | OptimWrapperDict:
+    cfg = wrapper_config(args, task)
+    try:
+        return build_optim_wrapper(task.model, cfg)
+    except (TypeError, ValueError) as error:
+        source = f"--config {args.config}" if args.config is not None else "the wrapper options"
+        raise UsageError(f"{source}: {error}") from None
+
+
+def _build_trainer(
+    args: argparse.Namespace, task: Task, optim_wrapper: OptimWrapper | OptimWrapperDict, device: torch.device
+) -> Trainer:
+    if task.make_train_step is None:
+        return create_trainer(_parallel_model(task.model), optim_wrapper, task.loss_fn, device=device)
+    try:
+        train_step = task.make_train_step(optim_wrapper, _parallel_model)
+    except ValueError as error:
+        raise UsageError(f"--config {args.config}: {error}") from None
+    return create_trainer(task.model, optim_wrapper, train_step=train_step)
+
+
+def _schedulers(
+    schedule: str, optim_wrapper: OptimWrapper | OptimWrapperDict, iterations: int
+) -> list[torch.optim.lr_scheduler.LRScheduler]:
+    """One cosine schedule per member over its updates, or none."""
+    if schedule == "constant":
+        return []
+    return [
+        torch.optim.lr_scheduler.CosineAnnealingLR(
+            wrapper.optimizer, T_max=max(1, -(-iterations // wrapper.accumulative_counts))
+        )
+        for _, wrapper in members(optim_wrapper)
+    ]
+
+
+def _device(args: argparse.Namespace) -> torch.device:
+    if world_size() > 1:  # each rank's device is chosen by ignite.distributed
+        device = idist.device()
+        if args.device is not None and torch.device(args.device).type != device.type:
+            raise UsageError(f"--device {args.device}: this distributed run places each rank on {device.type}")
+        return device
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda: no CUDA device is available here; use --device cpu")
+    return device
+
+
+def _parallel_model(model: torch.nn.Module) -> torch.nn.Module:
+    """``idist.auto_model(model)`` (DDP) in a distributed run; the model itself in one process."""
+    return idist.auto_model(model) if world_size() > 1 else model
+
+
+def _as_losses(output: Any) -> dict[str, Any]:
+    return dict(output) if isinstance(output, dict) else {"loss": output}
+
+
+def _iteration(engine: Engine, event: Any) -> int:
+    return int(engine.state.iteration)

@@ -1,0 +1,117 @@
+"""Checkpoint files: read without running code, verified, and loaded into every object or none.
+
+``load_checkpoint`` reads a file written by ``attach_checkpoint`` (or by
+Ignite's ``Checkpoint``), asks every object whether its entry fits
+(``check_entry``), and only then loads them all.
+"""
+
+from __future__ import annotations
+
+import pickle
+import zipfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from ignite.engine import Engine
+from ignite.handlers import Checkpoint
+from torch import nn
+
+from ..optim import checks
+from ..optim.state_checks import check_module_state, check_optimizer_state
+from .state import check_engine_state
+
+
+def check_entry(obj: Any, saved: Any) -> None:
+    """Raise if ``saved`` cannot be loaded into ``obj``; change nothing.
+
+    An object with a ``check_state_dict`` method (the wrappers, the wrapper
+    dict, ``ResumableLoader``, the trainer) checks its own entry; torch
+    modules and optimizers and Ignite engines are checked here.
+
+    Example:
+        >>> check_entry(torch.nn.Linear(2, 1), {"weight": torch.ones(1, 2)})
+        Traceback (most recent call last):
+        ...
+        ValueError: the model lacks [] and the checkpoint lacks ['bias']
+    """
+    check = getattr(obj, "check_state_dict", None)
+    if callable(check):
+        check(saved)
+    elif isinstance(obj, nn.Module):
+        check_module_state(obj, saved)
+    elif isinstance(obj, torch.optim.Optimizer):
+        check_optimizer_state(obj, saved)
+    elif isinstance(obj, Engine):
+        check_engine_state(obj, saved)
+
+
+def load_checkpoint(to_load: Mapping[str, Any], path: str | Path) -> None:
+    """Load the checkpoint file ``path`` into the objects of ``to_load``: all of them, or none.
+
+    The file is read with ``weights_only=True``, so loading it can never run
+    code. Before anything is loaded, every name in ``to_load`` must be in
+    it, and every object must accept its part: models the same keys and
+    shapes, wrappers, optimizers, the trainer and the ``ResumableLoader``
+    their states. On any mismatch a ``ValueError`` names the file and what
+    differs, and the objects are left as they were.
+    """
+    path = Path(path)
+    state = _read_checkpoint(path)
+    if len(to_load) == 1 and (name := next(iter(to_load))) not in state:
+        state = {name: state}  # Ignite's Checkpoint saves a lone object's state dict as the whole file
+    missing = [name for name in to_load if name not in state]
+    if missing:
+        raise ValueError(f"{path} lacks {missing}; it holds {sorted(state)}: is it a checkpoint of this run?")
+    for name, obj in to_load.items():
+        try:
+            check_entry(obj, state[name])
+        except (TypeError, ValueError, KeyError) as error:
+            raise ValueError(f"{path}: {name!r} does not match this run: {error}") from None
+    Checkpoint.load_objects(dict(to_load), state)
+
+
+def _read_checkpoint(path: Path) -> Mapping[str, Any]:
+    """The dict saved in ``path``, read without running code; a ``ValueError`` naming the file otherwise.
+
+    torch's reader does not check the CRC32 of each record of the file, so
+    flipped bits in the tensor data would load silently; they are checked here.
+    """
+    if not path.is_file():
+        raise ValueError(f"cannot read checkpoint {path}: no such file")
+    try:
+        damaged = _failed_record(path)
+        state = None if damaged else torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        if "weights_only" in str(error).lower() or "unsupported global" in str(error).lower():
+            raise ValueError(
+                f"{path} holds objects other than tensors and plain containers; loading it could run code, "
+                "so it is refused (checkpoints written by attach_checkpoint hold none)"
+            ) from None
+        raise ValueError(f"{path} is not a readable checkpoint: {_first_line(error)}") from None
+    except PermissionError as error:
+        raise ValueError(f"cannot read checkpoint {path}: {error.strerror}") from None
+    except Exception as error:  # truncated or damaged files surface as RuntimeError, EOFError, OSError, ...
+        raise ValueError(
+            f"{path} is not a readable checkpoint: truncated, damaged, or not written by torch.save "
+            f"({_first_line(error)})"
+        ) from None
+    if damaged:
+        raise ValueError(f"{path} is damaged: its record {damaged!r} fails its CRC check")
+    if not isinstance(state, Mapping):
+        raise ValueError(f"{path} does not hold a checkpoint dict, got {checks.describe(state)}")
+    return state
+
+
+def _failed_record(path: Path) -> str | None:
+    """The first record of a zip-format checkpoint whose CRC32 is wrong (None if all are right)."""
+    if not zipfile.is_zipfile(path):
+        return None
+    with zipfile.ZipFile(path) as archive:
+        return archive.testzip()
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return f"{type(error).__name__}: {text.splitlines()[0]}" if text else type(error).__name__

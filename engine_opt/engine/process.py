@@ -1,0 +1,125 @@
+"""The process functions ``create_trainer`` builds: one iteration of training, written out.
+
+The supervised step is the tutorial's loop body::
+
+    x, y = prepare_batch(batch, device, non_blocking)
+    with optim_wrapper.optim_context(model):
+        y_pred = model(x)
+        loss = loss_fn(y_pred, y)
+    optim_wrapper.update_params(loss)
+    return output_transform(x, y, y_pred, loss)      # default: loss.detach(), no host sync
+
+Example:
+    >>> x, y = prepare_batch((torch.ones(2, 3), torch.zeros(2)))
+    >>> tuple(x.shape), tuple(y.shape)
+    ((2, 3), (2,))
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from ignite.engine import Engine
+from ignite.utils import convert_tensor
+from torch import nn
+
+from ..optim import checks
+from ..optim.wrapper import OptimWrapper
+from ..optim.wrapper_dict import OptimWrapperDict
+
+TrainStep = Callable[[Engine, Any], Any]
+"""A process function: ``train_step(engine, batch) -> output``."""
+PrepareBatch = Callable[[Any, "str | torch.device | None", bool], tuple[Any, Any]]
+OutputTransform = Callable[[Any, Any, Any, torch.Tensor], Any]
+
+
+def prepare_batch(
+    batch: Sequence[Any], device: str | torch.device | None = None, non_blocking: bool = False
+) -> tuple[Any, Any]:
+    """Split ``batch`` into ``(x, y)`` and move both to ``device``."""
+    if not isinstance(batch, Sequence) or len(batch) != 2:
+        raise ValueError(
+            f"the default prepare_batch expects batches of (x, y), got {checks.describe(batch)}; "
+            "pass prepare_batch=... or train_step=... for other batch layouts"
+        )
+    x, y = batch
+    return (
+        convert_tensor(x, device=device, non_blocking=non_blocking),
+        convert_tensor(y, device=device, non_blocking=non_blocking),
+    )
+
+
+def loss_output(x: Any, y: Any, y_pred: Any, loss: torch.Tensor) -> torch.Tensor:
+    """The default ``output_transform``: the detached loss tensor (not a float: no host sync)."""
+    return loss.detach()
+
+
+def check_callable(name: str, value: Any, arity: int, usage: str) -> None:
+    """Raise ``TypeError`` unless ``value`` can be called with ``arity`` positional arguments."""
+    if not callable(value):
+        raise TypeError(f"{name} must be callable as {usage}, got {checks.describe(value)}")
+    try:
+        inspect.signature(value).bind(*range(arity))
+    except TypeError:
+        raise TypeError(f"{name} must accept {arity} positional argument(s), as {usage}; got {value!r}") from None
+    except ValueError:  # no signature (some builtins): trust it
+        pass
+
+
+def supervised_step(
+    model: nn.Module,
+    wrapper: OptimWrapper,
+    loss_fn: Callable[..., torch.Tensor],
+    prepare: PrepareBatch,
+    device: str | torch.device | None,
+    non_blocking: bool,
+    output_transform: OutputTransform,
+) -> TrainStep:
+    """``loss_fn(model(x), y)`` through ``wrapper``; a torch error gets a note naming the batch."""
+
+    def step(engine: Engine, batch: Any) -> Any:
+        if not model.training:
+            model.train()
+        x, y = prepare(batch, device, non_blocking)
+        try:
+            with wrapper.optim_context(model):
+                y_pred = model(x)
+                loss = loss_fn(y_pred, y)
+            wrapper.update_params(loss)
+        except (RuntimeError, ValueError, TypeError, IndexError) as error:  # wrong shapes, dtypes, devices
+            _add_note(
+                error,
+                f"engine_opt: iteration {engine.state.iteration} failed on x = {_describe(x)}, y = {_describe(y)}",
+            )
+            raise
+        return output_transform(x, y, y_pred, loss)
+
+    return step
+
+
+def mmengine_step(model: nn.Module, optim_wrapper: OptimWrapper | OptimWrapperDict) -> TrainStep:
+    """An MMEngine model's ``train_step(data, optim_wrapper)``, which does the whole update."""
+    model_step: Callable[[Any, Any], Any] = getattr(model, "train_step")  # noqa: B009
+
+    def step(engine: Engine, batch: Any) -> Any:
+        if not model.training:
+            model.train()
+        return model_step(batch, optim_wrapper)
+
+    return step
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"{str(value.dtype).removeprefix('torch.')} tensor {tuple(value.shape)} on {value.device}"
+    return checks.describe(value)
+
+
+def _add_note(error: BaseException, note: str) -> None:
+    """Say which batch a torch error came from (Python 3.11+ shows notes under the message)."""
+    add_note = getattr(error, "add_note", None)
+    if add_note is not None:
+        add_note(note)

@@ -1,0 +1,222 @@
+"""The data position and the random generators: what a run needs to resume mid-epoch exactly.
+
+``ResumableLoader`` wraps the data so a checkpoint also holds the data
+position and the random number generators: a run resumed mid-epoch, in a new
+process, sees the same batches and random numbers as one that never stopped.
+``rng_state``/``set_rng_state`` save and restore the generators themselves.
+"""
+
+from __future__ import annotations
+
+import random
+import sys
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any
+
+import torch
+
+from ..optim import checks, distributed
+
+_STATE_KEYS = ("epoch_rng", "position", "rng")
+
+
+def rng_state(generator: torch.Generator | None = None) -> dict[str, Any]:
+    """The states of torch's (CPU and initialised CUDA), Python's and NumPy's global generators.
+
+    With ``generator``, that generator's state is included too. Holds only
+    tensors, numbers and tuples, so it loads with ``weights_only=True``.
+
+    Example:
+        >>> state = rng_state()
+        >>> a = torch.rand(1); set_rng_state(state); b = torch.rand(1)
+        >>> bool(a == b)
+        True
+    """
+    state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():  # type: ignore[no-untyped-call]
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    numpy = sys.modules.get("numpy")
+    if numpy is not None:
+        kind, keys, pos, has_gauss, gauss = numpy.random.get_state()
+        state["numpy"] = (kind, torch.from_numpy(keys.astype("int64")), pos, has_gauss, gauss)
+    if generator is not None:
+        state["generator"] = generator.get_state()
+    return state
+
+
+def set_rng_state(state: Mapping[str, Any], generator: torch.Generator | None = None) -> None:
+    """Restore what ``rng_state`` returned."""
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    if "numpy" in state:
+        import numpy
+
+        kind, keys, pos, has_gauss, gauss = state["numpy"]
+        numpy.random.set_state((kind, keys.numpy().astype("uint32"), pos, has_gauss, gauss))
+    if generator is not None and "generator" in state:
+        generator.set_state(state["generator"])
+
+
+class ResumableLoader:
+    """An iterable of batches whose state is its position and the random generators.
+
+    Each pass records the generators' states as it begins; ``state_dict``
+    adds the number of batches given out and the generators' states now. A
+    loaded state takes effect at the next pass: the generators are set as
+    they were when the interrupted pass began, the batches already used are
+    drawn again and dropped, then the generators are set as they were at the
+    checkpoint. So a shuffled ``DataLoader`` (and dropout, augmentation...)
+    continues exactly.
+
+    Args:
+        data: A ``DataLoader`` or any re-iterable of batches. A ``DataLoader``
+            with its own ``generator`` has that generator saved too.
+
+    Example:
+        >>> loader = ResumableLoader(torch.utils.data.DataLoader(torch.arange(6), batch_size=2, shuffle=True))
+        >>> batches = iter(loader)
+        >>> first = next(batches)
+        >>> state = loader.state_dict()
+        >>> rest = [batch.tolist() for batch in batches]
+        >>> resumed = ResumableLoader(torch.utils.data.DataLoader(torch.arange(6), batch_size=2, shuffle=True))
+        >>> resumed.load_state_dict(state)
+        >>> [batch.tolist() for batch in resumed] == rest
+        True
+    """
+
+    def __init__(self, data: Iterable[Any]) -> None:
+        if not isinstance(data, Iterable) or isinstance(data, Iterator):
+            raise TypeError(
+                f"data must be a re-iterable collection of batches such as a DataLoader, got {checks.describe(data)}"
+            )
+        self.data = data
+        self._generator: torch.Generator | None = getattr(data, "generator", None)
+        sampler = getattr(data, "sampler", None)
+        self._set_epoch: Callable[[int], None] | None = getattr(sampler, "set_epoch", None)
+        self._epoch_rng: dict[str, Any] | None = None
+        self._position = 0
+        self._passes = 0
+        self._pending: dict[str, Any] | None = None
+
+    def __len__(self) -> int:
+        return len(self.data)  # type: ignore[arg-type]
+
+    def __iter__(self) -> Iterator[Any]:
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending = _own_rank(pending)
+            self._passes = pending.get("passes", self._passes)
+        if pending is not None and pending["epoch_rng"] is not None and not self._at_end(pending["position"]):
+            self._begin_pass(self._passes - 1)
+            set_rng_state(pending["epoch_rng"], self._generator)
+            batches = iter(self.data)
+            skipped = sum(1 for _ in zip(range(pending["position"]), batches, strict=False))
+            self._check_position(pending["position"], skipped)
+            set_rng_state(pending["rng"], self._generator)
+            self._epoch_rng = pending["epoch_rng"]
+            self._position = skipped
+            return self._counted(batches)
+        if pending is not None:
+            self._check_position(pending["position"], self._length())
+            set_rng_state(pending["rng"], self._generator)
+        self._begin_pass(self._passes)
+        self._passes += 1
+        self._epoch_rng = rng_state(self._generator)
+        self._position = 0
+        return self._counted(iter(self.data))
+
+    def _begin_pass(self, index: int) -> None:
+        """Give a ``DistributedSampler`` (anything with ``set_epoch``) the index of the pass, so each shuffles anew."""
+        if self._set_epoch is not None:
+            self._set_epoch(max(index, 0))
+
+    @staticmethod
+    def _check_position(position: int, available: int | None) -> None:
+        if available is not None and position > available:
+            raise ValueError(
+                f"the checkpoint was taken after batch {position} of a pass, but the data gives only "
+                f"{available} batches; resume with the data the run was checkpointed with"
+            )
+
+    def _length(self) -> int | None:
+        try:
+            return len(self.data)  # type: ignore[arg-type]
+        except TypeError:
+            return None
+
+    def _at_end(self, position: int) -> bool:
+        length = self._length()
+        return length is not None and position >= length
+
+    def _counted(self, batches: Iterator[Any]) -> Iterator[Any]:
+        length = self._length()
+        for batch in batches:
+            self._position += 1
+            if self._position == length:
+                # Finish the pass before handing out its last batch: a sampler sharing the loader's
+                # generator draws once more when exhausted, and that draw must belong to this pass.
+                rest = list(batches)
+                yield batch
+                for batch in rest:
+                    self._position += 1
+                    yield batch
+                return
+            yield batch
+
+    def state_dict(self) -> dict[str, Any]:
+        """Where the current pass began, how far it got, the generators now.
+
+        ``{'epoch_rng', 'position', 'rng', 'passes'}``; in a distributed run
+        also ``'ranks'``, every rank's generator states (a collective call:
+        every rank must make it, as Ignite's ``Checkpoint`` does).
+        """
+        if self._pending is not None:
+            return dict(self._pending)
+        state: dict[str, Any] = {
+            "epoch_rng": self._epoch_rng,
+            "position": self._position,
+            "rng": rng_state(self._generator),
+            "passes": self._passes,
+        }
+        if distributed.world_size() > 1:
+            state["ranks"] = distributed.gather_objects({"epoch_rng": state["epoch_rng"], "rng": state["rng"]})
+        return state
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        """Take ``state_dict`` into effect at the next pass over the data (checked first)."""
+        self.check_state_dict(state_dict)
+        self._pending = dict(state_dict)
+
+    def check_state_dict(self, state_dict: Any) -> None:
+        """Raise ``ValueError``/``TypeError`` if ``state_dict`` cannot be loaded; change nothing."""
+        state_dict = checks.mapping("state_dict", state_dict)
+        checks.known_keys("state_dict", state_dict, (*_STATE_KEYS, "passes", "ranks"))
+        missing = [key for key in _STATE_KEYS if key not in state_dict]
+        if missing:
+            raise ValueError(f"state_dict lacks {missing}; pass what ResumableLoader.state_dict() returned")
+        for key in ("position", "passes"):
+            value = state_dict.get(key, 0)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"state_dict[{key!r}] must be an int >= 0, got {value!r}")
+        for key in ("epoch_rng", "rng"):
+            value = state_dict[key]
+            if not (value is None and key == "epoch_rng") and not (isinstance(value, Mapping) and "torch" in value):
+                raise ValueError(f"state_dict[{key!r}] must be what rng_state() returned, got {checks.describe(value)}")
+        ranks = state_dict.get("ranks")
+        world = distributed.world_size()
+        saved_world = 1 if ranks is None else len(ranks) if isinstance(ranks, list) else None
+        if saved_world != world:
+            raise ValueError(
+                f"the data state was saved by a run of {saved_world} process(es), this run has {world}; the data "
+                "position and random streams of each rank resume exactly only with as many processes"
+            )
+
+
+def _own_rank(state: dict[str, Any]) -> dict[str, Any]:
+    """``state`` with this rank's generator states in place of rank 0's."""
+    ranks = state.get("ranks")
+    if ranks is None:
+        return state
+    return {**state, **ranks[distributed.rank()]}

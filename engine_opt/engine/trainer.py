@@ -1,0 +1,232 @@
+"""``create_trainer``: an Ignite ``Engine`` whose process function delegates to the wrapper.
+
+The trainer is a ``Trainer``, an ``Engine`` subclass (as Ignite's own
+``DeterministicEngine`` is) that registers ``OptimEvents`` and fires each of
+them from the wrappers' step hook of the same name, only while a handler
+listens to it. When a run starts or resumes it tells each wrapper where the
+run stands and how long it is, so the last accumulation window is applied
+and divided by its true size.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections import Counter
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from ignite.engine import CallableEventWithFilter, Engine, Events
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+from ..optim import checks, distributed
+from ..optim.hooks import StepEvent, StepHook
+from ..optim.wrapper import OptimWrapper
+from ..optim.wrapper_dict import OptimWrapperDict, members
+from .events import EVENT_TO_ATTR, OptimEvents
+from .firing import fire_registered
+from .process import (
+    OutputTransform,
+    PrepareBatch,
+    TrainStep,
+    check_callable,
+    loss_output,
+    mmengine_step,
+    prepare_batch,
+    supervised_step,
+)
+from .state import OptimState, TrainerState, check_engine_state
+
+
+class Trainer(Engine):
+    """An Ignite ``Engine`` that fires ``OptimEvents`` for the wrappers it trains.
+
+    ``engine.state`` is a ``TrainerState``: ``engine.state.optim`` holds the
+    members and the member of the event being handled. Adding the first
+    handler of an optimizer event registers a step hook for it on every
+    member; removing the last one removes it, so events nobody listens to
+    cost nothing (and a float16 step's outcome is not read on the host).
+
+    Args:
+        process_function: The process function, as for ``Engine``.
+        optim_wrapper: The wrapper, or the dict of wrappers, it trains.
+    """
+
+    state: TrainerState
+
+    def __init__(self, process_function: TrainStep, optim_wrapper: OptimWrapper | OptimWrapperDict) -> None:
+        self._listeners: Counter[StepEvent] = Counter()
+        self._bridges: dict[StepEvent, list[RemovableHandle]] = {}
+        super().__init__(process_function)
+        self.state = TrainerState(OptimState(members=dict(members(optim_wrapper))))
+        self.register_events(*OptimEvents, event_to_attr=EVENT_TO_ATTR)
+
+    def add_event_handler(self, event_name: Any, handler: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """``Engine.add_event_handler``; the first handler of an optimizer event starts its firing."""
+        handle = super().add_event_handler(event_name, handler, *args, **kwargs)
+        step_event = _step_event(event_name)
+        if step_event is not None:
+            self._count_listener(step_event, +1)
+        return handle
+
+    def remove_event_handler(self, handler: Callable[..., Any], event_name: Any) -> None:
+        """``Engine.remove_event_handler``; removing the last handler of an optimizer event stops its firing."""
+        super().remove_event_handler(handler, event_name)
+        step_event = _step_event(event_name)
+        if step_event is not None:
+            self._count_listener(step_event, -1)
+
+    def check_state_dict(self, state_dict: Any) -> None:
+        """Raise if ``load_state_dict`` would refuse ``state_dict``; change nothing (see ``check_engine_state``)."""
+        check_engine_state(self, state_dict)
+
+    def _count_listener(self, event: StepEvent, change: int) -> None:
+        self._listeners[event] += change
+        if self._listeners[event] == 1 and event not in self._bridges:
+            self._bridges[event] = [
+                wrapper.register_step_hook(_bridge(self, name), [event])
+                for name, wrapper in self.state.optim.members.items()
+            ]
+        elif self._listeners[event] <= 0:
+            del self._listeners[event]
+            for handle in self._bridges.pop(event, []):
+                handle.remove()
+
+
+def _step_event(event_name: Any) -> StepEvent | None:
+    """The wrapper step event behind ``event_name`` (an ``OptimEvents`` member, filtered or not), or None."""
+    if isinstance(event_name, CallableEventWithFilter) and event_name.name in OptimEvents.__members__:
+        return StepEvent[event_name.name]
+    return None
+
+
+def _bridge(trainer: Trainer, name: str | None) -> StepHook:
+    """A wrapper step hook that fires the trainer's matching event.
+
+    It holds the trainer by a weak reference: the trainer holds the wrapper,
+    and a cycle would keep both, and a DDP model's reducer, alive until the
+    garbage collector runs, possibly after the process group is gone.
+    """
+    trainer_ref = weakref.ref(trainer)
+
+    def fire(wrapper: OptimWrapper, event: StepEvent, loss: torch.Tensor | None) -> None:
+        trainer = trainer_ref()
+        if trainer is None:  # the wrapper outlived its trainer and is used on its own
+            return
+        optim = trainer.state.optim
+        optim.name, optim.wrapper, optim.loss = name, wrapper, loss
+        fire_registered(trainer, OptimEvents.of(event))
+
+    return fire
+
+
+def _check_arguments(model: Any, optim_wrapper: Any, loss_fn: Any, train_step: Any) -> None:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {checks.describe(model)}")
+    if not isinstance(optim_wrapper, (OptimWrapper, OptimWrapperDict)):
+        raise TypeError(
+            f"optim_wrapper must be an OptimWrapper or an OptimWrapperDict, got {checks.describe(optim_wrapper)}; "
+            "wrap the optimizer first, e.g. OptimWrapper(SGD(model.parameters(), lr=0.01))"
+        )
+    if train_step is not None:
+        if loss_fn is not None:
+            raise ValueError("pass either loss_fn or train_step, not both: train_step computes its own loss")
+        check_callable("train_step", train_step, 2, "train_step(engine, batch)")
+        return
+    if loss_fn is not None:
+        check_callable("loss_fn", loss_fn, 2, "loss_fn(y_pred, y)")
+        if isinstance(optim_wrapper, OptimWrapperDict):
+            raise ValueError(
+                f"an OptimWrapperDict (members {list(optim_wrapper)}) needs train_step(engine, batch) that "
+                "updates each member; loss_fn alone cannot say which loss goes to which optimizer"
+            )
+        return
+    if not callable(getattr(model, "train_step", None)):
+        raise ValueError(
+            "create_trainer needs loss_fn, or train_step(engine, batch), or a model that defines "
+            f"train_step(data, optim_wrapper); {type(model).__name__} has none of them"
+        )
+
+
+def create_trainer(
+    model: nn.Module,
+    optim_wrapper: OptimWrapper | OptimWrapperDict,
+    loss_fn: Callable[..., torch.Tensor] | None = None,
+    *,
+    device: str | torch.device | None = None,
+    train_step: TrainStep | None = None,
+    prepare_batch: PrepareBatch = prepare_batch,
+    output_transform: OutputTransform = loss_output,
+    non_blocking: bool = False,
+) -> Trainer:
+    """Build an Ignite trainer whose every update goes through ``optim_wrapper``.
+
+    Args:
+        model: The model to train (already on its device).
+        optim_wrapper: An ``OptimWrapper``/``AmpOptimWrapper``, or an
+            ``OptimWrapperDict`` (then ``train_step`` does the updates).
+        loss_fn: ``loss_fn(y_pred, y)``, for the default process function.
+        device: Where ``prepare_batch`` moves each batch (default: left as is).
+        train_step: ``train_step(engine, batch)`` replacing the default process
+            function: it runs forward passes inside ``optim_context`` and calls
+            ``update_params`` on the wrapper (or on each member of a dict).
+            Without ``loss_fn`` and ``train_step``, a model that defines
+            MMEngine's ``train_step(data, optim_wrapper)`` is called instead.
+        prepare_batch: ``prepare_batch(batch, device, non_blocking) -> (x, y)``.
+        output_transform: ``output_transform(x, y, y_pred, loss)``, the
+            engine's output each iteration; by default the detached loss tensor
+            (not a Python float: no host sync per iteration).
+        non_blocking: Passed to ``prepare_batch``.
+
+    When a run starts or resumes, each wrapper gets
+    ``initialize_count_status(model, iteration, max_iterations)``, as in
+    MMEngine's loops: this assumes one ``backward`` per iteration for each
+    wrapper. Data without a length (and no ``epoch_length``) leaves the run
+    length unknown, and a trailing partial window is not applied. In a
+    distributed run, the ranks' epoch lengths are compared first, and a run
+    whose ranks would do different numbers of iterations is refused instead
+    of hanging.
+
+    Returns:
+        The trainer, a ``Trainer``. ``OptimEvents`` are registered on it;
+        ``engine.state`` counts them in ``optim_backwards``,
+        ``optim_steps``, ``optim_updates`` (applied) and ``optim_skipped``.
+
+    Example:
+        >>> import torch
+        >>> import torch.nn.functional as F
+        >>> from engine_opt import OptimWrapper
+        >>> model = torch.nn.Linear(2, 1)
+        >>> wrapper = OptimWrapper(torch.optim.SGD(model.parameters(), lr=0.1), accumulative_counts=2)
+        >>> trainer = create_trainer(model, wrapper, F.mse_loss)
+        >>> data = [(torch.ones(4, 2), torch.zeros(4, 1))] * 5
+        >>> state = trainer.run(data, max_epochs=1)
+        >>> state.optim_backwards, state.optim_updates   # the last window, of one micro-step, is applied too
+        (5, 3)
+    """
+    _check_arguments(model, optim_wrapper, loss_fn, train_step)
+    if train_step is None and loss_fn is not None:
+        check_callable("prepare_batch", prepare_batch, 3, "prepare_batch(batch, device, non_blocking)")
+        check_callable("output_transform", output_transform, 4, "output_transform(x, y, y_pred, loss)")
+        wrapper: OptimWrapper = optim_wrapper  # type: ignore[assignment]  # _check_arguments refused a dict
+        train_step = supervised_step(model, wrapper, loss_fn, prepare_batch, device, non_blocking, output_transform)
+    elif train_step is None:
+        train_step = mmengine_step(model, optim_wrapper)
+    trainer = Trainer(train_step, optim_wrapper)
+    trainer.add_event_handler(Events.STARTED, _start_run, model)
+    return trainer
+
+
+def _start_run(engine: Trainer, model: nn.Module) -> None:
+    """Tell the wrappers the run length, after checking that every rank runs as long."""
+    state = engine.state
+    distributed.check_same_length(state.epoch_length)
+    total = -1
+    if state.max_iters is not None:
+        total = state.max_iters
+    elif state.epoch_length is not None and state.max_epochs is not None:
+        total = state.epoch_length * state.max_epochs
+    for wrapper in state.optim.members.values():
+        wrapper.initialize_count_status(model, state.iteration, total)
+    state.optim.name, state.optim.wrapper, state.optim.loss = None, None, None

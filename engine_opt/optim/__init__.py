@@ -1,0 +1,13 @@
+"""The core: the wrappers, building them from config, and what they need. Imports torch only.
+
+Usable in any training loop (hand-written, Ignite, Lightning, accelerate);
+nothing here imports a training framework or a logger.
+"""
+
+from .amp import AmpOptimWrapper
+from .build import build_optim_wrapper
+from .hooks import StepEvent
+from .wrapper import OptimWrapper
+from .wrapper_dict import OptimWrapperDict
+
+__all__ = ["AmpOptimWrapper", "OptimWrapper", "OptimWrapperDict", "StepEvent", "build_optim_wrapper"]

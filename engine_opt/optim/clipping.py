@@ -1,0 +1,69 @@
+"""``GradClipper``: the ``clip_grad`` argument, checked once, applied once per window.
+
+Example:
+    >>> import torch
+    >>> clipper = GradClipper.parse(dict(max_norm=1.0))
+    >>> param = torch.zeros(2, requires_grad=True)
+    >>> param.grad = torch.tensor([3.0, 4.0])
+    >>> clipper.clip([param]), param.grad
+    (tensor(5.), tensor([0.6000, 0.8000]))
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import checks
+
+# For each type: the argument it needs, and those it accepts.
+_CLIP_ARGS = {
+    "norm": ("max_norm", ("max_norm", "norm_type", "error_if_nonfinite", "foreach")),
+    "value": ("clip_value", ("clip_value", "foreach")),
+}
+
+
+@dataclass(frozen=True)
+class GradClipper:
+    """Clipping by norm (``clip_grad_norm_``) or by value (``clip_grad_value_``).
+
+    Attributes:
+        type: ``'norm'`` or ``'value'``.
+        kwargs: The arguments of the torch function (without ``type``).
+    """
+
+    type: str
+    kwargs: dict[str, Any]
+
+    @classmethod
+    def parse(cls, clip_grad: Any) -> GradClipper | None:
+        """Check ``clip_grad`` (``None`` or a dict) without touching the caller's dict."""
+        if clip_grad is None:
+            return None
+        kwargs = dict(checks.mapping("clip_grad", clip_grad))
+        clip_type = kwargs.pop("type", "norm")
+        if clip_type not in _CLIP_ARGS:
+            raise ValueError(f"clip_grad['type'] must be one of {sorted(_CLIP_ARGS)}, got {clip_type!r}")
+        required, accepted = _CLIP_ARGS[clip_type]
+        checks.known_keys(f"clip_grad (type {clip_type!r})", kwargs, ("type", *accepted))
+        if required not in kwargs:
+            raise ValueError(
+                f"clip_grad of type {clip_type!r} needs {required!r}, got {dict(clip_grad)!r}; "
+                f"for example dict(type={clip_type!r}, {required}=1.0)"
+            )
+        return cls(clip_type, kwargs)
+
+    def clip(self, params: list[torch.Tensor]) -> torch.Tensor | None:
+        """Clip the gradients of ``params`` in place; return the total norm before clipping (norm type only)."""
+        if self.type == "norm":
+            return nn.utils.clip_grad_norm_(params, **self.kwargs)
+        nn.utils.clip_grad_value_(params, **self.kwargs)
+        return None
+
+    def as_config(self) -> Mapping[str, Any]:
+        """The ``clip_grad`` dict this clipper was parsed from, with its type made explicit."""
+        return {"type": self.type, **self.kwargs}

@@ -1,0 +1,84 @@
+"""``StepEvent``: the moments of one update that a wrapper reports to its step hooks.
+
+The core's own, framework-free events: a hook registered with
+``OptimWrapper.register_step_hook`` is called as ``hook(wrapper, event, loss)``.
+The Ignite layer maps each one to an ``OptimEvents`` member of the same name.
+
+Example:
+    >>> [event.value for event in StepEvent]
+    ['backward_completed', 'before_optim_step', 'optim_step_completed', 'optim_step_skipped']
+"""
+
+from __future__ import annotations
+
+import enum
+from collections import OrderedDict
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING
+
+import torch
+from torch.utils.hooks import RemovableHandle
+
+from . import checks
+
+if TYPE_CHECKING:
+    from .wrapper import OptimWrapper
+
+
+class StepEvent(enum.Enum):
+    """One moment of an update, in the order they happen.
+
+    ``BACKWARD_COMPLETED`` after each micro-step's backward (the hook gets
+    the loss given to it); at the end of a window ``BEFORE_OPTIM_STEP`` (the
+    gradients are complete, unscaled and clipped; ``wrapper.cancel_step()``
+    vetoes the update), then ``OPTIM_STEP_COMPLETED`` if the update was
+    applied or ``OPTIM_STEP_SKIPPED`` if it was not.
+    """
+
+    BACKWARD_COMPLETED = "backward_completed"
+    BEFORE_OPTIM_STEP = "before_optim_step"
+    OPTIM_STEP_COMPLETED = "optim_step_completed"
+    OPTIM_STEP_SKIPPED = "optim_step_skipped"
+
+
+StepHook = Callable[["OptimWrapper", StepEvent, "torch.Tensor | None"], None]
+
+
+class StepHooks:
+    """The step hooks of one wrapper, kept per event so an event nobody listens to costs one dict lookup.
+
+    Example:
+        >>> hooks = StepHooks()
+        >>> handle = hooks.add(lambda wrapper, event, loss: None, [StepEvent.BEFORE_OPTIM_STEP])
+        >>> hooks.listens(StepEvent.BEFORE_OPTIM_STEP), hooks.listens(StepEvent.BACKWARD_COMPLETED)
+        (True, False)
+        >>> handle.remove()
+        >>> hooks.listens(StepEvent.BEFORE_OPTIM_STEP)
+        False
+    """
+
+    def __init__(self) -> None:
+        self._by_event: dict[StepEvent, OrderedDict[int, StepHook]] = {event: OrderedDict() for event in StepEvent}
+
+    def add(self, hook: StepHook, events: Iterable[StepEvent] | None = None) -> RemovableHandle:
+        """Call ``hook`` at each of ``events`` (all of them by default); the handle's ``remove()`` undoes it."""
+        if not callable(hook):
+            raise TypeError(f"hook must be callable as hook(wrapper, event, loss), got {checks.describe(hook)}")
+        chosen = list(StepEvent) if events is None else list(events)
+        wrong = [event for event in chosen if not isinstance(event, StepEvent)]
+        if wrong or not chosen:
+            raise TypeError(f"events must be StepEvent members (e.g. StepEvent.BEFORE_OPTIM_STEP), got {chosen!r}")
+        tables = [self._by_event[event] for event in dict.fromkeys(chosen)]
+        handle = RemovableHandle(tables[0], extra_dict=tables[1:])
+        for table in tables:
+            table[handle.id] = hook
+        return handle
+
+    def listens(self, event: StepEvent) -> bool:
+        """Whether any hook waits for ``event``."""
+        return bool(self._by_event[event])
+
+    def call(self, wrapper: OptimWrapper, event: StepEvent, loss: torch.Tensor | None) -> None:
+        """Call the hooks of ``event`` in the order they were added."""
+        for hook in tuple(self._by_event[event].values()):
+            hook(wrapper, event, loss)
