@@ -267,7 +267,7 @@ def test_loss_scale_dict_is_not_mutated():
     assert loss_scale == {"init_scale": 8.0}
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.cuda
 def test_cuda_defaults_to_float16_with_a_scaler_and_no_host_sync():
     model = make_model().cuda()
     wrapper = AmpOptimWrapper(optimizer=torch.optim.AdamW(model.parameters(), lr=0.01, fused=True))

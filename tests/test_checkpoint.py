@@ -1,4 +1,4 @@
-"""Checkpoints and exact resume: files, the newest checkpoint, data position and RNG, resume in new processes."""
+"""attach_checkpoint and resume_from_latest: files, the newest checkpoint, exact resume (in new processes too)."""
 
 from __future__ import annotations
 
@@ -13,17 +13,9 @@ import pytest
 import torch
 from ignite.engine import Events
 from resume_worker import build
-from torch.utils.data import DataLoader
 
 from engine_opt import OptimWrapper, create_trainer
-from engine_opt.handlers import (
-    ResumableLoader,
-    attach_checkpoint,
-    latest_checkpoint,
-    resume_from_latest,
-    rng_state,
-    set_rng_state,
-)
+from engine_opt.handlers import ResumableLoader, attach_checkpoint, latest_checkpoint, resume_from_latest
 
 from oracle import assert_same_tensors, loss_fn, make_batches, make_model
 
@@ -41,6 +33,7 @@ def run_worker(config, checkpoint_dir, output, kill_at=None, extra=()):
     return result
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("config", "kills"),
     [
@@ -166,76 +159,11 @@ def test_resume_loads_into_the_objects_or_changes_nothing(tmp_path):
     assert_same_tensors(dict(same.state_dict()), before)
 
 
-def shuffled(generator=None):
-    return DataLoader(torch.arange(12), batch_size=3, shuffle=True, generator=generator)  # 4 full batches
-
-
-@pytest.mark.parametrize("own_generator", [False, True])
-@pytest.mark.parametrize("stop_after", [0, 1, 3, 4])
-def test_the_data_continues_where_it_stopped(stop_after, own_generator):
-    def make():
-        return shuffled(torch.Generator().manual_seed(3) if own_generator else None)
-
-    torch.manual_seed(0)
-    loader = ResumableLoader(make())
-    expected = [[batch.tolist() for batch in loader] for _ in range(2)]
-
-    torch.manual_seed(0)
-    loader = ResumableLoader(make())
-    batches = iter(loader)
-    seen = [next(batches).tolist() for _ in range(stop_after)]
-    state = loader.state_dict()
-    torch.manual_seed(123)  # a new process
-    resumed = ResumableLoader(make())
-    resumed.load_state_dict(state)
-    resumed_batches = [batch.tolist() for batch in resumed]
-    if stop_after < len(loader):
-        assert seen + resumed_batches == expected[0]
-        assert [batch.tolist() for batch in resumed] == expected[1]
-    else:  # the pass was over: the next one starts
-        assert (seen, resumed_batches) == (expected[0], expected[1])
-
-
-def test_a_loader_generator_is_saved_too():
-    loader = ResumableLoader(shuffled(torch.Generator().manual_seed(3)))
-    batches = iter(loader)
-    next(batches)
-    state = loader.state_dict()
-    rest = [batch.tolist() for batch in batches]
-    resumed = ResumableLoader(shuffled(torch.Generator().manual_seed(99)))
-    resumed.load_state_dict(state)
-    assert [batch.tolist() for batch in resumed] == rest
-
-
-def test_rng_state_round_trip_covers_python_and_numpy():
-    numpy = pytest.importorskip("numpy")
-    state = rng_state()
-    expected = (torch.rand(2), random.random(), numpy.random.rand())
-    set_rng_state(state)
-    assert (torch.rand(2).tolist(), random.random(), numpy.random.rand()) == (expected[0].tolist(), *expected[1:])
-
-
-def test_bad_loader_input():
-    with pytest.raises(TypeError, match="re-iterable collection of batches"):
-        ResumableLoader(iter([1, 2]))
-    loader = ResumableLoader([1, 2])
-    with pytest.raises(ValueError, match=r"state_dict lacks \['epoch_rng', 'rng'\]"):
-        loader.load_state_dict({"position": 1})
-    with pytest.raises(ValueError, match=r"state_dict\['position'\] must be an int >= 0, got -1"):
-        loader.load_state_dict({"position": -1, "epoch_rng": None, "rng": rng_state()})
-    with pytest.raises(ValueError, match=r"state_dict\['rng'\] must be what rng_state\(\) returned"):
-        loader.load_state_dict({"position": 0, "epoch_rng": None, "rng": 5})
-    assert list(loader) == [1, 2]  # nothing pending after failed loads
-    state = ResumableLoader([1, 2, 3, 4]).state_dict() | {"position": 3, "epoch_rng": rng_state()}
-    loader.load_state_dict(state)
-    with pytest.raises(ValueError, match="after batch 3 of a pass, but the data gives only 2 batches"):
-        iter(loader)
-
-
 KILL_RUN = ["--every", "1", "--epochs", "20", "--hidden", "100000"]  # 100 iterations, an 11 MB checkpoint each
 KILL_RUN_LENGTH = 100
 
 
+@pytest.mark.slow
 def test_random_sigkills_never_leave_an_unloadable_newest_checkpoint_and_the_run_ends_bitwise_equal(tmp_path):
     """Real processes, real SIGKILLs at random moments (most land in a checkpoint write, the bulk of each iteration).
 

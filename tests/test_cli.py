@@ -133,6 +133,7 @@ def test_cuda_without_a_gpu(tmp_path, capsys):
     assert "no CUDA device is available here; use --device cpu" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_python_dash_m():
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     result = subprocess.run(

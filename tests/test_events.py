@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import pytest
 import torch
 from ignite.engine import Events
 from ignite.handlers import EMAHandler
 
-from engine_opt import AmpOptimWrapper, OptimEvents, OptimWrapper, StepEvent, create_trainer, member_filter
+from engine_opt import AmpOptimWrapper, OptimEvents, OptimWrapper, create_trainer, member_filter
 
 from helpers import gan_step, make_amp_gan_wrappers, roundtrip
 from oracle import loss_fn, make_batches, make_gan, make_model
@@ -18,9 +17,7 @@ def record_events(trainer, events=(*OptimEvents, Events.ITERATION_STARTED, Event
     for event in events:
         trainer.add_event_handler(
             event,
-            lambda engine, event=event: seen.append(
-                (event.value, engine.state.iteration, engine.state.optim.name)
-            ),
+            lambda engine, event=event: seen.append((event.value, engine.state.iteration, engine.state.optim.name)),
         )
     return seen
 
@@ -159,52 +156,6 @@ def test_counters_continue_from_the_wrappers_state_on_resume():
     state = resumed.run(batches)
     assert (state.optim_backwards, state.optim_updates) == (6, 3)
     assert fired == [True]  # the third update overall, not the third since resuming
-
-
-def test_step_hooks_without_a_trainer():
-    model = make_model()
-    wrapper = OptimWrapper(torch.optim.SGD(model.parameters(), lr=0.1))
-    before = [p.detach().clone() for p in model.parameters()]
-    events = []
-
-    def cancel(w, event, loss):
-        events.append((event.value, None if loss is None else loss.shape))
-        if event is StepEvent.BEFORE_OPTIM_STEP:
-            w.cancel_step()
-
-    handle = wrapper.register_step_hook(cancel)
-    x, y = make_batches(1)[0]
-    wrapper.update_params(loss_fn(model(x), y))
-    assert events == [("backward_completed", ()), ("before_optim_step", None), ("optim_step_skipped", None)]
-    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), before, strict=True))
-    assert all(p.grad is None for p in model.parameters())
-    assert (wrapper.applied_steps, wrapper.skipped_steps, wrapper.step_was_skipped) == (0, 1, True)
-
-    handle.remove()
-    wrapper.update_params(loss_fn(model(x), y))
-    assert len(events) == 3 and wrapper.applied_steps == 1
-
-
-def test_cancelling_an_fp16_step_keeps_the_scaler_usable():
-    model = make_model()
-    wrapper = AmpOptimWrapper(optimizer=torch.optim.SGD(model.parameters(), lr=0.1), dtype="fp16", loss_scale=8.0)
-    handle = wrapper.register_step_hook(
-        lambda w, event, loss: w.cancel_step() if event is StepEvent.BEFORE_OPTIM_STEP else None
-    )
-    x, y = make_batches(1)[0]
-    wrapper.update_params(loss_fn(model(x), y))
-    handle.remove()
-    wrapper.update_params(loss_fn(model(x), y))
-    assert (wrapper.applied_steps, wrapper.skipped_steps) == (1, 1)
-
-
-def test_hook_misuse_is_a_clear_error():
-    model = make_model()
-    wrapper = OptimWrapper(torch.optim.SGD(model.parameters(), lr=0.1))
-    with pytest.raises(RuntimeError, match=r"only be called from a step hook handling StepEvent\.BEFORE_OPTIM_STEP"):
-        wrapper.cancel_step()
-    with pytest.raises(TypeError, match=r"hook must be callable as hook\(wrapper, event, loss\), got 3"):
-        wrapper.register_step_hook(3)
 
 
 def test_ignite_ema_on_applied_updates_matches_a_hand_written_average():

@@ -137,6 +137,7 @@ def test_resume_example_ends_where_an_uninterrupted_run_ends(tmp_path, monkeypat
     assert resumed.splitlines()[1:] == straight.splitlines()[1:]
 
 
+@pytest.mark.slow
 def test_distributed_example_reduces_once_per_window_in_two_processes(tmp_path):
     with socket.socket() as sock:  # a free port for the ranks to meet on
         sock.bind(("127.0.0.1", 0))

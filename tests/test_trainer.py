@@ -10,7 +10,7 @@ import torch
 from ignite.engine import Engine, Events
 from torch import nn
 
-from engine_opt import AmpOptimWrapper, OptimWrapper, create_trainer
+from engine_opt import AmpOptimWrapper, OptimEvents, OptimWrapper, create_trainer
 
 from helpers import gan_step, make_amp_gan_wrappers
 from oracle import (
@@ -128,33 +128,6 @@ def test_a_model_with_train_step_is_used_as_is():
     assert set(state.output) == {"loss"}
 
 
-def test_custom_prepare_batch_output_transform_and_train_mode():
-    batches = [{"x": x, "y": y} for x, y in make_batches(3)]
-    model = make_model()
-    wrapper = OptimWrapper(torch.optim.SGD(model.parameters(), lr=0.1))
-    trainer = create_trainer(
-        model,
-        wrapper,
-        loss_fn,
-        device="cpu",
-        prepare_batch=lambda batch, device, non_blocking: (batch["x"].to(device), batch["y"].to(device)),
-        output_transform=lambda x, y, y_pred, loss: {"loss": loss.detach(), "y_pred": y_pred.detach()},
-    )
-    modes = []
-    trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda engine: modes.append(model.training))
-    trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda engine: model.eval())  # as an evaluator would
-    state = trainer.run(batches)
-    assert modes == [True, True, True]
-    assert state.output["y_pred"].shape == (5, 2)
-
-
-def test_the_default_prepare_batch_names_the_layout_it_expects():
-    model = make_model()
-    trainer = create_trainer(model, OptimWrapper(torch.optim.SGD(model.parameters(), lr=0.1)), loss_fn)
-    with pytest.raises(ValueError, match=r"(?s)batches of \(x, y\).*prepare_batch=\.\.\."):
-        trainer.run([torch.ones(2, 4)])
-
-
 def test_the_run_length_is_set_on_resume():
     model = make_model()
     wrapper = OptimWrapper(torch.optim.SGD(model.parameters(), lr=0.1), accumulative_counts=4)
@@ -212,7 +185,7 @@ def test_a_wrapper_dict_needs_a_train_step():
         create_trainer(gan, make_amp_gan_wrappers(gan), loss_fn)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.cuda
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 def test_the_trainer_with_its_schedule_handler_never_waits_for_the_gpu(dtype):
     """torch raises on any host-device synchronisation while the trainer runs (after a warm-up run)."""
@@ -256,3 +229,45 @@ def test_the_trainer_and_its_wrapper_form_no_reference_cycle():
         assert [ref() for ref in refs] == [None, None, None]
     finally:
         gc.enable()
+
+
+def test_an_optimizer_event_is_fired_only_while_a_handler_listens(monkeypatch):
+    import engine_opt.engine.trainer as trainer_module
+
+    fired = []
+    real_fire = trainer_module.fire_registered
+    monkeypatch.setattr(
+        trainer_module, "fire_registered", lambda engine, event: (fired.append(event), real_fire(engine, event))
+    )
+    model = make_model()
+    wrapper = OptimWrapper(torch.optim.SGD(model.parameters(), lr=0.1), accumulative_counts=2)
+    trainer = create_trainer(model, wrapper, loss_fn)
+    assert isinstance(trainer, Engine)
+    trainer.run(make_batches(4))
+    assert fired == []  # nothing listens: no event, no hook on the wrapper
+    updates = []
+    handle = trainer.add_event_handler(
+        OptimEvents.OPTIM_STEP_COMPLETED(every=1), lambda e: updates.append(e.state.optim_updates)
+    )
+    trainer.run(make_batches(4), max_epochs=2)
+    assert fired == [OptimEvents.OPTIM_STEP_COMPLETED] * 2 and updates == [3, 4]
+    handle.remove()
+    trainer.run(make_batches(4), max_epochs=3)
+    assert len(fired) == 2 and trainer.state.optim_updates == 6
+
+
+@pytest.mark.cuda
+def test_a_float16_trainer_nobody_listens_to_never_waits_for_the_gpu():
+    model = make_model().cuda()
+    wrapper = AmpOptimWrapper(
+        optimizer=torch.optim.AdamW(model.parameters(), lr=0.01, fused=True), dtype="fp16", accumulative_counts=2
+    )
+    trainer = create_trainer(model, wrapper, loss_fn)
+    batches = [(x.cuda(), y.cuda()) for x, y in make_batches(8)]
+    trainer.run(batches[:2])  # lazy CUDA initialisation may synchronise once
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        trainer.run(batches)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert wrapper.applied_steps + wrapper.skipped_steps == 5

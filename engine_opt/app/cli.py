@@ -66,6 +66,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"engine-opt {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     train = commands.add_parser("train", help="train a built-in synthetic task (no downloads)")
+    for add_options in (_task_options, _distributed_options, _wrapper_options, _strategy_options, _output_options):
+        add_options(train)
+    return parser
+
+
+def _task_options(train: argparse.ArgumentParser) -> None:
     task = train.add_argument_group("task")
     task.add_argument("--task", choices=TASKS, default="classifier", help="what to train (default: classifier)")
     task.add_argument("--epochs", type=_positive_int, default=5, help="epochs to train, in total (default: 5)")
@@ -77,6 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     task.add_argument("--seed", type=int, default=0, help="seed of the data and the weights (default: 0)")
     task.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+
+
+def _distributed_options(train: argparse.ArgumentParser) -> None:
     parallel = train.add_argument_group("distributed (ignite.distributed)")
     parallel.add_argument(
         "--nproc-per-node", type=_positive_int, help="spawn this many data-parallel processes (default: 1)"
@@ -84,6 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
     parallel.add_argument(
         "--backend", choices=("gloo", "nccl"), help="torch.distributed backend (default: nccl on GPUs, else gloo)"
     )
+
+
+def _wrapper_options(train: argparse.ArgumentParser) -> None:
     wrapper = train.add_argument_group("wrapper (or --config)")
     wrapper.add_argument("--config", type=Path, help="a JSON file holding a build_optim_wrapper config")
     wrapper.add_argument("--wrapper", choices=("OptimWrapper", "AmpOptimWrapper"), help="wrapper type")
@@ -92,18 +104,23 @@ def build_parser() -> argparse.ArgumentParser:
     wrapper.add_argument("--clip-norm", type=_positive_float, help="clip the gradient norm to this value")
     wrapper.add_argument("--optimizer", help="any torch.optim name (default: the task's)")
     wrapper.add_argument("--lr", type=_positive_float, help="learning rate (default: the task's)")
+
+
+def _strategy_options(train: argparse.ArgumentParser) -> None:
     strategies = train.add_argument_group("strategies")
     strategies.add_argument("--schedule", choices=("constant", "cosine"), default="constant", help="lr schedule")
     strategies.add_argument(
         "--nonfinite", choices=("off", "skip", "stop"), default="off", help="guard against nan/inf updates"
     )
+
+
+def _output_options(train: argparse.ArgumentParser) -> None:
     output = train.add_argument_group("output")
     output.add_argument("--log-dir", type=Path, help="TensorBoard log directory (default: runs/TASK)")
     output.add_argument("--checkpoint-dir", type=Path, help="checkpoint directory (default: LOG_DIR/checkpoints)")
     output.add_argument("--checkpoint-every", type=_positive_int, help="save every N iterations (default: each epoch)")
     output.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
     output.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-    return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -93,42 +93,47 @@ def _gan(generator: torch.Generator, batch_size: int, seed: int) -> Task:
     cfg = {"gen": one, "disc": dict(one)}
 
     def make_train_step(optim_wrapper: OptimWrapper | OptimWrapperDict, wrap: ModelWrap) -> TrainStep:
-        if not isinstance(optim_wrapper, OptimWrapperDict) or sorted(optim_wrapper) != ["disc", "gen"]:
-            raise ValueError(
-                "the gan task needs an OptimWrapperDict with members 'gen' and 'disc' "
-                '(a config {"gen": {...}, "disc": {...}})'
-            )
-        # Each network is wrapped on its own (DDP needs one forward per backward); the passes that only
-        # feed the other network's update use the bare module, so they start no gradient reduction.
-        gen, disc = model["gen"], model["disc"]
-        gen_train, disc_train = wrap(gen), wrap(disc)
-        gen_wrapper, disc_wrapper = optim_wrapper["gen"], optim_wrapper["disc"]
-
-        def train_step(engine: Engine, batch: Any) -> dict[str, torch.Tensor]:
-            model.train()
-            real = batch[0].to(next(gen.parameters()).device)
-            noise = torch.randn(real.shape[0], _NOISE, device=real.device)
-            with disc_wrapper.optim_context(disc_train):
-                with torch.no_grad():
-                    fake = gen(noise)
-                real_logits, fake_logits = disc_train(real), disc_train(fake)
-                disc_loss = F.binary_cross_entropy_with_logits(
-                    real_logits.float(), torch.ones_like(real_logits, dtype=torch.float)
-                ) + F.binary_cross_entropy_with_logits(
-                    fake_logits.float(), torch.zeros_like(fake_logits, dtype=torch.float)
-                )
-            disc_wrapper.update_params(disc_loss)
-            disc.requires_grad_(False)  # the generator's loss must not add to the discriminator's window
-            with gen_wrapper.optim_context(gen_train):
-                logits = disc(gen_train(noise)).float()
-                gen_loss = F.binary_cross_entropy_with_logits(logits, torch.ones_like(logits))
-            gen_wrapper.update_params(gen_loss)
-            disc.requires_grad_(True)
-            return {"gen_loss": gen_loss.detach(), "disc_loss": disc_loss.detach()}
-
-        return train_step
+        return _gan_train_step(model, optim_wrapper, wrap)
 
     return Task("gan", model, data, cfg, make_train_step=make_train_step, loss_names=("gen_loss", "disc_loss"))
+
+
+def _gan_train_step(model: nn.ModuleDict, optim_wrapper: OptimWrapper | OptimWrapperDict, wrap: ModelWrap) -> TrainStep:
+    """One iteration: the discriminator's update, then the generator's."""
+    if not isinstance(optim_wrapper, OptimWrapperDict) or sorted(optim_wrapper) != ["disc", "gen"]:
+        raise ValueError(
+            "the gan task needs an OptimWrapperDict with members 'gen' and 'disc' "
+            '(a config {"gen": {...}, "disc": {...}})'
+        )
+    # Each network is wrapped on its own (DDP needs one forward per backward); the passes that only
+    # feed the other network's update use the bare module, so they start no gradient reduction.
+    gen, disc = model["gen"], model["disc"]
+    gen_train, disc_train = wrap(gen), wrap(disc)
+    gen_wrapper, disc_wrapper = optim_wrapper["gen"], optim_wrapper["disc"]
+
+    def train_step(engine: Engine, batch: Any) -> dict[str, torch.Tensor]:
+        model.train()
+        real = batch[0].to(next(gen.parameters()).device)
+        noise = torch.randn(real.shape[0], _NOISE, device=real.device)
+        with disc_wrapper.optim_context(disc_train):
+            with torch.no_grad():
+                fake = gen(noise)
+            disc_loss = _bce(disc_train(real), 1.0) + _bce(disc_train(fake), 0.0)
+        disc_wrapper.update_params(disc_loss)
+        disc.requires_grad_(False)  # the generator's loss must not add to the discriminator's window
+        with gen_wrapper.optim_context(gen_train):
+            gen_loss = _bce(disc(gen_train(noise)), 1.0)
+        gen_wrapper.update_params(gen_loss)
+        disc.requires_grad_(True)
+        return {"gen_loss": gen_loss.detach(), "disc_loss": disc_loss.detach()}
+
+    return train_step
+
+
+def _bce(logits: torch.Tensor, target: float) -> torch.Tensor:
+    """Binary cross-entropy of ``logits`` (in float32) against a constant target."""
+    logits = logits.float()
+    return F.binary_cross_entropy_with_logits(logits, torch.full_like(logits, target))
 
 
 def make_task(name: str, seed: int, batch_size: int) -> Task:

@@ -101,11 +101,10 @@ def _param_groups(
     custom = dict(checks.mapping("paramwise_cfg['custom_keys']", cfg.get("custom_keys", {})))
     for key, value in custom.items():
         checks.mapping(f"paramwise_cfg['custom_keys'][{key!r}]", value)
-    ordered_keys = sorted(sorted(custom), key=len, reverse=True)
     needs_lr = "bias_lr_mult" in cfg or any("lr_mult" in value for value in custom.values())
     if needs_lr and base_lr is None:
         raise ValueError("paramwise_cfg sets an lr_mult but the optimizer config has no 'lr'")
-
+    rules = _Paramwise(cfg, custom, base_lr, base_wd)
     groups: dict[tuple[tuple[str, Any], ...], dict[str, Any]] = {}
     seen: set[int] = set()
     for prefix, module in model.named_modules():
@@ -113,35 +112,52 @@ def _param_groups(
             if not param.requires_grad or id(param) in seen:
                 continue
             seen.add(id(param))
-            name = f"{prefix}.{local_name}" if prefix else local_name
-            settings: dict[str, Any] = {}
-            matched = next((key for key in ordered_keys if key in name), None)
-            if matched is not None:
-                options = dict(custom[matched])
-                lr_mult = options.pop("lr_mult", None)
-                decay_mult = options.pop("decay_mult", None)
-                if lr_mult is not None:
-                    settings["lr"] = base_lr * lr_mult
-                if decay_mult is not None and base_wd is not None:
-                    settings["weight_decay"] = base_wd * decay_mult
-                settings.update(options)
-            else:
-                is_norm = isinstance(module, _NORM_TYPES)
-                if local_name == "bias" and not is_norm and "bias_lr_mult" in cfg:
-                    settings["lr"] = base_lr * cfg["bias_lr_mult"]
-                if base_wd is not None:
-                    if is_norm and "norm_decay_mult" in cfg:
-                        settings["weight_decay"] = base_wd * cfg["norm_decay_mult"]
-                    elif local_name == "bias" and not is_norm and "bias_decay_mult" in cfg:
-                        settings["weight_decay"] = base_wd * cfg["bias_decay_mult"]
-            for option, base in (("lr", base_lr), ("weight_decay", base_wd)):
-                if option in settings and settings[option] == base:
-                    del settings[option]
+            settings = rules.settings(f"{prefix}.{local_name}" if prefix else local_name, local_name, module)
             group_key = tuple(sorted(settings.items(), key=lambda item: item[0]))
             groups.setdefault(group_key, {"params": [], **settings})["params"].append(param)
     if not groups:
         raise ValueError(f"the model {type(model).__name__} has no trainable parameters")
     return list(groups.values())
+
+
+class _Paramwise:
+    """The settings ``paramwise_cfg`` gives one parameter, beyond the optimizer's own."""
+
+    def __init__(self, cfg: dict[str, Any], custom: dict[str, Any], base_lr: Any, base_wd: Any) -> None:
+        self.cfg, self.custom, self.base_lr, self.base_wd = cfg, custom, base_lr, base_wd
+        self.ordered_keys = sorted(sorted(custom), key=len, reverse=True)  # the longest matching key wins
+
+    def settings(self, name: str, local_name: str, module: nn.Module) -> dict[str, Any]:
+        matched = next((key for key in self.ordered_keys if key in name), None)
+        settings = self._custom(matched) if matched is not None else self._by_kind(local_name, module)
+        for option, base in (("lr", self.base_lr), ("weight_decay", self.base_wd)):
+            if option in settings and settings[option] == base:
+                del settings[option]
+        return settings
+
+    def _custom(self, key: str) -> dict[str, Any]:
+        options = dict(self.custom[key])
+        lr_mult = options.pop("lr_mult", None)
+        decay_mult = options.pop("decay_mult", None)
+        settings: dict[str, Any] = {}
+        if lr_mult is not None:
+            settings["lr"] = self.base_lr * lr_mult
+        if decay_mult is not None and self.base_wd is not None:
+            settings["weight_decay"] = self.base_wd * decay_mult
+        return {**settings, **options}
+
+    def _by_kind(self, local_name: str, module: nn.Module) -> dict[str, Any]:
+        cfg, settings = self.cfg, {}
+        is_norm = isinstance(module, _NORM_TYPES)
+        is_bias = local_name == "bias" and not is_norm
+        if is_bias and "bias_lr_mult" in cfg:
+            settings["lr"] = self.base_lr * cfg["bias_lr_mult"]
+        if self.base_wd is not None:
+            if is_norm and "norm_decay_mult" in cfg:
+                settings["weight_decay"] = self.base_wd * cfg["norm_decay_mult"]
+            elif is_bias and "bias_decay_mult" in cfg:
+                settings["weight_decay"] = self.base_wd * cfg["bias_decay_mult"]
+        return settings
 
 
 def _build_optimizer(

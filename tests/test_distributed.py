@@ -62,6 +62,7 @@ def assert_ranks_match_one_process(ranks, key, expected):
         torch.testing.assert_close(actual, wanted, rtol=1e-5, atol=1e-6)  # rounding: sum of halves vs whole
 
 
+@pytest.mark.slow
 def test_ddp_reduces_gradients_once_per_window(ranks):
     windows = ITERATIONS // ACCUMULATE
     for rank in ranks:
@@ -73,6 +74,7 @@ def test_ddp_reduces_gradients_once_per_window(ranks):
     assert_ranks_match_one_process(ranks, "ddp", expected)
 
 
+@pytest.mark.slow
 def test_fsdp2_reduces_gradients_once_per_window(ranks):
     for rank in ranks:
         assert rank["fsdp2"]["calls"] == ITERATIONS // ACCUMULATE == 2
@@ -81,6 +83,7 @@ def test_fsdp2_reduces_gradients_once_per_window(ranks):
     assert_ranks_match_one_process(ranks, "fsdp2", expected)
 
 
+@pytest.mark.slow
 def test_ranks_with_different_data_lengths_are_refused_on_every_rank_instead_of_hanging(ranks):
     for rank in ranks:
         assert "different lengths per epoch ([5, 6], by rank" in rank["uneven"]["error"]
@@ -88,6 +91,7 @@ def test_ranks_with_different_data_lengths_are_refused_on_every_rank_instead_of_
     assert_same_tensors(ranks[0]["uneven"]["params"], [p.detach() for p in make_model().parameters()])
 
 
+@pytest.mark.slow
 def test_a_non_finite_loss_on_one_rank_skips_the_update_on_all_ranks(ranks):
     for rank in ranks:
         assert rank["guard"]["skipped"] == {None: 1}
@@ -97,6 +101,7 @@ def test_a_non_finite_loss_on_one_rank_skips_the_update_on_all_ranks(ranks):
     assert_ranks_match_one_process(ranks, "guard", single_process(batches, Plan()))
 
 
+@pytest.mark.slow
 def test_zero_redundancy_optimizer_state_is_consolidated_saved_once_and_loaded_by_every_rank(ranks):
     zero = [rank["zero"] for rank in ranks]
     n_params = len(list(make_model().parameters()))
@@ -124,6 +129,7 @@ def engine_opt_train(*args, cwd):
     return result
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("options", [["--accumulate", "3"], ["--task", "gan", "--dtype", "fp16", "--accumulate", "3"]])
 def test_a_two_process_run_resumed_mid_epoch_and_mid_window_ends_as_if_it_never_stopped(tmp_path, options):
     common = [*options, "--checkpoint-every", "25", "--log-dir"]
@@ -149,6 +155,7 @@ def test_a_two_process_run_resumed_mid_epoch_and_mid_window_ends_as_if_it_never_
     assert not torch.equal(expected["data"]["ranks"][0]["rng"]["torch"], expected["data"]["ranks"][1]["rng"]["torch"])
 
 
+@pytest.mark.slow
 def test_the_command_runs_under_torchrun(tmp_path):
     env = environment()
     args = ["-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", env["MASTER_PORT"]]

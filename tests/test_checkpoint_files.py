@@ -1,0 +1,115 @@
+"""load_checkpoint and check_entry: every entry is asked before any is loaded, by the objects' own public checks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from ignite.engine import Engine
+from ignite.handlers import Checkpoint, DiskSaver
+
+from engine_opt import OptimWrapper, create_trainer
+from engine_opt.engine.checkpoint_files import check_entry, load_checkpoint
+from engine_opt.handlers import ResumableLoader
+
+from oracle import assert_same_tensors, loss_fn, make_batches, make_model
+
+
+def saved_run(path):
+    model = make_model()
+    wrapper = OptimWrapper(torch.optim.AdamW(model.parameters(), lr=0.01))
+    trainer = create_trainer(model, wrapper, loss_fn)
+    data = ResumableLoader(make_batches(4))
+    trainer.run(data)
+    objects = {"model": model, "optim_wrapper": wrapper, "trainer": trainer, "data": data}
+    torch.save({name: obj.state_dict() for name, obj in objects.items()}, path)
+    return objects
+
+
+def fresh():
+    model = make_model(seed=3)
+    wrapper = OptimWrapper(torch.optim.AdamW(model.parameters(), lr=0.01))
+    return {
+        "model": model,
+        "optim_wrapper": wrapper,
+        "trainer": create_trainer(model, wrapper, loss_fn),
+        "data": ResumableLoader(make_batches(4)),
+    }
+
+
+def test_a_checkpoint_loads_into_every_object(tmp_path):
+    saved = saved_run(tmp_path / "checkpoint_4.pt")
+    objects = fresh()
+    load_checkpoint(objects, tmp_path / "checkpoint_4.pt")
+    for name in ("model", "optim_wrapper"):
+        assert_same_tensors(objects[name].state_dict(), saved[name].state_dict(), name)
+    assert objects["trainer"].state.iteration == 4
+
+
+def test_validation_builds_no_throwaway_wrapper_or_engine(tmp_path, monkeypatch):
+    saved_run(tmp_path / "checkpoint_4.pt")
+    objects = fresh()
+    optimizer = torch.optim.SGD(make_model().parameters(), lr=0.1)
+    plain_engine = Engine(lambda engine, batch: None)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a throwaway object was built to validate a checkpoint")
+
+    monkeypatch.setattr(OptimWrapper, "__init__", refuse)
+    monkeypatch.setattr(Engine, "__init__", refuse)
+    state = torch.load(tmp_path / "checkpoint_4.pt", weights_only=True)
+    for name, obj in objects.items():
+        check_entry(obj, state[name])
+    check_entry(plain_engine, state["trainer"])
+    check_entry(optimizer, torch.optim.SGD(make_model(seed=1).parameters(), lr=0.1).state_dict())
+    load_checkpoint(objects, tmp_path / "checkpoint_4.pt")
+
+
+class Asked:
+    """A stateful object with its own public check."""
+
+    def __init__(self):
+        self.asked = []
+
+    def state_dict(self):
+        return {"value": 1}
+
+    def check_state_dict(self, state):
+        self.asked.append(state)
+        if state.get("value") != 1:
+            raise ValueError(f"value must be 1, got {state.get('value')!r}")
+
+    def load_state_dict(self, state):
+        raise AssertionError("loaded although another entry did not fit")
+
+
+def test_an_object_with_its_own_check_is_asked_and_a_refusal_loads_nothing(tmp_path):
+    model, other = make_model(), make_model(seed=4)
+    torch.save({"model": other.state_dict(), "asked": {"value": 2}}, tmp_path / "checkpoint_1.pt")
+    asked = Asked()
+    before = {key: value.clone() for key, value in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"checkpoint_1.pt: 'asked' does not match this run: value must be 1, got 2"):
+        load_checkpoint({"model": model, "asked": asked}, tmp_path / "checkpoint_1.pt")
+    assert asked.asked == [{"value": 2}]
+    assert_same_tensors(dict(model.state_dict()), before)
+
+
+@pytest.mark.parametrize(
+    ("obj", "saved", "message"),
+    [
+        (make_model(), {"weight": torch.ones(1)}, "the model lacks"),
+        (torch.optim.SGD(make_model().parameters(), lr=0.1), {"state": {}}, "lacks the optimizer key"),
+        (Engine(lambda engine, batch: None), {"iteration": 1}, "needs 'epoch_length'"),
+    ],
+)
+def test_torch_and_ignite_objects_are_checked_here(obj, saved, message):
+    with pytest.raises(ValueError, match=message):
+        check_entry(obj, saved)
+
+
+def test_a_lone_objects_file_saved_by_ignite_loads(tmp_path):
+    model = make_model(seed=7)
+    checkpoint = Checkpoint({"model": model}, DiskSaver(str(tmp_path), require_empty=False))
+    checkpoint(Engine(lambda engine, batch: None))
+    target = make_model()
+    load_checkpoint({"model": target}, tmp_path / checkpoint.last_checkpoint)
+    assert_same_tensors(dict(target.state_dict()), dict(model.state_dict()))

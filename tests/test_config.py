@@ -1,0 +1,55 @@
+"""The wrapper config that engine-opt's options describe: what build_optim_wrapper gets, and refusals."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from engine_opt import build_optim_wrapper
+from engine_opt.app.cli import build_parser
+from engine_opt.app.config import UsageError, wrapper_config
+from engine_opt.app.tasks import make_task
+
+
+def config_of(*options, task="classifier"):
+    args = build_parser().parse_args(["train", "--task", task, *options])
+    return wrapper_config(args, make_task(task, seed=0, batch_size=8))
+
+
+def test_the_options_make_the_config_they_name():
+    assert config_of() == {"type": "OptimWrapper", "optimizer": {"type": "AdamW", "lr": 1e-3}}
+    cfg = config_of("--dtype", "fp16", "--accumulate", "3", "--clip-norm", "0.5", "--optimizer", "SGD", "--lr", "0.1")
+    assert cfg == {
+        "type": "AmpOptimWrapper",
+        "optimizer": {"type": "SGD", "lr": 0.1},
+        "dtype": "fp16",
+        "accumulative_counts": 3,
+        "clip_grad": {"max_norm": 0.5},
+    }
+
+
+@pytest.mark.parametrize(
+    ("option", "dtype"), [("fp32", torch.float32), ("bf16", torch.bfloat16), ("fp16", torch.float16)]
+)
+def test_each_dtype_option_builds_a_wrapper_of_that_dtype(option, dtype):
+    task = make_task("classifier", seed=0, batch_size=8)
+    wrapper = build_optim_wrapper(task.model, config_of("--wrapper", "AmpOptimWrapper", "--dtype", option))
+    assert wrapper.cast_dtype is dtype
+
+
+def test_the_gan_gets_one_config_per_member():
+    cfg = config_of("--task", "gan", "--accumulate", "2", task="gan")
+    assert sorted(cfg) == ["disc", "gen"] and cfg["gen"]["accumulative_counts"] == 2
+    assert cfg["gen"] is not cfg["disc"] and cfg["gen"]["optimizer"] is not cfg["disc"]["optimizer"]
+
+
+def test_a_config_file_replaces_the_options(tmp_path):
+    path = tmp_path / "wrapper.json"
+    path.write_text(json.dumps({"optimizer": {"type": "SGD", "lr": 0.5}}))
+    assert config_of("--config", str(path)) == {"optimizer": {"type": "SGD", "lr": 0.5}}
+    with pytest.raises(UsageError, match=r"--config holds the whole wrapper config; drop --accumulate, --lr or edit the file"):
+        config_of("--config", str(path), "--lr", "0.1", "--accumulate", "2")
+    with pytest.raises(UsageError, match=r"--dtype bf16 needs --wrapper AmpOptimWrapper"):
+        config_of("--wrapper", "OptimWrapper", "--dtype", "bf16")

@@ -1,0 +1,46 @@
+"""engine-opt train, step by step: build, resume, attach handlers; the summary reports the run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from engine_opt.app.cli import build_parser
+from engine_opt.app.config import UsageError
+from engine_opt.app.train import Result, build, resume, summary, train
+from engine_opt.engine.trainer import Trainer
+
+
+def options(tmp_path, *extra):
+    return build_parser().parse_args(["train", "--no-progress", "--log-dir", str(tmp_path / "logs"), *extra])
+
+
+def test_build_makes_every_object_a_checkpoint_holds(tmp_path):
+    run = build(options(tmp_path, "--task", "gan", "--schedule", "cosine", "--accumulate", "2"))
+    assert isinstance(run.trainer, Trainer) and sorted(run.optim_wrapper) == ["disc", "gen"]
+    assert sorted(run.to_save()) == ["data", "model", "optim_wrapper", "scheduler_0", "scheduler_1", "trainer"]
+    updates = -(-5 * len(run.data) // 2)
+    assert [scheduler.T_max for scheduler in run.schedulers] == [updates, updates]
+    assert run.checkpoint_dir == tmp_path / "logs" / "checkpoints"
+
+
+def test_a_run_resumes_only_where_it_fits(tmp_path):
+    first = train(options(tmp_path, "--epochs", "1"))
+    assert (first.iterations, first.resumed_from) == (64, None)
+    args = options(tmp_path, "--epochs", "2", "--resume")
+    run = build(args)
+    assert resume(run, args) == tmp_path / "logs" / "checkpoints" / "checkpoint_64.pt"
+    assert run.trainer.state.iteration == 64
+    done = options(tmp_path, "--epochs", "1", "--resume")
+    with pytest.raises(UsageError, match=r"is complete \(1 epochs\); pass --epochs above 1"):
+        resume(build(done), done)
+    assert resume(build(options(tmp_path / "other", "--resume")), options(tmp_path / "other", "--resume")) is None
+
+
+def test_the_summary_states_what_happened():
+    result = Result("gan", 2, 128, 1.25, {"gen_loss": 0.5}, 2, 120, 8, Path("runs/gan"), "runs/gan/c.pt", Path("x.pt"))
+    text = summary(result)
+    assert "trained gan to epoch 2 (128 iterations) in 1.2 s on 2 processes" in text
+    assert "resumed from:     x.pt" in text and "updates:          120 applied, 8 skipped" in text
+    assert "last epoch loss:  gen_loss 0.5000" in text
