@@ -49,7 +49,9 @@ def test_a_config_file_replaces_the_options(tmp_path):
     path = tmp_path / "wrapper.json"
     path.write_text(json.dumps({"optimizer": {"type": "SGD", "lr": 0.5}}))
     assert config_of("--config", str(path)) == {"optimizer": {"type": "SGD", "lr": 0.5}}
-    with pytest.raises(UsageError, match=r"--config holds the whole wrapper config; drop --accumulate, --lr or edit the file"):
+    with pytest.raises(
+        UsageError, match=r"--config holds the whole wrapper config; drop --accumulate, --lr or edit the file"
+    ):
         config_of("--config", str(path), "--lr", "0.1", "--accumulate", "2")
     with pytest.raises(UsageError, match=r"--dtype bf16 needs --wrapper AmpOptimWrapper"):
         config_of("--wrapper", "OptimWrapper", "--dtype", "bf16")

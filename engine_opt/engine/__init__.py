@@ -7,7 +7,7 @@ to a trainer are in ``engine_opt.handlers``.
 from .checkpoint_files import load_checkpoint
 from .events import OptimEvents, member_filter
 from .resumable_loader import ResumableLoader
-from .state import OptimState
+from .state import OptimState, optim_state
 from .trainer import Trainer, create_trainer
 
 __all__ = [
@@ -18,4 +18,5 @@ __all__ = [
     "create_trainer",
     "load_checkpoint",
     "member_filter",
+    "optim_state",
 ]
