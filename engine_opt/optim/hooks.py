@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import enum
 from collections import OrderedDict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING
 
 import torch
@@ -50,10 +50,10 @@ class StepHooks:
     Example:
         >>> hooks = StepHooks()
         >>> handle = hooks.add(lambda wrapper, event, loss: None, [StepEvent.BEFORE_OPTIM_STEP])
-        >>> hooks.listens(StepEvent.BEFORE_OPTIM_STEP), hooks.listens(StepEvent.BACKWARD_COMPLETED)
+        >>> bool(hooks.table(StepEvent.BEFORE_OPTIM_STEP)), bool(hooks.table(StepEvent.BACKWARD_COMPLETED))
         (True, False)
         >>> handle.remove()
-        >>> hooks.listens(StepEvent.BEFORE_OPTIM_STEP)
+        >>> bool(hooks.table(StepEvent.BEFORE_OPTIM_STEP))
         False
     """
 
@@ -74,9 +74,9 @@ class StepHooks:
             table[handle.id] = hook
         return handle
 
-    def listens(self, event: StepEvent) -> bool:
-        """Whether any hook waits for ``event``."""
-        return bool(self._by_event[event])
+    def table(self, event: StepEvent) -> Mapping[int, StepHook]:
+        """The live hooks of ``event``: empty (false) while none waits, so a hot path can test it directly."""
+        return self._by_event[event]
 
     def call(self, wrapper: OptimWrapper, event: StepEvent, loss: torch.Tensor | None) -> None:
         """Call the hooks of ``event`` in the order they were added."""

@@ -108,6 +108,13 @@ class OptimWrapper:
         self._last_found_inf: torch.Tensor | None = None
         self._grad_norm: torch.Tensor | None = None
         self._hooks = StepHooks()
+        # The live hook tables, tested on every micro-step: empty (false) while nobody listens.
+        self._on_backward = self._hooks.table(StepEvent.BACKWARD_COMPLETED)
+        self._on_before_step = self._hooks.table(StepEvent.BEFORE_OPTIM_STEP)
+        self._on_outcome = (
+            self._hooks.table(StepEvent.OPTIM_STEP_COMPLETED),
+            self._hooks.table(StepEvent.OPTIM_STEP_SKIPPED),
+        )
         self._cancel: bool | None = None  # None outside BEFORE_OPTIM_STEP hooks
 
     # ------------------------------------------------------------------ counting
@@ -190,7 +197,7 @@ class OptimWrapper:
         """Run ``loss.backward(**kwargs)`` and count the micro-step."""
         loss.backward(**kwargs)  # type: ignore[no-untyped-call]
         self._inner_count += 1
-        if self._hooks.listens(StepEvent.BACKWARD_COMPLETED):
+        if self._on_backward:
             self._hooks.call(self, StepEvent.BACKWARD_COMPLETED, loss)
 
     def step(self, **kwargs: Any) -> None:
@@ -203,25 +210,22 @@ class OptimWrapper:
         """
         self._stepping = True
         try:
-            grad_norm = self._unscale_and_clip()
-            cancel = self._before_step()
+            grad_norm = self._unscale_and_clip() if self._clipper is not None or self._on_before_step else None
+            cancel = self._before_step() if self._on_before_step else False
             found_inf = self._cancel_optimizer_step() if cancel else self._optimizer_step(kwargs)
         finally:
             self._stepping = False
         self._record_step(found_inf, grad_norm)
-        self._report_outcome(cancel, found_inf)
+        if self._on_outcome[0] or self._on_outcome[1]:
+            self._report_outcome(cancel, found_inf)
 
     def _unscale_and_clip(self) -> torch.Tensor | None:
-        """Unscale when clipping or when a ``BEFORE_OPTIM_STEP`` hook reads the gradients; clip."""
-        if self._clipper is None and not self._hooks.listens(StepEvent.BEFORE_OPTIM_STEP):
-            return None
+        """Unscale (clipping, or a ``BEFORE_OPTIM_STEP`` hook reads the gradients); clip; the pre-clip norm."""
         self.unscale_grads()
         return None if self._clipper is None else self._clipper.clip(self._params())
 
     def _before_step(self) -> bool:
         """Call the ``BEFORE_OPTIM_STEP`` hooks; whether one of them cancelled the step."""
-        if not self._hooks.listens(StepEvent.BEFORE_OPTIM_STEP):
-            return False
         self._cancel = False
         try:
             self._hooks.call(self, StepEvent.BEFORE_OPTIM_STEP, None)
@@ -230,13 +234,10 @@ class OptimWrapper:
             self._cancel = None
 
     def _report_outcome(self, cancelled: bool, found_inf: torch.Tensor | None) -> None:
-        completed, skipped = StepEvent.OPTIM_STEP_COMPLETED, StepEvent.OPTIM_STEP_SKIPPED
-        if not (self._hooks.listens(completed) or self._hooks.listens(skipped)):
-            return
-        was_skipped = cancelled or (found_inf is not None and bool(found_inf))  # the host read
-        event = skipped if was_skipped else completed
-        if self._hooks.listens(event):
-            self._hooks.call(self, event, None)
+        """Call the hooks of ``OPTIM_STEP_SKIPPED`` or ``OPTIM_STEP_COMPLETED``, reading the outcome on the host."""
+        was_skipped = cancelled or (found_inf is not None and bool(found_inf))
+        event = StepEvent.OPTIM_STEP_SKIPPED if was_skipped else StepEvent.OPTIM_STEP_COMPLETED
+        self._hooks.call(self, event, None)
 
     def cancel_step(self) -> None:
         """Skip the step being prepared; call it from a ``BEFORE_OPTIM_STEP`` hook.
