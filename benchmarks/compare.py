@@ -2,6 +2,7 @@
 
     python benchmarks/compare.py --base a482225                 # tiny and mlp rows, 9 repeats
     python benchmarks/compare.py --base HEAD~1 --models tiny --precisions fp32 fp16
+    python benchmarks/compare.py --base a482225 --calls         # Python calls per iteration instead of time
 
 For a change on the hot path: the same work as ``bench.py``'s ``wrapper`` and
 ``trainer`` rows (the trainer logs with ``OptimParamsHandler`` every 10
@@ -10,13 +11,19 @@ updates), run by this tree's ``engine_opt`` and by the base revision's
 in one process, so both meet the same machine state. It prints the median
 time per iteration of each and the ratio ``this / base`` (below 1: faster),
 and the ratio of the fastest repeats (less sensitive to a noisy machine).
+``--calls`` counts the Python function calls per iteration instead (with
+``cProfile``): deterministic, so it shows a change of a few microseconds that
+a noisy machine's timings cannot.
 """
 
 from __future__ import annotations
 
 import argparse
+import cProfile
 import importlib
+import io
 import itertools
+import pstats
 import shutil
 import statistics
 import subprocess
@@ -120,6 +127,23 @@ def compare(base: ModuleType, config: bench.Config, repeats: int, target_s: floa
     }
 
 
+def count_calls(base: ModuleType, config: bench.Config, logdir: Path) -> dict[Any, float]:
+    """Python function calls per iteration of each tree's wrapper loop and trainer (after a warm-up)."""
+    batches = bench.make_batches(config.model, torch.device("cpu"), pool=8) * 5
+    loggers: list[TensorboardLogger] = []
+    counts: dict[Any, float] = {}
+    for tree, package in (("this", engine_opt), ("base", base)):
+        for impl, run in runners(package, config, logdir / f"{config.label()}-{tree}-calls", loggers).items():
+            run(batches[:8])
+            profile = cProfile.Profile()
+            profile.runcall(run, batches)
+            stats = pstats.Stats(profile, stream=io.StringIO()).stats  # type: ignore[attr-defined]
+            counts[(tree, impl)] = sum(entry[1] for entry in stats.values()) / len(batches)
+    for logger in loggers:
+        logger.close()
+    return counts
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--base", required=True, help="the git revision to compare with")
@@ -128,17 +152,30 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--block-seconds", type=float, default=0.3)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--calls", action="store_true", help="count Python calls per iteration instead of timing")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     logdir = Path(tempfile.mkdtemp(prefix="engine-opt-compare-"))
-    print(f"this tree against {args.base}, {args.repeats} interleaved repeats, median time per iteration")
-    print(f"{'row':<24} {'wrapper (min ratio)':>36} {'trainer (min ratio)':>36}")
+    if args.calls:
+        print(f"this tree against {args.base}: Python function calls per iteration (cProfile)")
+    else:
+        print(f"this tree against {args.base}, {args.repeats} interleaved repeats, median time per iteration")
+    print(f"{'row':<24} {'wrapper':>36} {'trainer':>36}")
     try:
         with base_package(args.base) as base:
             for model, precision, accumulate, clip in itertools.product(
                 args.models, args.precisions, (1, 4), (False, True)
             ):
                 config = bench.Config(model, precision, accumulate, clip)
+                if args.calls:
+                    calls = count_calls(base, config, logdir)
+                    cells = [
+                        f"{calls[('this', impl)]:7.1f} / {calls[('base', impl)]:7.1f} calls "
+                        f"{calls[('this', impl)] - calls[('base', impl)]:+6.1f}"
+                        for impl in ("wrapper", "trainer")
+                    ]
+                    print(f"{config.label():<24} {cells[0]:>36} {cells[1]:>36}", flush=True)
+                    continue
                 medians = compare(base, config, args.repeats, args.block_seconds, logdir)
                 cells = [
                     f"{medians[('this', impl)] * 1e6:9.1f} / {medians[('base', impl)] * 1e6:9.1f} us "
