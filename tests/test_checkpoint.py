@@ -82,14 +82,14 @@ def train_with_checkpoints(tmp_path, n_batches, every):
 
 def test_periodic_files_the_newest_kept_and_the_last_iteration_saved(tmp_path):
     train_with_checkpoints(tmp_path, 5, every=2)
-    assert sorted(path.name for path in tmp_path.iterdir()) == ["checkpoint_4.pt", "checkpoint_5.pt"]
+    assert sorted(path.name for path in tmp_path.glob("*.pt")) == ["checkpoint_4.pt", "checkpoint_5.pt"]
     (tmp_path / "notes.txt").write_text("not a checkpoint")
     assert latest_checkpoint(tmp_path) == tmp_path / "checkpoint_5.pt"
 
 
 def test_no_duplicate_save_when_the_run_ends_on_a_period(tmp_path):
     *_, checkpoint = train_with_checkpoints(tmp_path, 4, every=2)
-    assert sorted(path.name for path in tmp_path.iterdir()) == ["checkpoint_2.pt", "checkpoint_4.pt"]
+    assert sorted(path.name for path in tmp_path.glob("*.pt")) == ["checkpoint_2.pt", "checkpoint_4.pt"]
     assert Path(checkpoint.last_checkpoint).name == "checkpoint_4.pt"
 
 
@@ -99,7 +99,7 @@ def test_a_lone_object_is_checkpointed_found_and_resumed_like_several(tmp_path):
     trainer = create_trainer(model, wrapper, loss_fn)
     attach_checkpoint(trainer, {"model": model}, tmp_path, every=2)
     trainer.run(make_batches(5))
-    assert sorted(path.name for path in tmp_path.iterdir()) == ["checkpoint_4.pt", "checkpoint_5.pt"]
+    assert sorted(path.name for path in tmp_path.glob("*.pt")) == ["checkpoint_4.pt", "checkpoint_5.pt"]
 
     fresh = make_model(seed=5)
     assert resume_from_latest({"model": fresh}, tmp_path) == tmp_path / "checkpoint_5.pt"
@@ -117,7 +117,7 @@ def test_a_run_behind_the_files_in_its_directory_is_refused_before_it_trains(tmp
     ):
         trainer.run(make_batches(2))
     assert_same_tensors(dict(model.state_dict()), before)
-    assert sorted(path.name for path in tmp_path.iterdir()) == ["checkpoint_4.pt", "checkpoint_5.pt"]
+    assert sorted(path.name for path in tmp_path.glob("*.pt")) == ["checkpoint_4.pt", "checkpoint_5.pt"]
 
 
 def test_the_newest_checkpoint_is_found_by_iteration_not_by_name(tmp_path):
@@ -188,6 +188,7 @@ def test_random_sigkills_never_leave_an_unloadable_newest_checkpoint_and_the_run
         assert actual["data"]["position"] == last["data"]["position"]
         assert_same_tensors(actual["data"]["rng"]["torch"], last["data"]["rng"]["torch"])  # dropout's stream
         assert len(list(checkpoints.glob("checkpoint_*.pt"))) <= 2  # earlier processes' files are retired too
+        assert not list(checkpoints.glob("*.partial"))  # what killed saves left was removed when a run started
 
     checkpoints = tmp_path / "killed_0"
     for _ in range(trials):
@@ -198,10 +199,8 @@ def test_random_sigkills_never_leave_an_unloadable_newest_checkpoint_and_the_run
             time.sleep(rng.uniform(0.0, 0.3))
             process.kill()
             process.wait()
-        leftovers = [path for path in checkpoints.iterdir() if path.name.startswith("tmp")]
-        interrupted_saves += len(leftovers)  # a save cut short: its temporary file, never renamed
-        for path in leftovers:
-            path.unlink()
+        leftovers = [path for path in checkpoints.iterdir() if path.name.endswith(".partial")]
+        interrupted_saves += len(leftovers)  # a save cut short: its partial file, never renamed (the next run removes it)
         newest = latest_checkpoint(checkpoints)
         steps.append(0 if newest is None else int(newest.stem.split("_")[1]))
         if steps[-1] == KILL_RUN_LENGTH:  # this run got to its end between two kills: check it, start another

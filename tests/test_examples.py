@@ -121,7 +121,7 @@ def test_trainer_example_logs_checkpoints_and_averages(tmp_path, monkeypatch, ca
     namespace, out = run_with_args("trainer_with_handlers", monkeypatch, capsys, tmp_path)
     assert "updates applied 64, skipped 0" in out
     assert list(tmp_path.glob("events.out.tfevents.*"))
-    assert sorted(path.name for path in (tmp_path / "checkpoints").iterdir()) == [
+    assert sorted(path.name for path in (tmp_path / "checkpoints").glob("*.pt")) == [
         "checkpoint_112.pt",
         "checkpoint_128.pt",
     ]

@@ -1,5 +1,7 @@
-"""Checkpoint files: read without running code, verified, and loaded into every object or none.
+"""Checkpoint files: written durably, read without running code, verified, loaded into every object or none.
 
+``write_checkpoint`` makes a file appear complete or not at all: a process
+killed at any moment of a save leaves the previous files as they were.
 ``load_checkpoint`` reads a file written by ``attach_checkpoint`` (or by
 Ignite's ``Checkpoint``), asks every object whether its entry fits
 (``check_entry``), and only then loads them all.
@@ -7,6 +9,7 @@ Ignite's ``Checkpoint``), asks every object whether its entry fits
 
 from __future__ import annotations
 
+import os
 import pickle
 import zipfile
 from collections.abc import Mapping
@@ -20,7 +23,49 @@ from torch import nn
 
 from ..optim import checks
 from ..optim.state_checks import check_module_state, check_optimizer_state
+from .run_directory import partial_name
 from .state import check_engine_state
+
+
+def write_checkpoint(checkpoint: Any, path: str | Path) -> None:
+    """``torch.save(checkpoint)`` to ``path`` so that ``path`` is complete or absent, never partial.
+
+    Written to a partial file beside it, flushed and ``fsync``-ed, renamed
+    over ``path``, and the directory ``fsync``-ed, so the new file survives a
+    crash of the machine too. A write that fails (a full disk) removes the
+    partial file and raises an ``OSError`` naming ``path``; files already
+    there are untouched.
+
+    Example:
+        >>> import tempfile
+        >>> with tempfile.TemporaryDirectory() as directory:
+        ...     write_checkpoint({"step": torch.tensor(3)}, f"{directory}/checkpoint_3.pt")
+        ...     sorted(os.listdir(directory)), torch.load(f"{directory}/checkpoint_3.pt")["step"].item()
+        (['checkpoint_3.pt'], 3)
+    """
+    path = Path(path)
+    partial = partial_name(path)
+    try:
+        with partial.open("wb") as file:
+            torch.save(checkpoint, file)
+            file.flush()
+            os.fsync(file.fileno())
+    except OSError as error:
+        partial.unlink(missing_ok=True)
+        raise type(error)(error.errno, f"cannot write checkpoint {path}: {error.strerror or error}") from error
+    os.replace(partial, path)
+    _fsync_directory(path.parent)
+
+
+def _fsync_directory(directory: Path) -> None:
+    """Make a rename in ``directory`` durable (where the platform can open a directory)."""
+    if not hasattr(os, "O_DIRECTORY"):
+        return
+    descriptor = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
 
 
 def check_entry(obj: Any, saved: Any) -> None:

@@ -15,18 +15,66 @@ continues exactly::
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from ignite.engine import Engine, Events
-from ignite.handlers import Checkpoint, DiskSaver
+from ignite.handlers import Checkpoint
+from ignite.handlers.checkpoint import BaseSaveHandler
 
-from ..engine.checkpoint_files import load_checkpoint
+from ..engine.checkpoint_files import load_checkpoint, write_checkpoint
+from ..engine.run_directory import RunDirectory, RunDirectoryBusy, checkpoint_name
 from ..optim import checks, distributed
 
-_STEP = re.compile(r"checkpoint_(\d+)\.pt$")
+
+class DurableCheckpoint(Checkpoint):
+    """Ignite's ``Checkpoint`` whose files appear whole, and whose rotation deletes only after a save is durable.
+
+    Ignite's own rotation removes the oldest file before it writes the new one
+    (with ``n_saved=1`` a crash while saving leaves no checkpoint at all);
+    here Ignite keeps every name and the saver writes first
+    (``write_checkpoint``), then removes the run's files beyond ``n_saved``.
+
+    Args:
+        to_save: Objects with ``state_dict``/``load_state_dict``, by name.
+        directory: Where the files go.
+        n_saved: How many checkpoints to keep (``None``: all).
+    """
+
+    def __init__(self, to_save: Mapping[str, Any], directory: RunDirectory, n_saved: int | None) -> None:
+        super().__init__(
+            dict(to_save),
+            _DurableSaver(directory, n_saved),
+            n_saved=None,
+            global_step_transform=lambda engine, _: engine.state.iteration,
+            filename_pattern="checkpoint_{global_step}.{ext}",  # Ignite would name a lone object's file after it
+        )
+        self.directory = directory
+
+    @property
+    def last_checkpoint(self) -> Path | None:
+        """The path of the newest file this checkpoint wrote, or None."""
+        name = super().last_checkpoint
+        return None if name is None else self.directory.path / str(name)
+
+
+class _DurableSaver(BaseSaveHandler):
+    """Write durably on rank 0, then rotate the run's own files."""
+
+    def __init__(self, directory: RunDirectory, n_saved: int | None) -> None:
+        self.directory = directory
+        self.n_saved = n_saved
+
+    def __call__(self, checkpoint: Mapping[str, Any], filename: str, metadata: Mapping[str, Any] | None = None) -> None:
+        if distributed.rank() != 0:
+            return
+        write_checkpoint(checkpoint, self.directory.path / filename)
+        self.directory.rotate(self.n_saved)
+
+    def remove(self, filename: str) -> None:
+        if distributed.rank() == 0:
+            (self.directory.path / filename).unlink(missing_ok=True)
 
 
 def attach_checkpoint(
@@ -36,17 +84,24 @@ def attach_checkpoint(
     *,
     every: int | None = None,
     n_saved: int | None = 2,
-) -> Checkpoint:
+) -> DurableCheckpoint:
     """Save ``to_save`` every ``every`` iterations (or each epoch), and when the run ends.
 
-    Files are ``checkpoint_{iteration}.pt`` in ``dirname``, written through a
-    temporary file and a rename (``DiskSaver(atomic=True)``), so a process
-    killed while saving leaves the previous checkpoint as the newest one. The
-    newest ``n_saved`` are kept, counting those already in ``dirname`` (a
-    resumed run's); a run that starts behind the newest file there is refused
-    with a ``ValueError`` when it starts, since its own files would not be
-    kept. In a distributed run rank 0 writes the files; every rank must
-    attach it, since saving gathers state from all ranks.
+    Files are ``checkpoint_{iteration}.pt`` in ``dirname``. Each is written
+    to a partial file, flushed, ``fsync``-ed and renamed, and only then are
+    the run's files beyond the newest ``n_saved`` removed (those of earlier
+    processes of the run included): a process killed at any moment leaves a
+    loadable newest checkpoint. Other files in ``dirname`` are never touched.
+
+    When the run starts, the directory is created and checked writable, its
+    lock is taken (a second run there, in another process, is refused with
+    ``RunDirectoryBusy`` naming the holder; the lock goes when the run
+    completes or its process ends), partial files of interrupted saves are
+    removed, and a run that starts behind the newest file there is refused
+    with a ``ValueError`` (its files would rank below another run's). In a
+    distributed run rank 0 does all of that and writes the files; every rank
+    must attach it, since saving gathers state from all ranks, and every rank
+    raises the same error.
 
     Args:
         trainer: The trainer.
@@ -57,68 +112,66 @@ def attach_checkpoint(
         n_saved: How many checkpoints to keep (``None``: all).
 
     Returns:
-        The attached Ignite ``Checkpoint``.
+        The attached ``DurableCheckpoint`` (an Ignite ``Checkpoint``).
     """
     if every is not None:
         checks.positive_int("every", every)
     if n_saved is not None:
         checks.positive_int("n_saved", n_saved)
-    checkpoint = Checkpoint(
-        dict(to_save),
-        DiskSaver(str(dirname), require_empty=False, atomic=True, create_dir=True),
-        n_saved=n_saved,
-        global_step_transform=lambda engine, _: engine.state.iteration,
-        filename_pattern="checkpoint_{global_step}.{ext}",  # Ignite would name a lone object's file after it
-    )
-    trainer.add_event_handler(Events.STARTED, _take_over_files, checkpoint, Path(dirname))
+    directory = RunDirectory(dirname)
+    checkpoint = DurableCheckpoint(to_save, directory, n_saved)
+    trainer.add_event_handler(Events.STARTED, _open_directory, directory)
     event = Events.EPOCH_COMPLETED if every is None else Events.ITERATION_COMPLETED(every=every)
     trainer.add_event_handler(event, checkpoint)
-
-    def save_last(engine: Engine) -> None:
-        last = checkpoint.last_checkpoint
-        if last is None or _step_of(Path(str(last))) != engine.state.iteration:
-            checkpoint(engine)
-
-    trainer.add_event_handler(Events.COMPLETED, save_last)
+    trainer.add_event_handler(Events.COMPLETED, _save_last_and_close, checkpoint)
     return checkpoint
 
 
-def _take_over_files(engine: Engine, checkpoint: Checkpoint, directory: Path) -> None:
-    """Count the checkpoints already in ``directory`` (the resumed run's) towards ``n_saved``.
+def _open_directory(engine: Engine, directory: RunDirectory) -> None:
+    """Take the directory for this run, on rank 0; every rank raises if it cannot (a collective call)."""
+    refusal = _refusal(directory, engine.state.iteration) if distributed.rank() == 0 else None
+    refusal = distributed.gather_objects(refusal)[0]
+    if refusal is not None:
+        kind, message = refusal
+        raise {"busy": RunDirectoryBusy, "unwritable": OSError, "later": ValueError}[kind](message)
 
-    Files from later iterations than the run's own belong to another run: its
-    checkpoints would rank below them and never be kept, so the run is refused
-    (on every rank: a collective call).
-    """
-    saved = (
-        sorted((step, path.name) for path in directory.iterdir() if (step := _step_of(path)) is not None)
-        if directory.is_dir()
-        else []
-    )
-    iteration = engine.state.iteration
-    later = sorted(
-        {name for names in distributed.gather_objects([n for s, n in saved if s > iteration]) for name in names}
-    )
+
+def _refusal(directory: RunDirectory, iteration: int) -> tuple[str, str] | None:
+    try:
+        directory.acquire()
+    except RunDirectoryBusy as error:
+        return "busy", str(error)
+    try:
+        directory.prepare()
+    except OSError as error:
+        directory.release()
+        return "unwritable", str(error)
+    later = [path.name for step, path in directory.checkpoints() if step > iteration]
     if later:
-        raise ValueError(
-            f"{directory} holds checkpoints of later iterations than this run's {iteration} ({', '.join(later)}): "
-            "resume from the newest (resume_from_latest), or save to another directory"
+        directory.release()
+        return "later", (
+            f"{directory.path} holds checkpoints of later iterations than this run's {iteration} "
+            f"({', '.join(later)}): resume from the newest (resume_from_latest), or save to another directory"
         )
-    checkpoint.load_state_dict({"_saved": saved})
+    return None
 
 
-def _step_of(path: Path) -> int | None:
-    match = _STEP.search(path.name)
-    return int(match.group(1)) if match else None
+def _save_last_and_close(engine: Engine, checkpoint: DurableCheckpoint) -> None:
+    """Save the final state unless the last save was at this iteration; then let the directory go."""
+    last = checkpoint.last_checkpoint
+    if last is None or last.name != checkpoint_name(engine.state.iteration):
+        checkpoint(engine)
+    if distributed.rank() == 0:
+        checkpoint.directory.release()
 
 
 def latest_checkpoint(dirname: str | Path) -> Path | None:
-    """The ``checkpoint_{iteration}.pt`` file of ``dirname`` with the highest iteration, or None."""
-    directory = Path(dirname)
-    if not directory.is_dir():
-        return None
-    steps = [(step, path) for path in directory.iterdir() if (step := _step_of(path)) is not None]
-    return max(steps)[1] if steps else None
+    """The ``checkpoint_{iteration}.pt`` file of ``dirname`` with the highest iteration, or None.
+
+    Only files named exactly so count; an entry of that name that is not a
+    file (a directory, a dangling link) is skipped with a warning.
+    """
+    return RunDirectory(dirname).newest()
 
 
 def resume_from_latest(to_load: Mapping[str, Any], dirname: str | Path) -> Path | None:
