@@ -2,20 +2,29 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import random
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
+import filelock
 import pytest
 import torch
-from ignite.engine import Events
+from crashes import RENAMED, STAGES, Crash, crash_at
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from ignite.engine import Engine, Events
 from resume_worker import build
 
 from engine_opt import OptimWrapper, create_trainer
+from engine_opt.engine.run_directory import RunDirectory, RunDirectoryBusy
 from engine_opt.handlers import ResumableLoader, attach_checkpoint, latest_checkpoint, resume_from_latest
+from engine_opt.handlers.checkpoint import DurableCheckpoint
 
 from oracle import assert_same_tensors, loss_fn, make_batches, make_model
 
@@ -200,7 +209,9 @@ def test_random_sigkills_never_leave_an_unloadable_newest_checkpoint_and_the_run
             process.kill()
             process.wait()
         leftovers = [path for path in checkpoints.iterdir() if path.name.endswith(".partial")]
-        interrupted_saves += len(leftovers)  # a save cut short: its partial file, never renamed (the next run removes it)
+        interrupted_saves += len(
+            leftovers
+        )  # a save cut short: its partial file, never renamed (the next run removes it)
         newest = latest_checkpoint(checkpoints)
         steps.append(0 if newest is None else int(newest.stem.split("_")[1]))
         if steps[-1] == KILL_RUN_LENGTH:  # this run got to its end between two kills: check it, start another
@@ -212,3 +223,138 @@ def test_random_sigkills_never_leave_an_unloadable_newest_checkpoint_and_the_run
         f"{trials} kills over {runs + 1} runs, each ended bitwise equal to the uninterrupted run; "
         f"{interrupted_saves} kills landed mid-save; newest checkpoint after each kill: {steps}"
     )
+
+
+class Counter:
+    """A stateful object whose state says which save wrote it."""
+
+    def __init__(self):
+        self.step = 0
+
+    def state_dict(self):
+        return {"step": torch.tensor(self.step)}
+
+    def load_state_dict(self, state):
+        self.step = int(state["step"])
+
+
+operations = st.lists(
+    st.one_of(st.just(("restart", None)), st.tuples(st.just("save"), st.sampled_from([None, None, *STAGES]))),
+    min_size=1,
+    max_size=10,
+)
+
+
+@settings(max_examples=250, deadline=None)
+@given(operations=operations, n_saved=st.sampled_from([1, 2, 3]))
+def test_whatever_save_a_crash_cuts_short_the_newest_loadable_checkpoint_is_the_last_completed_save(
+    operations, n_saved
+):
+    """The model: what the directory must hold after random saves, crashes at each stage of a save, and restarts."""
+    with tempfile.TemporaryDirectory() as path:
+        directory = RunDirectory(path)
+        counter, engine = Counter(), Engine(lambda engine, batch: None)
+        checkpoint = DurableCheckpoint({"counter": counter}, directory, n_saved)
+        completed = None  # the step of the last save whose file took its final name
+        for kind, stage in operations:
+            if kind == "restart":  # a new process: a new handler, and what the dead one left is cleaned up
+                checkpoint = DurableCheckpoint({"counter": counter}, directory, n_saved)
+                directory.prepare()
+                assert not list(Path(path).glob("*.partial"))
+                continue
+            counter.step += 1
+            engine.state.iteration = counter.step
+            try:
+                with crash_at(stage):
+                    checkpoint(engine)
+                completed = counter.step
+                assert len(directory.checkpoints()) <= n_saved
+            except Crash:
+                completed = counter.step if stage in RENAMED else completed
+            newest = directory.newest()
+            assert newest == (None if completed is None else Path(path) / f"checkpoint_{completed}.pt")
+            if newest is not None:
+                assert torch.load(newest, weights_only=True)["step"].item() == completed
+
+
+@pytest.mark.parametrize("stage", STAGES)
+@pytest.mark.parametrize(("config", "crash_at_iteration"), [("fp16", 5), ("bf16", 7)])
+def test_a_run_whose_save_crashed_resumes_from_what_is_left_and_ends_bitwise_equal(
+    tmp_path, stage, config, crash_at_iteration
+):
+    trainer, data, final = build(config, tmp_path / "uninterrupted", every=1)
+    trainer.run(data, max_epochs=3)
+    expected = final()
+
+    checkpoints = tmp_path / "crashed"
+    trainer, data, _ = build(config, checkpoints, every=1)
+    trainer.add_event_handler(
+        Events.ITERATION_STARTED(once=crash_at_iteration), lambda: crashing.enter_context(crash_at(stage))
+    )
+    with contextlib.ExitStack() as crashing, pytest.raises(Crash):
+        trainer.run(data, max_epochs=3)
+    expected_newest = crash_at_iteration if stage in RENAMED else crash_at_iteration - 1
+    assert latest_checkpoint(checkpoints) == checkpoints / f"checkpoint_{expected_newest}.pt"
+    trainer, data, final = build(
+        config, checkpoints, every=1
+    )  # a new process, n_saved=2 as attach_checkpoint's default
+    assert trainer.state.iteration == expected_newest
+    trainer.run(data, max_epochs=3)
+    assert_same_tensors(final(), expected)
+    assert not list(checkpoints.glob("*.partial"))
+
+
+def test_a_run_into_a_directory_another_run_holds_is_refused_before_it_trains(tmp_path):
+    other_run = filelock.FileLock(tmp_path / ".engine_opt.lock", timeout=0)  # as another process holds it
+    other_run.acquire()
+    (tmp_path / ".engine_opt.lock.owner").write_text(json.dumps({"pid": 4242, "host": "node7"}))
+    model = make_model()
+    trainer = create_trainer(model, OptimWrapper(torch.optim.SGD(model.parameters(), lr=0.1)), loss_fn)
+    attach_checkpoint(trainer, {"model": model}, tmp_path, every=1)
+    iterations = []
+    trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda engine: iterations.append(engine.state.iteration))
+    with pytest.raises(RunDirectoryBusy, match=rf"^{tmp_path} is in use by another run \(process 4242 on node7\)"):
+        trainer.run(make_batches(3))
+    assert iterations == [] and not list(tmp_path.glob("*.pt"))
+    other_run.release()
+    train_with_checkpoints(tmp_path, 3, every=1)  # once the other run is gone
+    assert latest_checkpoint(tmp_path) == tmp_path / "checkpoint_3.pt"
+
+
+def test_files_that_are_not_the_runs_own_are_never_counted_rotated_or_in_the_way(tmp_path):
+    for name in ("best_checkpoint_30.pt", "pretrained_checkpoint_1.pt"):
+        torch.save({"mine": torch.ones(1)}, tmp_path / name)
+    train_with_checkpoints(tmp_path, 5, every=1)  # not refused as "behind" best_checkpoint_30.pt
+    assert sorted(path.name for path in tmp_path.glob("*.pt")) == [
+        "best_checkpoint_30.pt",
+        "checkpoint_4.pt",
+        "checkpoint_5.pt",
+        "pretrained_checkpoint_1.pt",
+    ]
+    assert latest_checkpoint(tmp_path) == tmp_path / "checkpoint_5.pt"
+
+
+def test_leftovers_of_a_killed_save_are_removed_when_the_next_run_starts(tmp_path):
+    train_with_checkpoints(tmp_path, 2, every=1)
+    (tmp_path / ".checkpoint_3.pt.999.partial").write_bytes(b"PK half")
+    model = make_model()
+    wrapper = OptimWrapper(torch.optim.SGD(model.parameters(), lr=0.1))
+    trainer = create_trainer(model, wrapper, loss_fn)
+    to_load = {"model": model, "optim_wrapper": wrapper, "trainer": trainer}
+    resume_from_latest(to_load, tmp_path)
+    attach_checkpoint(trainer, to_load, tmp_path, every=1)
+    trainer.run(make_batches(2), max_epochs=2)
+    assert not list(tmp_path.glob("*.partial"))
+    assert sorted(path.name for path in tmp_path.glob("*.pt")) == ["checkpoint_3.pt", "checkpoint_4.pt"]
+
+
+def test_a_checkpoint_path_that_is_a_file_is_refused_when_the_run_starts(tmp_path):
+    (tmp_path / "file").write_text("")
+    model = make_model()
+    trainer = create_trainer(model, OptimWrapper(torch.optim.SGD(model.parameters(), lr=0.1)), loss_fn)
+    attach_checkpoint(trainer, {"model": model}, tmp_path / "file" / "checkpoints")
+    iterations = []
+    trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda engine: iterations.append(engine.state.iteration))
+    with pytest.raises(OSError, match=r"cannot write checkpoints to .*file/checkpoints"):
+        trainer.run(make_batches(2))
+    assert iterations == []

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import errno
+
 import pytest
 import torch
 from ignite.engine import Engine
 from ignite.handlers import Checkpoint, DiskSaver
 
 from engine_opt import OptimWrapper, create_trainer
-from engine_opt.engine.checkpoint_files import check_entry, load_checkpoint
+from engine_opt.engine.checkpoint_files import check_entry, load_checkpoint, write_checkpoint
 from engine_opt.handlers import ResumableLoader
 
 from oracle import assert_same_tensors, loss_fn, make_batches, make_model
@@ -113,3 +115,21 @@ def test_a_lone_objects_file_saved_by_ignite_loads(tmp_path):
     target = make_model()
     load_checkpoint({"model": target}, tmp_path / checkpoint.last_checkpoint)
     assert_same_tensors(dict(target.state_dict()), dict(model.state_dict()))
+
+
+def test_a_full_disk_names_the_path_leaves_no_partial_file_and_the_previous_file_as_it_was(tmp_path, monkeypatch):
+    previous = tmp_path / "checkpoint_1.pt"
+    write_checkpoint({"step": torch.tensor(1)}, previous)
+    real_save = torch.save
+
+    def full_disk(obj, file, *args, **kwargs):
+        file.write(b"PK\x03\x04 some bytes")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(OSError, match=r"cannot write checkpoint .*checkpoint_2.pt: No space left on device") as caught:
+        write_checkpoint({"step": torch.tensor(2)}, tmp_path / "checkpoint_2.pt")
+    monkeypatch.setattr(torch, "save", real_save)
+    assert caught.value.errno == errno.ENOSPC
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["checkpoint_1.pt"]
+    assert torch.load(previous, weights_only=True)["step"].item() == 1

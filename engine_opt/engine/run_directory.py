@@ -92,6 +92,14 @@ class RunDirectory:
             OSError: The path is a file, or the directory cannot be created or
                 written (the message names it).
         """
+        self._create()
+        leftovers = [entry for entry in self.path.iterdir() if PARTIAL_NAME.fullmatch(entry.name)]
+        for entry in leftovers:
+            entry.unlink(missing_ok=True)
+        return leftovers
+
+    def _create(self) -> None:
+        """Create the directory if needed and write a file there, or raise an ``OSError`` naming it."""
         try:
             self.path.mkdir(parents=True, exist_ok=True)
             probe = self.path / f".engine_opt.write-test.{os.getpid()}"
@@ -100,11 +108,7 @@ class RunDirectory:
         except OSError as error:
             raise type(error)(
                 error.errno, f"cannot write checkpoints to {self.path}: {error.strerror or error}"
-            ) from error
-        leftovers = [entry for entry in self.path.iterdir() if PARTIAL_NAME.fullmatch(entry.name)]
-        for entry in leftovers:
-            entry.unlink(missing_ok=True)
-        return leftovers
+            ) from None
 
     def rotate(self, keep: int | None) -> list[Path]:
         """Remove the run's oldest checkpoint files beyond the newest ``keep``; return them."""
@@ -121,8 +125,9 @@ class RunDirectory:
         Raises:
             RunDirectoryBusy: Another process holds it; the message names the
                 directory and, where it is known, the holder's process and host.
+            OSError: The directory cannot be created or written.
         """
-        self.path.mkdir(parents=True, exist_ok=True)
+        self._create()
         try:
             self._lock.acquire()
         except filelock.Timeout:

@@ -141,6 +141,8 @@ def _refusal(directory: RunDirectory, iteration: int) -> tuple[str, str] | None:
         directory.acquire()
     except RunDirectoryBusy as error:
         return "busy", str(error)
+    except OSError as error:
+        return "unwritable", str(error)
     try:
         directory.prepare()
     except OSError as error:
