@@ -135,6 +135,9 @@ def test_resume_example_ends_where_an_uninterrupted_run_ends(tmp_path, monkeypat
     assert "iteration 10: updates 3" in stopped
     assert resumed.splitlines()[0] == f"resumed from {tmp_path / 'a' / 'checkpoint_10.pt'} at iteration 10"
     assert resumed.splitlines()[1:] == straight.splitlines()[1:]
+    for _ in range(2):  # a complete run, run again on its directory: it is not trained anew, and nothing fails
+        _, again = run_with_args("resume", monkeypatch, capsys, tmp_path / "a")
+        assert again.splitlines()[1:] == straight.splitlines()[1:]
 
 
 @pytest.mark.slow

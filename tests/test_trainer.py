@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import gc
 import weakref
 
@@ -271,3 +272,34 @@ def test_a_float16_trainer_nobody_listens_to_never_waits_for_the_gpu():
     finally:
         torch.cuda.set_sync_debug_mode(0)
     assert wrapper.applied_steps + wrapper.skipped_steps == 5
+
+
+def test_a_complete_run_loaded_from_a_checkpoint_is_not_trained_again_but_can_be_extended():
+    batches = make_batches(4)
+    model = make_model()
+    wrapper = OptimWrapper(torch.optim.SGD(model.parameters(), lr=0.1))
+    trainer = create_trainer(model, wrapper, loss_fn)
+    trainer.run(batches, max_epochs=2)
+    saved = {
+        "model": copy.deepcopy(model.state_dict()),
+        "wrapper": wrapper.state_dict(),
+        "trainer": trainer.state_dict(),
+    }
+
+    def resumed():
+        fresh = make_model(seed=9)
+        fresh.load_state_dict(saved["model"])
+        fresh_wrapper = OptimWrapper(torch.optim.SGD(fresh.parameters(), lr=0.1))
+        fresh_wrapper.load_state_dict(saved["wrapper"])
+        fresh_trainer = create_trainer(fresh, fresh_wrapper, loss_fn)
+        fresh_trainer.load_state_dict(saved["trainer"])
+        return fresh, fresh_trainer
+
+    again, again_trainer = resumed()
+    state = again_trainer.run(batches, max_epochs=2)  # Ignite alone would start over from iteration 0
+    assert (state.iteration, state.epoch) == (8, 2)
+    assert_same_model(again, model)
+    further, further_trainer = resumed()
+    assert further_trainer.run(batches, max_epochs=3).iteration == 12
+    trainer.run(batches, max_epochs=3)
+    assert_same_model(further, model)

@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import weakref
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
-from ignite.engine import CallableEventWithFilter, Engine, Events
+from ignite.engine import CallableEventWithFilter, Engine, Events, State
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
@@ -58,6 +58,7 @@ class Trainer(Engine):
     def __init__(self, process_function: TrainStep, optim_wrapper: OptimWrapper | OptimWrapperDict) -> None:
         self._listeners: Counter[StepEvent] = Counter()
         self._bridges: dict[StepEvent, list[RemovableHandle]] = {}
+        self._loaded = False  # the state came from load_state_dict and no run has started since
         super().__init__(process_function)
         self.state = TrainerState(OptimState(members=dict(members(optim_wrapper))))
         self.register_events(*OptimEvents, event_to_attr=EVENT_TO_ATTR)
@@ -76,6 +77,41 @@ class Trainer(Engine):
         step_event = _step_event(event_name)
         if step_event is not None:
             self._count_listener(step_event, -1)
+
+    def load_state_dict(self, state_dict: Any) -> None:
+        """``Engine.load_state_dict``; a loaded run that is already complete is then not run again."""
+        super().load_state_dict(state_dict)
+        self._loaded = True
+
+    def run(
+        self,
+        data: Iterable[Any] | None = None,
+        max_epochs: int | None = None,
+        max_iters: int | None = None,
+        epoch_length: int | None = None,
+    ) -> State:
+        """``Engine.run``, except that a complete run loaded from a checkpoint returns at once, unchanged.
+
+        Ignite starts a complete run over from iteration 0; a resumed run that
+        had already finished (a script run again on its checkpoints) would then
+        silently train anew. Asking for more epochs (or iterations) than the
+        loaded run had continues it as usual.
+        """
+        if self._loaded and self._ends_where_loaded(max_epochs, max_iters):
+            self.logger.info(f"the loaded run is complete at iteration {self.state.iteration}: nothing to run")
+            return self.state
+        self._loaded = False
+        return super().run(data, max_epochs=max_epochs, max_iters=max_iters, epoch_length=epoch_length)
+
+    def _ends_where_loaded(self, max_epochs: int | None, max_iters: int | None) -> bool:
+        """Whether the run asked for ends exactly at the loaded iteration."""
+        state = self.state
+        if max_iters is not None or state.max_iters is not None:
+            return bool(state.iteration == (max_iters if max_iters is not None else state.max_iters))
+        epochs = max_epochs if max_epochs is not None else state.max_epochs
+        if epochs is None or state.epoch_length is None:
+            return False
+        return bool(state.iteration == state.epoch_length * epochs)
 
     def check_state_dict(self, state_dict: Any) -> None:
         """Raise if ``load_state_dict`` would refuse ``state_dict``; change nothing (see ``check_engine_state``)."""
