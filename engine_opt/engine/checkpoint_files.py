@@ -19,10 +19,11 @@ from typing import Any
 import torch
 from ignite.engine import Engine
 from ignite.handlers import Checkpoint
+from ignite.handlers.param_scheduler import ParamScheduler
 from torch import nn
 
 from ..optim import checks
-from ..optim.state_checks import check_module_state, check_optimizer_state
+from ..optim.state_checks import check_module_state, check_optimizer_state, check_structure
 from .run_directory import partial_name
 from .state import check_engine_state
 
@@ -73,7 +74,9 @@ def check_entry(obj: Any, saved: Any) -> None:
 
     An object with a ``check_state_dict`` method (the wrappers, the wrapper
     dict, ``ResumableLoader``, the trainer) checks its own entry; torch
-    modules and optimizers and Ignite engines are checked here.
+    modules, optimizers and schedulers, Ignite engines and parameter
+    schedulers are checked here (a scheduler's entry must have the shape of
+    its own state). Other objects are loaded unchecked.
 
     Example:
         >>> check_entry(torch.nn.Linear(2, 1), {"weight": torch.ones(1, 2)})
@@ -90,6 +93,10 @@ def check_entry(obj: Any, saved: Any) -> None:
         check_optimizer_state(obj, saved)
     elif isinstance(obj, Engine):
         check_engine_state(obj, saved)
+    elif isinstance(obj, (torch.optim.lr_scheduler.LRScheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)):
+        check_structure(obj.state_dict(), saved, "the saved scheduler state")
+    elif isinstance(obj, ParamScheduler):
+        check_structure(obj.state_dict(), saved, "the saved scheduler state", require_keys=True)
 
 
 def load_checkpoint(to_load: Mapping[str, Any], path: str | Path) -> None:

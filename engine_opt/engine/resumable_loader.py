@@ -44,6 +44,36 @@ def rng_state(generator: torch.Generator | None = None) -> dict[str, Any]:
     return state
 
 
+def check_rng_state(where: str, state: Any) -> None:
+    """Raise a ``ValueError`` naming ``where`` unless ``set_rng_state`` can restore ``state``; change nothing.
+
+    Example:
+        >>> check_rng_state("rng", {"torch": torch.get_rng_state()})
+        Traceback (most recent call last):
+        ...
+        ValueError: rng must be what rng_state() returned: it lacks ['python']
+    """
+    if not isinstance(state, Mapping):
+        raise ValueError(f"{where} must be what rng_state() returned, got {checks.describe(state)}")
+    missing = [key for key in ("torch", "python") if key not in state]
+    if missing:
+        raise ValueError(f"{where} must be what rng_state() returned: it lacks {missing}")
+    python = state["python"]
+    byte_states = [state["torch"], *state.get("cuda", []), *([state["generator"]] if "generator" in state else [])]
+    numpy = state.get("numpy", (None, torch.zeros(1, dtype=torch.int64), 0, 0, 0.0))
+    well_formed = (
+        all(isinstance(value, torch.Tensor) and value.dtype == torch.uint8 for value in byte_states)
+        and isinstance(python, tuple)
+        and len(python) == 3
+        and isinstance(python[1], tuple)
+        and isinstance(numpy, tuple)
+        and len(numpy) == 5
+        and isinstance(numpy[1], torch.Tensor)
+    )
+    if not well_formed:
+        raise ValueError(f"{where} must be what rng_state() returned: its generator states are malformed")
+
+
 def set_rng_state(state: Mapping[str, Any], generator: torch.Generator | None = None) -> None:
     """Restore what ``rng_state`` returned."""
     torch.set_rng_state(state["torch"])
@@ -87,7 +117,7 @@ class ResumableLoader:
     """
 
     def __init__(self, data: Iterable[Any]) -> None:
-        if not isinstance(data, Iterable) or isinstance(data, Iterator):
+        if not isinstance(data, Iterable) or isinstance(data, (Iterator, str, bytes)):
             raise TypeError(
                 f"data must be a re-iterable collection of batches such as a DataLoader, got {checks.describe(data)}"
             )
@@ -200,10 +230,6 @@ class ResumableLoader:
             value = state_dict.get(key, 0)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"state_dict[{key!r}] must be an int >= 0, got {value!r}")
-        for key in ("epoch_rng", "rng"):
-            value = state_dict[key]
-            if not (value is None and key == "epoch_rng") and not (isinstance(value, Mapping) and "torch" in value):
-                raise ValueError(f"state_dict[{key!r}] must be what rng_state() returned, got {checks.describe(value)}")
         ranks = state_dict.get("ranks")
         world = distributed.world_size()
         saved_world = 1 if ranks is None else len(ranks) if isinstance(ranks, list) else None
@@ -212,6 +238,13 @@ class ResumableLoader:
                 f"the data state was saved by a run of {saved_world} process(es), this run has {world}; the data "
                 "position and random streams of each rank resume exactly only with as many processes"
             )
+        for where, streams in [("state_dict", state_dict)] + [
+            (f"state_dict['ranks'][{rank}]", checks.mapping(f"state_dict['ranks'][{rank}]", states))
+            for rank, states in enumerate(ranks or [])
+        ]:
+            if streams.get("epoch_rng") is not None:
+                check_rng_state(f"{where}['epoch_rng']", streams["epoch_rng"])
+            check_rng_state(f"{where}['rng']", streams.get("rng"))
 
 
 def _own_rank(state: dict[str, Any]) -> dict[str, Any]:

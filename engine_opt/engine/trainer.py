@@ -157,6 +157,22 @@ def _bridge(trainer: Trainer, name: str | None) -> StepHook:
     return fire
 
 
+def _check_device(device: Any) -> None:
+    """A device torch knows and this machine has (``None``: batches stay where they are)."""
+    if device is None:
+        return
+    if not isinstance(device, (str, torch.device)):
+        raise TypeError(
+            f"device must be a str or torch.device such as 'cpu' or 'cuda:0', got {checks.describe(device)}"
+        )
+    try:
+        parsed = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"device must name a torch device such as 'cpu', 'cuda' or 'cuda:1', got {device!r}") from None
+    if parsed.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r}: no CUDA device is available here")
+
+
 def _check_arguments(model: Any, optim_wrapper: Any, loss_fn: Any, train_step: Any) -> None:
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {checks.describe(model)}")
@@ -242,6 +258,7 @@ def create_trainer(
         (5, 3)
     """
     _check_arguments(model, optim_wrapper, loss_fn, train_step)
+    _check_device(device)
     if train_step is None and loss_fn is not None:
         check_callable("prepare_batch", prepare_batch, 3, "prepare_batch(batch, device, non_blocking)")
         check_callable("output_transform", output_transform, 4, "output_transform(x, y, y_pred, loss)")

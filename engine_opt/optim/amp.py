@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-import math
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -32,6 +31,7 @@ from torch import nn
 from . import checks
 from .distributed import NO_CONTEXT
 from .grad_scaler import step_reporting_skip
+from .loss_scale import check_loss_scale, check_scaler_state
 from .wrapper import OptimWrapper
 
 DTYPE_ALIASES = {
@@ -46,7 +46,6 @@ DTYPE_ALIASES = {
     "fp64": torch.float64,
 }
 _AUTOCAST_DTYPES = (torch.float16, torch.bfloat16)
-_SCALER_ARGS = ("init_scale", "growth_factor", "backoff_factor", "growth_interval", "enabled")
 
 
 def _device_type(optimizer: torch.optim.Optimizer) -> str:
@@ -74,43 +73,6 @@ def parse_dtype(dtype: str | torch.dtype | None, device_type: str) -> torch.dtyp
         return DTYPE_ALIASES[dtype]
     raise ValueError(
         f"dtype must be None, one of {list(DTYPE_ALIASES)} or torch.float16/bfloat16/float32/float64, got {dtype!r}"
-    )
-
-
-def _number(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a number, got {checks.describe(value)}")
-    return float(value)
-
-
-def _check_loss_scale(loss_scale: Any) -> None:
-    if isinstance(loss_scale, torch.optim.Optimizer):
-        raise TypeError(
-            "AmpOptimWrapper got an optimizer as its first positional argument (loss_scale); "
-            "pass it by keyword: AmpOptimWrapper(optimizer=optimizer)"
-        )
-    if isinstance(loss_scale, str) and loss_scale == "dynamic":
-        return
-    if isinstance(loss_scale, (int, float)) and not isinstance(loss_scale, bool):
-        if not (math.isfinite(loss_scale) and loss_scale > 0):
-            raise ValueError(f"loss_scale as a number must be finite and > 0, got {loss_scale!r}")
-        return
-    if isinstance(loss_scale, Mapping):
-        checks.known_keys("loss_scale", loss_scale, _SCALER_ARGS)
-        growth = _number("loss_scale['growth_factor']", loss_scale.get("growth_factor", 2.0))
-        backoff = _number("loss_scale['backoff_factor']", loss_scale.get("backoff_factor", 0.5))
-        init = _number("loss_scale['init_scale']", loss_scale.get("init_scale", 2.0**16))
-        if not growth > 1:
-            raise ValueError(f"loss_scale['growth_factor'] must be > 1, got {growth!r}")
-        if not 0 < backoff < 1:
-            raise ValueError(f"loss_scale['backoff_factor'] must be in (0, 1), got {backoff!r}")
-        if not (math.isfinite(init) and init > 0):
-            raise ValueError(f"loss_scale['init_scale'] must be finite and > 0, got {init!r}")
-        checks.positive_int("loss_scale['growth_interval']", loss_scale.get("growth_interval", 2000))
-        return
-    raise ValueError(
-        f"loss_scale must be 'dynamic', a positive number (static scale) or a dict of "
-        f"torch.amp.GradScaler arguments {list(_SCALER_ARGS)}, got {checks.describe(loss_scale)}"
     )
 
 
@@ -172,7 +134,7 @@ class AmpOptimWrapper(OptimWrapper):
         use_fsdp: bool = False,
         **kwargs: Any,
     ) -> None:
-        _check_loss_scale(loss_scale)
+        check_loss_scale(loss_scale)
         if "optimizer" not in kwargs:
             raise TypeError("AmpOptimWrapper needs optimizer=..., got none")
         super().__init__(**kwargs)
@@ -196,11 +158,9 @@ class AmpOptimWrapper(OptimWrapper):
         sync = super().optim_context(model)
         return autocast if sync is NO_CONTEXT else _grad_sync_and_autocast(sync, autocast)
 
-    def backward(self, loss: torch.Tensor, **kwargs: Any) -> None:
-        """Scale the loss when a scaler exists, run backward and count the micro-step."""
-        if self.loss_scaler is not None:
-            loss = self.loss_scaler.scale(loss)
-        super().backward(loss, **kwargs)
+    def _scale_for_backward(self, loss: torch.Tensor) -> torch.Tensor:
+        """The loss times the loss scale when a float16 scaler exists."""
+        return loss if self.loss_scaler is None else self.loss_scaler.scale(loss)
 
     def unscale_grads(self) -> None:
         if self.loss_scaler is not None and not self._unscaled:
@@ -238,13 +198,7 @@ class AmpOptimWrapper(OptimWrapper):
         super().check_state_dict(state_dict)
         scaler_state = checks.mapping("state_dict['loss_scaler']", state_dict.get("loss_scaler", {}))
         if self.loss_scaler is not None and scaler_state:
-            expected = set(self.loss_scaler.state_dict())
-            if set(scaler_state) != expected:
-                raise ValueError(
-                    f"state_dict['loss_scaler'] must have the keys {sorted(expected)}, got {sorted(scaler_state)}"
-                )
-            for key, value in scaler_state.items():
-                _number(f"state_dict['loss_scaler'][{key!r}]", value)
+            check_scaler_state("state_dict['loss_scaler']", scaler_state, set(self.loss_scaler.state_dict()))
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
         """``OptimWrapper.load_state_dict`` plus the grad scaler's state (``{}``: a run without a scaler)."""

@@ -20,6 +20,8 @@ Example:
 from __future__ import annotations
 
 import inspect
+import math
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -33,14 +35,30 @@ from .wrapper_dict import OptimWrapperDict
 
 WRAPPERS: dict[str, type[OptimWrapper]] = {"OptimWrapper": OptimWrapper, "AmpOptimWrapper": AmpOptimWrapper}
 _PARAMWISE_KEYS = ("bias_lr_mult", "bias_decay_mult", "norm_decay_mult", "custom_keys")
-_NORM_TYPES: tuple[type[nn.Module], ...] = (
-    nn.modules.batchnorm._BatchNorm,
-    nn.modules.instancenorm._InstanceNorm,
-    nn.GroupNorm,
-    nn.LayerNorm,
-    nn.LocalResponseNorm,
-    *((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ()),
-)
+
+
+def _norm_layer_types() -> tuple[type[nn.Module], ...]:
+    """The norm layers ``norm_decay_mult`` applies to: torch's, and subclasses of its private batch/instance bases.
+
+    The bases (``_BatchNorm``, ``_InstanceNorm``) are private; other libraries'
+    norm layers subclass them, as MMEngine counts them. Where a torch release
+    lacks one, its public subclasses still count.
+    """
+    public = (
+        nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm,
+        nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d,
+        nn.GroupNorm, nn.LayerNorm, nn.LocalResponseNorm,
+        *((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ()),
+    )  # fmt: skip
+    private_bases = [
+        getattr(module, name)
+        for module, name in ((nn.modules.batchnorm, "_BatchNorm"), (nn.modules.instancenorm, "_InstanceNorm"))
+        if isinstance(getattr(module, name, None), type)
+    ]
+    return (*public, *private_bases)
+
+
+_NORM_TYPES = _norm_layer_types()
 
 
 def _optimizer_names() -> list[str]:
@@ -93,14 +111,14 @@ def _accepted_args(cls: type, skip: tuple[str, ...]) -> tuple[list[str], dict[st
 
 
 def _param_groups(
-    model: nn.Module, paramwise_cfg: Mapping[str, Any] | None, base_lr: Any, base_wd: Any
+    model: nn.Module,
+    paramwise_cfg: Mapping[str, Any] | None,
+    base_lr: Any,
+    base_wd: Any,
+    optimizer_args: list[str] | None,
 ) -> list[dict[str, Any]]:
     """Trainable parameters grouped by their paramwise settings, in first-seen order."""
-    cfg = dict(checks.mapping("paramwise_cfg", paramwise_cfg)) if paramwise_cfg is not None else {}
-    checks.known_keys("paramwise_cfg", cfg, _PARAMWISE_KEYS)
-    custom = dict(checks.mapping("paramwise_cfg['custom_keys']", cfg.get("custom_keys", {})))
-    for key, value in custom.items():
-        checks.mapping(f"paramwise_cfg['custom_keys'][{key!r}]", value)
+    cfg, custom = _parse_paramwise(paramwise_cfg, optimizer_args)
     needs_lr = "bias_lr_mult" in cfg or any("lr_mult" in value for value in custom.values())
     if needs_lr and base_lr is None:
         raise ValueError("paramwise_cfg sets an lr_mult but the optimizer config has no 'lr'")
@@ -117,7 +135,41 @@ def _param_groups(
             groups.setdefault(group_key, {"params": [], **settings})["params"].append(param)
     if not groups:
         raise ValueError(f"the model {type(model).__name__} has no trainable parameters")
+    for key in sorted(set(custom) - rules.matched):
+        warnings.warn(
+            f"paramwise_cfg['custom_keys'] key {key!r} matches no trainable parameter of {type(model).__name__}",
+            UserWarning,
+            stacklevel=5,  # the caller of build_optim_wrapper
+        )
     return list(groups.values())
+
+
+def _parse_paramwise(
+    paramwise_cfg: Mapping[str, Any] | None, optimizer_args: list[str] | None
+) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+    """``paramwise_cfg`` and its ``custom_keys``, checked: known options, multipliers that are numbers >= 0."""
+    cfg = dict(checks.mapping("paramwise_cfg", paramwise_cfg)) if paramwise_cfg is not None else {}
+    checks.known_keys("paramwise_cfg", cfg, _PARAMWISE_KEYS)
+    for key in ("bias_lr_mult", "bias_decay_mult", "norm_decay_mult"):
+        if key in cfg:
+            _multiplier(f"paramwise_cfg[{key!r}]", cfg[key])
+    custom = {}
+    for key, options in checks.mapping("paramwise_cfg['custom_keys']", cfg.get("custom_keys", {})).items():
+        where = f"paramwise_cfg['custom_keys'][{key!r}]"
+        custom[key] = dict(checks.mapping(where, options))
+        if optimizer_args is not None:
+            checks.known_keys(where, custom[key], ["lr_mult", "decay_mult", *optimizer_args])
+        for mult in ("lr_mult", "decay_mult"):
+            if mult in custom[key]:
+                _multiplier(f"{where}[{mult!r}]", custom[key][mult])
+    return cfg, custom
+
+
+def _multiplier(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number >= 0, got {checks.describe(value)}")
+    if not (math.isfinite(value) and value >= 0):
+        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
 
 
 class _Paramwise:
@@ -126,9 +178,12 @@ class _Paramwise:
     def __init__(self, cfg: dict[str, Any], custom: dict[str, Any], base_lr: Any, base_wd: Any) -> None:
         self.cfg, self.custom, self.base_lr, self.base_wd = cfg, custom, base_lr, base_wd
         self.ordered_keys = sorted(sorted(custom), key=len, reverse=True)  # the longest matching key wins
+        self.matched: set[str] = set()
 
     def settings(self, name: str, local_name: str, module: nn.Module) -> dict[str, Any]:
         matched = next((key for key in self.ordered_keys if key in name), None)
+        if matched is not None:
+            self.matched.add(matched)
         settings = self._custom(matched) if matched is not None else self._by_kind(local_name, module)
         for option, base in (("lr", self.base_lr), ("weight_decay", self.base_wd)):
             if option in settings and settings[option] == base:
@@ -168,13 +223,12 @@ def _build_optimizer(
         raise ValueError(f"optimizer config needs a 'type', e.g. dict(type='SGD', lr=0.01), got {optimizer_cfg!r}")
     optimizer_cls = _optimizer_class(optimizer_cfg.pop("type"))
     accepted = _accepted_args(optimizer_cls, skip=("params",))
-    defaults: dict[str, Any] = {}
-    if accepted is not None:
-        names, defaults = accepted
+    names, defaults = accepted if accepted is not None else (None, {})
+    if names is not None:
         checks.known_keys(f"optimizer {optimizer_cls.__name__}", optimizer_cfg, names)
     base_lr = optimizer_cfg.get("lr", defaults.get("lr"))
     base_wd = optimizer_cfg.get("weight_decay", defaults.get("weight_decay"))
-    groups = _param_groups(model, paramwise_cfg, base_lr, base_wd)
+    groups = _param_groups(model, paramwise_cfg, base_lr, base_wd, names)
     return optimizer_cls(groups, **optimizer_cfg)
 
 

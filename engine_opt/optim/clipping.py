@@ -11,6 +11,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -25,6 +26,15 @@ _CLIP_ARGS = {
     "norm": ("max_norm", ("max_norm", "norm_type", "error_if_nonfinite", "foreach")),
     "value": ("clip_value", ("clip_value", "foreach")),
 }
+
+
+def _positive(name: str, value: Any, allow_inf: bool) -> None:
+    """A number > 0 (a negative max_norm would flip every gradient; a negative clip_value, set them all)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number > 0, got {checks.describe(value)}")
+    if not (value > 0 and (allow_inf or math.isfinite(value))):
+        accepted = "a number > 0 (inf to measure the norm without clipping)" if allow_inf else "a finite number > 0"
+        raise ValueError(f"{name} must be {accepted}, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -55,6 +65,10 @@ class GradClipper:
                 f"clip_grad of type {clip_type!r} needs {required!r}, got {dict(clip_grad)!r}; "
                 f"for example dict(type={clip_type!r}, {required}=1.0)"
             )
+        _positive("clip_grad['max_norm']", kwargs.get("max_norm", 1.0), allow_inf=True)  # inf: measure, not clip
+        _positive("clip_grad['clip_value']", kwargs.get("clip_value", 1.0), allow_inf=False)
+        if kwargs.get("norm_type", 2.0) not in ("inf", "-inf"):
+            _positive("clip_grad['norm_type']", kwargs.get("norm_type", 2.0), allow_inf=True)
         return cls(clip_type, kwargs)
 
     def clip(self, params: list[torch.Tensor]) -> torch.Tensor | None:

@@ -16,6 +16,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -50,6 +51,14 @@ def check_module_state(module: nn.Module, state_dict: Any) -> None:
     ]
     if shapes:
         raise ValueError(f"shapes differ: {'; '.join(shapes)}")
+    dtypes = [
+        f"{key}: saved {_dtype(saved[key])}, model {_dtype(value)}"
+        for key, value in expected.items()
+        if isinstance(value, torch.Tensor)
+        and not (isinstance(saved[key], torch.Tensor) and saved[key].dtype == value.dtype)
+    ]
+    if dtypes:
+        raise ValueError(f"dtypes differ (loading would convert them silently): {'; '.join(dtypes)}")
 
 
 def check_optimizer_state(optimizer: torch.optim.Optimizer, state_dict: Any) -> None:
@@ -77,9 +86,85 @@ def check_optimizer_state(optimizer: torch.optim.Optimizer, state_dict: Any) -> 
     sizes = [len(group["params"]) for group in groups]
     if saved_sizes != sizes:
         raise ValueError(f"state_dict param groups hold {saved_sizes} parameters, the optimizer's hold {sizes}")
+    for index, (saved_group, group) in enumerate(zip(saved_groups, groups, strict=True)):
+        _check_hyperparameters(f"state_dict['param_groups'][{index}]", saved_group, group, type(optimizer).__name__)
     params = [param for group in groups for param in group["params"]]
     saved_ids = [index for group in saved_groups for index in group["params"]]
     _check_param_states(state_dict["state"], dict(zip(saved_ids, params, strict=True)))
+
+
+def _check_hyperparameters(where: str, saved: Mapping[str, Any], group: Mapping[str, Any], optimizer: str) -> None:
+    """The group's numeric hyperparameters (``lr``, ``momentum``, ``betas``...) must be there, and finite.
+
+    Flags (``foreach``, ``maximize``...) may be missing: torch fills those a
+    state saved by an older release lacks. A missing number means another
+    optimizer's state (AdamW's has no ``momentum`` for SGD to read).
+    """
+    numeric = [
+        key
+        for key, value in group.items()
+        if key not in ("params", "initial_lr") and _is_number(value, allow_nonfinite=True)  # a schedule's initial_lr
+    ]
+    missing = [key for key in numeric if key not in saved]
+    if missing:
+        raise ValueError(
+            f"{where} lacks {missing}, which {optimizer} needs: the state comes from another optimizer "
+            f"(its group holds {sorted(key for key in saved if key != 'params')})"
+        )
+    for key in numeric:
+        if not _is_number(saved[key]):
+            raise ValueError(f"{where}[{key!r}] must be a finite number, got {checks.describe(saved[key], 40)}")
+
+
+def _is_number(value: Any, allow_nonfinite: bool = False) -> bool:
+    """A real number, a tensor of them, or a tuple/list of them (``betas``); finite unless allowed otherwise."""
+    if isinstance(value, (tuple, list)):
+        return bool(value) and all(_is_number(item, allow_nonfinite) for item in value)
+    if isinstance(value, torch.Tensor):
+        real = value.dtype != torch.bool and not value.dtype.is_complex
+        return real and (allow_nonfinite or bool(torch.isfinite(value).all()))
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    return allow_nonfinite or math.isfinite(value)
+
+
+def check_structure(current: Any, saved: Any, where: str, *, require_keys: bool = False) -> None:
+    """Raise unless ``saved`` has the shape of ``current`` (a state dict the object gives now).
+
+    Mappings are compared key by key (with ``require_keys``, every current key
+    must be saved: some loaders need them all), lists and tuples by length,
+    numbers must be numbers (not nan), tensors of the same shape and dtype.
+    Keys only one side has are otherwise left alone: releases add and drop some.
+
+    Example:
+        >>> check_structure({"last_epoch": 3, "base_lrs": [0.1]}, {"last_epoch": 5, "base_lrs": []}, "scheduler")
+        Traceback (most recent call last):
+        ...
+        ValueError: scheduler['base_lrs'] must be a list of 1, got [] of type list
+    """
+    if isinstance(current, Mapping):
+        saved = checks.mapping(where, saved)
+        missing = [key for key in current if key not in saved] if require_keys else []
+        if missing:
+            raise ValueError(f"{where} lacks {missing}")
+        for key in current.keys() & saved.keys():
+            check_structure(current[key], saved[key], f"{where}[{key!r}]", require_keys=require_keys)
+    elif isinstance(current, (list, tuple)):
+        if not isinstance(saved, (list, tuple)) or len(saved) != len(current):
+            raise ValueError(f"{where} must be a list of {len(current)}, got {checks.describe(saved, 40)}")
+        for index, (now, then) in enumerate(zip(current, saved, strict=True)):
+            check_structure(now, then, f"{where}[{index}]", require_keys=require_keys)
+    elif isinstance(current, torch.Tensor):
+        if not isinstance(saved, torch.Tensor) or (saved.shape, saved.dtype) != (current.shape, current.dtype):
+            raise ValueError(f"{where} must be a {_dtype(current)} tensor of shape {tuple(current.shape)}")
+    elif _is_number(current, allow_nonfinite=True) and not _is_number(saved, allow_nonfinite=True):
+        raise ValueError(f"{where} must be a number, got {checks.describe(saved, 40)}")
+    elif isinstance(saved, float) and math.isnan(saved):
+        raise ValueError(f"{where} must be a number, got nan")
+
+
+def _dtype(value: Any) -> str:
+    return str(value.dtype).removeprefix("torch.") if isinstance(value, torch.Tensor) else type(value).__name__
 
 
 def _check_param_states(states: Mapping[Any, Any], params: Mapping[Any, torch.Tensor]) -> None:

@@ -42,6 +42,38 @@ from .state_checks import check_optimizer_state
 _COUNTER_KEYS = ("inner_count", "max_counts", "steps", "skipped_steps")
 
 
+def _check_loss(loss: Any, backward_kwargs: Mapping[str, Any]) -> None:
+    """Refuse, with what to do, a loss that ``backward`` would fail on or silently not train from."""
+    if not isinstance(loss, torch.Tensor):
+        raise TypeError(f"loss must be a tensor, got {checks.describe(loss)}; pass the loss tensor, not loss.item()")
+    if not loss.requires_grad:
+        raise ValueError(
+            "loss does not require grad: it was computed under torch.no_grad(), detached, or from a model whose "
+            "parameters all have requires_grad=False; compute it from the model's output with gradients enabled"
+        )
+    if loss.numel() != 1 and "gradient" not in backward_kwargs:
+        raise ValueError(
+            f"loss must be a scalar (one element), got a tensor of shape {tuple(loss.shape)}; "
+            "reduce it first, e.g. loss.mean() or loss.sum()"
+        )
+
+
+def _check_counters(counters: Mapping[str, Any]) -> None:
+    """Ints that a run could have reached: none negative, no more skipped steps than steps."""
+    checks.known_keys("state_dict['counters']", counters, _COUNTER_KEYS)
+    for key, value in counters.items():
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"state_dict['counters'][{key!r}] must be an int, got {value!r}")
+        if value < (-1 if key == "max_counts" else 0) or (key == "max_counts" and value == 0):
+            accepted = "-1 (unknown) or >= 1" if key == "max_counts" else ">= 0"
+            raise ValueError(f"state_dict['counters'][{key!r}] must be {accepted}, got {value}")
+    if counters.get("skipped_steps", 0) > counters.get("steps", counters.get("skipped_steps", 0)):
+        raise ValueError(
+            f"state_dict['counters'] has more skipped steps ({counters['skipped_steps']}) than steps "
+            f"({counters['steps']})"
+        )
+
+
 def _accumulated_grads(state_dict: Mapping[str, Any]) -> Any:
     """The gradients summed so far in the saved window, this rank's in a distributed run."""
     by_rank = state_dict.get("rank_accumulated_grads")
@@ -93,6 +125,11 @@ class OptimWrapper:
             raise TypeError(
                 f"optimizer must be a torch.optim.Optimizer, got {checks.describe(optimizer)}; "
                 "build one first, e.g. SGD(model.parameters(), lr=0.01)"
+            )
+        if isinstance(optimizer, torch.optim.LBFGS):
+            raise TypeError(
+                "LBFGS is not supported: its step() needs a closure that re-evaluates the model, which "
+                "update_params cannot give; use it in a loop of your own, or choose another optimizer"
             )
         self.optimizer = optimizer
         self.loss_scaler: torch.amp.GradScaler | None = None
@@ -194,35 +231,49 @@ class OptimWrapper:
         return loss if size == 1 else loss / size
 
     def backward(self, loss: torch.Tensor, **kwargs: Any) -> None:
-        """Run ``loss.backward(**kwargs)`` and count the micro-step."""
-        loss.backward(**kwargs)  # type: ignore[no-untyped-call]
+        """Run ``loss.backward(**kwargs)`` and count the micro-step.
+
+        Raises:
+            TypeError: ``loss`` is not a tensor.
+            ValueError: ``loss`` does not require grad, or is not a scalar (without ``gradient=``).
+        """
+        _check_loss(loss, kwargs)
+        scaled = self._scale_for_backward(loss)
+        scaled.backward(**kwargs)  # type: ignore[no-untyped-call]
         self._inner_count += 1
         if self._on_backward:
-            self._hooks.call(self, StepEvent.BACKWARD_COMPLETED, loss)
+            self._hooks.call(self, StepEvent.BACKWARD_COMPLETED, scaled)
+
+    def _scale_for_backward(self, loss: torch.Tensor) -> torch.Tensor:
+        """The tensor backward runs from: ``loss`` itself, or times a float16 loss scale (``AmpOptimWrapper``)."""
+        return loss
 
     def step(self, **kwargs: Any) -> None:
-        """Clip the gradients if configured, then step the optimizer.
+        """Step the optimizer on the window's gradients, clipped if configured.
 
-        ``kwargs`` go to ``optimizer.step``. Step hooks see the outcome as
+        In order: unscale (float16, when clipping or when a
+        ``BEFORE_OPTIM_STEP`` hook listens), the ``BEFORE_OPTIM_STEP`` hooks
+        (they see the gradients before clipping, so a guard sees an ``inf``
+        that clipping by value would hide; one may cancel the step), clipping,
+        ``optimizer.step(**kwargs)``. Step hooks see the outcome as
         ``OPTIM_STEP_COMPLETED`` or ``OPTIM_STEP_SKIPPED`` (which, with a
         float16 scaler, reads the scaler's found-inf flag on the host; only
         when a hook listens to one of them).
         """
         self._stepping = True
+        grad_norm = None
         try:
-            grad_norm = self._unscale_and_clip() if self._clipper is not None or self._on_before_step else None
+            if self._clipper is not None or self._on_before_step:
+                self.unscale_grads()  # to clip, or for hooks that read the gradients
             cancel = self._before_step() if self._on_before_step else False
+            if self._clipper is not None and not cancel:
+                grad_norm = self._clipper.clip(self._params())
             found_inf = self._cancel_optimizer_step() if cancel else self._optimizer_step(kwargs)
         finally:
             self._stepping = False
         self._record_step(found_inf, grad_norm)
         if self._on_outcome[0] or self._on_outcome[1]:
             self._report_outcome(cancel, found_inf)
-
-    def _unscale_and_clip(self) -> torch.Tensor | None:
-        """Unscale (clipping, or a ``BEFORE_OPTIM_STEP`` hook reads the gradients); clip; the pre-clip norm."""
-        self.unscale_grads()
-        return None if self._clipper is None else self._clipper.clip(self._params())
 
     def _before_step(self) -> bool:
         """Call the ``BEFORE_OPTIM_STEP`` hooks; whether one of them cancelled the step."""
@@ -452,11 +503,7 @@ class OptimWrapper:
         """
         check_optimizer_state(self.optimizer, state_dict)
         if "counters" in state_dict:
-            counters = checks.mapping("state_dict['counters']", state_dict["counters"])
-            checks.known_keys("state_dict['counters']", counters, _COUNTER_KEYS)
-            for key, value in counters.items():
-                if isinstance(value, bool) or not isinstance(value, int):
-                    raise TypeError(f"state_dict['counters'][{key!r}] must be an int, got {value!r}")
+            _check_counters(checks.mapping("state_dict['counters']", state_dict["counters"]))
         self._check_accumulated_grads(state_dict)
 
     def _check_accumulated_grads(self, state_dict: Mapping[str, Any]) -> None:

@@ -44,6 +44,20 @@ def members(optim_wrapper: OptimWrapper | OptimWrapperDict) -> list[tuple[str | 
     return [(None, optim_wrapper)]
 
 
+def _claim_parameters(name: str, wrapper: OptimWrapper, owners: dict[int, tuple[str, int]]) -> None:
+    """Record ``wrapper``'s parameters as ``name``'s; refuse one that another member already updates."""
+    params = [param for group in wrapper.param_groups for param in group["params"]]
+    for index, param in enumerate(params):
+        if id(param) in owners:
+            other, other_index = owners[id(param)]
+            raise ValueError(
+                f"OptimWrapperDict members {other!r} and {name!r} both optimize one parameter (shape "
+                f"{tuple(param.shape)}; {other!r}'s parameter {other_index}, {name!r}'s parameter {index}): "
+                "each would step it with its own gradients and state; give each parameter to one member"
+            )
+        owners[id(param)] = (name, index)
+
+
 def member_prefix(name: str | None) -> str:
     """``'{name}.'``, the prefix of a member's keys and tags (``''`` for a single wrapper).
 
@@ -68,11 +82,16 @@ class OptimWrapperDict:
     def __init__(self, **optim_wrappers: OptimWrapper) -> None:
         if not optim_wrappers:
             raise ValueError("OptimWrapperDict needs at least one wrapper, e.g. OptimWrapperDict(gen=..., disc=...)")
+        owners: dict[int, tuple[str, int]] = {}  # id of a wrapper or a parameter: its member (and position)
         for name, wrapper in optim_wrappers.items():
             if not isinstance(wrapper, OptimWrapper):
                 raise TypeError(
                     f"OptimWrapperDict argument {name!r} must be an OptimWrapper, got {checks.describe(wrapper)}"
                 )
+            if id(wrapper) in owners:
+                raise ValueError(f"OptimWrapperDict got one wrapper twice, as {owners[id(wrapper)][0]!r} and {name!r}")
+            owners[id(wrapper)] = (name, -1)
+            _claim_parameters(name, wrapper, owners)
         self.optim_wrappers: dict[str, OptimWrapper] = dict(optim_wrappers)
 
     # ------------------------------------------------------------------ mapping
