@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -140,3 +142,82 @@ def test_python_dash_m():
         [sys.executable, "-m", "engine_opt", "--version"], capture_output=True, text=True, env=env, timeout=120
     )
     assert result.returncode == 0 and result.stdout.startswith("engine-opt 0.1.0")
+
+
+@pytest.mark.parametrize(
+    ("options", "differences"),
+    [
+        (["--batch-size", "32"], ["--batch-size 32, the checkpoint's 64"]),
+        (
+            ["--seed", "3", "--optimizer", "SGD"],
+            ["--seed 3, the checkpoint's 0", "the wrapper config {'type': 'OptimWrapper', 'optimizer': {'type': 'SGD'"],
+        ),
+        (["--schedule", "cosine"], ["--schedule cosine, the checkpoint's constant"]),
+    ],
+)
+def test_a_resume_with_other_options_is_refused_with_every_difference_listed(tmp_path, capsys, options, differences):
+    assert run(tmp_path, "--epochs", "1") == 0
+    with pytest.raises(SystemExit) as exit_info:
+        run(tmp_path, "--epochs", "2", "--resume", *options)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "this run differs from the checkpoint's" in err
+    for difference in differences:
+        assert difference in err
+
+
+def test_more_epochs_continue_a_constant_schedule_but_not_a_cosine_one(tmp_path, capsys):
+    assert run(tmp_path / "constant", "--epochs", "1") == 0
+    assert run(tmp_path / "constant", "--epochs", "2", "--resume") == 0
+    assert run(tmp_path / "cosine", "--epochs", "1", "--schedule", "cosine") == 0
+    with pytest.raises(SystemExit):
+        run(tmp_path / "cosine", "--epochs", "2", "--resume", "--schedule", "cosine")
+    assert "the cosine schedule was set for the checkpoint's 1 epochs" in capsys.readouterr().err
+
+
+def test_sparse_adam_and_lbfgs_are_refused_like_other_unsupported_choices(tmp_path, capsys):
+    for optimizer, message in [("SparseAdam", "needs sparse gradients"), ("LBFGS", "LBFGS is not supported")]:
+        with pytest.raises(SystemExit) as exit_info:
+            run(tmp_path, "--optimizer", optimizer)
+        assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def command(cwd, *args):
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    argv = [sys.executable, "-m", "engine_opt", "train", "--no-progress", "--accumulate", "3", *args]
+    return subprocess.Popen(argv, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("signal_number", "status"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_a_signal_stops_the_command_with_a_checkpoint_it_resumes_from_exactly(tmp_path, signal_number, status):
+    epochs, checkpoints = "40", tmp_path / "runs" / "classifier" / "checkpoints"
+    with command(tmp_path, "--epochs", epochs, "--checkpoint-every", "100") as process:
+        deadline = time.monotonic() + 120
+        while not (checkpoints / "checkpoint_100.pt").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        process.send_signal(signal_number)
+        out, err = process.communicate(timeout=120)
+    assert process.returncode == status, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in err and out == ""
+    stopped_at = int(lines[0].split(" at iteration ")[1].split(";")[0])
+    assert lines[0] == (
+        f"engine-opt: stopped by {signal.Signals(signal_number).name} at iteration {stopped_at}; saved "
+        f"runs/classifier/checkpoints/checkpoint_{stopped_at}.pt; continue with the same options and --resume"
+    )
+    assert 100 <= stopped_at < 2560
+    with command(tmp_path, "--epochs", epochs, "--checkpoint-every", "100", "--resume") as resumed:
+        assert resumed.wait(timeout=300) == 0, resumed.stderr.read()
+    (tmp_path / "straight").mkdir()
+    with command(tmp_path / "straight", "--epochs", epochs, "--checkpoint-every", "100") as straight:
+        assert straight.wait(timeout=300) == 0, straight.stderr.read()
+    expected = torch.load(
+        tmp_path / "straight" / checkpoints.relative_to(tmp_path) / "checkpoint_2560.pt", weights_only=True
+    )
+    actual = torch.load(checkpoints / "checkpoint_2560.pt", weights_only=True)
+    for key in ("model", "optim_wrapper", "trainer"):
+        assert_same_tensors(actual[key], expected[key], key)
+    for key in ("position", "passes"):  # NumPy's generator, which the tasks do not use, starts unseeded
+        assert actual["data"][key] == expected["data"][key]
+    for stream in ("torch", "python"):
+        assert_same_tensors(actual["data"]["rng"][stream], expected["data"]["rng"][stream], stream)

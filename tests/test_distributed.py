@@ -8,9 +8,12 @@ batches, and the two ranks with each other.
 from __future__ import annotations
 
 import os
+import re
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -170,3 +173,61 @@ def test_the_command_runs_under_torchrun(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "trained classifier to epoch 1 (64 iterations)" in result.stdout and "on 2 processes" in result.stdout
     assert result.stdout.count("engine-opt: trained") == 1  # rank 0 alone prints the summary
+
+
+def start_two_process_run(cwd):
+    """``engine-opt train`` in 2 processes, in a session of its own (a terminal's Ctrl-C reaches its whole group)."""
+    argv = [sys.executable, "-m", "engine_opt", "train", "--no-progress", "--nproc-per-node", "2", "--epochs", "200"]
+    process = subprocess.Popen(
+        [*argv, "--checkpoint-every", "50"],
+        cwd=cwd,
+        env=environment(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    first = cwd / "runs" / "classifier" / "checkpoints" / "checkpoint_50.pt"
+    deadline = time.monotonic() + 120
+    while not first.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return process
+
+
+def rank_processes(launcher_pid):
+    """The PIDs of the processes the launcher spawned for the ranks (not its resource tracker)."""
+    ranks = []
+    for entry in Path("/proc").iterdir():
+        try:
+            parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            command = (entry / "cmdline").read_bytes()
+        except (OSError, ValueError, IndexError):
+            continue
+        if parent == launcher_pid and b"spawn_main" in command:
+            ranks.append(int(entry.name))
+    return sorted(ranks)
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_every_rank_at_the_same_iteration_with_a_checkpoint(tmp_path):
+    with start_two_process_run(tmp_path) as launcher:
+        os.killpg(launcher.pid, signal.SIGINT)
+        _, err = launcher.communicate(timeout=120)
+    assert launcher.returncode == 130, err[-2000:]
+    line = [line for line in err.splitlines() if line.startswith("engine-opt:")]
+    assert len(line) == 1 and "stopped by SIGINT at iteration" in line[0] and "Traceback" not in err
+    stopped_at = int(line[0].split(" at iteration ")[1].split(";")[0])
+    saved = torch.load(tmp_path / "runs/classifier/checkpoints" / f"checkpoint_{stopped_at}.pt", weights_only=True)
+    assert saved["trainer"]["iteration"] == stopped_at
+
+
+@pytest.mark.slow
+def test_a_killed_rank_ends_the_launcher_with_one_line_naming_it_and_the_signal(tmp_path):
+    with start_two_process_run(tmp_path) as launcher:
+        ranks = rank_processes(launcher.pid)
+        assert len(ranks) == 2
+        os.kill(ranks[1], signal.SIGKILL)
+        _, err = launcher.communicate(timeout=120)
+    assert launcher.returncode == 128 + signal.SIGKILL, err[-2000:]
+    last = err.strip().splitlines()[-1]
+    assert re.match(r"engine-opt: rank [01] was killed by SIGKILL; the run stopped there", last), last

@@ -19,7 +19,7 @@ def options(tmp_path, *extra):
 def test_build_makes_every_object_a_checkpoint_holds(tmp_path):
     run = build(options(tmp_path, "--task", "gan", "--schedule", "cosine", "--accumulate", "2"))
     assert isinstance(run.trainer, Trainer) and sorted(run.optim_wrapper) == ["disc", "gen"]
-    assert sorted(run.to_save()) == ["data", "model", "optim_wrapper", "scheduler_0", "scheduler_1", "trainer"]
+    assert sorted(run.to_save()) == ["data", "model", "optim_wrapper", "run", "scheduler_0", "scheduler_1", "trainer"]
     updates = -(-5 * len(run.data) // 2)
     assert [scheduler.T_max for scheduler in run.schedulers] == [updates, updates]
     assert run.checkpoint_dir == tmp_path / "logs" / "checkpoints"

@@ -21,10 +21,12 @@ share of every global batch (``--batch-size`` is the global batch size). Rank
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import os
+import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
@@ -32,8 +34,10 @@ from ignite.distributed.launcher import Parallel
 from torch.multiprocessing.spawn import ProcessExitedException
 
 from .. import __version__
+from ..engine.run_directory import RunDirectoryBusy
 from ..optim.distributed import rank, world_size
 from .config import UsageError
+from .signals import EXIT_STATUS
 from .tasks import TASKS
 from .train import summary, train
 
@@ -137,11 +141,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     if backend == "nccl" and not torch.cuda.is_available():
         parser.exit(2, "engine-opt: error: --backend nccl needs GPUs; use --backend gloo on CPU\n")
     try:
-        with Parallel(backend=backend, nproc_per_node=args.nproc_per_node) as launcher:
+        with _ranks_handle_signals(), Parallel(backend=backend, nproc_per_node=args.nproc_per_node) as launcher:
             launcher.run(_worker, args)
-    except ProcessExitedException as error:  # a spawned rank exited with an error status
-        parser.exit(error.exit_code, "")
+    except ProcessExitedException as error:  # a spawned rank ended with an error status, or was killed
+        if error.signal_name is None:  # the rank printed why
+            parser.exit(error.exit_code, "")
+        number = int(getattr(signal, error.signal_name))
+        parser.exit(
+            128 + number,
+            f"engine-opt: rank {error.error_index} was killed by {error.signal_name}; the run "
+            "stopped there (resume it from its last checkpoint with --resume)\n",
+        )
     return 0
+
+
+@contextlib.contextmanager
+def _ranks_handle_signals() -> Iterator[None]:
+    """While spawned ranks run, Ctrl-C is theirs to handle (they stop with a checkpoint): the launcher waits."""
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def _worker(local_rank: int, args: argparse.Namespace) -> None:
@@ -163,11 +184,11 @@ def _run(args: argparse.Namespace) -> int:
         return _fail(2, f"{name}: error: {error}")
     except FloatingPointError as error:
         return _fail(1, f"{name}: training stopped: {error}")
-    except OSError as error:  # an unwritable log or checkpoint directory, a full disk
+    except (OSError, RunDirectoryBusy) as error:  # an unwritable or busy directory, a full disk
         return _fail(1, f"{name}: error: {error}")
     if rank() == 0:
-        print(summary(result))
-    return 0
+        print(summary(result), file=sys.stderr if result.stopped_by else sys.stdout)
+    return EXIT_STATUS.get(result.stopped_by or "", 0)
 
 
 def _fail(status: int, message: str) -> int:

@@ -33,6 +33,8 @@ def wrapper_config(args: argparse.Namespace, task: Task) -> dict[str, Any]:
         if given:
             raise UsageError(f"--config holds the whole wrapper config; drop {', '.join(given)} or edit the file")
         return _load_config(args.config)
+    if args.optimizer == "SparseAdam":
+        raise UsageError("--optimizer SparseAdam needs sparse gradients; the built-in tasks' gradients are dense")
     if args.wrapper == "OptimWrapper" and args.dtype in ("bf16", "fp16"):
         raise UsageError(f"--dtype {args.dtype} needs --wrapper AmpOptimWrapper (or no --wrapper)")
     if task.make_train_step is None:

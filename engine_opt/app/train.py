@@ -13,6 +13,7 @@ Example:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import random
 import sys
 import time
@@ -28,6 +29,7 @@ from ignite.handlers.tensorboard_logger import OutputHandler, TensorboardLogger
 
 from ..engine.events import OptimEvents
 from ..engine.resumable_loader import ResumableLoader
+from ..engine.run_directory import RunDirectory
 from ..engine.trainer import Trainer, create_trainer
 from ..handlers import (
     NonFiniteGuard,
@@ -43,6 +45,8 @@ from ..optim.distributed import rank, world_size
 from ..optim.wrapper import OptimWrapper
 from ..optim.wrapper_dict import OptimWrapperDict, members
 from .config import UsageError, wrapper_config
+from .run_options import RunOptions
+from .signals import StopOnSignal
 from .tasks import Task, make_task
 
 
@@ -55,12 +59,13 @@ class Run:
     trainer: Trainer
     data: ResumableLoader
     schedulers: list[torch.optim.lr_scheduler.LRScheduler]
+    options: RunOptions
     log_dir: Path
     checkpoint_dir: Path
 
     def to_save(self) -> dict[str, Any]:
-        """What a checkpoint holds, by name."""
-        saved: dict[str, Any] = {"model": self.task.model, "optim_wrapper": self.optim_wrapper}
+        """What a checkpoint holds, by name; the run's options first, so a resume names what differs first."""
+        saved: dict[str, Any] = {"run": self.options, "model": self.task.model, "optim_wrapper": self.optim_wrapper}
         saved.update(trainer=self.trainer, data=self.data)
         saved.update({f"scheduler_{index}": scheduler for index, scheduler in enumerate(self.schedulers)})
         return saved
@@ -81,16 +86,31 @@ class Result:
     log_dir: Path
     checkpoint: str | None
     resumed_from: Path | None = field(default=None)
+    stopped_by: str | None = field(default=None)
 
 
 def train(args: argparse.Namespace) -> Result:
-    """Run ``engine-opt train``; return what the summary reports."""
-    run = build(args)
-    resumed = resume(run, args)
+    """Run ``engine-opt train``, holding its checkpoint directory throughout; return what the summary reports."""
+    _, checkpoint_dir = run_paths(args)
+    with RunDirectory(checkpoint_dir).lock() if rank() == 0 else contextlib.nullcontext():
+        run = build(args)
+        resumed = resume(run, args)
+        return execute(run, args, resumed)
+
+
+def run_paths(args: argparse.Namespace) -> tuple[Path, Path]:
+    """The TensorBoard log directory and the checkpoint directory the options name."""
+    log_dir = args.log_dir or Path("runs") / args.task
+    return log_dir, args.checkpoint_dir or log_dir / "checkpoints"
+
+
+def execute(run: Run, args: argparse.Namespace, resumed: Path | None) -> Result:
+    """Attach the handlers, run to the end (or to a SIGINT/SIGTERM), and gather what the summary reports."""
     tracker, checkpoint, tb_logger = attach_handlers(run, args)
     start = time.perf_counter()
     try:
-        state = run.trainer.run(run.data, max_epochs=args.epochs)
+        with StopOnSignal(run.trainer) as stop:
+            state = run.trainer.run(run.data, max_epochs=args.epochs)
     finally:
         if tb_logger is not None:
             tb_logger.close()
@@ -106,14 +126,14 @@ def train(args: argparse.Namespace) -> Result:
         log_dir=run.log_dir,
         checkpoint=None if checkpoint.last_checkpoint is None else str(checkpoint.last_checkpoint),
         resumed_from=resumed,
+        stopped_by=stop.received,
     )
 
 
 def build(args: argparse.Namespace) -> Run:
     """The task, its wrapper(s) from the options, the trainer and its schedules; nothing attached yet."""
     device = _device(args)
-    log_dir = args.log_dir or Path("runs") / args.task
-    checkpoint_dir = args.checkpoint_dir or log_dir / "checkpoints"
+    log_dir, checkpoint_dir = run_paths(args)
     if not args.resume and latest_checkpoint(checkpoint_dir) is not None:
         raise UsageError(
             f"{checkpoint_dir} holds checkpoints of an earlier run; pass --resume to continue it, "
@@ -124,11 +144,13 @@ def build(args: argparse.Namespace) -> Run:
     if world_size() > 1:
         torch.manual_seed(args.seed + rank())  # each rank its own dropout and noise
         random.seed(args.seed + rank())
-    optim_wrapper = _build_wrappers(args, task)
+    wrapper_cfg = wrapper_config(args, task)
+    optim_wrapper = _build_wrappers(args, task, wrapper_cfg)
     data = ResumableLoader(task.data)
     trainer = _build_trainer(args, task, optim_wrapper, device)
     schedulers = _schedulers(args.schedule, optim_wrapper, args.epochs * len(data))
-    return Run(task, optim_wrapper, trainer, data, schedulers, log_dir, checkpoint_dir)
+    options = RunOptions(args.task, args.batch_size, args.seed, world_size(), wrapper_cfg, args.schedule, args.epochs)
+    return Run(task, optim_wrapper, trainer, data, schedulers, options, log_dir, checkpoint_dir)
 
 
 def resume(run: Run, args: argparse.Namespace) -> Path | None:
@@ -202,7 +224,12 @@ class LossTracker:
 
 
 def summary(result: Result) -> str:
-    """The lines printed at the end of ``engine-opt train``."""
+    """The lines printed at the end of ``engine-opt train`` (one line when a signal stopped it)."""
+    if result.stopped_by is not None:
+        return (
+            f"engine-opt: stopped by {result.stopped_by} at iteration {result.iterations}; saved "
+            f"{result.checkpoint}; continue with the same options and --resume"
+        )
     losses = ", ".join(f"{name} {value:.4f}" for name, value in result.losses.items())
     processes = f" on {result.processes} processes" if result.processes > 1 else ""
     lines = [
@@ -220,8 +247,7 @@ def summary(result: Result) -> str:
     return "\n".join(lines)
 
 
-def _build_wrappers(args: argparse.Namespace, task: Task) -> OptimWrapper | OptimWrapperDict:
-    cfg = wrapper_config(args, task)
+def _build_wrappers(args: argparse.Namespace, task: Task, cfg: dict[str, Any]) -> OptimWrapper | OptimWrapperDict:
     try:
         return build_optim_wrapper(task.model, cfg)
     except (TypeError, ValueError) as error:

@@ -113,14 +113,15 @@ def load_checkpoint(to_load: Mapping[str, Any], path: str | Path) -> None:
     state = _read_checkpoint(path)
     if len(to_load) == 1 and (name := next(iter(to_load))) not in state:
         state = {name: state}  # Ignite's Checkpoint saves a lone object's state dict as the whole file
+    for name, obj in to_load.items():  # in order: the entries that say most about a mismatch come first
+        try:
+            if name in state:
+                check_entry(obj, state[name])
+        except (TypeError, ValueError, KeyError) as error:
+            raise ValueError(f"{path}: {name!r} does not match this run: {error}") from None
     missing = [name for name in to_load if name not in state]
     if missing:
         raise ValueError(f"{path} lacks {missing}; it holds {sorted(state)}: is it a checkpoint of this run?")
-    for name, obj in to_load.items():
-        try:
-            check_entry(obj, state[name])
-        except (TypeError, ValueError, KeyError) as error:
-            raise ValueError(f"{path}: {name!r} does not match this run: {error}") from None
     Checkpoint.load_objects(dict(to_load), state)
 
 

@@ -1,0 +1,66 @@
+"""``RunOptions``: what a resumed ``engine-opt train`` must share with the run it continues, checkpointed.
+
+A resume with another task, batch size, seed, process count, wrapper config
+or schedule would load state that does not fit the data or the updates it
+meets; it is refused with every difference listed. More epochs continue a
+run, except under the cosine schedule, whose length was fixed when it began.
+
+Example:
+    >>> saved = RunOptions(task="classifier", batch_size=64, seed=0, processes=1, wrapper={"type": "OptimWrapper"},
+    ...                    schedule="cosine", epochs=5)
+    >>> RunOptions(**{**saved.state_dict(), "batch_size": 32, "epochs": 8}).check_state_dict(saved.state_dict())
+    Traceback (most recent call last):
+    ...
+    ValueError: this run differs from the checkpoint's: --batch-size 32, the checkpoint's 64; --epochs 8: ...
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+from ..optim import checks
+
+_OPTIONS = {"task": "--task", "batch_size": "--batch-size", "seed": "--seed", "processes": "the process count"}
+
+
+@dataclass
+class RunOptions:
+    """The options that define a run of ``engine-opt train``."""
+
+    task: str
+    batch_size: int
+    seed: int
+    processes: int
+    wrapper: dict[str, Any]
+    schedule: str
+    epochs: int
+
+    def state_dict(self) -> dict[str, Any]:
+        """The options, as plain values (they load with ``weights_only=True``)."""
+        return asdict(self)
+
+    def check_state_dict(self, state_dict: Any) -> None:
+        """Raise a ``ValueError`` listing every option in which this run differs from the checkpoint's."""
+        saved = checks.mapping("the saved run options", state_dict)
+        checks.known_keys("the saved run options", saved, [field.name for field in fields(self)])
+        differences = [
+            f"{flag} {getattr(self, name)}, the checkpoint's {saved.get(name)}"
+            for name, flag in _OPTIONS.items()
+            if saved.get(name) != getattr(self, name)
+        ]
+        if saved.get("wrapper") != self.wrapper:
+            differences.append(f"the wrapper config {self.wrapper}, the checkpoint's {saved.get('wrapper')}")
+        if saved.get("schedule") != self.schedule:
+            differences.append(f"--schedule {self.schedule}, the checkpoint's {saved.get('schedule')}")
+        elif self.schedule == "cosine" and saved.get("epochs") != self.epochs:
+            differences.append(
+                f"--epochs {self.epochs}: the cosine schedule was set for the checkpoint's {saved.get('epochs')} "
+                "epochs and ends there; resume with that many, or start a new run for a longer schedule"
+            )
+        if differences:
+            raise ValueError(f"this run differs from the checkpoint's: {'; '.join(differences)}")
+
+    def load_state_dict(self, state_dict: Any) -> None:
+        """Check ``state_dict``; the options themselves stay this run's."""
+        self.check_state_dict(state_dict)

@@ -1,0 +1,84 @@
+"""``StopOnSignal``: Ctrl-C (SIGINT) or SIGTERM ends ``engine-opt train`` at an iteration's end, with a checkpoint.
+
+While the run lasts, the command's handlers only note the signal; at the end
+of the iteration in progress the trainer terminates, and the checkpoint
+handler saves that iteration (mid-window too: the wrapper's state holds the
+window's gradients) as it does when a run completes. In a multi-process run
+the ranks agree after every iteration (one all-reduce of one number, over a
+CPU ``gloo`` group: no GPU synchronisation), so all stop at the same one.
+The handlers are the command's own, installed for the run and put back after.
+
+Example:
+    >>> import signal
+    >>> from ignite.engine import Engine
+    >>> engine = Engine(lambda engine, batch: signal.raise_signal(signal.SIGINT) if batch == 2 else None)
+    >>> with StopOnSignal(engine) as stop:
+    ...     state = engine.run([1, 2, 3, 4])
+    >>> stop.received, state.iteration
+    ('SIGINT', 2)
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+from types import FrameType, TracebackType
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from ignite.engine import Engine, Events
+
+from ..optim.distributed import world_size
+
+EXIT_STATUS = {"SIGINT": 130, "SIGTERM": 143}  # 128 + the signal's number, as shells report it
+
+
+class StopOnSignal:
+    """Stop ``trainer`` at the end of the iteration in progress when SIGINT or SIGTERM arrives.
+
+    Attributes:
+        received: The name of the signal that stopped the run (``None`` if none did).
+    """
+
+    def __init__(self, trainer: Engine) -> None:
+        self.trainer = trainer
+        self.received: str | None = None
+        self._previous: dict[int, Any] = {}
+        self._group: Any = None
+
+    def __enter__(self) -> StopOnSignal:
+        if threading.current_thread() is threading.main_thread():  # Python delivers signals there only
+            for number in (signal.SIGINT, signal.SIGTERM):
+                self._previous[number] = signal.signal(number, self._note)
+        if world_size() > 1:
+            self._group = dist.new_group(backend="gloo")  # a collective call: every rank enters
+        self.trainer.add_event_handler(Events.ITERATION_COMPLETED, self._stop_if_signalled)
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, error: BaseException | None, trace: TracebackType | None
+    ) -> None:
+        self.trainer.remove_event_handler(self._stop_if_signalled, Events.ITERATION_COMPLETED)
+        for number, handler in self._previous.items():
+            signal.signal(number, handler)
+        if self._group is not None:
+            dist.destroy_process_group(self._group)
+
+    @property
+    def exit_status(self) -> int:
+        """The status the command exits with after the signal (0 if none came)."""
+        return 0 if self.received is None else EXIT_STATUS[self.received]
+
+    def _note(self, number: int, frame: FrameType | None) -> None:
+        self.received = signal.Signals(number).name
+
+    def _stop_if_signalled(self, engine: Engine) -> None:
+        received = self.received
+        if self._group is not None:  # every rank learns what any rank received
+            codes = torch.tensor([list(EXIT_STATUS).index(received) + 1 if received else 0])
+            dist.all_reduce(codes, op=dist.ReduceOp.MAX, group=self._group)
+            received = list(EXIT_STATUS)[int(codes) - 1] if int(codes) else None
+            self.received = received
+        if received is not None:
+            engine.terminate()
