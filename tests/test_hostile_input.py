@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import filelock
 import pytest
 import torch
 import torch.nn.functional as F
@@ -193,6 +194,122 @@ def resume_with_other_options() -> None:
     command("--log-dir", "runs/other", "--resume", "--task", "gan")
 
 
+def checkpoint_with(path: str, **changes: Callable[[dict[str, Any]], Any]) -> str:
+    """A real checkpoint of saved_run's objects, each entry named in ``changes`` replaced by what its function returns."""
+    saved_run(path)
+    state = torch.load(path, weights_only=True)
+    for name, change in changes.items():
+        state[name] = change(state[name])
+    torch.save(state, path)
+    return path
+
+
+def set_in(mapping: dict[str, Any], path: tuple[Any, ...], value: Any) -> dict[str, Any]:
+    changed = copy.deepcopy(mapping)
+    target = changed
+    for key in path[:-1]:
+        target = target[key]
+    target[path[-1]] = value
+    return changed
+
+
+def load_full_run(path: str) -> None:
+    """load_checkpoint into a fresh model, wrapper, trainer and the extra objects of a run; nothing may change."""
+    model = make_model(seed=3)
+    wrapper = wrapper_of(model)
+    trained(model, wrapper)
+    trainer = create_trainer(model, wrapper, F.mse_loss)
+    to_load = {"model": model, "optim_wrapper": wrapper, "trainer": trainer}
+    unchanged_after({"model": model, "optim_wrapper": wrapper}, lambda: load_checkpoint(to_load, path))
+
+
+def adamw_state_into_sgd() -> None:
+    model = make_model()
+    adamw = wrapper_of(model)
+    trained(model, adamw)
+    wrapper = OptimWrapper(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9))
+    unchanged_after({"optim_wrapper": wrapper}, lambda: wrapper.load_state_dict(adamw.state_dict()))
+
+
+def scheduler_entry_of_a_number(path: str) -> None:
+    model = make_model(seed=3)
+    wrapper = wrapper_of(model)
+    scheduler = torch.optim.lr_scheduler.StepLR(wrapper.optimizer, step_size=2)
+    saved_run(path)
+    state = torch.load(path, weights_only=True)
+    torch.save({**state, "scheduler": 5}, path)
+    to_load = {"model": model, "optim_wrapper": wrapper, "scheduler": scheduler}
+    unchanged_after({"model": model, "scheduler": scheduler}, lambda: load_checkpoint(to_load, path))
+
+
+def a_bad_member_of_a_wrapper_dict() -> None:
+    gan = {"gen": make_model(), "disc": make_model(seed=1)}
+    wrappers = OptimWrapperDict(**{name: wrapper_of(model) for name, model in gan.items()})
+    for name, model in gan.items():
+        trained(model, wrappers[name])
+    state = wrappers.state_dict()
+    state["disc"]["param_groups"][0]["lr"] = float("nan")
+    unchanged_after(dict(wrappers.items()), lambda: wrappers.load_state_dict(state))
+
+
+def a_float64_model_checkpoint() -> None:
+    saved_run("ckpt/checkpoint_3.pt")
+    state = torch.load("ckpt/checkpoint_3.pt", weights_only=True)
+    state["model"] = {key: value.double() for key, value in state["model"].items()}
+    torch.save(state, "ckpt/checkpoint_3.pt")
+    load_into_fresh("ckpt/checkpoint_3.pt")
+
+
+def a_nan_loss_scale(path: str) -> None:
+    def amp_wrapper(model: torch.nn.Module) -> AmpOptimWrapper:
+        return AmpOptimWrapper(optimizer=torch.optim.AdamW(model.parameters(), lr=0.01), dtype="fp16")
+
+    saved = amp_wrapper(make_model()).state_dict()
+    saved["loss_scaler"] = {**saved["loss_scaler"], "scale": float("nan")}
+    file_with(path, _saved_bytes({"model": make_model().state_dict(), "optim_wrapper": saved}))
+    model = make_model(seed=3)
+    to_load = {"model": model, "optim_wrapper": amp_wrapper(model)}
+    unchanged_after(to_load, lambda: load_checkpoint(to_load, path))
+
+
+def a_loss_under_no_grad() -> None:
+    model = make_model()
+    with torch.no_grad():
+        loss = model(torch.ones(2, 4)).sum()
+    OptimWrapper(sgd(model)).update_params(loss)
+
+
+def a_directory_another_run_holds() -> None:
+    Path("held").mkdir()
+    other_run = filelock.FileLock("held/.engine_opt.lock", timeout=0)  # as another process would hold it
+    other_run.acquire()
+    try:
+        model = make_model()
+        trainer = create_trainer(model, wrapper_of(model), F.mse_loss)
+        attach_checkpoint(trainer, {"model": model}, "held")
+        trainer.run([(torch.ones(2, 4), torch.ones(2, 2))])
+    finally:
+        other_run.release()
+
+
+def a_checkpoint_directory_under_a_file() -> None:
+    file_with("plain.txt", b"")
+    model = make_model()
+    trainer = create_trainer(model, wrapper_of(model), F.mse_loss)
+    attach_checkpoint(trainer, {"model": model}, "plain.txt/checkpoints")
+    trainer.run([(torch.ones(2, 4), torch.ones(2, 2))])
+
+
+def resume_with_another_batch_size() -> None:
+    command("--log-dir", "runs/batch")
+    command("--log-dir", "runs/batch", "--resume", "--epochs", "2", "--batch-size", "32")
+
+
+def extend_a_cosine_run() -> None:
+    command("--log-dir", "runs/cosine", "--schedule", "cosine")
+    command("--log-dir", "runs/cosine", "--schedule", "cosine", "--resume", "--epochs", "2")
+
+
 # fmt: off
 CASES = [
     Case("constructor", "`OptimWrapper(model)` (a module, not an optimizer)", lambda: OptimWrapper(make_model()), "Sequential"),
@@ -210,15 +327,32 @@ CASES = [
     Case("constructor", "`SchedulerHandler(optimizer)` (not a scheduler)", lambda: SchedulerHandler(sgd()), "SGD"),
     Case("constructor", "`attach_checkpoint(trainer, to_save, 'ckpt', every=0)`", lambda: attach_checkpoint(create_trainer(make_model(), OptimWrapper(sgd()), F.mse_loss), {}, "ckpt", every=0), "every"),
     Case("constructor", "`ResumableLoader(iter(loader))` (an iterator: cannot be replayed)", lambda: ResumableLoader(iter([1, 2])), "re-iterable"),
+    Case("constructor", "`OptimWrapper(opt, clip_grad={'max_norm': -1})`", lambda: OptimWrapper(sgd(), clip_grad={"max_norm": -1}), "max_norm"),
+    Case("constructor", "`OptimWrapper(opt, clip_grad={'type': 'value', 'clip_value': -0.5})`", lambda: OptimWrapper(sgd(), clip_grad={"type": "value", "clip_value": -0.5}), "clip_value"),
+    Case("constructor", "`OptimWrapper(opt, clip_grad={'max_norm': 'big'})`", lambda: OptimWrapper(sgd(), clip_grad={"max_norm": "big"}), "'big'"),
+    Case("constructor", "`AmpOptimWrapper(optimizer=opt, loss_scale={'init_scale': 1e300})`", lambda: AmpOptimWrapper(optimizer=sgd(), loss_scale={"init_scale": 1e300}), "init_scale"),
+    Case("constructor", "`AmpOptimWrapper(optimizer=opt, loss_scale=1e-50)` (0 as a float32)", lambda: AmpOptimWrapper(optimizer=sgd(), loss_scale=1e-50), "1e-50"),
+    Case("constructor", "`OptimWrapper(LBFGS(params))`", lambda: OptimWrapper(torch.optim.LBFGS(make_model().parameters())), "LBFGS"),
+    Case("constructor", "`OptimWrapperDict(gen=w, disc=w)` (one wrapper twice)", lambda: (lambda w: OptimWrapperDict(gen=w, disc=w))(OptimWrapper(sgd())), "'gen' and 'disc'"),
+    Case("constructor", "`OptimWrapperDict` whose members share a parameter", lambda: (lambda m: OptimWrapperDict(gen=OptimWrapper(sgd(m)), disc=OptimWrapper(sgd(m))))(make_model()), "both optimize one parameter"),
+    Case("constructor", "`ResumableLoader('abc')` (a string)", lambda: ResumableLoader("abc"), "re-iterable"),
     Case("config", "`build_optim_wrapper(model, {'type': 'FastWrapper', ...})`", lambda: build_optim_wrapper(make_model(), {"type": "FastWrapper", "optimizer": {"type": "SGD", "lr": 0.1}}), "FastWrapper"),
     Case("config", "`build_optim_wrapper(model, {'optimizer': {'type': 'Adamm'}})`", lambda: build_optim_wrapper(make_model(), {"optimizer": {"type": "Adamm", "lr": 0.1}}), "Adamm"),
     Case("config", "`build_optim_wrapper(model, {'optimizer': {'lr': 0.1}})` (no type)", lambda: build_optim_wrapper(make_model(), {"optimizer": {"lr": 0.1}}), "type"),
     Case("config", "`build_optim_wrapper(model, {'type': 'OptimWrapper'})` (no optimizer)", lambda: build_optim_wrapper(make_model(), {"type": "OptimWrapper"}), "optimizer"),
     Case("config", "`build_optim_wrapper(model, {'optimizer': {'type': 'SGD', 'lr': 0.1, 'momentom': 0.9}})`", lambda: build_optim_wrapper(make_model(), {"optimizer": {"type": "SGD", "lr": 0.1, "momentom": 0.9}}), "momentom"),
+    Case("config", "`paramwise_cfg={'custom_keys': {'0.': {'lr_mult': -1}}}`", lambda: build_optim_wrapper(make_model(), {"optimizer": {"type": "SGD", "lr": 0.1}, "paramwise_cfg": {"custom_keys": {"0.": {"lr_mult": -1}}}}), "lr_mult"),
+    Case("config", "`paramwise_cfg={'bias_lr_mult': '0.1'}`", lambda: build_optim_wrapper(make_model(), {"optimizer": {"type": "SGD", "lr": 0.1}, "paramwise_cfg": {"bias_lr_mult": "0.1"}}), "bias_lr_mult"),
+    Case("config", "`paramwise_cfg={'custom_keys': {'0.': {'momentom': 0.9}}}`", lambda: build_optim_wrapper(make_model(), {"optimizer": {"type": "SGD", "lr": 0.1}, "paramwise_cfg": {"custom_keys": {"0.": {"momentom": 0.9}}}}), "momentom"),
     Case("trainer", "`create_trainer(model, optimizer, loss_fn)` (optimizer not wrapped)", lambda: create_trainer(make_model(), sgd(), F.mse_loss), "OptimWrapper"),
     Case("trainer", "`create_trainer(model, wrapper)` (no loss_fn, no train_step)", lambda: create_trainer(make_model(), OptimWrapper(sgd()), None), "loss_fn"),
     Case("trainer", "`create_trainer(model, wrapper_dict, loss_fn)`", lambda: create_trainer(make_model(), OptimWrapperDict(gen=OptimWrapper(sgd())), F.mse_loss), "train_step"),
     Case("trainer", "`create_trainer(model, wrapper, lambda y_pred: ...)` (wrong arity)", lambda: create_trainer(make_model(), OptimWrapper(sgd()), lambda y_pred: y_pred.sum()), "loss_fn"),
+    Case("trainer", "`create_trainer(model, wrapper, loss_fn, device=3.5)`", lambda: create_trainer(make_model(), OptimWrapper(sgd()), F.mse_loss, device=3.5), "device"),
+    Case("trainer", "`create_trainer(model, wrapper, loss_fn, device='gpu')`", lambda: create_trainer(make_model(), OptimWrapper(sgd()), F.mse_loss, device="gpu"), "'gpu'"),
+    Case("trainer", "`wrapper.update_params(loss.item())` (a float)", lambda: OptimWrapper(sgd()).update_params(0.5), "loss must be a tensor"),
+    Case("trainer", "`wrapper.update_params(loss)` of a loss made under `no_grad`", a_loss_under_no_grad, "does not require grad"),
+    Case("trainer", "`wrapper.update_params(loss)` of a loss that is not a scalar", lambda: (lambda m: OptimWrapper(sgd(m)).update_params(m(torch.ones(2, 4))))(make_model()), "scalar"),
     Case("data", "a batch that is one tensor, not `(x, y)`", lambda: run_trainer(make_model(), F.mse_loss, torch.ones(2, 4)), "(x, y)"),
     Case("data", "`x` with 3 features for a model taking 4", lambda: run_trainer(make_model(), F.mse_loss, (torch.ones(2, 3), torch.ones(2, 2))), "float32 tensor (2, 3)"),
     Case("data", "float targets for `cross_entropy` over 2 classes, wrong shape", lambda: run_trainer(make_model(), F.cross_entropy, (torch.ones(2, 4), torch.ones(2, 3))), "y = float32 tensor (2, 3)"),
@@ -227,6 +361,9 @@ CASES = [
     Case("state dict", "a wrapper state dict with two param groups into one", lambda: OptimWrapper(sgd()).load_state_dict( OptimWrapper( torch.optim.SGD( [ {"params": [torch.zeros(1, requires_grad=True)]}, {"params": [torch.zeros(1, requires_grad=True)]}, ], lr=0.1, ) ).state_dict() ), "2 param group"),
     Case("state dict", "an AdamW state of a model with other shapes (same parameter count)", other_model_optimizer_state, "exp_avg"),
     Case("state dict", "`counters` holding a string", lambda: OptimWrapper(sgd()).load_state_dict({**sgd().state_dict(), "counters": {"steps": "7"}}), "'steps'"),
+    Case("state dict", "an AdamW state into an SGD wrapper", adamw_state_into_sgd, "momentum"),
+    Case("state dict", "a member of an `OptimWrapperDict` whose lr is nan (the other members stay as they were)", a_bad_member_of_a_wrapper_dict, "'lr'"),
+    Case("state dict", "`counters` with more skipped steps than steps", lambda: OptimWrapper(sgd()).load_state_dict({**sgd().state_dict(), "counters": {"steps": 2, "skipped_steps": 5}}), "skipped steps"),
     Case("state dict", "`ResumableLoader.load_state_dict({'position': -1, ...})`", lambda: ResumableLoader([1]).load_state_dict( {"position": -1, "epoch_rng": None, "rng": {"torch": torch.get_rng_state()}} ), "position"),
     Case("checkpoint file", "a checkpoint truncated to half its size", lambda: load_into_fresh(truncated("ckpt/checkpoint_3.pt")), "ckpt/checkpoint_3.pt"),
     Case("checkpoint file", "a checkpoint with 4 bytes flipped in a tensor's data", lambda: load_into_fresh(flipped_tensor_bytes("ckpt/checkpoint_3.pt")), "CRC"),
@@ -237,6 +374,13 @@ CASES = [
     Case("checkpoint file", "a checkpoint of a model with other layer sizes", lambda: ( saved_run("ckpt/checkpoint_3.pt"), load_into_fresh( "ckpt/checkpoint_3.pt", torch.nn.Sequential( torch.nn.Linear(4, 9), torch.nn.LayerNorm(9), torch.nn.ReLU(), torch.nn.Linear(9, 2) ), ), ), "shapes differ"),
     Case("checkpoint file", "a checkpoint without the `data` entry being resumed", lambda: ( saved_run("ckpt/checkpoint_3.pt"), load_into_fresh("ckpt/checkpoint_3.pt", extra={"data": ResumableLoader([1])}), ), "lacks ['data']"),
     Case("checkpoint file", "`attach_checkpoint` of a new run to a directory holding `checkpoint_8.pt`", new_run_behind_the_checkpoints_there, "checkpoint_8.pt"),
+    Case("checkpoint file", "a checkpoint whose grad scaler scale is nan", lambda: a_nan_loss_scale("ckpt/checkpoint_4.pt"), "scale"),
+    Case("checkpoint file", "a checkpoint whose trainer is at iteration -1", lambda: load_full_run(checkpoint_with("ckpt/checkpoint_5.pt", trainer=lambda state: {**state, "iteration": -1})), "'iteration'"),
+    Case("checkpoint file", "a checkpoint whose scheduler entry is the number 5", lambda: scheduler_entry_of_a_number("ckpt/checkpoint_6.pt"), "'scheduler'"),
+    Case("checkpoint file", "a checkpoint whose model is in float64, for a float32 model", a_float64_model_checkpoint, "dtypes differ"),
+    Case("state dict", "a data position whose generator state lacks Python's", lambda: ResumableLoader([1]).load_state_dict({"position": 0, "epoch_rng": None, "rng": {"torch": torch.get_rng_state()}}), "lacks ['python']"),
+    Case("checkpoint file", "a run into a checkpoint directory another process holds", a_directory_another_run_holds, "in use by another run"),
+    Case("checkpoint file", "a checkpoint directory under a file", a_checkpoint_directory_under_a_file, "cannot write checkpoints to plain.txt/checkpoints"),
     Case("checkpoint file", "a path that does not exist", lambda: load_into_fresh("ckpt/checkpoint_9.pt"), "ckpt/checkpoint_9.pt"),
     Case("command", "`engine-opt train --epochs 0`", lambda: command("--epochs", "0"), "--epochs"),
     Case("command", "`engine-opt train --dtype fp16 --wrapper OptimWrapper`", lambda: command("--dtype", "fp16", "--wrapper", "OptimWrapper"), "--dtype fp16"),
@@ -248,6 +392,10 @@ CASES = [
     Case("command", "`engine-opt train` into a directory holding another run's checkpoints", with_checkpoints_of_another_run, "--resume"),
     Case("command", "`engine-opt train --resume --task gan` on a classifier's checkpoints", resume_with_other_options, "--resume"),
     Case("command", "`engine-opt train --resume` of a run that is complete", resume_a_complete_run, "--epochs above 1"),
+    Case("command", "`engine-opt train --resume --batch-size 32` on a run of 64", resume_with_another_batch_size, "--batch-size 32"),
+    Case("command", "`engine-opt train --resume --epochs 2` of a 1-epoch cosine run", extend_a_cosine_run, "cosine"),
+    Case("command", "`engine-opt train --optimizer SparseAdam`", lambda: command("--log-dir", "runs/sparse", "--optimizer", "SparseAdam"), "SparseAdam"),
+    Case("command", "`engine-opt train --optimizer LBFGS`", lambda: command("--log-dir", "runs/lbfgs", "--optimizer", "LBFGS"), "LBFGS"),
     Case("command", "`engine-opt train --device cuda` without a GPU", lambda: command("--device", "cuda"), "--device cuda"),
     Case("command", "`engine-opt train --nproc-per-node 2 --backend nccl` without GPUs", lambda: command("--nproc-per-node", "2", "--backend", "nccl"), "--backend nccl"),
 ]
@@ -266,7 +414,7 @@ def outcome(case: Case) -> str:
         case.action()
     except SystemExit as error:
         return str(error)
-    except (ValueError, TypeError, KeyError, RuntimeError) as error:
+    except (ValueError, TypeError, KeyError, RuntimeError, OSError) as error:
         message = error.args[0] if isinstance(error, KeyError) and error.args else str(error)
         notes = getattr(error, "__notes__", [])
         return f"{type(error).__name__}: {message}" + "".join(f" [note: {note}]" for note in notes)
@@ -302,7 +450,9 @@ def outcomes(tmp_path_factory):
 @pytest.mark.parametrize("index", range(len(CASES)), ids=[f"{case.area}: {case.given}" for case in CASES])
 def test_each_bad_input_gets_a_clear_error_naming_what_was_wrong(outcomes, index):
     got, case = outcomes[index], CASES[index]
-    assert got.startswith(("ValueError", "TypeError", "KeyError", "exit 2: ", "RuntimeError")), got
+    assert got.startswith(
+        ("ValueError", "TypeError", "KeyError", "exit 2: ", "RuntimeError", "RunDirectoryBusy", "OSError")
+    ), got
     if got.startswith("RuntimeError"):  # torch's own error, kept, with the note saying which batch it came from
         assert "[note: engine_opt: iteration" in got, got
     assert case.names in got, f"{case.given}: {got!r} does not mention {case.names!r}"

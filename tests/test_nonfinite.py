@@ -152,3 +152,62 @@ def test_a_collapsing_fp16_loss_scale_warns_once_per_streak_when_skipping():
 def test_bad_action():
     with pytest.raises(ValueError, match=r"action must be one of \['skip', 'stop'\], got 'ignore'"):
         NonFiniteGuard("ignore")
+
+
+def poison_gradients_at(model, micro_step):
+    """Make the first layer's weight gradient inf on one micro-step (the loss itself stays finite)."""
+    calls = []
+
+    def hook(grad):
+        calls.append(None)
+        return grad * float("inf") if len(calls) == micro_step else grad
+
+    model[0].weight.register_hook(hook)
+
+
+@pytest.mark.parametrize("clip_grad", [None, {"max_norm": 1.0}, {"type": "value", "clip_value": 0.01}])
+@pytest.mark.parametrize("dtype", [None, "bf16"])
+def test_the_guard_sees_non_finite_gradients_whatever_the_clipping(clip_grad, dtype):
+    """Clipping by value turns inf into the clip value: the guard looks before it (oracle: the window never seen)."""
+    batches = make_batches(8)
+    plan = Plan(
+        accumulate=2,
+        clip_norm=(clip_grad or {}).get("max_norm"),
+        clip_value=(clip_grad or {}).get("clip_value"),
+        amp_dtype=torch.bfloat16 if dtype else None,
+    )
+    expected = make_model()
+    expected_optimizer = OPTIMIZERS["sgd_momentum"](expected.parameters())
+    plain_loop(expected, expected_optimizer, batches[:2] + batches[4:], plan)
+
+    model = make_model()
+    poison_gradients_at(model, micro_step=4)  # window [2, 3]
+    optimizer = OPTIMIZERS["sgd_momentum"](model.parameters())
+    kwargs = {"accumulative_counts": 2, "clip_grad": clip_grad}
+    wrapper = (
+        AmpOptimWrapper(optimizer=optimizer, dtype=dtype, **kwargs) if dtype else OptimWrapper(optimizer, **kwargs)
+    )
+    trainer = create_trainer(model, wrapper, loss_fn)
+    guard = NonFiniteGuard("skip")
+    guard.attach(trainer)
+    trainer.run(batches)
+    assert guard.skipped == {None: 1}
+    assert_same_model(model, expected)
+
+
+@pytest.mark.parametrize("clip_grad", [None, {"max_norm": 1.0}, {"type": "value", "clip_value": 0.01}])
+def test_float16_skips_non_finite_gradients_whatever_the_clipping(clip_grad):
+    model = make_model()
+    poison_gradients_at(model, micro_step=4)
+    wrapper = AmpOptimWrapper(
+        optimizer=OPTIMIZERS["sgd_momentum"](model.parameters()),
+        dtype="fp16",
+        loss_scale={"init_scale": 256.0},  # the default 2**16 overflows this model's float16 gradients once
+        accumulative_counts=2,
+        clip_grad=clip_grad,
+    )
+    trainer = create_trainer(model, wrapper, loss_fn)
+    NonFiniteGuard("skip").attach(trainer)
+    trainer.run(make_batches(8))
+    assert (wrapper.applied_steps, wrapper.skipped_steps) == (3, 1)
+    assert all(bool(param.isfinite().all()) for param in model.parameters())

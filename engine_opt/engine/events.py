@@ -35,10 +35,11 @@ class OptimEvents(EventEnum):
           (loss / window_size).backward()
                          -> BACKWARD_COMPLETED     state.optim_backwards
           if the window ends:
-              unscale the gradients (fp16), clip them
+              unscale the gradients (fp16)
                          -> BEFORE_OPTIM_STEP      state.optim_steps
-                            (gradients complete and unscaled: log norms, guard,
-                             wrapper.cancel_step() to veto the update)
+                            (gradients complete, unscaled, not yet clipped: log norms,
+                             guard, wrapper.cancel_step() to veto the update)
+              clip the gradients
               optimizer.step()  (skipped by the fp16 scaler for non-finite gradients, or vetoed)
                          -> OPTIM_STEP_COMPLETED   state.optim_updates   (an update was applied)
                          or OPTIM_STEP_SKIPPED     state.optim_skipped   (no update)

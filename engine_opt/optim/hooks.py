@@ -30,7 +30,7 @@ class StepEvent(enum.Enum):
 
     ``BACKWARD_COMPLETED`` after each micro-step's backward (the hook gets
     the loss given to it); at the end of a window ``BEFORE_OPTIM_STEP`` (the
-    gradients are complete, unscaled and clipped; ``wrapper.cancel_step()``
+    gradients are complete and unscaled, not yet clipped; ``wrapper.cancel_step()``
     vetoes the update), then ``OPTIM_STEP_COMPLETED`` if the update was
     applied or ``OPTIM_STEP_SKIPPED`` if it was not.
     """

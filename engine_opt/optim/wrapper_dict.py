@@ -52,8 +52,8 @@ def _claim_parameters(name: str, wrapper: OptimWrapper, owners: dict[int, tuple[
             other, other_index = owners[id(param)]
             raise ValueError(
                 f"OptimWrapperDict members {other!r} and {name!r} both optimize one parameter (shape "
-                f"{tuple(param.shape)}; {other!r}'s parameter {other_index}, {name!r}'s parameter {index}): "
-                "each would step it with its own gradients and state; give each parameter to one member"
+                f"{tuple(param.shape)}: parameter {other_index} of {other!r}, parameter {index} of {name!r}); "
+                "each would step it with its own gradients and state: give each parameter to one member"
             )
         owners[id(param)] = (name, index)
 
