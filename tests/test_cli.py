@@ -190,7 +190,7 @@ def command(cwd, *args):
 @pytest.mark.slow
 @pytest.mark.parametrize(("signal_number", "status"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_a_signal_stops_the_command_with_a_checkpoint_it_resumes_from_exactly(tmp_path, signal_number, status):
-    epochs, checkpoints = "40", tmp_path / "runs" / "classifier" / "checkpoints"
+    epochs, checkpoints = "20", tmp_path / "runs" / "classifier" / "checkpoints"
     with command(tmp_path, "--epochs", epochs, "--checkpoint-every", "100") as process:
         deadline = time.monotonic() + 120
         while not (checkpoints / "checkpoint_100.pt").exists() and time.monotonic() < deadline:
@@ -205,16 +205,16 @@ def test_a_signal_stops_the_command_with_a_checkpoint_it_resumes_from_exactly(tm
         f"engine-opt: stopped by {signal.Signals(signal_number).name} at iteration {stopped_at}; saved "
         f"runs/classifier/checkpoints/checkpoint_{stopped_at}.pt; continue with the same options and --resume"
     )
-    assert 100 <= stopped_at < 2560
+    assert 100 <= stopped_at < 1280
     with command(tmp_path, "--epochs", epochs, "--checkpoint-every", "100", "--resume") as resumed:
         assert resumed.wait(timeout=300) == 0, resumed.stderr.read()
     (tmp_path / "straight").mkdir()
     with command(tmp_path / "straight", "--epochs", epochs, "--checkpoint-every", "100") as straight:
         assert straight.wait(timeout=300) == 0, straight.stderr.read()
     expected = torch.load(
-        tmp_path / "straight" / checkpoints.relative_to(tmp_path) / "checkpoint_2560.pt", weights_only=True
+        tmp_path / "straight" / checkpoints.relative_to(tmp_path) / "checkpoint_1280.pt", weights_only=True
     )
-    actual = torch.load(checkpoints / "checkpoint_2560.pt", weights_only=True)
+    actual = torch.load(checkpoints / "checkpoint_1280.pt", weights_only=True)
     for key in ("model", "optim_wrapper", "trainer"):
         assert_same_tensors(actual[key], expected[key], key)
     for key in ("position", "passes"):  # NumPy's generator, which the tasks do not use, starts unseeded

@@ -85,7 +85,8 @@ def test_the_lock_is_reentrant_in_one_process(tmp_path):
 HOLDER = """
 import sys, time
 from engine_opt.engine.run_directory import RunDirectory
-RunDirectory(sys.argv[1]).acquire()
+directory = RunDirectory(sys.argv[1])  # held while referenced: the lock goes with its object, or its process
+directory.acquire()
 print("holding", flush=True)
 time.sleep(120)
 """

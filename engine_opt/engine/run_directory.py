@@ -120,7 +120,7 @@ class RunDirectory:
         return removed
 
     def acquire(self) -> None:
-        """Hold the directory for this run (reentrant within this process).
+        """Hold the directory for this run (reentrant within this process), while this object lives.
 
         Raises:
             RunDirectoryBusy: Another process holds it; the message names the
