@@ -15,7 +15,16 @@ import torch
 from engine_opt.engine.run_directory import RunDirectory, RunDirectoryBusy
 
 ROOT = Path(__file__).resolve().parents[1]
-OTHERS = ["best_checkpoint_30.pt", "pretrained_checkpoint_1.pt", "checkpoint_3.pt.bak", "checkpoint_x.pt", "ckpt_9.pt"]
+OTHERS = [
+    "best_checkpoint_30.pt",
+    "pretrained_checkpoint_1.pt",
+    "checkpoint_3.pt.bak",
+    "checkpoint_x.pt",
+    "ckpt_9.pt",
+    "checkpoint_0000.pt",  # a user's: the run never writes leading zeros
+    "checkpoint_\u0669\u0669.pt",  # digits, but not ASCII ones (Arabic-Indic, full-width)
+    "checkpoint_\uff19\uff19.pt",
+]
 
 
 def populate(path: Path, steps=(2, 4, 6)) -> None:

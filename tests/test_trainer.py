@@ -303,3 +303,83 @@ def test_a_complete_run_loaded_from_a_checkpoint_is_not_trained_again_but_can_be
     assert further_trainer.run(batches, max_epochs=3).iteration == 12
     trainer.run(batches, max_epochs=3)
     assert_same_model(further, model)
+
+
+def test_a_wrapper_shared_by_two_trainers_fires_only_the_running_ones_events():
+    model = make_model()
+    wrapper = OptimWrapper(torch.optim.SGD(model.parameters(), lr=0.1))
+    first, second = create_trainer(model, wrapper, loss_fn), create_trainer(model, wrapper, loss_fn)
+    seen = {"first": [], "second": []}
+    first.add_event_handler(OptimEvents.OPTIM_STEP_COMPLETED, lambda e: seen["first"].append(e.state.optim_updates))
+    second.add_event_handler(OptimEvents.OPTIM_STEP_COMPLETED, lambda e: seen["second"].append(e.state.optim_updates))
+    first.run(make_batches(2))
+    second.run(make_batches(3))
+    for x, y in make_batches(2):  # by hand, outside any run
+        wrapper.update_params(loss_fn(model(x), y))
+    assert seen == {"first": [1, 2], "second": [3, 4, 5]}
+
+
+def test_a_handler_added_twice_and_removed_once_is_gone_as_ignite_removes_every_copy(monkeypatch):
+    import engine_opt.engine.trainer as trainer_module
+
+    fired = []
+    real_fire = trainer_module.fire_registered
+    monkeypatch.setattr(
+        trainer_module, "fire_registered", lambda engine, event: (fired.append(event), real_fire(engine, event))
+    )
+    model = make_model()
+    trainer = create_trainer(model, OptimWrapper(torch.optim.SGD(model.parameters(), lr=0.1)), loss_fn)
+
+    def handler(engine):
+        pass
+
+    trainer.add_event_handler(OptimEvents.BEFORE_OPTIM_STEP, handler)
+    trainer.add_event_handler(OptimEvents.BEFORE_OPTIM_STEP(every=2), handler)
+    trainer.remove_event_handler(handler, OptimEvents.BEFORE_OPTIM_STEP)
+    assert not trainer.has_event_handler(handler)
+    trainer.run(make_batches(3))
+    assert fired == []
+
+
+def test_after_a_run_that_raised_a_resumed_run_trains():
+    batches = make_batches(3)
+    model = make_model()
+    wrapper = OptimWrapper(torch.optim.SGD(model.parameters(), lr=0.1))
+    trainer = create_trainer(model, wrapper, loss_fn)
+    saved = {}
+    trainer.add_event_handler(
+        Events.ITERATION_COMPLETED(once=3),  # an epoch's end: a plain loader resumes there exactly
+        lambda e: saved.update(
+            model=copy.deepcopy(model.state_dict()), wrapper=wrapper.state_dict(), trainer=e.state_dict()
+        ),
+    )
+    failures = [OSError("disk full")]
+
+    def fail_once():
+        if failures:
+            raise failures.pop()
+
+    trainer.add_event_handler(Events.ITERATION_COMPLETED(once=4), fail_once)
+    with pytest.raises(OSError):
+        trainer.run(batches, max_epochs=2)
+    model.load_state_dict(saved["model"])
+    wrapper.load_state_dict(saved["wrapper"])
+    trainer.load_state_dict(saved["trainer"])
+    state = trainer.run(batches, max_epochs=2)  # Ignite alone would return None here and train nothing
+    assert (state.iteration, wrapper.applied_steps) == (6, 6)
+    expected = make_model()
+    plain_loop(expected, torch.optim.SGD(expected.parameters(), lr=0.1), batches * 2, Plan())
+    assert_same_model(model, expected)
+
+
+def test_call_at_run_end_runs_however_the_run_ends_and_only_during_a_run():
+    model = make_model()
+    trainer = create_trainer(model, OptimWrapper(torch.optim.SGD(model.parameters(), lr=0.1)), loss_fn)
+    ended = []
+    trainer.add_event_handler(Events.STARTED, lambda e: e.call_at_run_end(lambda: ended.append(e.state.iteration)))
+    trainer.add_event_handler(Events.ITERATION_COMPLETED(once=2), lambda: (_ for _ in ()).throw(ValueError("bad")))
+    with pytest.raises(ValueError):
+        trainer.run(make_batches(3))
+    assert ended == [2]
+    with pytest.raises(RuntimeError, match="no run is"):
+        trainer.call_at_run_end(print)

@@ -33,8 +33,8 @@ from pathlib import Path
 
 import filelock
 
-CHECKPOINT_NAME = re.compile(r"checkpoint_(\d+)\.pt")
-PARTIAL_NAME = re.compile(r"\.checkpoint_\d+\.pt\.\d+\.partial")
+CHECKPOINT_NAME = re.compile(r"checkpoint_(0|[1-9][0-9]*)\.pt")  # as checkpoint_name writes it: ASCII, no leading 0
+PARTIAL_NAME = re.compile(r"\.checkpoint_(0|[1-9][0-9]*)\.pt\.[0-9]+\.partial")
 _LOCK = ".engine_opt.lock"
 _OWNER = ".engine_opt.lock.owner"
 

@@ -10,6 +10,7 @@ and divided by its true size.
 
 from __future__ import annotations
 
+import contextlib
 import weakref
 from collections import Counter
 from collections.abc import Callable, Iterable
@@ -25,7 +26,7 @@ from ..optim.hooks import StepEvent, StepHook
 from ..optim.wrapper import OptimWrapper
 from ..optim.wrapper_dict import OptimWrapperDict, members
 from .events import EVENT_TO_ATTR, OptimEvents
-from .firing import fire_registered
+from .ignite_internals import fire_registered, forget_failed_run
 from .process import (
     OutputTransform,
     PrepareBatch,
@@ -43,10 +44,11 @@ class Trainer(Engine):
     """An Ignite ``Engine`` that fires ``OptimEvents`` for the wrappers it trains.
 
     ``engine.state`` is a ``TrainerState``: ``engine.state.optim`` holds the
-    members and the member of the event being handled. Adding the first
-    handler of an optimizer event registers a step hook for it on every
-    member; removing the last one removes it, so events nobody listens to
-    cost nothing (and a float16 step's outcome is not read on the host).
+    members and the member of the event being handled. While a run is in
+    progress, every optimizer event that a handler listens to has a step hook
+    on every member, and no other: events nobody listens to cost nothing (a
+    float16 step's outcome is not read on the host), and a wrapper used
+    outside the run (by hand, or by another trainer) fires nothing here.
 
     Args:
         process_function: The process function, as for ``Engine``.
@@ -56,8 +58,9 @@ class Trainer(Engine):
     state: TrainerState
 
     def __init__(self, process_function: TrainStep, optim_wrapper: OptimWrapper | OptimWrapperDict) -> None:
-        self._listeners: Counter[StepEvent] = Counter()
+        self._listeners: dict[StepEvent, Counter[Any]] = {event: Counter() for event in StepEvent}
         self._bridges: dict[StepEvent, list[RemovableHandle]] = {}
+        self._at_run_end: contextlib.ExitStack | None = None  # set while a run is in progress
         self._loaded = False  # the state came from load_state_dict and no run has started since
         super().__init__(process_function)
         self.state = TrainerState(OptimState(members=dict(members(optim_wrapper))))
@@ -68,15 +71,18 @@ class Trainer(Engine):
         handle = super().add_event_handler(event_name, handler, *args, **kwargs)
         step_event = _step_event(event_name)
         if step_event is not None:
-            self._count_listener(step_event, +1)
+            self._listeners[step_event][_handler_key(handler)] += 1
+            self._connect(step_event)
         return handle
 
     def remove_event_handler(self, handler: Callable[..., Any], event_name: Any) -> None:
-        """``Engine.remove_event_handler``; removing the last handler of an optimizer event stops its firing."""
+        """``Engine.remove_event_handler`` (every copy of ``handler``, as Ignite does); the last stops the firing."""
         super().remove_event_handler(handler, event_name)
         step_event = _step_event(event_name)
         if step_event is not None:
-            self._count_listener(step_event, -1)
+            self._listeners[step_event].pop(_handler_key(handler), None)
+            if not self._listeners[step_event]:
+                self._disconnect(step_event)
 
     def load_state_dict(self, state_dict: Any) -> None:
         """``Engine.load_state_dict``; a loaded run that is already complete is then not run again."""
@@ -101,7 +107,30 @@ class Trainer(Engine):
             self.logger.info(f"the loaded run is complete at iteration {self.state.iteration}: nothing to run")
             return self.state
         self._loaded = False
-        return super().run(data, max_epochs=max_epochs, max_iters=max_iters, epoch_length=epoch_length)
+        with contextlib.ExitStack() as self._at_run_end:
+            for event in StepEvent:
+                self._connect(event)
+            self._at_run_end.callback(self._disconnect_all)
+            try:
+                return super().run(data, max_epochs=max_epochs, max_iters=max_iters, epoch_length=epoch_length)
+            except BaseException:
+                forget_failed_run(self)
+                raise
+            finally:
+                self._at_run_end = None
+
+    def call_at_run_end(self, callback: Callable[[], Any]) -> None:
+        """Call ``callback()`` when the run in progress ends, however it ends (completed, terminated, raised).
+
+        Handlers hold resources for a run with it (``attach_checkpoint`` its
+        directory's lock).
+
+        Raises:
+            RuntimeError: No run is in progress.
+        """
+        if self._at_run_end is None:
+            raise RuntimeError("call_at_run_end() is for a handler of a run in progress; no run is")
+        self._at_run_end.callback(callback)
 
     def _ends_where_loaded(self, max_epochs: int | None, max_iters: int | None) -> bool:
         """Whether the run asked for ends exactly at the loaded iteration."""
@@ -117,17 +146,31 @@ class Trainer(Engine):
         """Raise if ``load_state_dict`` would refuse ``state_dict``; change nothing (see ``check_engine_state``)."""
         check_engine_state(self, state_dict)
 
-    def _count_listener(self, event: StepEvent, change: int) -> None:
-        self._listeners[event] += change
-        if self._listeners[event] == 1 and event not in self._bridges:
-            self._bridges[event] = [
-                wrapper.register_step_hook(_bridge(self, name), [event])
-                for name, wrapper in self.state.optim.members.items()
-            ]
-        elif self._listeners[event] <= 0:
-            del self._listeners[event]
-            for handle in self._bridges.pop(event, []):
-                handle.remove()
+    def _connect(self, event: StepEvent) -> None:
+        """During a run, while a handler listens to ``event``: a step hook for it on every member."""
+        if self._at_run_end is None or event in self._bridges or not self._listeners[event]:
+            return
+        self._bridges[event] = [
+            wrapper.register_step_hook(_bridge(self, name), [event])
+            for name, wrapper in self.state.optim.members.items()
+        ]
+
+    def _disconnect(self, event: StepEvent) -> None:
+        for handle in self._bridges.pop(event, []):
+            handle.remove()
+
+    def _disconnect_all(self) -> None:
+        for event in StepEvent:
+            self._disconnect(event)
+
+
+def _handler_key(handler: Callable[..., Any]) -> Any:
+    """How Ignite tells handlers apart when it removes one (by equality): the handler, or its id if unhashable."""
+    try:
+        hash(handler)
+    except TypeError:
+        return id(handler)
+    return handler
 
 
 def _step_event(event_name: Any) -> StepEvent | None:

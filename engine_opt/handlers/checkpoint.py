@@ -15,6 +15,7 @@ continues exactly::
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ from ignite.handlers.checkpoint import BaseSaveHandler
 
 from ..engine.checkpoint_files import load_checkpoint, write_checkpoint
 from ..engine.run_directory import RunDirectory, RunDirectoryBusy, checkpoint_name
+from ..engine.trainer import Trainer
 from ..optim import checks, distributed
 
 
@@ -118,53 +120,79 @@ def attach_checkpoint(
         checks.positive_int("every", every)
     if n_saved is not None:
         checks.positive_int("n_saved", n_saved)
-    directory = RunDirectory(dirname)
+    directory = RunDirectory(_directory_path(dirname))
     checkpoint = DurableCheckpoint(to_save, directory, n_saved)
-    trainer.add_event_handler(Events.STARTED, _open_directory, directory)
+    hold = _DirectoryHold(directory)
+    trainer.add_event_handler(Events.STARTED, hold.take)
     event = Events.EPOCH_COMPLETED if every is None else Events.ITERATION_COMPLETED(every=every)
     trainer.add_event_handler(event, checkpoint)
-    trainer.add_event_handler(Events.COMPLETED, _save_last_and_close, checkpoint)
+    trainer.add_event_handler(Events.COMPLETED, _save_last, checkpoint)
+    trainer.add_event_handler(Events.COMPLETED, hold.let_go)
     return checkpoint
 
 
-def _open_directory(engine: Engine, directory: RunDirectory) -> None:
-    """Take the directory for this run, on rank 0; every rank raises if it cannot (a collective call)."""
-    refusal = _refusal(directory, engine.state.iteration) if distributed.rank() == 0 else None
-    refusal = distributed.gather_objects(refusal)[0]
-    if refusal is not None:
-        kind, message = refusal
-        raise {"busy": RunDirectoryBusy, "unwritable": OSError, "later": ValueError}[kind](message)
+def _directory_path(dirname: Any) -> Path:
+    if not isinstance(dirname, (str, os.PathLike)):
+        raise TypeError(f"dirname must be a str or a path, got {checks.describe(dirname)}")
+    return Path(dirname)
 
 
-def _refusal(directory: RunDirectory, iteration: int) -> tuple[str, str] | None:
-    try:
-        directory.acquire()
-    except RunDirectoryBusy as error:
-        return "busy", str(error)
-    except OSError as error:
-        return "unwritable", str(error)
-    try:
-        directory.prepare()
-    except OSError as error:
-        directory.release()
-        return "unwritable", str(error)
-    later = [path.name for step, path in directory.checkpoints() if step > iteration]
-    if later:
-        directory.release()
-        return "later", (
-            f"{directory.path} holds checkpoints of later iterations than this run's {iteration} "
-            f"({', '.join(later)}): resume from the newest (resume_from_latest), or save to another directory"
-        )
-    return None
+class _DirectoryHold:
+    """The run's hold on its checkpoint directory: taken when it starts, let go when it ends.
+
+    A ``Trainer`` lets it go when its run ends however it ends (an exception
+    included); another ``Engine``, when it completes.
+    """
+
+    def __init__(self, directory: RunDirectory) -> None:
+        self.directory = directory
+        self.held = False
+
+    def take(self, engine: Engine) -> None:
+        """Take the directory on rank 0; every rank raises if it cannot (a collective call)."""
+        refusal = self._refusal(engine.state.iteration) if distributed.rank() == 0 else None
+        refusal = distributed.gather_objects(refusal)[0]
+        if refusal is not None:
+            kind, message = refusal
+            raise {"busy": RunDirectoryBusy, "unwritable": OSError, "later": ValueError}[kind](message)
+        if self.held and isinstance(engine, Trainer):
+            engine.call_at_run_end(self.let_go)
+
+    def let_go(self, *_: Any) -> None:
+        """Release the directory if this run holds it (once)."""
+        if self.held:
+            self.held = False
+            self.directory.release()
+
+    def _refusal(self, iteration: int) -> tuple[str, str] | None:
+        directory = self.directory
+        try:
+            directory.acquire()
+        except RunDirectoryBusy as error:
+            return "busy", str(error)
+        except OSError as error:
+            return "unwritable", str(error)
+        self.held = True
+        try:
+            directory.prepare()
+        except OSError as error:
+            self.let_go()
+            return "unwritable", str(error)
+        later = [path.name for step, path in directory.checkpoints() if step > iteration]
+        if later:
+            self.let_go()
+            return "later", (
+                f"{directory.path} holds checkpoints of later iterations than this run's {iteration} "
+                f"({', '.join(later)}): resume from the newest (resume_from_latest), or save to another directory"
+            )
+        return None
 
 
-def _save_last_and_close(engine: Engine, checkpoint: DurableCheckpoint) -> None:
-    """Save the final state unless the last save was at this iteration; then let the directory go."""
+def _save_last(engine: Engine, checkpoint: DurableCheckpoint) -> None:
+    """Save the final state unless the last save was at this iteration."""
     last = checkpoint.last_checkpoint
     if last is None or last.name != checkpoint_name(engine.state.iteration):
         checkpoint(engine)
-    if distributed.rank() == 0:
-        checkpoint.directory.release()
 
 
 def latest_checkpoint(dirname: str | Path) -> Path | None:

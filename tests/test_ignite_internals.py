@@ -1,17 +1,20 @@
-"""fire_registered: Ignite's private dispatcher does what the trainer relies on, and the fallback does the same.
+"""The two fenced uses of Ignite's private names: each does what the trainer relies on, and its fallback too.
 
 If Ignite renames or changes ``Engine._fire_event``, the first test fails:
-the trainer then falls back to ``fire_event`` (correct, ~9 us slower per event).
+the trainer then falls back to ``fire_event`` (correct, ~9 us slower per
+event). If Ignite stops keeping a failed run's generator, or renames it, the
+generator tests say so.
 """
 
 from __future__ import annotations
 
 import inspect
 
+import pytest
 from ignite.engine import Engine, Events
 
 from engine_opt.engine.events import EVENT_TO_ATTR, OptimEvents
-from engine_opt.engine.firing import fire_registered
+from engine_opt.engine.ignite_internals import fire_registered, forget_failed_run
 
 
 def engine_with_handlers(calls):
@@ -56,3 +59,27 @@ def test_filtered_handlers_are_filtered_by_the_events_counter():
         engine.state.iteration = iteration
         fire_registered(engine, Events.ITERATION_COMPLETED)
     assert fired == [2, 4]
+
+
+def failing_engine():
+    engine = Engine(lambda engine, batch: None)
+    engine.add_event_handler(Events.ITERATION_COMPLETED(once=2), lambda: (_ for _ in ()).throw(OSError("disk")))
+    return engine
+
+
+def test_ignite_keeps_a_failed_runs_generator_so_the_next_run_does_nothing():
+    engine = failing_engine()
+    with pytest.raises(OSError):
+        engine.run([1, 2, 3])
+    assert engine._internal_run_generator is not None  # what forget_failed_run drops
+    assert engine.run([1, 2, 3], max_epochs=2) is None  # Ignite 0.5's behaviour: no run at all
+
+
+def test_after_forget_failed_run_the_next_run_resumes():
+    engine = failing_engine()
+    with pytest.raises(OSError):
+        engine.run([1, 2, 3])
+    forget_failed_run(engine)
+    forget_failed_run(engine)  # nothing left to drop: no error
+    state = engine.run([1, 2, 3], max_epochs=2)
+    assert state is not None and state.iteration > 2  # it ran on from where the failed run stopped
