@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 
 from engine_opt import AmpOptimWrapper, OptimWrapper, StepEvent
 
-from oracle import assert_same_model, assert_same_tensors, loss_fn, make_batches, make_model
+from oracle import Plan, assert_same_model, assert_same_tensors, loss_fn, make_batches, make_model, plain_loop
 
 
 def record(wrapper, events=None):
@@ -169,3 +171,63 @@ def test_hook_misuse_is_a_clear_error():
         wrapper.cancel_step()
     with pytest.raises(TypeError, match=r"hook must be callable as hook\(wrapper, event, loss\), got 3"):
         wrapper.register_step_hook(3)
+
+
+def test_a_float16_window_whose_hook_raised_is_dropped_and_the_next_windows_are_the_plain_loops():
+    batches = make_batches(6)
+    expected = make_model()
+    plain = torch.optim.SGD(expected.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0, growth_interval=2)
+    for index, (x, y) in enumerate(batches):
+        with torch.autocast("cpu", dtype=torch.float16):
+            loss = loss_fn(expected(x), y)
+        scaler.scale(loss).backward()
+        scaler.unscale_(plain)
+        if index != 2:  # the window whose hook raised: unscaled, not stepped, its scaler iteration closed
+            scaler.step(plain)
+        scaler.update()
+        plain.zero_grad()
+
+    model = make_model()
+    wrapper = AmpOptimWrapper(
+        optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+        dtype="fp16",
+        loss_scale={"init_scale": 1024.0, "growth_interval": 2},
+    )
+    calls = []
+
+    def raise_at_the_third(w, event, loss):
+        calls.append(event)
+        if len(calls) == 3:
+            raise FloatingPointError("a guard said stop")
+
+    wrapper.register_step_hook(raise_at_the_third, [StepEvent.BEFORE_OPTIM_STEP])
+    for x, y in batches:
+        with wrapper.optim_context(model):
+            loss = loss_fn(model(x), y)
+        try:
+            wrapper.update_params(loss)
+        except FloatingPointError:
+            assert all(param.grad is None for param in model.parameters())
+    assert_same_model(model, expected)
+    assert wrapper.loss_scaler.state_dict() == scaler.state_dict()
+
+
+def test_a_window_whose_outcome_hook_raised_keeps_its_update_and_leaves_no_gradient_behind():
+    batches = make_batches(5)
+    expected = make_model()
+    plain_loop(expected, torch.optim.SGD(expected.parameters(), lr=0.1, momentum=0.9), batches, Plan())
+    model = make_model()
+    wrapper = OptimWrapper(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9))
+    failures = [OSError("the logger's disk is full")]
+
+    def log_once_badly(w, event, loss):
+        if failures:
+            raise failures.pop()
+
+    wrapper.register_step_hook(log_once_badly, [StepEvent.OPTIM_STEP_COMPLETED])
+    for x, y in batches:
+        with contextlib.suppress(OSError):
+            wrapper.update_params(loss_fn(model(x), y))
+    assert_same_model(model, expected)
+    assert (wrapper.applied_steps, wrapper.step_count) == (5, 5)

@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from engine_opt import OptimWrapper
+from engine_opt import AmpOptimWrapper, OptimWrapper
 
 from helpers import roundtrip, run_wrapper
 from oracle import (
@@ -349,3 +349,40 @@ def test_optim_context_skips_ddp_gradient_sync_mid_window():
             assert flags == [False, False, True, False, True]
         finally:
             dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("amp", [False, True])
+def test_loading_a_state_saved_between_windows_leaves_no_gradient_of_before_behind(amp):
+    """Rolling back: a window begun before the load must not leak into the updates after it."""
+    batches = make_batches(6)
+
+    def build(model):
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        if amp:
+            return AmpOptimWrapper(optimizer=optimizer, dtype="fp16", loss_scale=256.0, accumulative_counts=2)
+        return OptimWrapper(optimizer, accumulative_counts=2)
+
+    def train(model, wrapper, some):
+        for x, y in some:
+            with wrapper.optim_context(model):
+                loss = loss_fn(model(x), y)
+            wrapper.update_params(loss)
+
+    model = make_model()
+    wrapper = build(model)
+    train(model, wrapper, batches[:2])
+    saved_model, saved_wrapper = copy.deepcopy(model.state_dict()), copy.deepcopy(wrapper.state_dict())
+    train(model, wrapper, batches[2:3])  # half a window, then roll back
+    if amp:
+        wrapper.unscale_grads()  # as a hook reading gradients would
+    model.load_state_dict(saved_model)
+    wrapper.load_state_dict(copy.deepcopy(saved_wrapper))  # torch's load keeps the tensors it is given
+    assert all(param.grad is None for param in model.parameters())
+    train(model, wrapper, batches[2:])
+
+    fresh = make_model(seed=4)
+    fresh.load_state_dict(saved_model)
+    fresh_wrapper = build(fresh)
+    fresh_wrapper.load_state_dict(copy.deepcopy(saved_wrapper))
+    train(fresh, fresh_wrapper, batches[2:])
+    assert_same_model(model, fresh)

@@ -142,6 +142,7 @@ class AmpOptimWrapper(OptimWrapper):
         self.cast_dtype = parse_dtype(dtype, self._device_type)
         self._autocast = self.cast_dtype in _AUTOCAST_DTYPES
         self._unscaled = False  # unscale_ ran in this window
+        self._scaler_open = False  # the scaler's iteration began (unscale_ or step) and update() has not closed it
         self._scale_update_param: float | None = None
         if self.cast_dtype == torch.float16:
             scaler = _build_scaler(loss_scale, self._device_type, use_fsdp)
@@ -164,6 +165,7 @@ class AmpOptimWrapper(OptimWrapper):
 
     def unscale_grads(self) -> None:
         if self.loss_scaler is not None and not self._unscaled:
+            self._scaler_open = True
             self.loss_scaler.unscale_(self.optimizer)
             self._unscaled = True
 
@@ -171,16 +173,32 @@ class AmpOptimWrapper(OptimWrapper):
         scaler = self.loss_scaler
         if scaler is None:
             return super()._optimizer_step(kwargs)
+        self._scaler_open = True
         found_inf = step_reporting_skip(scaler, self.optimizer, kwargs, self.unscale_grads)
-        scaler.update(self._scale_update_param)
-        self._unscaled = False
+        self._close_scaler_iteration()
         return found_inf
+
+    def _close_scaler_iteration(self) -> None:
+        """``scaler.update()``: the scale moves on, and the next window may unscale again."""
+        if self.loss_scaler is not None and self._scaler_open:
+            self.loss_scaler.update(self._scale_update_param)
+        self._unscaled = self._scaler_open = False
+
+    def _abandon_window(self) -> None:
+        """``OptimWrapper._abandon_window``, and close the scaler's iteration if the failed step opened it."""
+        super()._abandon_window()
+        self._end_scaler_iteration()
+
+    def _end_scaler_iteration(self) -> None:
+        """Close the scaler's iteration as far as it can be (best effort: an error being raised goes on)."""
+        with contextlib.suppress(AssertionError, RuntimeError):
+            self._close_scaler_iteration()
+        self._unscaled = self._scaler_open = False
 
     def _cancel_optimizer_step(self) -> torch.Tensor:
         if self.loss_scaler is not None:  # close the scaler's iteration; update() needs its inf check
             self.unscale_grads()
-            self.loss_scaler.update(self._scale_update_param)
-            self._unscaled = False
+            self._close_scaler_iteration()
         return super()._cancel_optimizer_step()
 
     def state_dict(self) -> dict[str, Any]:
@@ -202,6 +220,8 @@ class AmpOptimWrapper(OptimWrapper):
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
         """``OptimWrapper.load_state_dict`` plus the grad scaler's state (``{}``: a run without a scaler)."""
+        self.check_state_dict(state_dict)
+        self._end_scaler_iteration()  # a window begun before the load is over
         super().load_state_dict(state_dict)
         scaler_state = state_dict.get("loss_scaler")
         if self.loss_scaler is not None and scaler_state:

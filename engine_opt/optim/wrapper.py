@@ -259,7 +259,19 @@ class OptimWrapper:
         ``OPTIM_STEP_COMPLETED`` or ``OPTIM_STEP_SKIPPED`` (which, with a
         float16 scaler, reads the scaler's found-inf flag on the host; only
         when a hook listens to one of them).
+
+        If anything raises on the way (a hook, clipping with
+        ``error_if_nonfinite``, the optimizer), the window is abandoned before
+        the error goes on: its gradients are dropped and a grad scaler's
+        iteration is closed, so the next window starts clean.
         """
+        try:
+            self._step(kwargs)
+        except BaseException:
+            self._abandon_window()
+            raise
+
+    def _step(self, kwargs: dict[str, Any]) -> None:
         self._stepping = True
         grad_norm = None
         try:
@@ -274,6 +286,10 @@ class OptimWrapper:
         self._record_step(found_inf, grad_norm)
         if self._on_outcome[0] or self._on_outcome[1]:
             self._report_outcome(cancel, found_inf)
+
+    def _abandon_window(self) -> None:
+        """Drop the window's gradients (an update failed half-way must not leave them for the next one)."""
+        self.optimizer.zero_grad(set_to_none=True)
 
     def _before_step(self) -> bool:
         """Call the ``BEFORE_OPTIM_STEP`` hooks; whether one of them cancelled the step."""
@@ -533,7 +549,9 @@ class OptimWrapper:
         """Load what ``state_dict()`` returned, or a plain optimizer's state dict.
 
         The whole dict is checked first (``check_state_dict``): on error
-        nothing is loaded. The caller's dict is not modified.
+        nothing is loaded. The caller's dict is not modified. The parameters'
+        gradients become the state's: those of its window when it was saved
+        mid-window, none otherwise (whatever they held before is dropped).
         """
         self.check_state_dict(state_dict)
         self.optimizer.load_state_dict({"state": state_dict["state"], "param_groups": state_dict["param_groups"]})
@@ -546,9 +564,9 @@ class OptimWrapper:
             self._skipped_on_device = None
             self._last_found_inf = None
         grads = _accumulated_grads(state_dict)
-        if grads is not None:
-            for param, grad in zip(self._params(), grads, strict=True):
-                param.grad = None if grad is None else grad.detach().to(param.device, param.dtype, copy=True)
+        for index, param in enumerate(self._params()):  # between windows, a state has no gradients: none stay
+            grad = None if grads is None else grads[index]
+            param.grad = None if grad is None else grad.detach().to(param.device, param.dtype, copy=True)
 
     def __repr__(self) -> str:
         clip = None if self._clipper is None else dict(self._clipper.as_config())
