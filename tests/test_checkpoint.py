@@ -358,3 +358,16 @@ def test_a_checkpoint_path_that_is_a_file_is_refused_when_the_run_starts(tmp_pat
     with pytest.raises(OSError, match=r"cannot write checkpoints to .*file/checkpoints"):
         trainer.run(make_batches(2))
     assert iterations == []
+
+
+def test_a_run_that_raised_lets_its_directory_go(tmp_path):
+    model = make_model()
+    trainer = create_trainer(model, OptimWrapper(torch.optim.SGD(model.parameters(), lr=0.1)), loss_fn)
+    attach_checkpoint(trainer, {"model": model}, tmp_path, every=1)
+    trainer.add_event_handler(Events.ITERATION_COMPLETED(once=2), lambda: (_ for _ in ()).throw(KeyboardInterrupt()))
+    with pytest.raises(KeyboardInterrupt):
+        trainer.run(make_batches(4))
+    another_process = filelock.FileLock(tmp_path / ".engine_opt.lock", timeout=0)  # as another process would
+    another_process.acquire()  # not refused: the run that raised holds nothing
+    another_process.release()
+    assert latest_checkpoint(tmp_path) == tmp_path / "checkpoint_2.pt"

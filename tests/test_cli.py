@@ -61,7 +61,7 @@ def test_gan_with_a_config_file(tmp_path, capsys):
         (["--task", "mnist"], "argument --task: invalid choice: 'mnist'"),
         (["--dtype", "fp16", "--wrapper", "OptimWrapper"], "--dtype fp16 needs --wrapper AmpOptimWrapper"),
         (["--optimizer", "Adamm"], "the wrapper options: .*'Adamm'"),
-        (["--clip-norm", "-1"], "argument --clip-norm: expected a positive number, got '-1'"),
+        (["--clip-norm", "-1"], "argument --clip-norm: expected a finite positive number, got '-1'"),
     ],
 )
 def test_bad_options_exit_with_a_message(tmp_path, capsys, args, message):

@@ -37,6 +37,8 @@ from engine_opt.handlers import (
     SchedulerHandler,
     attach_checkpoint,
     load_checkpoint,
+    resume_from_latest,
+    rng_state,
 )
 
 from oracle import assert_same_tensors, make_model
@@ -310,6 +312,32 @@ def extend_a_cosine_run() -> None:
     command("--log-dir", "runs/cosine", "--schedule", "cosine", "--resume", "--epochs", "2")
 
 
+def another_schedulers_state(path: str) -> None:
+    saved_run(path)
+    model = make_model()
+    state = torch.load(path, weights_only=True)
+    step_lr = torch.optim.lr_scheduler.StepLR(torch.optim.SGD(model.parameters(), lr=0.1), step_size=2)
+    torch.save({**state, "scheduler": step_lr.state_dict()}, path)
+    fresh = make_model(seed=3)
+    wrapper = wrapper_of(fresh)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(wrapper.optimizer, lambda step: 0.5**step)
+    to_load = {"model": fresh, "optim_wrapper": wrapper, "scheduler": scheduler}
+    unchanged_after({"model": fresh, "optim_wrapper": wrapper}, lambda: load_checkpoint(to_load, path))
+
+
+def a_mid_window_state_into_another_accumulation() -> None:
+    model = make_model()
+    wrapper = OptimWrapper(sgd(model), accumulative_counts=4)
+    trained(model, wrapper)  # one micro-step of a window of 4
+    other = OptimWrapper(sgd(model), accumulative_counts=2)
+    unchanged_after({"optim_wrapper": other}, lambda: other.load_state_dict(wrapper.state_dict()))
+
+
+def a_data_position_past_the_datas_end() -> None:
+    state = ResumableLoader([1, 2, 3, 4, 5, 6]).state_dict() | {"position": 5, "epoch_rng": rng_state()}
+    ResumableLoader([1, 2, 3]).load_state_dict(state)
+
+
 # fmt: off
 CASES = [
     Case("constructor", "`OptimWrapper(model)` (a module, not an optimizer)", lambda: OptimWrapper(make_model()), "Sequential"),
@@ -335,6 +363,9 @@ CASES = [
     Case("constructor", "`OptimWrapper(LBFGS(params))`", lambda: OptimWrapper(torch.optim.LBFGS(make_model().parameters())), "LBFGS"),
     Case("constructor", "`OptimWrapperDict(gen=w, disc=w)` (one wrapper twice)", lambda: (lambda w: OptimWrapperDict(gen=w, disc=w))(OptimWrapper(sgd())), "'gen' and 'disc'"),
     Case("constructor", "`OptimWrapperDict` whose members share a parameter", lambda: (lambda m: OptimWrapperDict(gen=OptimWrapper(sgd(m)), disc=OptimWrapper(sgd(m))))(make_model()), "both optimize one parameter"),
+    Case("constructor", "`OptimWrapper(opt, clip_grad={'max_norm': 1, 'error_if_nonfinite': 'no'})`", lambda: OptimWrapper(sgd(), clip_grad={"max_norm": 1, "error_if_nonfinite": "no"}), "error_if_nonfinite"),
+    Case("constructor", "`AmpOptimWrapper(optimizer=opt, dtype='fp16')` over a `.half()` model", lambda: AmpOptimWrapper(optimizer=sgd(make_model().half()), dtype="fp16"), "float16 parameters"),
+    Case("constructor", "`OptimWrapper(SGD([{'params': ..., 'lr': float('inf')}], lr=0.1))`", lambda: OptimWrapper(torch.optim.SGD([{"params": make_model().parameters(), "lr": float("inf")}], lr=0.1)), "'lr'"),
     Case("constructor", "`ResumableLoader('abc')` (a string)", lambda: ResumableLoader("abc"), "re-iterable"),
     Case("config", "`build_optim_wrapper(model, {'type': 'FastWrapper', ...})`", lambda: build_optim_wrapper(make_model(), {"type": "FastWrapper", "optimizer": {"type": "SGD", "lr": 0.1}}), "FastWrapper"),
     Case("config", "`build_optim_wrapper(model, {'optimizer': {'type': 'Adamm'}})`", lambda: build_optim_wrapper(make_model(), {"optimizer": {"type": "Adamm", "lr": 0.1}}), "Adamm"),
@@ -344,6 +375,8 @@ CASES = [
     Case("config", "`paramwise_cfg={'custom_keys': {'0.': {'lr_mult': -1}}}`", lambda: build_optim_wrapper(make_model(), {"optimizer": {"type": "SGD", "lr": 0.1}, "paramwise_cfg": {"custom_keys": {"0.": {"lr_mult": -1}}}}), "lr_mult"),
     Case("config", "`paramwise_cfg={'bias_lr_mult': '0.1'}`", lambda: build_optim_wrapper(make_model(), {"optimizer": {"type": "SGD", "lr": 0.1}, "paramwise_cfg": {"bias_lr_mult": "0.1"}}), "bias_lr_mult"),
     Case("config", "`paramwise_cfg={'custom_keys': {'0.': {'momentom': 0.9}}}`", lambda: build_optim_wrapper(make_model(), {"optimizer": {"type": "SGD", "lr": 0.1}, "paramwise_cfg": {"custom_keys": {"0.": {"momentom": 0.9}}}}), "momentom"),
+    Case("config", "`build_optim_wrapper(model, {'optimizer': {'type': 'SGD', 'lr': float('nan')}})`", lambda: build_optim_wrapper(make_model(), {"optimizer": {"type": "SGD", "lr": float("nan")}}), "'lr'"),
+    Case("config", "`paramwise_cfg={'custom_keys': {'0.': {'lr': -1.0}}}`", lambda: build_optim_wrapper(make_model(), {"optimizer": {"type": "SGD", "lr": 0.1}, "paramwise_cfg": {"custom_keys": {"0.": {"lr": -1.0}}}}), "'lr' must be >= 0"),
     Case("trainer", "`create_trainer(model, optimizer, loss_fn)` (optimizer not wrapped)", lambda: create_trainer(make_model(), sgd(), F.mse_loss), "OptimWrapper"),
     Case("trainer", "`create_trainer(model, wrapper)` (no loss_fn, no train_step)", lambda: create_trainer(make_model(), OptimWrapper(sgd()), None), "loss_fn"),
     Case("trainer", "`create_trainer(model, wrapper_dict, loss_fn)`", lambda: create_trainer(make_model(), OptimWrapperDict(gen=OptimWrapper(sgd())), F.mse_loss), "train_step"),
@@ -353,10 +386,12 @@ CASES = [
     Case("trainer", "`wrapper.update_params(loss.item())` (a float)", lambda: OptimWrapper(sgd()).update_params(0.5), "loss must be a tensor"),
     Case("trainer", "`wrapper.update_params(loss)` of a loss made under `no_grad`", a_loss_under_no_grad, "does not require grad"),
     Case("trainer", "`wrapper.update_params(loss)` of a loss that is not a scalar", lambda: (lambda m: OptimWrapper(sgd(m)).update_params(m(torch.ones(2, 4))))(make_model()), "scalar"),
+    Case("trainer", "`create_trainer(model, wrapper, loss_fn, device='mps')` without MPS", lambda: create_trainer(make_model(), OptimWrapper(sgd()), F.mse_loss, device="mps"), "'mps'"),
+    Case("trainer", "`attach_checkpoint(trainer, to_save, None)`", lambda: attach_checkpoint(create_trainer(make_model(), OptimWrapper(sgd()), F.mse_loss), {}, None), "dirname"),
     Case("data", "a batch that is one tensor, not `(x, y)`", lambda: run_trainer(make_model(), F.mse_loss, torch.ones(2, 4)), "(x, y)"),
     Case("data", "`x` with 3 features for a model taking 4", lambda: run_trainer(make_model(), F.mse_loss, (torch.ones(2, 3), torch.ones(2, 2))), "float32 tensor (2, 3)"),
     Case("data", "float targets for `cross_entropy` over 2 classes, wrong shape", lambda: run_trainer(make_model(), F.cross_entropy, (torch.ones(2, 4), torch.ones(2, 3))), "y = float32 tensor (2, 3)"),
-    Case("data", "a loss that is not a scalar (`loss_fn=lambda p, y: p - y`)", lambda: run_trainer(make_model(), lambda p, y: p - y, (torch.ones(2, 4), torch.ones(2, 2))), "iteration 1"),
+    Case("data", "a loss that is not a scalar (`loss_fn=lambda p, y: p - y`)", lambda: run_trainer(make_model(), lambda p, y: p - y, (torch.ones(2, 4), torch.ones(2, 2))), "scalar"),
     Case("state dict", "`wrapper.load_state_dict({'lr': 0.1})`", lambda: OptimWrapper(sgd()).load_state_dict({"lr": 0.1}), "param_groups"),
     Case("state dict", "a wrapper state dict with two param groups into one", lambda: OptimWrapper(sgd()).load_state_dict( OptimWrapper( torch.optim.SGD( [ {"params": [torch.zeros(1, requires_grad=True)]}, {"params": [torch.zeros(1, requires_grad=True)]}, ], lr=0.1, ) ).state_dict() ), "2 param group"),
     Case("state dict", "an AdamW state of a model with other shapes (same parameter count)", other_model_optimizer_state, "exp_avg"),
@@ -364,6 +399,8 @@ CASES = [
     Case("state dict", "an AdamW state into an SGD wrapper", adamw_state_into_sgd, "momentum"),
     Case("state dict", "a member of an `OptimWrapperDict` whose lr is nan (the other members stay as they were)", a_bad_member_of_a_wrapper_dict, "'lr'"),
     Case("state dict", "`counters` with more skipped steps than steps", lambda: OptimWrapper(sgd()).load_state_dict({**sgd().state_dict(), "counters": {"steps": 2, "skipped_steps": 5}}), "skipped steps"),
+    Case("state dict", "a state saved mid-window with `accumulative_counts=4` into a wrapper of 2", a_mid_window_state_into_another_accumulation, "accumulative_counts=4"),
+    Case("state dict", "a data position after batch 5 of data of 3 batches", a_data_position_past_the_datas_end, "only 3 batches"),
     Case("state dict", "`ResumableLoader.load_state_dict({'position': -1, ...})`", lambda: ResumableLoader([1]).load_state_dict( {"position": -1, "epoch_rng": None, "rng": {"torch": torch.get_rng_state()}} ), "position"),
     Case("checkpoint file", "a checkpoint truncated to half its size", lambda: load_into_fresh(truncated("ckpt/checkpoint_3.pt")), "ckpt/checkpoint_3.pt"),
     Case("checkpoint file", "a checkpoint with 4 bytes flipped in a tensor's data", lambda: load_into_fresh(flipped_tensor_bytes("ckpt/checkpoint_3.pt")), "CRC"),
@@ -381,6 +418,8 @@ CASES = [
     Case("state dict", "a data position whose generator state lacks Python's", lambda: ResumableLoader([1]).load_state_dict({"position": 0, "epoch_rng": None, "rng": {"torch": torch.get_rng_state()}}), "lacks ['python']"),
     Case("checkpoint file", "a run into a checkpoint directory another process holds", a_directory_another_run_holds, "in use by another run"),
     Case("checkpoint file", "a checkpoint directory under a file", a_checkpoint_directory_under_a_file, "cannot write checkpoints to plain.txt/checkpoints"),
+    Case("checkpoint file", "a `StepLR` state into a `LambdaLR` (the model is not loaded either)", lambda: another_schedulers_state("ckpt/checkpoint_7.pt"), "lr_lambdas"),
+    Case("checkpoint file", "`resume_from_latest(to_load, 'ckpt/checkpoint_3.pt')` (a file, not its directory)", lambda: (saved_run("ckpt/checkpoint_3.pt"), resume_from_latest({"model": make_model()}, "ckpt/checkpoint_3.pt")), "is a file"),
     Case("checkpoint file", "a path that does not exist", lambda: load_into_fresh("ckpt/checkpoint_9.pt"), "ckpt/checkpoint_9.pt"),
     Case("command", "`engine-opt train --epochs 0`", lambda: command("--epochs", "0"), "--epochs"),
     Case("command", "`engine-opt train --dtype fp16 --wrapper OptimWrapper`", lambda: command("--dtype", "fp16", "--wrapper", "OptimWrapper"), "--dtype fp16"),
@@ -396,6 +435,7 @@ CASES = [
     Case("command", "`engine-opt train --resume --epochs 2` of a 1-epoch cosine run", extend_a_cosine_run, "cosine"),
     Case("command", "`engine-opt train --optimizer SparseAdam`", lambda: command("--log-dir", "runs/sparse", "--optimizer", "SparseAdam"), "SparseAdam"),
     Case("command", "`engine-opt train --optimizer LBFGS`", lambda: command("--log-dir", "runs/lbfgs", "--optimizer", "LBFGS"), "LBFGS"),
+    Case("command", "`engine-opt train --lr inf`", lambda: command("--log-dir", "runs/inf", "--lr", "inf"), "--lr"),
     Case("command", "`engine-opt train --device cuda` without a GPU", lambda: command("--device", "cuda"), "--device cuda"),
     Case("command", "`engine-opt train --nproc-per-node 2 --backend nccl` without GPUs", lambda: command("--nproc-per-node", "2", "--backend", "nccl"), "--backend nccl"),
 ]

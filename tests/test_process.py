@@ -69,3 +69,18 @@ def test_the_default_prepare_batch_names_the_layout_it_expects():
     trainer = create_trainer(model, OptimWrapper(torch.optim.SGD(model.parameters(), lr=0.1)), loss_fn)
     with pytest.raises(ValueError, match=r"(?s)batches of \(x, y\).*prepare_batch=\.\.\."):
         trainer.run([torch.ones(2, 4)])
+
+
+def test_an_error_of_an_optimizer_event_handler_is_not_blamed_on_the_batch():
+    from engine_opt import OptimEvents
+
+    model = make_model()
+    trainer = create_trainer(model, OptimWrapper(torch.optim.SGD(model.parameters(), lr=0.1)), loss_fn)
+
+    def broken_logger(engine):
+        raise ValueError("the logger's own error")
+
+    trainer.add_event_handler(OptimEvents.OPTIM_STEP_COMPLETED, broken_logger)
+    with pytest.raises(ValueError, match="the logger's own error") as caught:
+        trainer.run(make_batches(1))
+    assert getattr(caught.value, "__notes__", []) == []

@@ -73,9 +73,9 @@ def test_bad_loader_input():
         loader.load_state_dict({"position": 0, "epoch_rng": None, "rng": 5})
     assert list(loader) == [1, 2]  # nothing pending after failed loads
     state = ResumableLoader([1, 2, 3, 4]).state_dict() | {"position": 3, "epoch_rng": rng_state()}
-    loader.load_state_dict(state)
     with pytest.raises(ValueError, match="after batch 3 of a pass, but the data gives only 2 batches"):
-        iter(loader)
+        loader.load_state_dict(state)  # refused at the load, before any other object of a checkpoint loads
+    assert list(loader) == [1, 2]
 
 
 def test_checking_a_state_changes_nothing():

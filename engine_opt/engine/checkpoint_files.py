@@ -58,6 +58,25 @@ def write_checkpoint(checkpoint: Any, path: str | Path) -> None:
     _fsync_directory(path.parent)
 
 
+def _check_torch_scheduler(scheduler: Any, saved: Any) -> None:
+    """A torch scheduler's entry: its own class's state, shaped like its state now.
+
+    torch's schedulers load any dict (``__dict__.update``), and those made of
+    others (``LambdaLR``, ``SequentialLR``) fail half-way on another class's
+    state; so every public key of this class's state, and ``_schedulers``,
+    must be there. Private keys releases add or drop are left alone.
+    """
+    current = scheduler.state_dict()
+    saved = checks.mapping("the saved scheduler state", saved)
+    missing = [key for key in current if (not key.startswith("_") or key == "_schedulers") and key not in saved]
+    if missing:
+        raise ValueError(
+            f"the saved scheduler state lacks {missing}, which {type(scheduler).__name__} needs: it comes from "
+            f"another scheduler (it holds {sorted(saved)})"
+        )
+    check_structure(current, saved, "the saved scheduler state")
+
+
 def _fsync_directory(directory: Path) -> None:
     """Make a rename in ``directory`` durable (where the platform can open a directory)."""
     if not hasattr(os, "O_DIRECTORY"):
@@ -94,7 +113,7 @@ def check_entry(obj: Any, saved: Any) -> None:
     elif isinstance(obj, Engine):
         check_engine_state(obj, saved)
     elif isinstance(obj, (torch.optim.lr_scheduler.LRScheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)):
-        check_structure(obj.state_dict(), saved, "the saved scheduler state")
+        _check_torch_scheduler(obj, saved)
     elif isinstance(obj, ParamScheduler):
         check_structure(obj.state_dict(), saved, "the saved scheduler state", require_keys=True)
 

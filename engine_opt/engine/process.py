@@ -78,7 +78,7 @@ def supervised_step(
     non_blocking: bool,
     output_transform: OutputTransform,
 ) -> TrainStep:
-    """``loss_fn(model(x), y)`` through ``wrapper``; a torch error gets a note naming the batch."""
+    """``loss_fn(model(x), y)`` through ``wrapper``; an error of the forward pass or the loss names the batch."""
 
     def step(engine: Engine, batch: Any) -> Any:
         if not model.training:
@@ -88,13 +88,13 @@ def supervised_step(
             with wrapper.optim_context(model):
                 y_pred = model(x)
                 loss = loss_fn(y_pred, y)
-            wrapper.update_params(loss)
         except (RuntimeError, ValueError, TypeError, IndexError) as error:  # wrong shapes, dtypes, devices
             _add_note(
                 error,
                 f"engine_opt: iteration {engine.state.iteration} failed on x = {_describe(x)}, y = {_describe(y)}",
             )
             raise
+        wrapper.update_params(loss)  # its errors, and its event handlers', say what they are about themselves
         return output_transform(x, y, y_pred, loss)
 
     return step

@@ -230,6 +230,7 @@ class ResumableLoader:
             value = state_dict.get(key, 0)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"state_dict[{key!r}] must be an int >= 0, got {value!r}")
+        self._check_position(state_dict["position"], self._length())
         ranks = state_dict.get("ranks")
         world = distributed.world_size()
         saved_world = 1 if ranks is None else len(ranks) if isinstance(ranks, list) else None

@@ -212,8 +212,13 @@ def _check_device(device: Any) -> None:
         parsed = torch.device(device)
     except RuntimeError:
         raise ValueError(f"device must name a torch device such as 'cpu', 'cuda' or 'cuda:1', got {device!r}") from None
-    if parsed.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r}: no CUDA device is available here")
+    checks_by_type: dict[str, Callable[[], bool]] = {
+        "cuda": torch.cuda.is_available,
+        "mps": torch.backends.mps.is_available,
+    }
+    available = checks_by_type.get(parsed.type)
+    if available is not None and not available():
+        raise ValueError(f"device {device!r}: no {parsed.type.upper()} device is available here")
 
 
 def _check_arguments(model: Any, optim_wrapper: Any, loss_fn: Any, train_step: Any) -> None:

@@ -200,8 +200,16 @@ def latest_checkpoint(dirname: str | Path) -> Path | None:
 
     Only files named exactly so count; an entry of that name that is not a
     file (a directory, a dangling link) is skipped with a warning.
+
+    Raises:
+        ValueError: ``dirname`` is a file.
     """
-    return RunDirectory(dirname).newest()
+    path = _directory_path(dirname)
+    if path.exists() and not path.is_dir():
+        raise ValueError(
+            f"{path} is a file, not a directory of checkpoints: pass its directory, or load_checkpoint(to_load, path)"
+        )
+    return RunDirectory(path).newest()
 
 
 def resume_from_latest(to_load: Mapping[str, Any], dirname: str | Path) -> Path | None:

@@ -149,6 +149,11 @@ class AmpOptimWrapper(OptimWrapper):
             self.loss_scaler = scaler if scaler.is_enabled() else None  # loss_scale=dict(enabled=False)
             if isinstance(loss_scale, (int, float)):
                 self._scale_update_param = float(loss_scale)
+        if self.loss_scaler is not None and any(param.dtype == torch.float16 for param in self._params()):
+            raise ValueError(
+                "the optimizer holds float16 parameters, which a grad scaler cannot unscale: keep the model in "
+                "float32 (autocast computes in float16 where it pays), or pass loss_scale=dict(enabled=False)"
+            )
 
     def optim_context(self, model: nn.Module) -> contextlib.AbstractContextManager[None]:
         """Gradient-sync control of ``OptimWrapper.optim_context`` plus autocast.

@@ -69,6 +69,9 @@ class GradClipper:
         _positive("clip_grad['clip_value']", kwargs.get("clip_value", 1.0), allow_inf=False)
         if kwargs.get("norm_type", 2.0) not in ("inf", "-inf"):
             _positive("clip_grad['norm_type']", kwargs.get("norm_type", 2.0), allow_inf=True)
+        for flag, types in (("error_if_nonfinite", (bool,)), ("foreach", (bool, type(None)))):
+            if flag in kwargs and not isinstance(kwargs[flag], types):
+                raise TypeError(f"clip_grad[{flag!r}] must be True or False, got {checks.describe(kwargs[flag])}")
         return cls(clip_type, kwargs)
 
     def clip(self, params: list[torch.Tensor]) -> torch.Tensor | None:

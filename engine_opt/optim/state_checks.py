@@ -128,6 +128,33 @@ def _is_number(value: Any, allow_nonfinite: bool = False) -> bool:
     return allow_nonfinite or math.isfinite(value)
 
 
+_NON_NEGATIVE = ("lr", "weight_decay", "momentum", "dampening", "eps")
+
+
+def check_hyperparameters(optimizer: torch.optim.Optimizer) -> None:
+    """Raise unless every param group's numbers are finite, and its lr, weight decay, momentum... not negative.
+
+    torch checks an optimizer's defaults, not the groups given their own
+    values (``paramwise_cfg``'s ``custom_keys``), nor nan or inf.
+
+    Example:
+        >>> param = torch.zeros(1, requires_grad=True)
+        >>> check_hyperparameters(torch.optim.SGD([{"params": [param], "lr": float("inf")}], lr=0.1))
+        Traceback (most recent call last):
+        ...
+        ValueError: SGD param group 0's 'lr' must be a finite number, got inf
+    """
+    name = type(optimizer).__name__
+    for index, group in enumerate(optimizer.param_groups):
+        for key, value in group.items():
+            if key == "params" or not _is_number(value, allow_nonfinite=True):
+                continue
+            if not _is_number(value):
+                raise ValueError(f"{name} param group {index}'s {key!r} must be a finite number, got {value!r}")
+            if key in _NON_NEGATIVE and not isinstance(value, torch.Tensor) and value < 0:
+                raise ValueError(f"{name} param group {index}'s {key!r} must be >= 0, got {value!r}")
+
+
 def check_structure(current: Any, saved: Any, where: str, *, require_keys: bool = False) -> None:
     """Raise unless ``saved`` has the shape of ``current`` (a state dict the object gives now).
 

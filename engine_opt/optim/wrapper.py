@@ -37,9 +37,9 @@ from torch.utils.hooks import RemovableHandle
 from . import checks, distributed
 from .clipping import GradClipper
 from .hooks import StepEvent, StepHook, StepHooks
-from .state_checks import check_optimizer_state
+from .state_checks import check_hyperparameters, check_optimizer_state
 
-_COUNTER_KEYS = ("inner_count", "max_counts", "steps", "skipped_steps")
+_COUNTER_KEYS = ("inner_count", "max_counts", "steps", "skipped_steps", "accumulative_counts")
 
 
 def _check_loss(loss: Any, backward_kwargs: Mapping[str, Any]) -> None:
@@ -64,8 +64,9 @@ def _check_counters(counters: Mapping[str, Any]) -> None:
     for key, value in counters.items():
         if isinstance(value, bool) or not isinstance(value, int):
             raise TypeError(f"state_dict['counters'][{key!r}] must be an int, got {value!r}")
-        if value < (-1 if key == "max_counts" else 0) or (key == "max_counts" and value == 0):
-            accepted = "-1 (unknown) or >= 1" if key == "max_counts" else ">= 0"
+        minimum = 1 if key in ("max_counts", "accumulative_counts") else 0
+        if value < minimum and not (key == "max_counts" and value == -1):
+            accepted = "-1 (unknown) or >= 1" if key == "max_counts" else f">= {minimum}"
             raise ValueError(f"state_dict['counters'][{key!r}] must be {accepted}, got {value}")
     if counters.get("skipped_steps", 0) > counters.get("steps", counters.get("skipped_steps", 0)):
         raise ValueError(
@@ -131,6 +132,7 @@ class OptimWrapper:
                 "LBFGS is not supported: its step() needs a closure that re-evaluates the model, which "
                 "update_params cannot give; use it in a loop of your own, or choose another optimizer"
             )
+        check_hyperparameters(optimizer)
         self.optimizer = optimizer
         self.loss_scaler: torch.amp.GradScaler | None = None
         self._accumulative_counts = checks.positive_int("accumulative_counts", accumulative_counts)
@@ -496,6 +498,7 @@ class OptimWrapper:
             "max_counts": self._max_counts,
             "steps": self._steps,
             "skipped_steps": self.skipped_steps,
+            "accumulative_counts": self._accumulative_counts,
         }
         if self._in_window():
             grads = [None if param.grad is None else param.grad.detach().clone() for param in self._params()]
@@ -533,6 +536,13 @@ class OptimWrapper:
             )
         if "accumulated_grads" not in state_dict and by_rank is None:
             return
+        saved_window = state_dict.get("counters", {}).get("accumulative_counts", self._accumulative_counts)
+        if saved_window != self._accumulative_counts:
+            raise ValueError(
+                f"state_dict was saved mid-window with accumulative_counts={saved_window}, this wrapper has "
+                f"{self._accumulative_counts}: the window's gradients were divided by the other size; resume with "
+                "the same accumulation, or from a checkpoint between windows"
+            )
         grads = _accumulated_grads(state_dict)
         params = self._params()
         if not isinstance(grads, list) or len(grads) != len(params):
