@@ -232,14 +232,20 @@ def test_the_trainer_and_its_wrapper_form_no_reference_cycle():
         gc.enable()
 
 
-def test_an_optimizer_event_is_fired_only_while_a_handler_listens(monkeypatch):
+@pytest.fixture
+def fired(monkeypatch):
+    """The optimizer events the trainers fire, in order."""
     import engine_opt.engine.trainer as trainer_module
 
-    fired = []
+    events = []
     real_fire = trainer_module.fire_registered
     monkeypatch.setattr(
-        trainer_module, "fire_registered", lambda engine, event: (fired.append(event), real_fire(engine, event))
+        trainer_module, "fire_registered", lambda engine, event: (events.append(event), real_fire(engine, event))
     )
+    return events
+
+
+def test_an_optimizer_event_is_fired_only_while_a_handler_listens(fired):
     model = make_model()
     wrapper = OptimWrapper(torch.optim.SGD(model.parameters(), lr=0.1), accumulative_counts=2)
     trainer = create_trainer(model, wrapper, loss_fn)
@@ -319,14 +325,7 @@ def test_a_wrapper_shared_by_two_trainers_fires_only_the_running_ones_events():
     assert seen == {"first": [1, 2], "second": [3, 4, 5]}
 
 
-def test_a_handler_added_twice_and_removed_once_is_gone_as_ignite_removes_every_copy(monkeypatch):
-    import engine_opt.engine.trainer as trainer_module
-
-    fired = []
-    real_fire = trainer_module.fire_registered
-    monkeypatch.setattr(
-        trainer_module, "fire_registered", lambda engine, event: (fired.append(event), real_fire(engine, event))
-    )
+def test_a_handler_added_twice_and_removed_once_is_gone_as_ignite_removes_every_copy(fired):
     model = make_model()
     trainer = create_trainer(model, OptimWrapper(torch.optim.SGD(model.parameters(), lr=0.1)), loss_fn)
 
