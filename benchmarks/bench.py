@@ -31,11 +31,13 @@ import json
 import os
 import platform
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from datetime import date
@@ -177,7 +179,13 @@ def trainer_runner(config: Config, model: nn.Module, device: torch.device) -> Ca
     logdir = tempfile.mkdtemp(prefix="engine-opt-bench-")
     logger = TensorboardLogger(log_dir=logdir)
     logger.attach(trainer, OptimParamsHandler(wrapper), OptimEvents.OPTIM_STEP_COMPLETED(every=10))
+    weakref.finalize(trainer, remove_logs, logger, logdir)  # when the trainer goes, or at exit
     return lambda batches: trainer.run(batches, max_epochs=1) and None
+
+
+def remove_logs(logger: TensorboardLogger, logdir: str) -> None:
+    logger.close()
+    shutil.rmtree(logdir, ignore_errors=True)
 
 
 def ignite_runner(config: Config, model: nn.Module, device: torch.device) -> Callable[[list[Any]], None]:
