@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import torch
@@ -221,3 +224,73 @@ def test_a_signal_stops_the_command_with_a_checkpoint_it_resumes_from_exactly(tm
         assert actual["data"][key] == expected["data"][key]
     for stream in ("torch", "python"):
         assert_same_tensors(actual["data"]["rng"][stream], expected["data"]["rng"][stream], stream)
+
+
+def test_help_shows_every_default(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = capsys.readouterr().out.split("\noptions:", 1)[1]
+    blocks = re.split(r"\n  (?=--)", text)[1:]  # one block per option: its name, its help
+    assert len(blocks) == 22
+    for block in blocks:
+        assert "default" in block, f"the help of {block.split()[0]} does not say its default"
+
+
+@pytest.mark.parametrize(
+    "config", sorted(ROOT.joinpath("examples", "configs").glob("*.json")), ids=lambda path: path.stem
+)
+def test_each_sample_config_trains(tmp_path, capsys, config):
+    task = "gan" if config.stem.startswith("gan") else "classifier"
+    assert run(tmp_path, "--task", task, "--epochs", "1", "--config", str(config)) == 0
+    assert f"trained {task} to epoch 1" in capsys.readouterr().out
+
+
+def test_a_new_run_is_refused_an_earlier_runs_log_directory(tmp_path, capsys):
+    assert run(tmp_path, "--epochs", "1") == 0
+    with pytest.raises(SystemExit) as exit_info:
+        run(tmp_path, "--epochs", "1", "--checkpoint-dir", str(tmp_path / "elsewhere"))
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "holds the TensorBoard logs of an earlier run" in err and "--log-dir" in err
+
+
+def test_a_resumed_run_draws_each_curve_once(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    assert run(tmp_path, "--epochs", "2", "--checkpoint-every", "100") == 0
+    (tmp_path / "logs" / "checkpoints" / "checkpoint_128.pt").unlink()  # as if it died after iteration 100
+    assert run(tmp_path, "--epochs", "2", "--checkpoint-every", "100", "--resume") == 0
+    accumulator = EventAccumulator(str(tmp_path / "logs"))
+    accumulator.Reload()
+    steps = [event.step for event in accumulator.Scalars("train/loss")]
+    assert steps == list(range(10, 129, 10))  # 110 and 120 logged once, not twice
+
+
+def test_a_batch_the_processes_do_not_divide_is_refused():
+    from engine_opt.app import train as train_module
+
+    args = build_parser_args("--batch-size", "3")
+    with (
+        pytest.raises(train_module.UsageError, match=r"--batch-size 3 .* must be a multiple of 2"),
+        mock.patch.object(train_module, "world_size", lambda: 2),
+    ):
+        train_module.build(args)
+
+
+def build_parser_args(*options):
+    from engine_opt.app.cli import build_parser
+
+    return build_parser().parse_args(["train", "--no-progress", "--log-dir", "unused", *options])
+
+
+def test_the_progress_bar_of_two_float16_members_fits_120_columns():
+    from engine_opt.handlers import attach_progress_bar
+
+    args = build_parser_args("--task", "gan", "--dtype", "fp16", "--epochs", "1")
+    from engine_opt.app.train import build
+
+    run_ = build(args)
+    shown = io.StringIO()
+    attach_progress_bar(run_.trainer, run_.optim_wrapper, every=5, show_lr=False, file=shown, ncols=120)
+    run_.trainer.run(run_.data, max_epochs=1)
+    last = [line for line in shown.getvalue().replace("\r", "\n").split("\n") if "gen_loss" in line][-1]
+    assert last.endswith("]") and "disc.scale=2^" in last, last  # nothing cut off at the end

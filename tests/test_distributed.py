@@ -216,6 +216,7 @@ def test_ctrl_c_stops_every_rank_at_the_same_iteration_with_a_checkpoint(tmp_pat
     assert launcher.returncode == 130, err[-2000:]
     line = [line for line in err.splitlines() if line.startswith("engine-opt:")]
     assert len(line) == 1 and "stopped by SIGINT at iteration" in line[0] and "Traceback" not in err
+    assert " INFO: " not in err  # no launcher dumps without --verbose
     stopped_at = int(line[0].split(" at iteration ")[1].split(";")[0])
     saved = torch.load(tmp_path / "runs/classifier/checkpoints" / f"checkpoint_{stopped_at}.pt", weights_only=True)
     assert saved["trainer"]["iteration"] == stopped_at

@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
+import logging
 import math
 import os
 import signal
@@ -93,7 +94,9 @@ def _task_options(train: argparse.ArgumentParser) -> None:
 def _distributed_options(train: argparse.ArgumentParser) -> None:
     parallel = train.add_argument_group("distributed (ignite.distributed)")
     parallel.add_argument(
-        "--nproc-per-node", type=_positive_int, help="spawn this many data-parallel processes (default: 1)"
+        "--nproc-per-node",
+        type=_positive_int,
+        help="spawn this many data-parallel processes (default: 1, or those torchrun started)",
     )
     parallel.add_argument(
         "--backend", choices=("gloo", "nccl"), help="torch.distributed backend (default: nccl on GPUs, else gloo)"
@@ -102,20 +105,40 @@ def _distributed_options(train: argparse.ArgumentParser) -> None:
 
 def _wrapper_options(train: argparse.ArgumentParser) -> None:
     wrapper = train.add_argument_group("wrapper (or --config)")
-    wrapper.add_argument("--config", type=Path, help="a JSON file holding a build_optim_wrapper config")
-    wrapper.add_argument("--wrapper", choices=("OptimWrapper", "AmpOptimWrapper"), help="wrapper type")
+    wrapper.add_argument(
+        "--config",
+        type=Path,
+        help="a JSON build_optim_wrapper config (default: none, the options below; see examples/configs/)",
+    )
+    wrapper.add_argument(
+        "--wrapper",
+        choices=("OptimWrapper", "AmpOptimWrapper"),
+        help="wrapper type (default: OptimWrapper, AmpOptimWrapper with --dtype bf16/fp16)",
+    )
     wrapper.add_argument("--dtype", choices=_DTYPES, help="fp32, or bf16/fp16 mixed precision (default: fp32)")
     wrapper.add_argument("--accumulate", type=_positive_int, help="micro-batches per update (default: 1)")
-    wrapper.add_argument("--clip-norm", type=_positive_float, help="clip the gradient norm to this value")
-    wrapper.add_argument("--optimizer", help="any torch.optim name (default: the task's)")
-    wrapper.add_argument("--lr", type=_positive_float, help="learning rate (default: the task's)")
+    wrapper.add_argument(
+        "--clip-norm", type=_positive_float, help="clip the gradient norm to this value (default: no clipping)"
+    )
+    wrapper.add_argument(
+        "--optimizer", help="any torch.optim name (default: the task's, AdamW for classifier, Adam for gan)"
+    )
+    wrapper.add_argument("--lr", type=_positive_float, help="learning rate (default: the task's, 0.001)")
 
 
 def _strategy_options(train: argparse.ArgumentParser) -> None:
     strategies = train.add_argument_group("strategies")
-    strategies.add_argument("--schedule", choices=("constant", "cosine"), default="constant", help="lr schedule")
     strategies.add_argument(
-        "--nonfinite", choices=("off", "skip", "stop"), default="off", help="guard against nan/inf updates"
+        "--schedule",
+        choices=("constant", "cosine"),
+        default="constant",
+        help="lr schedule over the run's updates (default: constant)",
+    )
+    strategies.add_argument(
+        "--nonfinite",
+        choices=("off", "skip", "stop"),
+        default="off",
+        help="guard against nan/inf updates (default: off)",
     )
 
 
@@ -124,20 +147,31 @@ def _output_options(train: argparse.ArgumentParser) -> None:
     output.add_argument("--log-dir", type=Path, help="TensorBoard log directory (default: runs/TASK)")
     output.add_argument("--checkpoint-dir", type=Path, help="checkpoint directory (default: LOG_DIR/checkpoints)")
     output.add_argument("--checkpoint-every", type=_positive_int, help="save every N iterations (default: each epoch)")
-    output.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
-    output.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    output.add_argument(
+        "--resume", action="store_true", help="continue from the newest checkpoint (default: a new run)"
+    )
+    output.add_argument("--no-progress", action="store_true", help="hide the progress bar (default: shown on rank 0)")
+    output.add_argument(
+        "--verbose", action="store_true", help="show the INFO messages of Ignite and torch (default: warnings only)"
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``engine-opt`` and ``python -m engine_opt``; returns the exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    with _quiet_unless_verbose(args):
+        status = _launch(parser, args)
+    if status:
+        raise SystemExit(status)
+    return 0
+
+
+def _launch(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    """Run in this process, or spawn the ranks and wait for them; the exit status."""
     distributed = args.nproc_per_node is not None or "WORLD_SIZE" in os.environ  # spawn, or under torchrun
     if not distributed:
-        status = _run(args)
-        if status:
-            raise SystemExit(status)
-        return 0
+        return _run(args)
     backend = args.backend or ("nccl" if torch.cuda.is_available() and args.device != "cpu" else "gloo")
     if backend == "nccl" and not torch.cuda.is_available():
         parser.exit(2, "engine-opt: error: --backend nccl needs GPUs; use --backend gloo on CPU\n")
@@ -146,13 +180,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             launcher.run(_worker, args)
     except ProcessExitedException as error:  # a spawned rank ended with an error status, or was killed
         if error.signal_name is None:  # the rank printed why
-            parser.exit(error.exit_code, "")
+            return error.exit_code
         number = int(getattr(signal, error.signal_name))
-        parser.exit(
-            128 + number,
+        print(
             f"engine-opt: rank {error.error_index} was killed by {error.signal_name}; the run "
-            "stopped there (resume it from its last checkpoint with --resume)\n",
+            "stopped there (resume it from its last checkpoint with --resume)",
+            file=sys.stderr,
         )
+        return 128 + number
     return 0
 
 
@@ -168,12 +203,26 @@ def _ranks_handle_signals() -> Iterator[None]:
 
 def _worker(local_rank: int, args: argparse.Namespace) -> None:
     """One rank of a distributed run: exit with ``_run``'s status if it is not 0."""
-    status = _run(args)
+    with _quiet_unless_verbose(args):
+        status = _run(args)
     # The run's objects (DDP's reducer among them) sit in reference cycles; free them while the process
     # group still exists, or its threads are torn down at interpreter exit and the process aborts.
     gc.collect()
     if status:
         sys.exit(status)
+
+
+@contextlib.contextmanager
+def _quiet_unless_verbose(args: argparse.Namespace) -> Iterator[None]:
+    """While the command runs, INFO messages (Ignite's multi-line launcher dumps) only with ``--verbose``."""
+    if args.verbose:
+        yield
+        return
+    logging.disable(logging.INFO)
+    try:
+        yield
+    finally:
+        logging.disable(logging.NOTSET)
 
 
 def _run(args: argparse.Namespace) -> int:

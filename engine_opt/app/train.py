@@ -134,10 +134,11 @@ def build(args: argparse.Namespace) -> Run:
     """The task, its wrapper(s) from the options, the trainer and its schedules; nothing attached yet."""
     device = _device(args)
     log_dir, checkpoint_dir = run_paths(args)
-    if not args.resume and latest_checkpoint(checkpoint_dir) is not None:
+    _check_new_run_directories(args, log_dir, checkpoint_dir)
+    if args.batch_size % world_size():
         raise UsageError(
-            f"{checkpoint_dir} holds checkpoints of an earlier run; pass --resume to continue it, "
-            "or choose another --checkpoint-dir"
+            f"--batch-size {args.batch_size} is the batch of one iteration over all {world_size()} processes; "
+            f"it must be a multiple of {world_size()}"
         )
     task = make_task(args.task, args.seed, args.batch_size)  # the same data and weights on every rank
     task.model.to(device)
@@ -151,6 +152,22 @@ def build(args: argparse.Namespace) -> Run:
     schedulers = _schedulers(args.schedule, optim_wrapper, args.epochs * len(data))
     options = RunOptions(args.task, args.batch_size, args.seed, world_size(), wrapper_cfg, args.schedule, args.epochs)
     return Run(task, optim_wrapper, trainer, data, schedulers, options, log_dir, checkpoint_dir)
+
+
+def _check_new_run_directories(args: argparse.Namespace, log_dir: Path, checkpoint_dir: Path) -> None:
+    """A new run writes neither into an earlier run's checkpoints nor into its TensorBoard curves."""
+    if args.resume:
+        return
+    if latest_checkpoint(checkpoint_dir) is not None:
+        raise UsageError(
+            f"{checkpoint_dir} holds checkpoints of an earlier run; pass --resume to continue it, "
+            "or --log-dir (logs and checkpoints) or --checkpoint-dir for a new run"
+        )
+    if any(log_dir.glob("events.out.tfevents.*")):
+        raise UsageError(
+            f"{log_dir} holds the TensorBoard logs of an earlier run, which this run's would mix with; pass "
+            "--resume to continue it, or --log-dir for a new run"
+        )
 
 
 def resume(run: Run, args: argparse.Namespace) -> Path | None:
@@ -188,12 +205,13 @@ def attach_handlers(run: Run, args: argparse.Namespace) -> tuple[LossTracker, Ch
     checkpoint = attach_checkpoint(trainer, run.to_save(), run.checkpoint_dir, every=args.checkpoint_every)
     if rank() != 0:
         return tracker, checkpoint, None
-    tb_logger = TensorboardLogger(log_dir=str(run.log_dir))
+    # A resumed run drops what the interrupted one logged after its checkpoint, so each curve is drawn once.
+    tb_logger = TensorboardLogger(log_dir=str(run.log_dir), purge_step=trainer.state.iteration + 1)
     tb_logger.attach(trainer, OptimParamsHandler(run.optim_wrapper), OptimEvents.OPTIM_STEP_COMPLETED(every=10))
     losses = OutputHandler(tag="train", output_transform=_as_losses, global_step_transform=_iteration)
     tb_logger.attach(trainer, losses, Events.ITERATION_COMPLETED(every=10))
     if not args.no_progress:
-        attach_progress_bar(trainer, run.optim_wrapper, every=5, persist=True)
+        attach_progress_bar(trainer, run.optim_wrapper, every=5, show_lr=args.schedule != "constant", persist=True)
     return tracker, checkpoint, tb_logger
 
 

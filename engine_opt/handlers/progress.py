@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from numbers import Number
 from typing import Any
@@ -35,8 +36,10 @@ def _flat_numbers(output: Mapping[Any, Any]) -> dict[str, float]:
     return numbers
 
 
-def progress_values(optim_wrapper: OptimWrapper | OptimWrapperDict) -> Callable[[Any], dict[str, float]]:
-    """An ``output_transform`` for ``ProgressBar``: loss(es), first-group lr and loss scale.
+def progress_values(
+    optim_wrapper: OptimWrapper | OptimWrapperDict, show_lr: bool = True
+) -> Callable[[Any], dict[str, float]]:
+    """An ``output_transform`` for ``ProgressBar``: loss(es), first-group lr (unless ``show_lr=False``), loss scale.
 
     Example:
         >>> model = torch.nn.Linear(1, 1)
@@ -50,7 +53,8 @@ def progress_values(optim_wrapper: OptimWrapper | OptimWrapperDict) -> Callable[
         values = _loss_values(output)
         for name, wrapper in shown:
             prefix = member_prefix(name)
-            values[f"{prefix}lr"] = wrapper.param_groups[0]["lr"]
+            if show_lr:
+                values[f"{prefix}lr"] = wrapper.param_groups[0]["lr"]
             if wrapper.loss_scaler is not None:
                 values[f"{prefix}scale"] = wrapper.loss_scaler.get_scale()
         return values
@@ -58,25 +62,50 @@ def progress_values(optim_wrapper: OptimWrapper | OptimWrapperDict) -> Callable[
     return transform
 
 
+def compact(value: float) -> str:
+    """``value`` as the bar shows it: 3 significant digits, a power of two as ``2^k`` (loss scales).
+
+    Example:
+        >>> compact(65536.0), compact(0.001), compact(1.23456), compact(3e-05)
+        ('2^16', '0.001', '1.23', '3e-05')
+    """
+    mantissa, exponent = math.frexp(value)
+    if mantissa == 0.5 and exponent - 1 >= 10:
+        return f"2^{exponent - 1}"
+    return f"{value:.3g}"
+
+
 def attach_progress_bar(
-    trainer: Engine, optim_wrapper: OptimWrapper | OptimWrapperDict, every: int = 1, **tqdm_kwargs: Any
+    trainer: Engine,
+    optim_wrapper: OptimWrapper | OptimWrapperDict,
+    every: int = 1,
+    show_lr: bool = True,
+    **tqdm_kwargs: Any,
 ) -> ProgressBar:
-    """Attach a ``ProgressBar`` that shows the loss, learning rate and loss scale.
+    """Attach a ``ProgressBar`` that shows the loss, learning rate and loss scale, compactly.
 
     Showing values reads them on the host; ``every`` refreshes the bar every
-    ``every`` iterations to keep that rare.
+    ``every`` iterations to keep that rare. Numbers are shown with 3
+    significant digits, loss scales as powers of two, so the bar of a GAN's
+    two float16 members fits 120 columns.
 
     Args:
         trainer: The trainer.
         optim_wrapper: The wrapper (or dict) whose lr and loss scale to show.
         every: Refresh period in iterations.
+        show_lr: Show each member's first-group learning rate (leave it out when it is constant).
         **tqdm_kwargs: Passed to ``ProgressBar`` (``persist``, ``bar_format``...).
 
     Returns:
         The attached ``ProgressBar``.
     """
     checks.positive_int("every", every)
+    values = progress_values(optim_wrapper, show_lr)
     bar = ProgressBar(**tqdm_kwargs)
     event = Events.ITERATION_COMPLETED(every=every)
-    bar.attach(trainer, output_transform=progress_values(optim_wrapper), event_name=event)
+    bar.attach(trainer, output_transform=lambda output: _shown(values(output)), event_name=event)
     return bar
+
+
+def _shown(values: dict[str, float]) -> dict[str, str]:
+    return {key: compact(value) for key, value in values.items()}
