@@ -170,3 +170,23 @@ def test_model_without_trainable_parameters_and_non_modules():
         build_optim_wrapper(frozen, dict(optimizer=dict(type="SGD", lr=0.1)))
     with pytest.raises(TypeError, match=r"model must be a torch.nn.Module"):
         build_optim_wrapper("model", dict(optimizer=dict(type="SGD", lr=0.1)))
+
+
+def test_groups_made_from_paramwise_cfg_are_named_after_their_rules():
+    from engine_opt.handlers import optim_scalars
+
+    model = make_model()  # Linear, LayerNorm, ReLU, Linear
+    wrapper = build_optim_wrapper(
+        model,
+        dict(
+            optimizer=dict(type="AdamW", lr=0.01, weight_decay=0.1),
+            paramwise_cfg=dict(bias_decay_mult=0.0, norm_decay_mult=0.0, custom_keys={"3.": dict(lr_mult=0.5)}),
+        ),
+    )
+    assert [(group["name"], len(group["params"])) for group in wrapper.param_groups] == [
+        ("default", 1),  # 0.weight
+        ("bias+norm", 3),  # 0.bias, 1.weight, 1.bias: the same settings, one group
+        ("3.", 2),
+    ]
+    assert {key for key in optim_scalars(wrapper) if key.startswith("lr/")} == {"lr/default", "lr/bias+norm", "lr/3."}
+    assert "name" not in build_optim_wrapper(model, dict(optimizer=dict(type="SGD", lr=0.1))).param_groups[0]

@@ -294,3 +294,21 @@ def test_the_progress_bar_of_two_float16_members_fits_120_columns():
     run_.trainer.run(run_.data, max_epochs=1)
     last = [line for line in shown.getvalue().replace("\r", "\n").split("\n") if "gen_loss" in line][-1]
     assert last.endswith("]") and "disc.scale=2^" in last, last  # nothing cut off at the end
+
+
+@pytest.mark.parametrize("options", [["--task", "gan"], ["--accumulate", "4"]], ids=["gan", "accumulate4"])
+def test_every_curve_of_the_command_shares_the_iteration_axis(tmp_path, options):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    assert run(tmp_path, "--epochs", "2", *options) == 0
+    accumulator = EventAccumulator(str(tmp_path / "logs"))
+    accumulator.Reload()
+    steps = {tag: [event.step for event in accumulator.Scalars(tag)] for tag in accumulator.Tags()["scalars"]}
+    losses = [tag for tag in steps if tag.startswith("train/")]
+    rates = [tag for tag in steps if "lr/" in tag]
+    assert losses and rates
+    for tag in losses:
+        assert steps[tag] == list(range(10, 121, 10)), tag  # 128 iterations
+    for tag in rates:
+        assert min(steps[tag]) >= 1 and max(steps[tag]) <= 128, (tag, steps[tag])
+        assert max(steps[tag]) >= 100, (tag, steps[tag])  # spans the run, on the same axis

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from ignite.engine import Events
 from ignite.handlers.tensorboard_logger import TensorboardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -58,20 +59,24 @@ def test_logs_the_values_each_update_used(tmp_path):
         "train/lr/group_1",
         "train/momentum/group_0",
         "train/momentum/group_1",
+        "train/weight_decay/group_0",
+        "train/weight_decay/group_1",
         "train/loss_scale",
         "train/updates_applied",
         "train/updates_skipped",
         "train/grad_norm",
     }
-    # Updates 2 and 4 used lr * 0.5**1 and lr * 0.5**3: the scheduler moves after the logger.
-    assert scalars["train/lr/group_0"] == [(2, f32(0.2 * 0.5)), (4, f32(0.2 * 0.5**3))]
-    assert scalars["train/lr/group_1"] == [(2, f32(0.4 * 0.5)), (4, f32(0.4 * 0.5**3))]
-    assert scalars["train/base_lr"] == [(2, f32(0.2)), (4, f32(0.2))]
-    assert scalars["train/momentum/group_1"] == [(2, 0.5), (4, 0.5)]
-    assert scalars["train/updates_applied"] == [(2, 2.0), (4, 4.0)]
-    assert scalars["train/updates_skipped"] == [(2, 0.0), (4, 0.0)]
-    assert scalars["train/loss_scale"] == [(2, 256.0 * 2**2), (4, 256.0 * 2**4)]
-    assert scalars["train/grad_norm"] == [(2, f32(norms[1])), (4, f32(norms[3]))]
+    # Updates 2 and 4 (at iterations 4 and 8, the x-axis) used lr * 0.5**1 and lr * 0.5**3: the scheduler
+    # moves after the logger.
+    assert scalars["train/lr/group_0"] == [(4, f32(0.2 * 0.5)), (8, f32(0.2 * 0.5**3))]
+    assert scalars["train/lr/group_1"] == [(4, f32(0.4 * 0.5)), (8, f32(0.4 * 0.5**3))]
+    assert scalars["train/base_lr"] == [(4, f32(0.2)), (8, f32(0.2))]
+    assert scalars["train/momentum/group_1"] == [(4, 0.5), (8, 0.5)]
+    assert scalars["train/weight_decay/group_0"] == [(4, 0.0), (8, 0.0)]
+    assert scalars["train/updates_applied"] == [(4, 2.0), (8, 4.0)]
+    assert scalars["train/updates_skipped"] == [(4, 0.0), (8, 0.0)]
+    assert scalars["train/loss_scale"] == [(4, 256.0 * 2**2), (8, 256.0 * 2**4)]
+    assert scalars["train/grad_norm"] == [(4, f32(norms[1])), (8, f32(norms[3]))]
 
 
 def test_a_dict_logs_every_member_with_its_prefix(tmp_path):
@@ -89,6 +94,8 @@ def test_a_dict_logs_every_member_with_its_prefix(tmp_path):
         "disc.lr/group_0",
         "gen.momentum/group_0",
         "disc.momentum/group_0",
+        "gen.weight_decay/group_0",
+        "disc.weight_decay/group_0",
         "gen.loss_scale",
         "gen.updates_applied",
         "gen.updates_skipped",
@@ -96,7 +103,8 @@ def test_a_dict_logs_every_member_with_its_prefix(tmp_path):
         "disc.updates_skipped",
     }
     assert scalars["gen.momentum/group_0"][0] == (1, 0.8999999761581421)  # Adam's betas[0]
-    assert scalars["disc.updates_applied"] == [(1, 0.0), (2, 1.0), (3, 1.0)]  # logged at updates 1..3 overall
+    # Logged at each update, on the iteration axis: gen's at iterations 1 and 2, disc's at 2.
+    assert scalars["disc.updates_applied"] == [(1, 0.0), (2, 1.0), (2, 1.0)]
 
 
 def test_optim_scalars_reads_counts_and_groups():
@@ -105,6 +113,7 @@ def test_optim_scalars_reads_counts_and_groups():
     assert optim_scalars(wrapper) == {
         "lr/group_0": 0.1,
         "momentum/group_0": 0.0,
+        "weight_decay/group_0": 0.0,
         "updates_applied": 0.0,
         "updates_skipped": 0.0,
     }
@@ -119,5 +128,41 @@ def test_bad_arguments(tmp_path):
         OptimParamsHandler(wrapper, tag=3)
     handler = OptimParamsHandler(wrapper)
     trainer = create_trainer(model, wrapper, loss_fn)
-    with pytest.raises(TypeError, match="works with a TensorboardLogger, got 'logger'"):
+    with pytest.raises(TypeError, match="works with an Ignite logger, got 'logger'"):
         handler(trainer, "logger", OptimEvents.OPTIM_STEP_COMPLETED)
+
+
+def test_the_updates_axis_plots_each_member_against_its_own_updates(tmp_path):
+    gan = make_gan()
+    wrappers = make_amp_gan_wrappers(gan, loss_scale=64.0)
+    trainer = create_trainer(gan, wrappers, train_step=lambda engine, x: gan_step(gan, wrappers, x))
+    tb_logger = TensorboardLogger(log_dir=str(tmp_path))
+    handler = OptimParamsHandler(wrappers, x_axis="updates")
+    tb_logger.attach(trainer, log_handler=handler, event_name=Events.ITERATION_COMPLETED)
+    trainer.run([x for x, _ in make_batches(4)])
+    tb_logger.close()
+    scalars = read_scalars(tmp_path)
+    assert [step for step, _ in scalars["gen.lr/group_0"]] == [1, 2, 3, 4]  # an update each iteration
+    assert [step for step, _ in scalars["disc.lr/group_0"]] == [0, 1, 1, 2]  # one each 2 (accumulation)
+    with pytest.raises(ValueError, match=r"x_axis must be one of \['iteration', 'updates'\], got 'epochs'"):
+        OptimParamsHandler(wrappers, x_axis="epochs")
+
+
+def test_named_param_groups_name_their_tags():
+    model = make_model()
+    named = torch.optim.SGD(
+        [{"params": list(model[0].parameters()), "name": "encoder"}, {"params": list(model[3].parameters())}],
+        lr=0.1,
+        weight_decay=0.01,
+    )
+    assert sorted(optim_scalars(OptimWrapper(named))) == [
+        "base_lr",
+        "lr/encoder",
+        "lr/group_1",
+        "momentum/encoder",
+        "momentum/group_1",
+        "updates_applied",
+        "updates_skipped",
+        "weight_decay/encoder",
+        "weight_decay/group_1",
+    ]

@@ -124,17 +124,22 @@ def _param_groups(
         raise ValueError("paramwise_cfg sets an lr_mult but the optimizer config has no 'lr'")
     rules = _Paramwise(cfg, custom, base_lr, base_wd)
     groups: dict[tuple[tuple[str, Any], ...], dict[str, Any]] = {}
+    labels: dict[tuple[tuple[str, Any], ...], set[str]] = {}
     seen: set[int] = set()
     for prefix, module in model.named_modules():
         for local_name, param in module.named_parameters(recurse=False):
             if not param.requires_grad or id(param) in seen:
                 continue
             seen.add(id(param))
-            settings = rules.settings(f"{prefix}.{local_name}" if prefix else local_name, local_name, module)
+            settings, label = rules.settings(f"{prefix}.{local_name}" if prefix else local_name, local_name, module)
             group_key = tuple(sorted(settings.items(), key=lambda item: item[0]))
             groups.setdefault(group_key, {"params": [], **settings})["params"].append(param)
+            labels.setdefault(group_key, set()).add(label)
     if not groups:
         raise ValueError(f"the model {type(model).__name__} has no trainable parameters")
+    if paramwise_cfg is not None:  # each group named after the rules that made it, for logs (lr/bias+norm)
+        for group_key, group in groups.items():
+            group["name"] = "+".join(sorted(labels[group_key]))
     for key in sorted(set(custom) - rules.matched):
         warnings.warn(
             f"paramwise_cfg['custom_keys'] key {key!r} matches no trainable parameter of {type(model).__name__}",
@@ -180,15 +185,19 @@ class _Paramwise:
         self.ordered_keys = sorted(sorted(custom), key=len, reverse=True)  # the longest matching key wins
         self.matched: set[str] = set()
 
-    def settings(self, name: str, local_name: str, module: nn.Module) -> dict[str, Any]:
+    def settings(self, name: str, local_name: str, module: nn.Module) -> tuple[dict[str, Any], str]:
+        """The parameter's settings, and the rule that gave them: a custom key, ``bias``, ``norm`` or ``default``."""
         matched = next((key for key in self.ordered_keys if key in name), None)
         if matched is not None:
             self.matched.add(matched)
-        settings = self._custom(matched) if matched is not None else self._by_kind(local_name, module)
+            settings, label = self._custom(matched), matched
+        else:
+            settings = self._by_kind(local_name, module)
+            label = "norm" if isinstance(module, _NORM_TYPES) else "bias" if local_name == "bias" else "default"
         for option, base in (("lr", self.base_lr), ("weight_decay", self.base_wd)):
             if option in settings and settings[option] == base:
                 del settings[option]
-        return settings
+        return settings, label if settings else "default"
 
     def _custom(self, key: str) -> dict[str, Any]:
         options = dict(self.custom[key])
