@@ -166,3 +166,38 @@ def test_named_param_groups_name_their_tags():
         "weight_decay/encoder",
         "weight_decay/group_1",
     ]
+
+
+def test_another_ignite_logger_gets_the_same_values_read_back_by_its_own_reader(tmp_path, monkeypatch):
+    """MLflow to a local file store, read back with MLflow's client: the values TensorBoard gets."""
+    mlflow = pytest.importorskip("mlflow")
+    from ignite.handlers.mlflow_logger import MLflowLogger
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # a local store, no server
+    uri = (tmp_path / "mlruns").as_uri()
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_experiment("engine_opt")
+    model = make_model()
+    wrapper = OptimWrapper(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), accumulative_counts=2)
+    scheduler = torch.optim.lr_scheduler.StepLR(wrapper.optimizer, step_size=1, gamma=0.5)
+    trainer = create_trainer(model, wrapper, loss_fn)
+    SchedulerHandler(scheduler).attach(trainer)
+    mlflow_logger = MLflowLogger()
+    mlflow_logger.attach(trainer, OptimParamsHandler(wrapper), OptimEvents.OPTIM_STEP_COMPLETED)
+    tb_logger = TensorboardLogger(log_dir=str(tmp_path / "tb"))
+    tb_logger.attach(trainer, OptimParamsHandler(wrapper), OptimEvents.OPTIM_STEP_COMPLETED)
+    try:
+        trainer.run(make_batches(6))
+        run_id = mlflow.active_run().info.run_id
+    finally:
+        mlflow_logger.close()
+        tb_logger.close()
+    client = MlflowClient(tracking_uri=uri)
+    tensorboard = read_scalars(tmp_path / "tb")
+    logged = sorted(client.get_run(run_id).data.metrics)
+    assert logged == sorted(f"optim {tag}" for tag in tensorboard)
+    for tag, values in tensorboard.items():
+        history = [(metric.step, f32(metric.value)) for metric in client.get_metric_history(run_id, f"optim {tag}")]
+        assert history == values, tag
+    assert [value for _, value in tensorboard["lr/group_0"]] == [f32(0.1), f32(0.05), f32(0.025)]
