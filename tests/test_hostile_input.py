@@ -388,7 +388,7 @@ CASES = [
     Case("trainer", "`wrapper.update_params(loss)` of a loss that is not a scalar", lambda: (lambda m: OptimWrapper(sgd(m)).update_params(m(torch.ones(2, 4))))(make_model()), "scalar"),
     Case("trainer", "`create_trainer(model, wrapper, loss_fn, device='mps')` without MPS", lambda: create_trainer(make_model(), OptimWrapper(sgd()), F.mse_loss, device="mps"), "'mps'"),
     Case("trainer", "`attach_checkpoint(trainer, to_save, None)`", lambda: attach_checkpoint(create_trainer(make_model(), OptimWrapper(sgd()), F.mse_loss), {}, None), "dirname"),
-    Case("data", "a batch that is one tensor, not `(x, y)`", lambda: run_trainer(make_model(), F.mse_loss, torch.ones(2, 4)), "(x, y)"),
+    Case("data", "a batch that is one tensor of 3 rows, not `(x, y)`", lambda: run_trainer(make_model(), F.mse_loss, torch.ones(3, 4)), "(x, y)"),
     Case("data", "`x` with 3 features for a model taking 4", lambda: run_trainer(make_model(), F.mse_loss, (torch.ones(2, 3), torch.ones(2, 2))), "float32 tensor (2, 3)"),
     Case("data", "float targets for `cross_entropy` over 2 classes, wrong shape", lambda: run_trainer(make_model(), F.cross_entropy, (torch.ones(2, 4), torch.ones(2, 3))), "y = float32 tensor (2, 3)"),
     Case("data", "a loss that is not a scalar (`loss_fn=lambda p, y: p - y`)", lambda: run_trainer(make_model(), lambda p, y: p - y, (torch.ones(2, 4), torch.ones(2, 2))), "scalar"),

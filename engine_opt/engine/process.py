@@ -18,7 +18,8 @@ Example:
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -36,25 +37,63 @@ PrepareBatch = Callable[[Any, "str | torch.device | None", bool], tuple[Any, Any
 OutputTransform = Callable[[Any, Any, Any, torch.Tensor], Any]
 
 
-def prepare_batch(
-    batch: Sequence[Any], device: str | torch.device | None = None, non_blocking: bool = False
-) -> tuple[Any, Any]:
-    """Split ``batch`` into ``(x, y)`` and move both to ``device``."""
-    if not isinstance(batch, Sequence) or len(batch) != 2:
-        raise ValueError(
-            f"the default prepare_batch expects batches of (x, y), got {checks.describe(batch)}; "
-            "pass prepare_batch=... or train_step=... for other batch layouts"
-        )
-    x, y = batch
+_MAPPING_KEYS = (("x", "y"), ("input", "target"))
+
+
+def prepare_batch(batch: Any, device: str | torch.device | None = None, non_blocking: bool = False) -> tuple[Any, Any]:
+    """Split ``batch`` into ``(x, y)`` and move both to ``device``, as Ignite's ``create_supervised_trainer`` does.
+
+    What unpacks into exactly two is split so (a tuple, a list, a tensor
+    whose first dimension is 2); a mapping is split by its keys ``'x'`` and
+    ``'y'``, or ``'input'`` and ``'target'`` (Ignite would unpack its keys).
+    Anything else is refused with what to pass instead.
+    """
+    if isinstance(batch, Mapping):
+        keys = next((pair for pair in _MAPPING_KEYS if all(key in batch for key in pair)), None)
+        if keys is None:
+            raise ValueError(
+                f"the default prepare_batch splits a dict batch by its keys 'x' and 'y' (or 'input' and 'target'), "
+                f"got keys {list(batch)}; pass prepare_batch=... or train_step=... for other layouts"
+            )
+        x, y = batch[keys[0]], batch[keys[1]]
+    else:
+        parts = _two_parts(batch)
+        if parts is None:
+            raise ValueError(
+                f"the default prepare_batch expects batches of (x, y), got {checks.describe(batch)}; "
+                "pass prepare_batch=... or train_step=... for other batch layouts"
+            )
+        x, y = parts
     return (
         convert_tensor(x, device=device, non_blocking=non_blocking),
         convert_tensor(y, device=device, non_blocking=non_blocking),
     )
 
 
+def _two_parts(batch: Any) -> tuple[Any, Any] | None:
+    """``batch`` unpacked into two, or None where it does not unpack into exactly two (strings neither)."""
+    if isinstance(batch, (str, bytes)) or (isinstance(batch, torch.Tensor) and (batch.dim() == 0 or len(batch) != 2)):
+        return None
+    try:
+        x, y = batch
+    except (TypeError, ValueError):
+        return None
+    return x, y
+
+
 def loss_output(x: Any, y: Any, y_pred: Any, loss: torch.Tensor) -> torch.Tensor:
     """The default ``output_transform``: the detached loss tensor (not a float: no host sync)."""
     return loss.detach()
+
+
+def default_model_fn(model: nn.Module, x: Any) -> Any:
+    """The default ``model_fn``: ``model(x)``."""
+    return model(x)
+
+
+def default_model_transform(output: Any) -> Any:
+    """The default ``model_transform``: the model's output as it is."""
+    return output
 
 
 def check_callable(name: str, value: Any, arity: int, usage: str) -> None:
@@ -69,25 +108,30 @@ def check_callable(name: str, value: Any, arity: int, usage: str) -> None:
         pass
 
 
-def supervised_step(
-    model: nn.Module,
-    wrapper: OptimWrapper,
-    loss_fn: Callable[..., torch.Tensor],
-    prepare: PrepareBatch,
-    device: str | torch.device | None,
-    non_blocking: bool,
-    output_transform: OutputTransform,
-) -> TrainStep:
+@dataclass(frozen=True)
+class SupervisedStep:
+    """How ``create_trainer``'s default process function turns a batch into a loss (Ignite's arguments)."""
+
+    loss_fn: Callable[..., torch.Tensor]
+    prepare_batch: PrepareBatch
+    device: str | torch.device | None = None
+    non_blocking: bool = False
+    model_fn: Callable[[nn.Module, Any], Any] = default_model_fn
+    model_transform: Callable[[Any], Any] = default_model_transform
+    output_transform: OutputTransform = loss_output
+
+
+def supervised_step(model: nn.Module, wrapper: OptimWrapper, how: SupervisedStep) -> TrainStep:
     """``loss_fn(model(x), y)`` through ``wrapper``; an error of the forward pass or the loss names the batch."""
 
     def step(engine: Engine, batch: Any) -> Any:
         if not model.training:
             model.train()
-        x, y = prepare(batch, device, non_blocking)
+        x, y = how.prepare_batch(batch, how.device, how.non_blocking)
         try:
             with wrapper.optim_context(model):
-                y_pred = model(x)
-                loss = loss_fn(y_pred, y)
+                y_pred = how.model_transform(how.model_fn(model, x))
+                loss = how.loss_fn(y_pred, y)
         except (RuntimeError, ValueError, TypeError, IndexError) as error:  # wrong shapes, dtypes, devices
             _add_note(
                 error,
@@ -95,7 +139,7 @@ def supervised_step(
             )
             raise
         wrapper.update_params(loss)  # its errors, and its event handlers', say what they are about themselves
-        return output_transform(x, y, y_pred, loss)
+        return how.output_transform(x, y, y_pred, loss)
 
     return step
 

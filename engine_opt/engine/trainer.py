@@ -30,8 +30,11 @@ from .ignite_internals import fire_registered, forget_failed_run
 from .process import (
     OutputTransform,
     PrepareBatch,
+    SupervisedStep,
     TrainStep,
     check_callable,
+    default_model_fn,
+    default_model_transform,
     loss_output,
     mmengine_step,
     prepare_batch,
@@ -200,6 +203,13 @@ def _bridge(trainer: Trainer, name: str | None) -> StepHook:
     return fire
 
 
+def _check_supervised(how: SupervisedStep) -> None:
+    check_callable("prepare_batch", how.prepare_batch, 3, "prepare_batch(batch, device, non_blocking)")
+    check_callable("model_fn", how.model_fn, 2, "model_fn(model, x)")
+    check_callable("model_transform", how.model_transform, 1, "model_transform(output)")
+    check_callable("output_transform", how.output_transform, 4, "output_transform(x, y, y_pred, loss)")
+
+
 def _check_device(device: Any) -> None:
     """A device torch knows and this machine has (``None``: batches stay where they are)."""
     if device is None:
@@ -257,6 +267,8 @@ def create_trainer(
     device: str | torch.device | None = None,
     train_step: TrainStep | None = None,
     prepare_batch: PrepareBatch = prepare_batch,
+    model_fn: Callable[[nn.Module, Any], Any] = default_model_fn,
+    model_transform: Callable[[Any], Any] = default_model_transform,
     output_transform: OutputTransform = loss_output,
     non_blocking: bool = False,
 ) -> Trainer:
@@ -273,7 +285,11 @@ def create_trainer(
             ``update_params`` on the wrapper (or on each member of a dict).
             Without ``loss_fn`` and ``train_step``, a model that defines
             MMEngine's ``train_step(data, optim_wrapper)`` is called instead.
-        prepare_batch: ``prepare_batch(batch, device, non_blocking) -> (x, y)``.
+        prepare_batch: ``prepare_batch(batch, device, non_blocking) -> (x, y)``;
+            the default splits batches as Ignite's ``create_supervised_trainer``
+            does (see ``engine_opt.engine.process.prepare_batch``).
+        model_fn: ``model_fn(model, x)``, the forward pass (default ``model(x)``), as in Ignite.
+        model_transform: ``model_transform(output) -> y_pred`` (default: the output), as in Ignite.
         output_transform: ``output_transform(x, y, y_pred, loss)``, the
             engine's output each iteration; by default the detached loss tensor
             (not a Python float: no host sync per iteration).
@@ -308,10 +324,10 @@ def create_trainer(
     _check_arguments(model, optim_wrapper, loss_fn, train_step)
     _check_device(device)
     if train_step is None and loss_fn is not None:
-        check_callable("prepare_batch", prepare_batch, 3, "prepare_batch(batch, device, non_blocking)")
-        check_callable("output_transform", output_transform, 4, "output_transform(x, y, y_pred, loss)")
+        how = SupervisedStep(loss_fn, prepare_batch, device, non_blocking, model_fn, model_transform, output_transform)
+        _check_supervised(how)
         wrapper: OptimWrapper = optim_wrapper  # type: ignore[assignment]  # _check_arguments refused a dict
-        train_step = supervised_step(model, wrapper, loss_fn, prepare_batch, device, non_blocking, output_transform)
+        train_step = supervised_step(model, wrapper, how)
     elif train_step is None:
         train_step = mmengine_step(model, optim_wrapper)
     trainer = Trainer(train_step, optim_wrapper)
