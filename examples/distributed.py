@@ -46,8 +46,8 @@ def training(local_rank: int, checkpoint_dir: str) -> None:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser()
-    parser.add_argument("checkpoint_dir")
+    parser = argparse.ArgumentParser(description="Data-parallel training through ignite.distributed.")
+    parser.add_argument("checkpoint_dir", help="where the checkpoints go (required; run again to resume)")
     parser.add_argument("--nproc", type=int, default=2, help="processes to spawn (0: started by torchrun)")
     args = parser.parse_args()
     if args.nproc == 1:

@@ -17,8 +17,8 @@ from torch.utils.data import DataLoader, TensorDataset
 from engine_opt import OptimWrapper, create_trainer
 from engine_opt.handlers import ResumableLoader, SchedulerHandler, attach_checkpoint, resume_from_latest
 
-parser = argparse.ArgumentParser()
-parser.add_argument("checkpoint_dir")
+parser = argparse.ArgumentParser(description="Stop a run, then resume it exactly.")
+parser.add_argument("checkpoint_dir", help="where the checkpoints go (required: the second run resumes from it)")
 parser.add_argument("--stop-at", type=int, help="stop after this iteration, as if the machine went away")
 args = parser.parse_args()
 

@@ -1,9 +1,9 @@
 """An Ignite trainer with every engine_opt handler: TensorBoard, schedule, guard, EMA, progress bar, checkpoints.
 
-python examples/trainer_with_handlers.py [LOG_DIR]
+python examples/trainer_with_handlers.py [LOG_DIR]    # LOG_DIR: logs and checkpoints (default: a new temporary one)
 """
 
-import sys
+import argparse
 import tempfile
 
 import torch
@@ -22,7 +22,9 @@ from engine_opt.handlers import (
     attach_progress_bar,
 )
 
-log_dir = sys.argv[1] if len(sys.argv) > 1 else tempfile.mkdtemp()
+parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+parser.add_argument("log_dir", nargs="?", help="where logs and checkpoints go (default: a new temporary directory)")
+log_dir = parser.parse_args().log_dir or tempfile.mkdtemp()
 torch.manual_seed(0)
 x = torch.randn(512, 16)
 y = x @ torch.randn(16, 1) + 0.1 * torch.randn(512, 1)

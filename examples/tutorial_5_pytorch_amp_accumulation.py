@@ -29,3 +29,7 @@ for idx, (input, target) in enumerate(zip(inputs, targets)):
         optimizer.zero_grad()
 
 print(f"weight={model.weight.item():.6f} bias={model.bias.item():.6f}")
+print(
+    "(section 6 prints other numbers: this loop, as the tutorial writes it, steps at idx 0, 2, 4, ... on "
+    "summed losses; section 6 steps after every two micro-batches on their mean, the loop of docs/from-pytorch.md)"
+)

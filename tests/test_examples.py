@@ -152,3 +152,25 @@ def test_distributed_example_reduces_once_per_window_in_two_processes(tmp_path):
     assert result.stdout.splitlines()[-1] == "2 process(es): 16 iterations, 4 updates, 4 gradient reductions"
     one = subprocess.run([*args[:2], str(tmp_path / "one"), "--nproc", "1"], capture_output=True, text=True)
     assert one.stdout.splitlines()[-1] == "1 process(es): 16 iterations, 4 updates, 0 gradient reductions"
+
+
+def test_sections_5_and_6_say_why_their_numbers_differ(capsys):
+    _, out = run("tutorial_5_pytorch_amp_accumulation", capsys)
+    assert "section 6 prints other numbers" in out
+
+
+@pytest.mark.parametrize(
+    ("name", "usage"),
+    [
+        ("resume", "checkpoint_dir"),
+        ("distributed", "checkpoint_dir"),
+        ("trainer_with_handlers", "[log_dir]"),
+    ],
+)
+def test_help_works_on_the_examples_that_take_arguments(name, usage, monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", [f"{name}.py", "--help"])
+    with pytest.raises(SystemExit) as exit_info:
+        runpy.run_path(str(EXAMPLES / f"{name}.py"), run_name="__main__")
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"usage: {name}.py") and usage in out
