@@ -137,9 +137,9 @@ def _param_groups(
             labels.setdefault(group_key, set()).add(label)
     if not groups:
         raise ValueError(f"the model {type(model).__name__} has no trainable parameters")
-    if paramwise_cfg is not None:  # each group named after the rules that made it, for logs (lr/bias+norm)
+    if paramwise_cfg is not None:  # each group named after the rules that made it, for logs (lr/bias-norm)
         for group_key, group in groups.items():
-            group["name"] = "+".join(sorted(labels[group_key]))
+            group["name"] = "-".join(sorted(labels[group_key]))  # characters every logger takes
     for key in sorted(set(custom) - rules.matched):
         warnings.warn(
             f"paramwise_cfg['custom_keys'] key {key!r} matches no trainable parameter of {type(model).__name__}",
