@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from ignite.engine import Events
 from ignite.handlers import EMAHandler
@@ -136,6 +137,34 @@ def test_events_fire_for_each_member_of_a_dict():
         ("optim_step_completed", 2, "gen"),
     ]
     assert gen_updates == [wrappers["gen"], wrappers["gen"]]
+
+
+def test_member_filter_counts_each_members_own_events():
+    gan = make_gan()
+    wrappers = make_amp_gan_wrappers(gan, loss_scale=64.0)  # gen updates every iteration, disc every 2
+    trainer = create_trainer(gan, wrappers, train_step=lambda engine, x: gan_step(gan, wrappers, x))
+    fired = {"each": [], "disc": [], "together": [], "backward": []}
+
+    def record(key):
+        return lambda engine: fired[key].append((engine.state.optim.name, engine.state.iteration))
+
+    completed = OptimEvents.OPTIM_STEP_COMPLETED
+    trainer.add_event_handler(completed(event_filter=member_filter(every=2)), record("each"))
+    trainer.add_event_handler(completed(event_filter=member_filter("disc", every=2)), record("disc"))
+    trainer.add_event_handler(completed(every=3), record("together"))
+    trainer.add_event_handler(OptimEvents.BACKWARD_COMPLETED(event_filter=member_filter("gen", 3)), record("backward"))
+    trainer.run([x for x, _ in make_batches(8)])
+    gen_updates = [("gen", iteration) for iteration in range(1, 9)]
+    disc_updates = [("disc", iteration) for iteration in range(2, 9, 2)]
+    in_order = sorted(gen_updates + disc_updates, key=lambda event: (event[1], event[0] == "gen"))
+    assert fired["each"] == [event for event in in_order if event in gen_updates[1::2] + disc_updates[1::2]]
+    assert fired["disc"] == disc_updates[1::2]
+    assert fired["together"] == in_order[2::3]  # every=3 counts both members' updates together
+    assert fired["backward"] == [("gen", 3), ("gen", 6)]
+    with pytest.raises(TypeError, match=r"name must be a member's name .* got 3"):
+        member_filter(3)
+    with pytest.raises(ValueError, match="every"):
+        member_filter("gen", every=0)
 
 
 def test_counters_continue_from_the_wrappers_state_on_resume():

@@ -20,7 +20,9 @@ from typing import Any
 
 from ignite.engine import Engine, EventEnum
 
+from ..optim import checks
 from ..optim.hooks import StepEvent
+from ..optim.wrapper import OptimWrapper
 
 
 class OptimEvents(EventEnum):
@@ -79,15 +81,41 @@ EVENT_TO_ATTR: dict[Any, str] = {
 }
 
 
-def member_filter(name: str) -> Callable[[Engine, Any], bool]:
-    """An event filter that passes only the events of one ``OptimWrapperDict`` member.
+MEMBER_COUNTS: dict[StepEvent, Callable[[OptimWrapper], int]] = {
+    StepEvent.BACKWARD_COMPLETED: lambda wrapper: wrapper.inner_count,
+    StepEvent.BEFORE_OPTIM_STEP: lambda wrapper: wrapper.step_count,
+    StepEvent.OPTIM_STEP_COMPLETED: lambda wrapper: wrapper.applied_steps,
+    StepEvent.OPTIM_STEP_SKIPPED: lambda wrapper: wrapper.skipped_steps,
+}
+"""One member's own count of each event: what the engine's counters (``EVENT_TO_ATTR``) sum over members."""
+
+
+def member_filter(name: str | None = None, every: int = 1) -> Callable[[Engine, Any], bool]:
+    """An event filter for ``OptimEvents``: one member's events, or every member's, each ``every``-th of its own.
+
+    ``every`` counts with the member's own count (its applied updates at
+    ``OPTIM_STEP_COMPLETED``), where ``OptimEvents.X(every=n)`` counts the
+    events of all members together: with two members, ``member_filter(every=10)``
+    passes each member's 10th, 20th... update, ``every=10`` the 10th, 20th...
+    of both, which may all be one member's.
+
+    Args:
+        name: The member (its key in the ``OptimWrapperDict``); ``None``:
+            every member (the one of a single wrapper).
+        every: Pass the member's events whose own count is a multiple of this.
 
     Example:
-        >>> event = OptimEvents.OPTIM_STEP_COMPLETED(event_filter=member_filter("gen"))
+        >>> gen_events = OptimEvents.OPTIM_STEP_COMPLETED(event_filter=member_filter("gen"))
+        >>> each_10th = OptimEvents.OPTIM_STEP_COMPLETED(event_filter=member_filter(every=10))
     """
+    if name is not None and not isinstance(name, str):
+        raise TypeError(f"name must be a member's name (a str) or None, got {checks.describe(name)}")
+    checks.positive_int("every", every)
 
     def passes(engine: Engine, _: Any) -> bool:
         optim = getattr(engine.state, "optim", None)
-        return optim is not None and optim.name == name
+        if optim is None or optim.wrapper is None or (name is not None and optim.name != name):
+            return False
+        return every == 1 or optim.event is None or MEMBER_COUNTS[optim.event](optim.wrapper) % every == 0
 
     return passes

@@ -24,6 +24,7 @@ import torch
 from ignite.engine import Engine, State
 
 from ..optim import checks
+from ..optim.hooks import StepEvent
 from ..optim.wrapper import OptimWrapper
 
 
@@ -36,12 +37,14 @@ class OptimState:
         name: The member whose event is being handled.
         wrapper: That member's wrapper (``None`` outside optimizer events).
         loss: At ``BACKWARD_COMPLETED``, the loss given to ``backward``; else ``None``.
+        event: The wrapper step event being handled (``None`` outside optimizer events).
     """
 
     members: dict[str | None, OptimWrapper]
     name: str | None = None
     wrapper: OptimWrapper | None = None
     loss: torch.Tensor | None = field(default=None, repr=False)
+    event: StepEvent | None = None
 
     def member(self) -> tuple[str | None, OptimWrapper]:
         """``(name, wrapper)`` of the event being handled.

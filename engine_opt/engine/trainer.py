@@ -197,7 +197,7 @@ def _bridge(trainer: Trainer, name: str | None) -> StepHook:
         if trainer is None:  # the wrapper outlived its trainer and is used on its own
             return
         optim = trainer.state.optim
-        optim.name, optim.wrapper, optim.loss = name, wrapper, loss
+        optim.name, optim.wrapper, optim.loss, optim.event = name, wrapper, loss, event
         fire_registered(trainer, OptimEvents.of(event))
 
     return fire
@@ -346,4 +346,4 @@ def _start_run(engine: Trainer, model: nn.Module) -> None:
         total = state.epoch_length * state.max_epochs
     for wrapper in state.optim.members.values():
         wrapper.initialize_count_status(model, state.iteration, total)
-    state.optim.name, state.optim.wrapper, state.optim.loss = None, None, None
+    state.optim.name, state.optim.wrapper, state.optim.loss, state.optim.event = None, None, None, None
