@@ -312,3 +312,8 @@ def test_every_curve_of_the_command_shares_the_iteration_axis(tmp_path, options)
     for tag in rates:
         assert min(steps[tag]) >= 1 and max(steps[tag]) <= 128, (tag, steps[tag])
         assert max(steps[tag]) >= 100, (tag, steps[tag])  # spans the run, on the same axis
+    counts = [tag for tag in steps if tag.endswith("updates_applied")]
+    assert len(counts) == (2 if "gan" in options else 1), counts
+    for tag in counts:  # every member logged at each 10th update of its own
+        values = [event.value for event in accumulator.Scalars(tag)]
+        assert values == list(range(10, 10 * len(values) + 1, 10)) and len(values) >= 3, (tag, values)

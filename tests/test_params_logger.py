@@ -8,11 +8,12 @@ from ignite.engine import Events
 from ignite.handlers.tensorboard_logger import TensorboardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from engine_opt import AmpOptimWrapper, OptimEvents, OptimWrapper, create_trainer
+from engine_opt import AmpOptimWrapper, OptimEvents, OptimWrapper, build_optim_wrapper, create_trainer
 from engine_opt.handlers import OptimParamsHandler, SchedulerHandler, optim_scalars
 
 from helpers import gan_step, make_amp_gan_wrappers
 from oracle import loss_fn, make_batches, make_gan, make_model
+from recording_logger import RecordingLogger
 
 
 def read_scalars(log_dir):
@@ -103,8 +104,13 @@ def test_a_dict_logs_every_member_with_its_prefix(tmp_path):
         "disc.updates_skipped",
     }
     assert scalars["gen.momentum/group_0"][0] == (1, 0.8999999761581421)  # Adam's betas[0]
-    # Logged at each update, on the iteration axis: gen's at iterations 1 and 2, disc's at 2.
-    assert scalars["disc.updates_applied"] == [(1, 0.0), (2, 1.0), (2, 1.0)]
+    # At each member's own update, that member only, on the iteration axis: gen's at iterations 1 and 2,
+    # disc's (accumulating 2) at 2; no value twice at one step.
+    assert scalars["gen.updates_applied"] == [(1, 1.0), (2, 2.0)]
+    assert scalars["disc.updates_applied"] == [(2, 1.0)]
+    gen_lr = f32(wrappers["gen"].param_groups[0]["lr"])
+    assert scalars["gen.lr/group_0"] == [(1, gen_lr), (2, gen_lr)]
+    assert [step for step, _ in scalars["disc.lr/group_0"]] == [2]
 
 
 def test_optim_scalars_reads_counts_and_groups():
@@ -179,7 +185,9 @@ def test_another_ignite_logger_gets_the_same_values_read_back_by_its_own_reader(
     mlflow.set_tracking_uri(uri)
     mlflow.set_experiment("engine_opt")
     model = make_model()
-    wrapper = OptimWrapper(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), accumulative_counts=2)
+    cfg = dict(optimizer=dict(type="SGD", lr=0.1, momentum=0.9, weight_decay=0.01), accumulative_counts=2)
+    cfg["paramwise_cfg"] = dict(bias_decay_mult=0.0, norm_decay_mult=0.0)  # groups named default, bias-norm
+    wrapper = build_optim_wrapper(model, cfg)
     scheduler = torch.optim.lr_scheduler.StepLR(wrapper.optimizer, step_size=1, gamma=0.5)
     trainer = create_trainer(model, wrapper, loss_fn)
     SchedulerHandler(scheduler).attach(trainer)
@@ -200,4 +208,90 @@ def test_another_ignite_logger_gets_the_same_values_read_back_by_its_own_reader(
     for tag, values in tensorboard.items():
         history = [(metric.step, f32(metric.value)) for metric in client.get_metric_history(run_id, f"optim {tag}")]
         assert history == values, tag
-    assert [value for _, value in tensorboard["lr/group_0"]] == [f32(0.1), f32(0.05), f32(0.025)]
+    assert [value for _, value in tensorboard["lr/default"]] == [f32(0.1), f32(0.05), f32(0.025)]
+    assert [value for _, value in tensorboard["weight_decay/bias-norm"]] == [0.0, 0.0, 0.0]
+
+
+def test_groups_never_share_a_label():
+    params = [torch.zeros(1, requires_grad=True) for _ in range(4)]
+    optimizer = torch.optim.SGD(
+        [
+            {"params": [params[0]], "name": "group_1", "lr": 0.5},  # another group's fallback label
+            {"params": [params[1]], "lr": 0.1},
+            {"params": [params[2]], "name": "head", "lr": 0.2},
+            {"params": [params[3]], "name": "group_3", "lr": 0.3},  # its own fallback: kept
+        ],
+        lr=0.1,
+    )
+    scalars = optim_scalars(OptimWrapper(optimizer))
+    assert {key: value for key, value in scalars.items() if key.startswith("lr/")} == {
+        "lr/group_0": 0.5,
+        "lr/group_1": 0.1,
+        "lr/head": 0.2,
+        "lr/group_3": 0.3,
+    }
+
+
+class NoHyperparameters(torch.optim.Optimizer):
+    """An optimizer whose groups keep no lr, momentum or weight decay."""
+
+    def __init__(self, params):
+        super().__init__(params, defaults={"scale": 0.1})
+
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for param in group["params"]:
+                if param.grad is not None:
+                    param.data.add_(param.grad, alpha=-group["scale"])
+
+
+def test_values_an_optimizer_does_not_keep_are_left_out():
+    model = make_model()
+    assert sorted(optim_scalars(OptimWrapper(NoHyperparameters(model.parameters())))) == [
+        "updates_applied",
+        "updates_skipped",
+    ]
+    adagrad = optim_scalars(OptimWrapper(torch.optim.Adagrad(model.parameters(), lr=0.1)))
+    assert sorted(adagrad) == ["lr/group_0", "updates_applied", "updates_skipped", "weight_decay/group_0"]
+
+
+def test_another_logger_gets_one_output_handler_and_subclasses_find_their_bases(tmp_path):
+    """Through the logger's own OutputHandler, made once (Visdom's keeps its windows there), for subclasses too."""
+
+    class MyRecordingLogger(RecordingLogger):  # defined here, where no OutputHandler is
+        pass
+
+    gan = make_gan()
+    wrappers = make_amp_gan_wrappers(gan, loss_scale=64.0)
+    trainer = create_trainer(gan, wrappers, train_step=lambda engine, x: gan_step(gan, wrappers, x))
+    logger = MyRecordingLogger()
+    logger.attach(trainer, OptimParamsHandler(wrappers, tag="train"), OptimEvents.OPTIM_STEP_COMPLETED)
+    tb_logger = TensorboardLogger(log_dir=str(tmp_path))
+    tb_logger.attach(trainer, OptimParamsHandler(wrappers, tag="train"), OptimEvents.OPTIM_STEP_COMPLETED)
+    trainer.run([x for x, _ in make_batches(4)])
+    tb_logger.close()
+
+    assert len(logger.output_handlers) == 1
+    recorded: dict[str, list[tuple[int, float]]] = {}
+    for step, values in logger.records:
+        for key, value in values.items():
+            recorded.setdefault(key, []).append((step, f32(value)))  # the OutputHandler's 'tag/key'
+
+    assert recorded == read_scalars(tmp_path)
+
+
+def test_a_logger_without_an_output_handler_is_refused(tmp_path):
+    from ignite.handlers.base_logger import BaseLogger
+
+    class Bare(BaseLogger):
+        def _create_output_handler(self, *args, **kwargs):
+            raise NotImplementedError
+
+        def _create_opt_params_handler(self, *args, **kwargs):
+            raise NotImplementedError
+
+    model = make_model()
+    wrapper = OptimWrapper(torch.optim.SGD(model.parameters(), lr=0.1))
+    trainer = create_trainer(model, wrapper, loss_fn)
+    with pytest.raises(TypeError, match="Bare comes with no Ignite OutputHandler"):
+        OptimParamsHandler(wrapper)(trainer, Bare(), Events.ITERATION_COMPLETED)

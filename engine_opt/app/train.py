@@ -27,7 +27,7 @@ from ignite.engine import Engine, Events
 from ignite.handlers import Checkpoint
 from ignite.handlers.tensorboard_logger import OutputHandler, TensorboardLogger
 
-from ..engine.events import OptimEvents
+from ..engine.events import OptimEvents, member_filter
 from ..engine.resumable_loader import ResumableLoader
 from ..engine.run_directory import RunDirectory
 from ..engine.trainer import Trainer, create_trainer
@@ -207,7 +207,8 @@ def attach_handlers(run: Run, args: argparse.Namespace) -> tuple[LossTracker, Ch
         return tracker, checkpoint, None
     # A resumed run drops what the interrupted one logged after its checkpoint, so each curve is drawn once.
     tb_logger = TensorboardLogger(log_dir=str(run.log_dir), purge_step=trainer.state.iteration + 1)
-    tb_logger.attach(trainer, OptimParamsHandler(run.optim_wrapper), OptimEvents.OPTIM_STEP_COMPLETED(every=10))
+    each_10th = OptimEvents.OPTIM_STEP_COMPLETED(event_filter=member_filter(every=10))  # of each member's updates
+    tb_logger.attach(trainer, OptimParamsHandler(run.optim_wrapper), each_10th)
     losses = OutputHandler(tag="train", output_transform=_as_losses, global_step_transform=_iteration)
     tb_logger.attach(trainer, losses, Events.ITERATION_COMPLETED(every=10))
     if not args.no_progress:

@@ -9,30 +9,37 @@ every tag starts with ``'{tag}/'``):
 ``{m}lr/{g}``                     learning rate of the group
 ``{m}base_lr``                    the optimizer's default lr (several groups only)
 ``{m}momentum/{g}``               ``momentum``, or ``betas[0]``, of the group
-``{m}weight_decay/{g}``           ``weight_decay`` of the group (where it has one)
+``{m}weight_decay/{g}``           ``weight_decay`` of the group
 ``{m}loss_scale``                 the float16 grad scaler's scale
 ``{m}updates_applied``            updates applied so far
 ``{m}updates_skipped``            updates skipped so far (non-finite gradients)
 ``{m}grad_norm``                  pre-clip gradient norm of the last applied update
 ================================ ==================================================
 
-``loss_scale`` and ``grad_norm`` appear where the wrapper has them (a scaler;
-clipping by norm). Every value is plotted against the trainer's iteration,
-the x-axis of Ignite's own handlers and of the loss, whatever event the
-handler is attached to; ``x_axis='updates'`` plots each member's values
-against its own applied updates instead.
+Each value appears where the wrapper has it: a group's ``lr``, ``momentum``
+(or ``betas``) and ``weight_decay`` where the optimizer keeps them (Adagrad
+has no momentum), ``loss_scale`` with a scaler, ``grad_norm`` with clipping
+by norm. Every value is plotted against the trainer's iteration, the x-axis
+of Ignite's own handlers and of the loss, whatever event the handler is
+attached to; ``x_axis='updates'`` plots each member's values against its own
+applied updates instead. At an ``OptimEvents`` event of an
+``OptimWrapperDict`` member, only that member's values are logged, so each
+value is logged once per update of its own.
 """
 
 from __future__ import annotations
 
-import importlib
-from collections.abc import Callable
-from typing import Any, Literal
+import sys
+import weakref
+from collections.abc import Callable, Iterator
+from typing import Any, Literal, TypeGuard
 
 from ignite.engine import Engine, Events
-from ignite.handlers.base_logger import BaseHandler, BaseLogger
+from ignite.handlers.base_logger import BaseHandler, BaseLogger, BaseOutputHandler
 from ignite.handlers.tensorboard_logger import TensorboardLogger
 
+from ..engine.events import OptimEvents
+from ..engine.state import OptimState
 from ..optim import checks
 from ..optim.wrapper import OptimWrapper
 from ..optim.wrapper_dict import OptimWrapperDict, member_prefix, members
@@ -42,7 +49,10 @@ _X_AXES = ("iteration", "updates")
 
 
 def group_labels(wrapper: OptimWrapper) -> list[str]:
-    """Each param group's label in tags: its ``name`` when it has a unique one, else ``group_{i}``.
+    """Each param group's label in tags: its ``name``, else ``group_{i}``; never two groups the same.
+
+    A name is used when it is a non-empty string that no other group has and
+    that is not another group's ``group_{j}``.
 
     Example:
         >>> import torch
@@ -51,29 +61,22 @@ def group_labels(wrapper: OptimWrapper) -> list[str]:
         ['head', 'group_1']
     """
     names = [group.get("name") for group in wrapper.param_groups]
-    return [
-        name if isinstance(name, str) and name and names.count(name) == 1 else f"group_{index}"
-        for index, name in enumerate(names)
-    ]
+    taken = {f"group_{index}": index for index in range(len(names))}
+
+    def usable(name: Any, index: int) -> TypeGuard[str]:
+        return isinstance(name, str) and bool(name) and names.count(name) == 1 and taken.get(name, index) == index
+
+    return [name if usable(name, index) else f"group_{index}" for index, name in enumerate(names)]
 
 
 def member_scalars(wrapper: OptimWrapper, prefix: str = "") -> dict[str, float]:
     """The values ``OptimParamsHandler`` logs for one wrapper, by tag. Reading them waits for the device."""
-    labels = group_labels(wrapper)
     groups = wrapper.param_groups
     scalars: dict[str, Any] = {}
-    if len(groups) > 1:
+    if len(groups) > 1 and "lr" in wrapper.defaults:
         scalars[f"{prefix}base_lr"] = wrapper.defaults["lr"]
-    scalars.update({f"{prefix}lr/{label}": group["lr"] for label, group in zip(labels, groups, strict=True)})
-    momenta = wrapper.get_momentum()["momentum"]
-    scalars.update({f"{prefix}momentum/{label}": value for label, value in zip(labels, momenta, strict=True)})
-    scalars.update(
-        {
-            f"{prefix}weight_decay/{label}": g["weight_decay"]
-            for label, g in zip(labels, groups, strict=True)
-            if "weight_decay" in g
-        }
-    )
+    for label, group in zip(group_labels(wrapper), groups, strict=True):
+        scalars.update({f"{prefix}{key}/{label}": value for key, value in _group_values(group)})
     if wrapper.loss_scaler is not None:
         scalars[f"{prefix}loss_scale"] = wrapper.loss_scaler.get_scale()
     scalars[f"{prefix}updates_applied"] = wrapper.applied_steps
@@ -81,6 +84,18 @@ def member_scalars(wrapper: OptimWrapper, prefix: str = "") -> dict[str, float]:
     if wrapper.grad_norm is not None:
         scalars[f"{prefix}grad_norm"] = wrapper.grad_norm.item()
     return {key: float(value) for key, value in scalars.items()}
+
+
+def _group_values(group: dict[str, Any]) -> Iterator[tuple[str, Any]]:
+    """``(name, value)`` of the group's lr, momentum (or ``betas[0]``) and weight decay, where it has them."""
+    if "lr" in group:
+        yield "lr", group["lr"]
+    if "momentum" in group:
+        yield "momentum", group["momentum"]
+    elif "betas" in group:
+        yield "momentum", group["betas"][0]
+    if "weight_decay" in group:
+        yield "weight_decay", group["weight_decay"]
 
 
 def optim_scalars(optim_wrapper: OptimWrapper | OptimWrapperDict) -> dict[str, float]:
@@ -105,14 +120,18 @@ class OptimParamsHandler(BaseHandler):
     """Log every learning rate, momentum and weight decay of a wrapper (or wrapper dict), and its update health.
 
     It works with any of Ignite's loggers: TensorBoard (one event per log),
-    and MLflow, ClearML, Neptune, Polyaxon, Weights & Biases, Visdom through
-    their own ``OutputHandler``, as Ignite's ``OptimizerParamsHandler`` does.
+    and MLflow, ClearML, Neptune, Polyaxon, Weights & Biases, Visdom (and
+    subclasses of them) through their own ``OutputHandler``, one per logger,
+    as Ignite's ``OptimizerParamsHandler`` does.
 
     Args:
         optim_wrapper: An ``OptimWrapper`` or ``OptimWrapperDict``.
         tag: Optional common prefix of the tags, e.g. ``'train'``.
         x_axis: ``'iteration'`` (the trainer's, as Ignite's handlers and the
-            loss use) or ``'updates'`` (each member's applied updates).
+            loss use) or ``'updates'`` (each member's applied updates). Keep
+            ``'iteration'`` for a logger with one step for the whole run
+            (Weights & Biases): it drops values logged at a lower step than
+            the last, as another member's or the loss's can be.
         global_step_transform: ``f(engine, event_name) -> int``, replacing ``x_axis``.
 
     Example:
@@ -152,45 +171,75 @@ class OptimParamsHandler(BaseHandler):
         self.tag = tag
         self.global_step_transform = global_step_transform
         self.x_axis = x_axis
+        self._output_handlers: weakref.WeakKeyDictionary[BaseLogger, BaseOutputHandler] = weakref.WeakKeyDictionary()
+        self._pending: tuple[int, dict[str, float]] = (0, {})  # what the OutputHandler logs next
 
     def __call__(self, engine: Engine, logger: Any, event_name: str | Events) -> None:
         if not isinstance(logger, BaseLogger):
             raise TypeError(f"OptimParamsHandler works with an Ignite logger, got {checks.describe(logger)}")
         for step, scalars in self._logs(engine, event_name):
-            _log(engine, logger, event_name, self.tag, scalars, step)
+            if isinstance(logger, TensorboardLogger):  # one event per log
+                prefix = f"{self.tag}/" if self.tag else ""
+                write_scalars(logger.writer, {f"{prefix}{key}": value for key, value in scalars.items()}, step)
+            else:
+                self._pending = (step, scalars)
+                self._output_handler(logger)(engine, logger, event_name)
 
     def _logs(self, engine: Engine, event_name: Any) -> list[tuple[int, dict[str, float]]]:
         """``(step, scalars)`` to log: one entry, or one per member on the ``'updates'`` axis."""
-        if self.global_step_transform is not None:
-            return [(self.global_step_transform(engine, event_name), optim_scalars(self.optim_wrapper))]
-        if self.x_axis == "iteration":
-            return [(engine.state.iteration, optim_scalars(self.optim_wrapper))]
-        return [
-            (wrapper.applied_steps, member_scalars(wrapper, member_prefix(name)))
-            for name, wrapper in members(self.optim_wrapper)
-        ]
+        logged = _logged_members(self.optim_wrapper, engine, event_name)
+        if not logged:
+            return []
+        if self.global_step_transform is not None or self.x_axis == "iteration":
+            scalars: dict[str, float] = {}
+            for name, wrapper in logged:
+                scalars.update(member_scalars(wrapper, member_prefix(name)))
+            step = engine.state.iteration
+            if self.global_step_transform is not None:
+                step = self.global_step_transform(engine, event_name)
+            return [(step, scalars)]
+        return [(wrapper.applied_steps, member_scalars(wrapper, member_prefix(name))) for name, wrapper in logged]
+
+    def _output_handler(self, logger: BaseLogger) -> BaseOutputHandler:
+        """The logger's own ``OutputHandler``, made once per logger (Visdom's keeps its plot windows)."""
+        handler = self._output_handlers.get(logger)
+        if handler is None:
+            handler = output_handler_type(logger)(
+                tag=self.tag or "optim",
+                output_transform=lambda _: self._pending[1],
+                global_step_transform=lambda *_: self._pending[0],
+            )
+            self._output_handlers[logger] = handler
+        return handler
 
 
-def _log(
-    engine: Engine, logger: BaseLogger, event_name: Any, tag: str | None, scalars: dict[str, float], step: int
-) -> None:
-    """``scalars`` at ``step`` through ``logger``: TensorBoard directly, others through their ``OutputHandler``.
+def _logged_members(
+    optim_wrapper: OptimWrapper | OptimWrapperDict, engine: Engine, event_name: Any
+) -> list[tuple[str | None, OptimWrapper]]:
+    """Every member; at an ``OptimEvents`` event of a ``create_trainer`` trainer, the member it is about only."""
+    every = members(optim_wrapper)
+    optim = getattr(engine.state, "optim", None)
+    if getattr(event_name, "name", None) not in OptimEvents.__members__ or not isinstance(optim, OptimState):
+        return every
+    return [(name, wrapper) for name, wrapper in every if wrapper is optim.wrapper]
 
-    TensorBoard gets one event per log (``write_scalars``); another logger's
-    own ``OutputHandler`` names the values its way under ``tag`` (``'optim'``
-    by default), as Ignite's handlers for it do.
+
+def output_handler_type(logger: BaseLogger) -> type[BaseOutputHandler]:
+    """The ``OutputHandler`` of the module that defines ``type(logger)``, or of its nearest base class's.
+
+    Example:
+        >>> from ignite.handlers.mlflow_logger import MLflowLogger
+        >>> class MyLogger(MLflowLogger): pass
+        >>> output_handler_type(MyLogger.__new__(MyLogger)).__module__
+        'ignite.handlers.mlflow_logger'
     """
-    if isinstance(logger, TensorboardLogger):
-        prefix = f"{tag}/" if tag else ""
-        write_scalars(logger.writer, {f"{prefix}{key}": value for key, value in scalars.items()}, step)
-        return
-    output_handler = getattr(importlib.import_module(type(logger).__module__), "OutputHandler", None)
-    if output_handler is None:
-        raise TypeError(
-            f"{type(logger).__name__} comes with no Ignite OutputHandler to log through; log optim_scalars(wrapper) "
-            "with it yourself"
-        )
-    handler = output_handler(
-        tag=tag or "optim", output_transform=lambda _: scalars, global_step_transform=lambda *_: step
+    for cls in type(logger).__mro__:
+        if cls is BaseLogger:
+            break
+        found = getattr(sys.modules.get(cls.__module__), "OutputHandler", None)
+        if isinstance(found, type) and issubclass(found, BaseOutputHandler):
+            return found
+    raise TypeError(
+        f"{type(logger).__name__} comes with no Ignite OutputHandler to log through; log optim_scalars(wrapper) "
+        "with it yourself"
     )
-    handler(engine, logger, event_name)
