@@ -251,6 +251,13 @@ def test_a_new_run_is_refused_an_earlier_runs_log_directory(tmp_path, capsys):
         run(tmp_path, "--epochs", "1", "--checkpoint-dir", str(tmp_path / "elsewhere"))
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and "holds the TensorBoard logs of an earlier run" in err and "--log-dir" in err
+    events = sorted((tmp_path / "logs").glob("events.out.tfevents.*"))
+    # --resume that finds no checkpoint where it looks starts no new run over the earlier run's curves either.
+    with pytest.raises(SystemExit) as exit_info:
+        run(tmp_path, "--epochs", "2", "--resume", "--checkpoint-dir", str(tmp_path / "elsewhere"))
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "--resume: no checkpoint in" in err and "--checkpoint-dir" in err
+    assert sorted((tmp_path / "logs").glob("events.out.tfevents.*")) == events
 
 
 def test_a_resumed_run_draws_each_curve_once(tmp_path):

@@ -165,6 +165,21 @@ def sgd(model):
         ),
         (lambda m: create_trainer(m, sgd(m)), ValueError, "needs loss_fn, or train_step.*Sequential has none"),
         (lambda m: create_trainer(m, sgd(m), loss_fn, train_step=lambda e, b: None), ValueError, "not both"),
+        (
+            lambda m: create_trainer(m, sgd(m), train_step=lambda e, b: None, model_fn=lambda model, x: model(x)),
+            ValueError,
+            "model_fn is for the default process function, which train_step replaces, and would be ignored",
+        ),
+        (
+            lambda m: create_trainer(m, sgd(m), train_step=lambda e, b: None, device="cpu", prepare_batch=tuple),
+            ValueError,
+            "^device, prepare_batch are for",
+        ),
+        (
+            lambda m: create_trainer(MMEngineStyleModel(), sgd(m), output_transform=lambda x, y, y_pred, loss: loss),
+            ValueError,
+            "output_transform is for the default process function, which MMEngineStyleModel.train_step replaces",
+        ),
         (lambda m: create_trainer(m, sgd(m), "mse"), TypeError, r"loss_fn must be callable as loss_fn\(y_pred, y\)"),
         (lambda m: create_trainer(m, sgd(m), lambda y_pred: y_pred), TypeError, "loss_fn must accept 2 positional"),
         (lambda m: create_trainer(m, sgd(m), train_step=lambda batch: None), TypeError, r"train_step\(engine, batch\)"),

@@ -155,19 +155,25 @@ def build(args: argparse.Namespace) -> Run:
 
 
 def _check_new_run_directories(args: argparse.Namespace, log_dir: Path, checkpoint_dir: Path) -> None:
-    """A new run writes neither into an earlier run's checkpoints nor into its TensorBoard curves."""
-    if args.resume:
-        return
+    """A new run, with ``--resume`` or not, writes neither into an earlier run's checkpoints nor its curves."""
     if latest_checkpoint(checkpoint_dir) is not None:
+        if args.resume:
+            return
         raise UsageError(
             f"{checkpoint_dir} holds checkpoints of an earlier run; pass --resume to continue it, "
             "or --log-dir (logs and checkpoints) or --checkpoint-dir for a new run"
         )
-    if any(log_dir.glob("events.out.tfevents.*")):
+    if not any(log_dir.glob("events.out.tfevents.*")):
+        return
+    if args.resume:
         raise UsageError(
-            f"{log_dir} holds the TensorBoard logs of an earlier run, which this run's would mix with; pass "
-            "--resume to continue it, or --log-dir for a new run"
+            f"--resume: no checkpoint in {checkpoint_dir}, but {log_dir} holds the TensorBoard logs of an earlier "
+            "run; pass the --checkpoint-dir that run saved to, or --log-dir for a new run"
         )
+    raise UsageError(
+        f"{log_dir} holds the TensorBoard logs of an earlier run, which this run's would mix with; pass "
+        "--resume to continue it, or --log-dir for a new run"
+    )
 
 
 def resume(run: Run, args: argparse.Namespace) -> Path | None:

@@ -11,6 +11,7 @@ and divided by its true size.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import weakref
 from collections import Counter
 from collections.abc import Callable, Iterable
@@ -203,6 +204,17 @@ def _bridge(trainer: Trainer, name: str | None) -> StepHook:
     return fire
 
 
+def _refuse_supervised_options(step: str, **options: Any) -> None:
+    """Without ``loss_fn`` the default process function does not run: its options, given, would be ignored."""
+    defaults = inspect.signature(create_trainer).parameters
+    given = [name for name, value in options.items() if value is not defaults[name].default]
+    if given:
+        raise ValueError(
+            f"{', '.join(given)} {'is' if len(given) == 1 else 'are'} for the default process function, which "
+            f"{step} replaces, and would be ignored: do that work in {step}, or pass loss_fn instead"
+        )
+
+
 def _check_supervised(how: SupervisedStep) -> None:
     check_callable("prepare_batch", how.prepare_batch, 3, "prepare_batch(batch, device, non_blocking)")
     check_callable("model_fn", how.model_fn, 2, "model_fn(model, x)")
@@ -295,6 +307,11 @@ def create_trainer(
             (not a Python float: no host sync per iteration).
         non_blocking: Passed to ``prepare_batch``.
 
+    ``device``, ``prepare_batch``, ``non_blocking``, ``model_fn``,
+    ``model_transform`` and ``output_transform`` shape the default process
+    function, so they go with ``loss_fn``; given with ``train_step`` (or a
+    model's ``train_step``), which they would not reach, they are refused.
+
     When a run starts or resumes, each wrapper gets
     ``initialize_count_status(model, iteration, max_iterations)``, as in
     MMEngine's loops: this assumes one ``backward`` per iteration for each
@@ -323,6 +340,16 @@ def create_trainer(
     """
     _check_arguments(model, optim_wrapper, loss_fn, train_step)
     _check_device(device)
+    if loss_fn is None:
+        _refuse_supervised_options(
+            "train_step" if train_step is not None else f"{type(model).__name__}.train_step",
+            device=device,
+            prepare_batch=prepare_batch,
+            non_blocking=non_blocking,
+            model_fn=model_fn,
+            model_transform=model_transform,
+            output_transform=output_transform,
+        )
     if train_step is None and loss_fn is not None:
         how = SupervisedStep(loss_fn, prepare_batch, device, non_blocking, model_fn, model_transform, output_transform)
         _check_supervised(how)
