@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
-from numbers import Number
+from numbers import Real
 from typing import Any
 
 import torch
@@ -17,23 +17,22 @@ from ..optim.wrapper_dict import OptimWrapperDict, member_prefix, members
 
 
 def _loss_values(output: Any) -> dict[str, float]:
-    if isinstance(output, torch.Tensor) and output.numel() == 1:
-        return {"loss": output.item()}
-    if isinstance(output, Number):
-        return {"loss": float(output)}  # type: ignore[arg-type]
+    """The engine output's numbers: a scalar loss, or a dict's scalar values by key."""
     if isinstance(output, Mapping):
-        return _flat_numbers(output)
-    return {}
+        return {str(key): number for key, value in output.items() if (number := _number(value)) is not None}
+    number = _number(output)
+    return {} if number is None else {"loss": number}
 
 
-def _flat_numbers(output: Mapping[Any, Any]) -> dict[str, float]:
-    numbers = {}
-    for key, value in output.items():
-        if isinstance(value, torch.Tensor) and value.numel() == 1:
-            numbers[str(key)] = value.item()
-        elif isinstance(value, (int, float)) and not isinstance(value, bool):
-            numbers[str(key)] = float(value)
-    return numbers
+def _number(value: Any) -> float | None:
+    """``value`` as a float when it is one real number (a one-element tensor, a Python or NumPy scalar), else None."""
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1 or value.is_complex() or value.dtype == torch.bool:
+            return None
+        return value.item()
+    if isinstance(value, Real) and not isinstance(value, bool):
+        return float(value)
+    return None
 
 
 def progress_values(
@@ -53,24 +52,24 @@ def progress_values(
         values = _loss_values(output)
         for name, wrapper in shown:
             prefix = member_prefix(name)
-            if show_lr:
-                values[f"{prefix}lr"] = wrapper.param_groups[0]["lr"]
+            if show_lr:  # the output's own values keep their names
+                values.setdefault(f"{prefix}lr", wrapper.param_groups[0]["lr"])
             if wrapper.loss_scaler is not None:
-                values[f"{prefix}scale"] = wrapper.loss_scaler.get_scale()
+                values.setdefault(f"{prefix}scale", wrapper.loss_scaler.get_scale())
         return values
 
     return transform
 
 
-def compact(value: float) -> str:
-    """``value`` as the bar shows it: 3 significant digits, a power of two as ``2^k`` (loss scales).
+def compact(value: float, power_of_two: bool = False) -> str:
+    """``value`` as the bar shows it: 3 significant digits; with ``power_of_two``, a power of two >= 1024 as ``2^k``.
 
     Example:
-        >>> compact(65536.0), compact(0.001), compact(1.23456), compact(3e-05)
-        ('2^16', '0.001', '1.23', '3e-05')
+        >>> compact(65536.0, power_of_two=True), compact(65536.0), compact(0.001), compact(1.23456), compact(3e-05)
+        ('2^16', '6.55e+04', '0.001', '1.23', '3e-05')
     """
     mantissa, exponent = math.frexp(value)
-    if mantissa == 0.5 and exponent - 1 >= 10:
+    if power_of_two and mantissa == 0.5 and exponent - 1 >= 10:
         return f"2^{exponent - 1}"
     return f"{value:.3g}"
 
@@ -87,7 +86,8 @@ def attach_progress_bar(
     Showing values reads them on the host; ``every`` refreshes the bar every
     ``every`` iterations to keep that rare. Numbers are shown with 3
     significant digits, loss scales as powers of two, so the bar of a GAN's
-    two float16 members fits 120 columns.
+    two float16 members (two losses, two scales) fits 120 columns; each
+    learning rate shown adds about 17 (``show_lr=False`` leaves them out).
 
     Args:
         trainer: The trainer.
@@ -108,4 +108,5 @@ def attach_progress_bar(
 
 
 def _shown(values: dict[str, float]) -> dict[str, str]:
-    return {key: compact(value) for key, value in values.items()}
+    """Each value compact; loss scales (``scale``, ``gen.scale``...) as powers of two."""
+    return {key: compact(value, power_of_two=key.split(".")[-1] == "scale") for key, value in values.items()}
