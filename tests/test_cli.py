@@ -324,3 +324,32 @@ def test_every_curve_of_the_command_shares_the_iteration_axis(tmp_path, options)
     for tag in counts:  # every member logged at each 10th update of its own
         values = [event.value for event in accumulator.Scalars(tag)]
         assert values == list(range(10, 10 * len(values) + 1, 10)) and len(values) >= 3, (tag, values)
+
+
+def test_verbose_shows_ignites_info_messages_and_puts_logging_back(tmp_path, capfd):
+    import logging
+
+    loggers = [logging.getLogger(name) for name in ("ignite", "torch")]
+    before = [(logger.level, list(logger.handlers)) for logger in loggers]
+    assert run(tmp_path, "--epochs", "1", "--log-dir", str(tmp_path / "quiet")) == 0
+    assert "Engine run starting" not in capfd.readouterr().err
+    assert run(tmp_path, "--epochs", "1", "--log-dir", str(tmp_path / "verbose"), "--verbose") == 0
+    assert "INFO: Engine run starting with max_epochs=1" in capfd.readouterr().err
+    assert [(logger.level, list(logger.handlers)) for logger in loggers] == before
+    assert logging.root.manager.disable == logging.NOTSET
+
+
+def test_a_batch_the_spawned_processes_do_not_divide_is_refused_before_they_start(tmp_path, capsys):
+    from engine_opt.app import cli
+
+    with (
+        mock.patch.object(cli, "Parallel", side_effect=AssertionError("processes started")),
+        pytest.raises(SystemExit) as exit_info,
+    ):
+        run(tmp_path, "--nproc-per-node", "3", "--batch-size", "64")
+    assert exit_info.value.code == 2
+    assert (
+        "engine-opt: error: --batch-size 64 is the batch of one iteration over all 3 processes"
+        in capsys.readouterr().err
+    )
+    assert not (tmp_path / "logs").exists()

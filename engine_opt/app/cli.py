@@ -41,7 +41,7 @@ from ..optim.distributed import rank, world_size
 from .config import UsageError
 from .signals import EXIT_STATUS
 from .tasks import TASKS
-from .train import summary, train
+from .train import check_batch_size, summary, train
 
 _DTYPES = ("fp32", "bf16", "fp16")
 
@@ -172,6 +172,11 @@ def _launch(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     distributed = args.nproc_per_node is not None or "WORLD_SIZE" in os.environ  # spawn, or under torchrun
     if not distributed:
         return _run(args)
+    if args.nproc_per_node is not None:  # refused here, before the processes start
+        try:
+            check_batch_size(args.batch_size, args.nproc_per_node)
+        except UsageError as error:
+            return _fail(2, f"engine-opt: error: {error}")
     backend = args.backend or ("nccl" if torch.cuda.is_available() and args.device != "cpu" else "gloo")
     if backend == "nccl" and not torch.cuda.is_available():
         parser.exit(2, "engine-opt: error: --backend nccl needs GPUs; use --backend gloo on CPU\n")
@@ -214,15 +219,32 @@ def _worker(local_rank: int, args: argparse.Namespace) -> None:
 
 @contextlib.contextmanager
 def _quiet_unless_verbose(args: argparse.Namespace) -> Iterator[None]:
-    """While the command runs, INFO messages (Ignite's multi-line launcher dumps) only with ``--verbose``."""
-    if args.verbose:
-        yield
+    """While the command runs: Ignite's and torch's INFO messages on stderr with ``--verbose``, else none.
+
+    Without it, INFO messages (Ignite's multi-line launcher dumps) are off. With
+    it, a handler on the ``ignite`` and ``torch`` loggers prints them; both are
+    put back as they were when the command ends.
+    """
+    if not args.verbose:
+        logging.disable(logging.INFO)
+        try:
+            yield
+        finally:
+            logging.disable(logging.NOTSET)
         return
-    logging.disable(logging.INFO)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s: %(message)s"))
+    loggers = [logging.getLogger(name) for name in ("ignite", "torch")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
     try:
         yield
     finally:
-        logging.disable(logging.NOTSET)
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.removeHandler(handler)
+            logger.setLevel(level)
 
 
 def _run(args: argparse.Namespace) -> int:

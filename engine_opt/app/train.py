@@ -135,11 +135,7 @@ def build(args: argparse.Namespace) -> Run:
     device = _device(args)
     log_dir, checkpoint_dir = run_paths(args)
     _check_new_run_directories(args, log_dir, checkpoint_dir)
-    if args.batch_size % world_size():
-        raise UsageError(
-            f"--batch-size {args.batch_size} is the batch of one iteration over all {world_size()} processes; "
-            f"it must be a multiple of {world_size()}"
-        )
+    check_batch_size(args.batch_size, world_size())
     task = make_task(args.task, args.seed, args.batch_size)  # the same data and weights on every rank
     task.model.to(device)
     if world_size() > 1:
@@ -152,6 +148,15 @@ def build(args: argparse.Namespace) -> Run:
     schedulers = _schedulers(args.schedule, optim_wrapper, args.epochs * len(data))
     options = RunOptions(args.task, args.batch_size, args.seed, world_size(), wrapper_cfg, args.schedule, args.epochs)
     return Run(task, optim_wrapper, trainer, data, schedulers, options, log_dir, checkpoint_dir)
+
+
+def check_batch_size(batch_size: int, processes: int) -> None:
+    """``--batch-size`` is the batch of one iteration over all processes: each takes an equal share."""
+    if batch_size % processes:
+        raise UsageError(
+            f"--batch-size {batch_size} is the batch of one iteration over all {processes} processes; "
+            f"it must be a multiple of {processes}"
+        )
 
 
 def _check_new_run_directories(args: argparse.Namespace, log_dir: Path, checkpoint_dir: Path) -> None:
