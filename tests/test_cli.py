@@ -353,3 +353,13 @@ def test_a_batch_the_spawned_processes_do_not_divide_is_refused_before_they_star
         in capsys.readouterr().err
     )
     assert not (tmp_path / "logs").exists()
+
+
+def test_refused_options_leave_nothing_behind(tmp_path, capsys):
+    gan_config = ROOT / "examples" / "configs" / "gan.json"
+    for options in (["--config", str(gan_config)], ["--optimizer", "SparseAdam"], ["--lr", "-1"]):
+        with pytest.raises(SystemExit) as exit_info:
+            run(tmp_path, "--epochs", "1", *options)
+        assert exit_info.value.code == 2, options
+        assert not (tmp_path / "logs").exists(), options
+    capsys.readouterr()

@@ -29,7 +29,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from engine_opt import AmpOptimWrapper, OptimWrapper, OptimWrapperDict, build_optim_wrapper, create_trainer
+from engine_opt import (
+    AmpOptimWrapper,
+    OptimWrapper,
+    OptimWrapperDict,
+    build_optim_wrapper,
+    create_trainer,
+    member_filter,
+)
 from engine_opt.app import cli
 from engine_opt.handlers import (
     NonFiniteGuard,
@@ -187,6 +194,11 @@ def new_run_behind_the_checkpoints_there() -> None:
 def with_checkpoints_of_another_run() -> None:
     command("--checkpoint-every", "1000")
     command()
+
+
+def resume_from_nowhere_over_earlier_logs() -> None:
+    command("--log-dir", "runs/logged")
+    command("--log-dir", "runs/logged", "--resume", "--epochs", "2", "--checkpoint-dir", "runs/elsewhere")
 
 
 def resume_a_complete_run() -> None:
@@ -389,6 +401,8 @@ CASES = [
     Case("trainer", "`wrapper.update_params(loss.item())` (a float)", lambda: OptimWrapper(sgd()).update_params(0.5), "loss must be a tensor"),
     Case("trainer", "`wrapper.update_params(loss)` of a loss made under `no_grad`", a_loss_under_no_grad, "does not require grad"),
     Case("trainer", "`wrapper.update_params(loss)` of a loss that is not a scalar", lambda: (lambda m: OptimWrapper(sgd(m)).update_params(m(torch.ones(2, 4))))(make_model()), "scalar"),
+    Case("trainer", "`create_trainer(model, wrapper, train_step=step, model_fn=f)` (model_fn never reached)", lambda: create_trainer(make_model(), OptimWrapper(sgd()), train_step=lambda engine, batch: None, model_fn=lambda model, x: model(x)), "model_fn"),
+    Case("trainer", "`member_filter('gen', every=0)`", lambda: member_filter("gen", every=0), "every"),
     Case("trainer", "`create_trainer(model, wrapper, loss_fn, device='mps')` without MPS", lambda: create_trainer(make_model(), OptimWrapper(sgd()), F.mse_loss, device="mps"), "'mps'"),
     Case("trainer", "`attach_checkpoint(trainer, to_save, None)`", lambda: attach_checkpoint(create_trainer(make_model(), OptimWrapper(sgd()), F.mse_loss), {}, None), "dirname"),
     Case("data", "a batch that is one tensor of 3 rows, not `(x, y)`", lambda: run_trainer(make_model(), F.mse_loss, torch.ones(3, 4)), "(x, y)"),
@@ -440,6 +454,8 @@ CASES = [
     Case("command", "`engine-opt train --optimizer LBFGS`", lambda: command("--log-dir", "runs/lbfgs", "--optimizer", "LBFGS"), "LBFGS"),
     Case("command", "`engine-opt train --lr inf`", lambda: command("--log-dir", "runs/inf", "--lr", "inf"), "--lr"),
     Case("command", "`engine-opt train --device cuda` without a GPU", lambda: command("--device", "cuda"), "--device cuda"),
+    Case("command", "`engine-opt train --resume --checkpoint-dir elsewhere` into an earlier run's logs, no checkpoint there", resume_from_nowhere_over_earlier_logs, "--checkpoint-dir"),
+    Case("command", "`engine-opt train --nproc-per-node 3 --batch-size 64`", lambda: command("--nproc-per-node", "3", "--batch-size", "64"), "--batch-size 64"),
     Case("command", "`engine-opt train --nproc-per-node 2 --backend nccl` without GPUs", lambda: command("--nproc-per-node", "2", "--backend", "nccl"), "--backend nccl"),
 ]
 # fmt: on

@@ -90,10 +90,15 @@ class Result:
 
 
 def train(args: argparse.Namespace) -> Result:
-    """Run ``engine-opt train``, holding its checkpoint directory throughout; return what the summary reports."""
-    _, checkpoint_dir = run_paths(args)
-    with RunDirectory(checkpoint_dir).lock() if rank() == 0 else contextlib.nullcontext():
-        run = build(args)
+    """Run ``engine-opt train``; return what the summary reports.
+
+    The run is built first, so bad options are refused before anything is
+    written; then its checkpoint directory is held to the end, and whether it
+    may write there is decided while it is held.
+    """
+    run = build(args)
+    with RunDirectory(run.checkpoint_dir).lock() if rank() == 0 else contextlib.nullcontext():
+        check_run_directories(args, run.log_dir, run.checkpoint_dir)
         resumed = resume(run, args)
         return execute(run, args, resumed)
 
@@ -134,7 +139,6 @@ def build(args: argparse.Namespace) -> Run:
     """The task, its wrapper(s) from the options, the trainer and its schedules; nothing attached yet."""
     device = _device(args)
     log_dir, checkpoint_dir = run_paths(args)
-    _check_new_run_directories(args, log_dir, checkpoint_dir)
     check_batch_size(args.batch_size, world_size())
     task = make_task(args.task, args.seed, args.batch_size)  # the same data and weights on every rank
     task.model.to(device)
@@ -159,7 +163,7 @@ def check_batch_size(batch_size: int, processes: int) -> None:
         )
 
 
-def _check_new_run_directories(args: argparse.Namespace, log_dir: Path, checkpoint_dir: Path) -> None:
+def check_run_directories(args: argparse.Namespace, log_dir: Path, checkpoint_dir: Path) -> None:
     """A new run, with ``--resume`` or not, writes neither into an earlier run's checkpoints nor its curves."""
     if latest_checkpoint(checkpoint_dir) is not None:
         if args.resume:
