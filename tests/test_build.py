@@ -190,3 +190,76 @@ def test_groups_made_from_paramwise_cfg_are_named_after_their_rules():
     ]
     assert {key for key in optim_scalars(wrapper) if key.startswith("lr/")} == {"lr/default", "lr/bias-norm", "lr/3."}
     assert "name" not in build_optim_wrapper(model, dict(optimizer=dict(type="SGD", lr=0.1))).param_groups[0]
+
+
+class Lion(torch.optim.Optimizer):
+    """An optimizer whose ``__init__`` takes ``**kwargs`` straight to ``Optimizer`` (as many third-party ones do)."""
+
+    def __init__(self, params, **kwargs):
+        super().__init__(params, {"lr": 1e-4, "betas": (0.9, 0.99), "weight_decay": 0.0, **kwargs})
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for param in group["params"]:
+                if param.grad is not None:
+                    param.add_(param.grad.sign(), alpha=-group["lr"])
+
+
+def test_optimizer_taking_kwargs_gets_its_options():
+    model = nn.Linear(2, 2)
+    cfg = dict(
+        optimizer=dict(type=Lion, lr=0.02, betas=(0.8, 0.9), weight_decay=0.1),
+        paramwise_cfg=dict(bias_lr_mult=2.0, bias_decay_mult=0.0),
+    )
+    groups = build_optim_wrapper(model, cfg).param_groups
+    assert [(g["lr"], g["betas"], g["weight_decay"]) for g in groups] == [
+        (0.02, (0.8, 0.9), 0.1),
+        (0.04, (0.8, 0.9), 0.0),
+    ]
+
+
+def test_dotted_import_path_as_type(monkeypatch):
+    import sys
+    import types
+
+    package, module = types.ModuleType("mypkg"), types.ModuleType("mypkg.optim")
+    module.Lion = Lion
+    monkeypatch.setitem(sys.modules, "mypkg", package)
+    monkeypatch.setitem(sys.modules, "mypkg.optim", module)
+    wrapper = build_optim_wrapper(make_model(), dict(optimizer=dict(type="mypkg.optim.Lion", lr=0.5)))
+    assert type(wrapper.optimizer) is Lion and wrapper.get_lr() == {"lr": [0.5]}
+    assert type(build_optim_wrapper(make_model(), dict(optimizer=dict(type="torch.optim.NAdam"))).optimizer) is (
+        torch.optim.NAdam
+    )
+    for missing in ("mypkg.optim.Lamb", "nopkg.optim.Lion", "mypkg.optim"):
+        with pytest.raises(ValueError, match=rf"optimizer type must be .*dotted import path.*got '{missing}'"):
+            build_optim_wrapper(make_model(), dict(optimizer=dict(type=missing)))
+
+
+def test_zero_redundancy_optimizer_in_mmengines_form():
+    import torch.distributed as dist
+
+    batches = make_batches(4)
+    expected = make_model()
+    expected_optimizer = torch.optim.AdamW(expected.parameters(), lr=1e-2, weight_decay=0.1)
+    plain_loop(expected, expected_optimizer, batches, Plan(accumulate=1))
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        model = make_model()
+        cfg = dict(optimizer=dict(type="ZeroRedundancyOptimizer", optimizer_type="AdamW", lr=1e-2, weight_decay=0.1))
+        wrapper = build_optim_wrapper(model, cfg)
+        assert isinstance(wrapper.optimizer, torch.distributed.optim.ZeroRedundancyOptimizer)
+        assert type(wrapper.optimizer.optim) is torch.optim.AdamW
+        for x, y in batches:
+            wrapper.update_params(loss_fn(model(x), y))
+        assert_same_model(model, expected)
+        with pytest.raises(ValueError, match="optimizer_type"):
+            build_optim_wrapper(model, dict(optimizer=dict(type="ZeroRedundancyOptimizer", lr=0.1)))
+        with pytest.raises(ValueError, match=r"optimizer_type must be .*got 'Adamw'"):
+            build_optim_wrapper(model, dict(optimizer=dict(type="ZeroRedundancyOptimizer", optimizer_type="Adamw")))
+        with pytest.raises(ValueError, match=r"AdamW got unknown key\(s\) \['momentum'\]"):
+            cfg = dict(type="ZeroRedundancyOptimizer", optimizer_type="AdamW", momentum=0.9)
+            build_optim_wrapper(model, dict(optimizer=cfg))
+    finally:
+        dist.destroy_process_group()

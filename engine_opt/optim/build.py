@@ -2,9 +2,9 @@
 
 A config dict names the wrapper, the optimizer and the wrapper's arguments, so
 switching from fp32 to bf16 with accumulation and clipping is a change of
-config, not of training code. ``paramwise_cfg`` sets per-parameter learning
-rate and weight decay multipliers; parameters that end up with the same
-settings share one param group, and frozen parameters are left out.
+config, not of training code. ``paramwise_cfg`` gives each parameter the lr,
+weight decay and options MMEngine's constructor gives it (``paramwise``);
+parameters that end up with the same settings share one param group.
 
 Example:
     >>> from torch import nn
@@ -19,8 +19,8 @@ Example:
 
 from __future__ import annotations
 
+import importlib
 import inspect
-import math
 import warnings
 from collections.abc import Mapping
 from typing import Any
@@ -30,35 +30,13 @@ from torch import nn
 
 from . import checks
 from .amp import AmpOptimWrapper
+from .paramwise import ParamwiseRules
 from .wrapper import OptimWrapper
 from .wrapper_dict import OptimWrapperDict
 
 WRAPPERS: dict[str, type[OptimWrapper]] = {"OptimWrapper": OptimWrapper, "AmpOptimWrapper": AmpOptimWrapper}
-_PARAMWISE_KEYS = ("bias_lr_mult", "bias_decay_mult", "norm_decay_mult", "custom_keys")
-
-
-def _norm_layer_types() -> tuple[type[nn.Module], ...]:
-    """The norm layers ``norm_decay_mult`` applies to: torch's, and subclasses of its private batch/instance bases.
-
-    The bases (``_BatchNorm``, ``_InstanceNorm``) are private; other libraries'
-    norm layers subclass them, as MMEngine counts them. Where a torch release
-    lacks one, its public subclasses still count.
-    """
-    public = (
-        nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm,
-        nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d,
-        nn.GroupNorm, nn.LayerNorm, nn.LocalResponseNorm,
-        *((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ()),
-    )  # fmt: skip
-    private_bases = [
-        getattr(module, name)
-        for module, name in ((nn.modules.batchnorm, "_BatchNorm"), (nn.modules.instancenorm, "_InstanceNorm"))
-        if isinstance(getattr(module, name, None), type)
-    ]
-    return (*public, *private_bases)
-
-
-_NORM_TYPES = _norm_layer_types()
+_ZERO = "ZeroRedundancyOptimizer"
+_ZERO_ARGS = ("optimizer_type", "process_group", "parameters_as_bucket_view", "overlap_with_ddp")
 
 
 def _optimizer_names() -> list[str]:
@@ -69,14 +47,28 @@ def _optimizer_names() -> list[str]:
     )
 
 
-def _optimizer_class(type_: Any) -> type[torch.optim.Optimizer]:
+def _import_path(path: str) -> Any:
+    """The object a dotted path (``'mypkg.optim.Lion'``) names, or ``None`` if there is none."""
+    module_name, _, attribute = path.rpartition(".")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError:
+        return None
+    return getattr(module, attribute, None)
+
+
+def _optimizer_class(type_: Any, where: str = "optimizer type") -> type[torch.optim.Optimizer]:
+    """A ``torch.optim.Optimizer`` subclass from a class, a ``torch.optim`` name or a dotted import path."""
     if isinstance(type_, type) and issubclass(type_, torch.optim.Optimizer):
         return type_
-    candidate = getattr(torch.optim, type_, None) if isinstance(type_, str) else None
+    candidate = None
+    if isinstance(type_, str):
+        candidate = _import_path(type_) if "." in type_ else getattr(torch.optim, type_, None)
     if isinstance(candidate, type) and issubclass(candidate, torch.optim.Optimizer):
         return candidate
     raise ValueError(
-        f"optimizer type must be a torch.optim.Optimizer subclass or one of {_optimizer_names()}, got {type_!r}"
+        f"{where} must be a torch.optim.Optimizer subclass, a dotted import path to one ('mypkg.optim.Lion'), "
+        f"or one of {_optimizer_names()}, got {type_!r}"
     )
 
 
@@ -89,16 +81,24 @@ def _wrapper_class(type_: Any) -> type[OptimWrapper]:
 
 
 def _accepted_args(cls: type, skip: tuple[str, ...]) -> tuple[list[str], dict[str, Any]] | None:
-    """Keyword arguments of ``cls`` and their defaults, or ``None`` if it takes ``**kwargs``."""
+    """Keyword arguments of ``cls`` and their defaults, or ``None`` if it takes any (``**kwargs``).
+
+    An ``__init__`` with ``**kwargs`` passes them on to its base class's,
+    whose arguments count too; ``torch.optim.Optimizer``'s own ``(params,
+    defaults)`` is no keyword interface, so an optimizer whose ``**kwargs``
+    reach it takes any.
+    """
     names: list[str] = []
     defaults: dict[str, Any] = {}
     for klass in cls.__mro__:
         init = klass.__dict__.get("__init__")
         if init is None:
             continue
-        parameters = inspect.signature(init).parameters.values()
+        if klass is torch.optim.Optimizer:
+            return None
+        parameters = list(inspect.signature(init).parameters.values())[1:]  # without self
         for parameter in parameters:
-            if parameter.name in ("self", *skip) or parameter.kind is parameter.VAR_POSITIONAL:
+            if parameter.name in skip or parameter.kind is parameter.VAR_POSITIONAL:
                 continue
             if parameter.kind is parameter.VAR_KEYWORD:
                 break
@@ -110,118 +110,48 @@ def _accepted_args(cls: type, skip: tuple[str, ...]) -> tuple[list[str], dict[st
     return None
 
 
-def _param_groups(
-    model: nn.Module,
-    paramwise_cfg: Mapping[str, Any] | None,
-    base_lr: Any,
-    base_wd: Any,
-    optimizer_args: list[str] | None,
-) -> list[dict[str, Any]]:
-    """Trainable parameters grouped by their paramwise settings, in first-seen order."""
-    cfg, custom = _parse_paramwise(paramwise_cfg, optimizer_args)
-    needs_lr = "bias_lr_mult" in cfg or any("lr_mult" in value for value in custom.values())
-    if needs_lr and base_lr is None:
-        raise ValueError("paramwise_cfg sets an lr_mult but the optimizer config has no 'lr'")
-    rules = _Paramwise(cfg, custom, base_lr, base_wd)
-    groups: dict[tuple[tuple[str, Any], ...], dict[str, Any]] = {}
-    labels: dict[tuple[tuple[str, Any], ...], set[str]] = {}
-    seen: set[int] = set()
-    for prefix, module in model.named_modules():
-        for local_name, param in module.named_parameters(recurse=False):
-            if not param.requires_grad or id(param) in seen:
-                continue
-            seen.add(id(param))
-            settings, label = rules.settings(f"{prefix}.{local_name}" if prefix else local_name, local_name, module)
-            group_key = tuple(sorted(settings.items(), key=lambda item: item[0]))
-            groups.setdefault(group_key, {"params": [], **settings})["params"].append(param)
-            labels.setdefault(group_key, set()).add(label)
-    if not groups:
+def _first_argument(cls: type) -> str:
+    """The name of an optimizer's first argument, its parameters (``params``, or another name)."""
+    return next(iter(inspect.signature(cls).parameters), "params")
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """``model.module`` where ``model`` only wraps it (``DistributedDataParallel``, ``DataParallel``), else ``model``.
+
+    MMEngine's constructor takes ``model.module`` whenever there is one; here
+    only a wrapper with no parameters of its own is unwrapped, so no
+    parameter is lost.
+
+    Example:
+        >>> inner = nn.Linear(2, 2)
+        >>> unwrap_model(nn.DataParallel(inner)) is inner
+        True
+    """
+    inner = getattr(model, "module", None)
+    if isinstance(inner, nn.Module) and {id(p) for p in model.parameters()} == {id(p) for p in inner.parameters()}:
+        return inner
+    return model
+
+
+def _parameters(
+    model: nn.Module, paramwise_cfg: Mapping[str, Any] | None, base_lr: Any, base_wd: Any, args: list[str] | None
+) -> list[Any]:
+    """The optimizer's parameters: all of them in one group, or groups made by ``paramwise_cfg``."""
+    if not any(param.requires_grad for param in model.parameters()):
         raise ValueError(f"the model {type(model).__name__} has no trainable parameters")
-    if paramwise_cfg is not None:  # each group named after the rules that made it, for logs (lr/bias-norm)
-        for group_key, group in groups.items():
-            group["name"] = "-".join(sorted(labels[group_key]))  # characters every logger takes
-    for key in sorted(set(custom) - rules.matched):
+    if not paramwise_cfg:  # as MMEngine: every parameter, frozen ones too, so unfreezing them later trains them
+        if paramwise_cfg is not None:
+            checks.mapping("paramwise_cfg", paramwise_cfg)
+        return list(model.parameters())
+    rules = ParamwiseRules.from_config(paramwise_cfg, base_lr, base_wd, args)
+    groups = rules.param_groups(model)
+    for key in sorted(set(rules.custom_keys) - rules.matched):
         warnings.warn(
             f"paramwise_cfg['custom_keys'] key {key!r} matches no trainable parameter of {type(model).__name__}",
             UserWarning,
             stacklevel=5,  # the caller of build_optim_wrapper
         )
-    return list(groups.values())
-
-
-def _parse_paramwise(
-    paramwise_cfg: Mapping[str, Any] | None, optimizer_args: list[str] | None
-) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
-    """``paramwise_cfg`` and its ``custom_keys``, checked: known options, multipliers that are numbers >= 0."""
-    cfg = dict(checks.mapping("paramwise_cfg", paramwise_cfg)) if paramwise_cfg is not None else {}
-    checks.known_keys("paramwise_cfg", cfg, _PARAMWISE_KEYS)
-    for key in ("bias_lr_mult", "bias_decay_mult", "norm_decay_mult"):
-        if key in cfg:
-            _multiplier(f"paramwise_cfg[{key!r}]", cfg[key])
-    custom = {}
-    for key, options in checks.mapping("paramwise_cfg['custom_keys']", cfg.get("custom_keys", {})).items():
-        where = f"paramwise_cfg['custom_keys'][{key!r}]"
-        custom[key] = dict(checks.mapping(where, options))
-        if optimizer_args is not None:
-            checks.known_keys(where, custom[key], ["lr_mult", "decay_mult", *optimizer_args])
-        for mult in ("lr_mult", "decay_mult"):
-            if mult in custom[key]:
-                _multiplier(f"{where}[{mult!r}]", custom[key][mult])
-    return cfg, custom
-
-
-def _multiplier(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a number >= 0, got {checks.describe(value)}")
-    if not (math.isfinite(value) and value >= 0):
-        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
-
-
-class _Paramwise:
-    """The settings ``paramwise_cfg`` gives one parameter, beyond the optimizer's own."""
-
-    def __init__(self, cfg: dict[str, Any], custom: dict[str, Any], base_lr: Any, base_wd: Any) -> None:
-        self.cfg, self.custom, self.base_lr, self.base_wd = cfg, custom, base_lr, base_wd
-        self.ordered_keys = sorted(sorted(custom), key=len, reverse=True)  # the longest matching key wins
-        self.matched: set[str] = set()
-
-    def settings(self, name: str, local_name: str, module: nn.Module) -> tuple[dict[str, Any], str]:
-        """The parameter's settings, and the rule that gave them: a custom key, ``bias``, ``norm`` or ``default``."""
-        matched = next((key for key in self.ordered_keys if key in name), None)
-        if matched is not None:
-            self.matched.add(matched)
-            settings, label = self._custom(matched), matched
-        else:
-            settings = self._by_kind(local_name, module)
-            label = "norm" if isinstance(module, _NORM_TYPES) else "bias" if local_name == "bias" else "default"
-        for option, base in (("lr", self.base_lr), ("weight_decay", self.base_wd)):
-            if option in settings and settings[option] == base:
-                del settings[option]
-        return settings, label if settings else "default"
-
-    def _custom(self, key: str) -> dict[str, Any]:
-        options = dict(self.custom[key])
-        lr_mult = options.pop("lr_mult", None)
-        decay_mult = options.pop("decay_mult", None)
-        settings: dict[str, Any] = {}
-        if lr_mult is not None:
-            settings["lr"] = self.base_lr * lr_mult
-        if decay_mult is not None and self.base_wd is not None:
-            settings["weight_decay"] = self.base_wd * decay_mult
-        return {**settings, **options}
-
-    def _by_kind(self, local_name: str, module: nn.Module) -> dict[str, Any]:
-        cfg, settings = self.cfg, {}
-        is_norm = isinstance(module, _NORM_TYPES)
-        is_bias = local_name == "bias" and not is_norm
-        if is_bias and "bias_lr_mult" in cfg:
-            settings["lr"] = self.base_lr * cfg["bias_lr_mult"]
-        if self.base_wd is not None:
-            if is_norm and "norm_decay_mult" in cfg:
-                settings["weight_decay"] = self.base_wd * cfg["norm_decay_mult"]
-            elif is_bias and "bias_decay_mult" in cfg:
-                settings["weight_decay"] = self.base_wd * cfg["bias_decay_mult"]
-        return settings
+    return groups
 
 
 def _build_optimizer(
@@ -230,15 +160,26 @@ def _build_optimizer(
     optimizer_cfg = dict(checks.mapping("optimizer", optimizer_cfg))
     if "type" not in optimizer_cfg:
         raise ValueError(f"optimizer config needs a 'type', e.g. dict(type='SGD', lr=0.01), got {optimizer_cfg!r}")
-    optimizer_cls = _optimizer_class(optimizer_cfg.pop("type"))
-    accepted = _accepted_args(optimizer_cls, skip=("params",))
+    type_ = optimizer_cfg.pop("type")
+    zero = type_ == _ZERO or (isinstance(type_, str) and type_.endswith(f"distributed.optim.{_ZERO}"))
+    zero_args = {key: optimizer_cfg.pop(key) for key in _ZERO_ARGS if key in optimizer_cfg} if zero else {}
+    if zero and "optimizer_type" not in zero_args:
+        raise ValueError(f"optimizer {_ZERO} needs 'optimizer_type', the optimizer each rank runs (e.g. 'AdamW')")
+    optimizer_cls = (
+        _optimizer_class(zero_args.pop("optimizer_type"), "optimizer_type") if zero else _optimizer_class(type_)
+    )
+    accepted = _accepted_args(optimizer_cls, skip=(_first_argument(optimizer_cls),))
     names, defaults = accepted if accepted is not None else (None, {})
     if names is not None:
         checks.known_keys(f"optimizer {optimizer_cls.__name__}", optimizer_cfg, names)
     base_lr = optimizer_cfg.get("lr", defaults.get("lr"))
     base_wd = optimizer_cfg.get("weight_decay", defaults.get("weight_decay"))
-    groups = _param_groups(model, paramwise_cfg, base_lr, base_wd, names)
-    return optimizer_cls(groups, **optimizer_cfg)
+    params = _parameters(unwrap_model(model), paramwise_cfg, base_lr, base_wd, names)
+    if zero:
+        from torch.distributed.optim import ZeroRedundancyOptimizer
+
+        return ZeroRedundancyOptimizer(params, optimizer_class=optimizer_cls, **zero_args, **optimizer_cfg)
+    return optimizer_cls(params, **optimizer_cfg)
 
 
 def _build_one(model: nn.Module, cfg: Mapping[str, Any]) -> OptimWrapper:
@@ -263,14 +204,20 @@ def build_optim_wrapper(model: nn.Module, cfg: Mapping[str, Any]) -> OptimWrappe
         cfg: Either one wrapper config::
 
                 dict(type='AmpOptimWrapper',            # default 'OptimWrapper'
-                     optimizer=dict(type='AdamW', lr=1e-3),   # any torch.optim name
+                     optimizer=dict(type='AdamW', lr=1e-3),
                      accumulative_counts=4, clip_grad=dict(max_norm=1.0), dtype='bfloat16',
                      paramwise_cfg=dict(bias_lr_mult=2.0, bias_decay_mult=0.0, norm_decay_mult=0.0,
                                         custom_keys={'backbone': dict(lr_mult=0.1, decay_mult=0.0)}))
 
             or a dict of such configs keyed by submodule names of ``model``
             (``{'gen': dict(...), 'disc': dict(...)}``), which builds an
-            ``OptimWrapperDict``. ``cfg`` is not modified.
+            ``OptimWrapperDict``. The optimizer's ``type`` is a ``torch.optim``
+            name, a dotted import path (``'mypkg.optim.Lion'``), an optimizer
+            class, or ``'ZeroRedundancyOptimizer'`` with ``optimizer_type``
+            naming the optimizer each rank runs. ``paramwise_cfg`` takes
+            MMEngine's keys and layer-wise lr decay (``paramwise``). A model
+            that only wraps ``.module`` (``DistributedDataParallel``) is
+            unwrapped first. ``cfg`` is not modified.
 
     Returns:
         The wrapper, or the dict of wrappers.

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from . import checks
+from .paramwise import MODEL_ORDER
 
 # Optimizer state buffers shaped like their parameter (torch.optim's SGD, Adam(W), RMSprop, Adagrad, ...).
 _ELEMENTWISE_STATE = frozenset(
@@ -103,8 +104,8 @@ def _check_hyperparameters(where: str, saved: Mapping[str, Any], group: Mapping[
     numeric = [
         key
         for key, value in group.items()
-        if key not in ("params", "initial_lr") and _is_number(value, allow_nonfinite=True)  # a schedule's initial_lr
-    ]
+        if key not in ("params", "initial_lr", MODEL_ORDER) and _is_number(value, allow_nonfinite=True)
+    ]  # a schedule's initial_lr and the build's model_order are not the optimizer's
     missing = [key for key in numeric if key not in saved]
     if missing:
         raise ValueError(

@@ -37,6 +37,7 @@ from torch.utils.hooks import RemovableHandle
 from . import checks, distributed
 from .clipping import GradClipper
 from .hooks import StepEvent, StepHook, StepHooks
+from .param_layout import regrouped
 from .state_checks import check_hyperparameters, check_optimizer_state
 
 _COUNTER_KEYS = ("inner_count", "max_counts", "steps", "skipped_steps", "accumulative_counts")
@@ -520,10 +521,14 @@ class OptimWrapper:
             ...
             ValueError: state_dict lacks the optimizer key(s) ['state', 'param_groups']; got keys ['lr']. ...
         """
-        check_optimizer_state(self.optimizer, state_dict)
+        check_optimizer_state(self.optimizer, self._in_layout(state_dict))
         if "counters" in state_dict:
             _check_counters(checks.mapping("state_dict['counters']", state_dict["counters"]))
         self._check_accumulated_grads(state_dict)
+
+    def _in_layout(self, state_dict: Any) -> Any:
+        """``state_dict`` in this optimizer's param groups, where MMEngine saved it one group per parameter."""
+        return regrouped(self.optimizer, state_dict) if isinstance(state_dict, Mapping) else state_dict
 
     def _check_accumulated_grads(self, state_dict: Mapping[str, Any]) -> None:
         by_rank = state_dict.get("rank_accumulated_grads")
@@ -564,6 +569,7 @@ class OptimWrapper:
         mid-window, none otherwise (whatever they held before is dropped).
         """
         self.check_state_dict(state_dict)
+        state_dict = self._in_layout(state_dict)
         self.optimizer.load_state_dict({"state": state_dict["state"], "param_groups": state_dict["param_groups"]})
         counters = state_dict.get("counters")
         if counters is not None:

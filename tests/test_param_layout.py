@@ -1,0 +1,119 @@
+"""MMEngine's optimizer checkpoints resume here exactly, and this project's load into MMEngine."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from engine_opt import build_optim_wrapper
+from engine_opt.optim.param_layout import in_model_order, regrouped
+
+mmengine_optim = pytest.importorskip("mmengine.optim")
+
+
+class Net(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.stem = nn.Conv1d(2, 4, 3)
+        self.norm = nn.BatchNorm1d(4)
+        self.frozen = nn.Linear(4, 4)
+        self.frozen.requires_grad_(False)
+        self.head = nn.Linear(4, 3)
+        self.scale = nn.Parameter(torch.ones(3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.norm(self.stem(x)).mean(-1)
+        return self.head(self.frozen(h)) * self.scale
+
+
+def batches(count: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    generator = torch.Generator().manual_seed(1)
+    return [(torch.randn(5, 2, 6, generator=generator), torch.randn(5, 3, generator=generator)) for _ in range(count)]
+
+
+def train(wrapper, model: nn.Module, data) -> None:
+    for x, y in data:
+        wrapper.update_params(((model(x) - y) ** 2).mean())
+
+
+OPTIMIZERS = [
+    dict(type="SGD", lr=0.05, momentum=0.9, weight_decay=1e-3),
+    dict(type="AdamW", lr=1e-2, weight_decay=0.05, betas=(0.8, 0.95)),
+]
+PARAMWISE = [
+    None,
+    dict(bias_lr_mult=2.0, norm_decay_mult=0.0, flat_decay_mult=0.5, custom_keys={"head": dict(lr_mult=0.1)}),
+    dict(bias_decay_mult=0.0, custom_keys={".scale": dict(decay_mult=0.0, lr_mult=3.0)}),
+]
+
+
+def config(optimizer, paramwise, accumulate=1):
+    cfg = dict(optimizer=copy.deepcopy(optimizer), accumulative_counts=accumulate)
+    if paramwise is not None:
+        cfg["paramwise_cfg"] = copy.deepcopy(paramwise)
+    return cfg
+
+
+@pytest.mark.parametrize("optimizer", OPTIMIZERS, ids=["sgd", "adamw"])
+@pytest.mark.parametrize("paramwise", PARAMWISE, ids=["plain", "paramwise", "custom"])
+def test_mmengine_checkpoint_resumes_exactly(optimizer, paramwise):
+    data = batches(6)
+    theirs_model = Net()
+    theirs = mmengine_optim.build_optim_wrapper(theirs_model, config(optimizer, paramwise, accumulate=2))
+    train(theirs, theirs_model, data[:4])  # two windows
+    saved_model = copy.deepcopy(theirs_model.state_dict())
+    saved = copy.deepcopy(theirs.state_dict())
+    train(theirs, theirs_model, data[4:])  # MMEngine's own continuation
+
+    ours_model = Net()
+    ours_model.load_state_dict(saved_model)
+    ours = build_optim_wrapper(ours_model, config(optimizer, paramwise, accumulate=2))
+    before = copy.deepcopy(saved)
+    ours.load_state_dict(saved)
+    assert str(saved) == str(before)  # the caller's dict is left as it was
+    train(ours, ours_model, data[4:])
+    for name, value in theirs_model.state_dict().items():
+        assert torch.equal(value, ours_model.state_dict()[name]), name
+
+
+@pytest.mark.parametrize("optimizer", OPTIMIZERS, ids=["sgd", "adamw"])
+@pytest.mark.parametrize("paramwise", PARAMWISE, ids=["plain", "paramwise", "custom"])
+def test_our_checkpoint_loads_into_mmengine(optimizer, paramwise):
+    data = batches(6)
+    ours_model = Net()
+    ours = build_optim_wrapper(ours_model, config(optimizer, paramwise))
+    train(ours, ours_model, data[:3])
+    saved_model = copy.deepcopy(ours_model.state_dict())
+    state = copy.deepcopy(ours.state_dict() if paramwise is None else in_model_order(ours.state_dict()))
+    train(ours, ours_model, data[3:])
+
+    theirs_model = Net()
+    theirs_model.load_state_dict(saved_model)
+    theirs = mmengine_optim.build_optim_wrapper(theirs_model, config(optimizer, paramwise))
+    theirs.load_state_dict(state)
+    train(theirs, theirs_model, data[3:])
+    for name, value in theirs_model.state_dict().items():
+        assert torch.equal(value, ours_model.state_dict()[name]), name
+
+
+def test_a_state_saved_with_another_paramwise_cfg_is_refused_and_nothing_changes():
+    model = Net()
+    theirs = mmengine_optim.build_optim_wrapper(model, config(OPTIMIZERS[0], PARAMWISE[2]))
+    train(theirs, model, batches(1))
+    ours = build_optim_wrapper(Net(), config(OPTIMIZERS[0], PARAMWISE[1]))
+    before = copy.deepcopy(ours.optimizer.state_dict())
+    with pytest.raises(ValueError, match=r"parameters .* different settings .*another paramwise_cfg"):
+        ours.load_state_dict(theirs.state_dict())
+    assert str(ours.optimizer.state_dict()) == str(before)
+
+
+def test_regrouped_leaves_states_it_cannot_place_to_the_checks():
+    ours = build_optim_wrapper(Net(), config(OPTIMIZERS[0], PARAMWISE[1]))
+    mismatched = {"state": {}, "param_groups": [{"params": [0], "lr": 0.1}]}  # one parameter: not this model's
+    assert regrouped(ours.optimizer, mismatched) is mismatched
+    with pytest.raises(ValueError, match="param group"):
+        ours.load_state_dict(mismatched)
