@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -297,3 +298,30 @@ def test_use_fsdp_builds_a_sharded_scaler():
     optimizer = torch.optim.SGD(make_model().parameters(), lr=0.1)
     assert isinstance(AmpOptimWrapper(optimizer=optimizer, dtype="fp16", use_fsdp=True).loss_scaler, ShardedGradScaler)
     assert AmpOptimWrapper(optimizer=optimizer, dtype="bf16", use_fsdp=True).loss_scaler is None
+
+
+def test_a_scheduler_on_the_amp_wrapper_moves_per_window_without_warning_on_a_skipped_first_step():
+    """torch's scheduler counts the wrapper's step calls: a window whose float16 step was skipped still counts."""
+    batches = make_batches(6)
+    batches[1] = (torch.full_like(batches[1][0], float("nan")), batches[1][1])  # the first window is skipped
+    model = make_model()
+    wrapper = AmpOptimWrapper(
+        optimizer=torch.optim.SGD(model.parameters(), lr=1.0),
+        dtype="fp16",
+        loss_scale={"init_scale": 256.0},
+        accumulative_counts=2,
+    )
+    assert isinstance(wrapper, torch.optim.Optimizer) and "fp16" in AmpOptimWrapper.valid_dtypes
+    scheduler = torch.optim.lr_scheduler.StepLR(wrapper, step_size=1, gamma=0.5)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for x, y in batches:
+            with wrapper.optim_context(model):
+                loss = loss_fn(model(x), y)
+            wrapper.update_params(loss)
+            if wrapper.should_update():
+                scheduler.step()
+    assert not [w for w in caught if "optimizer.step()" in str(w.message)]
+    assert (wrapper.applied_steps, wrapper.skipped_steps) == (2, 1)
+    assert wrapper.get_lr() == {"lr": [0.125]}
+    assert roundtrip(wrapper.state_dict())["loss_scaler"]["scale"] == 128.0

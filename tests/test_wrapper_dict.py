@@ -178,3 +178,40 @@ def test_a_dict_is_not_a_member():
     wrappers = make_wrappers(make_gan())
     with pytest.raises(TypeError, match="'inner' must be an OptimWrapper"):
         OptimWrapperDict(inner=wrappers)
+
+
+def test_param_groups_are_the_members_live_lists_by_name_as_in_mmengine():
+    gan = make_gan()
+    wrappers = make_wrappers(gan)
+    groups = wrappers.param_groups
+    assert list(groups) == ["gen", "disc"]
+    assert groups["gen"] is wrappers["gen"].optimizer.param_groups
+    assert groups["disc"] is wrappers["disc"].optimizer.param_groups
+    assert not isinstance(wrappers, torch.optim.Optimizer)  # a dict of groups: schedule one member instead
+    mmengine_optim = pytest.importorskip("mmengine.optim")
+    theirs = mmengine_optim.OptimWrapperDict(
+        gen=mmengine_optim.OptimWrapper(torch.optim.SGD(make_gan()["gen"].parameters(), lr=0.1))
+    )
+    assert list(theirs.param_groups) == ["gen"] and isinstance(theirs.param_groups["gen"], list)
+
+
+@pytest.mark.parametrize("method", ["should_update", "should_sync", "scale_loss"])
+def test_window_questions_name_the_members(method):
+    wrappers = make_wrappers(make_gan())
+    args = (torch.ones(()),) if method == "scale_loss" else ()
+    with pytest.raises(NotImplementedError, match=rf"optim_wrapper\['gen'\]\.{method}"):
+        getattr(wrappers, method)(*args)
+
+
+def test_every_mmengine_name_that_works_there_exists_here():
+    """MMEngine's OptimWrapperDict inherits OptimWrapper; the names left out raise AttributeError there."""
+    mmengine_optim = pytest.importorskip("mmengine.optim")
+    theirs = mmengine_optim.OptimWrapperDict(
+        gen=mmengine_optim.OptimWrapper(torch.optim.SGD(make_gan()["gen"].parameters(), lr=0.1))
+    )
+    ours = make_wrappers(make_gan())
+    missing = {name for name in dir(theirs) if not name.startswith("_") and not hasattr(ours, name)}
+    assert missing == {"defaults", "inner_count"}
+    for name in missing:
+        with pytest.raises(AttributeError):
+            getattr(theirs, name)

@@ -7,7 +7,7 @@ every tag starts with ``'{tag}/'``):
 
 ================================ ==================================================
 ``{m}lr/{g}``                     learning rate of the group
-``{m}base_lr``                    the optimizer's default lr (several groups only)
+``{m}base_lr``                    ``get_lr()['base_lr']``: the default lr, scheduled
 ``{m}momentum/{g}``               ``momentum``, or ``betas[0]``, of the group
 ``{m}weight_decay/{g}``           ``weight_decay`` of the group
 ``{m}loss_scale``                 the float16 grad scaler's scale
@@ -73,8 +73,9 @@ def member_scalars(wrapper: OptimWrapper, prefix: str = "") -> dict[str, float]:
     """The values ``OptimParamsHandler`` logs for one wrapper, by tag. Reading them waits for the device."""
     groups = wrapper.param_groups
     scalars: dict[str, Any] = {}
-    if len(groups) > 1 and "lr" in wrapper.defaults:
-        scalars[f"{prefix}base_lr"] = wrapper.defaults["lr"]
+    base_lr = wrapper.get_lr().get("base_lr") if all("lr" in group for group in groups) else None  # several groups
+    if base_lr is not None:
+        scalars[f"{prefix}base_lr"] = base_lr[0]
     for label, group in zip(group_labels(wrapper), groups, strict=True):
         scalars.update({f"{prefix}{key}/{label}": value for key, value in _group_values(group)})
     if wrapper.loss_scaler is not None:

@@ -23,7 +23,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 from collections.abc import Iterator, Mapping
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -113,6 +113,7 @@ class AmpOptimWrapper(OptimWrapper):
             ``OptimWrapper``; pass ``optimizer`` by keyword.
 
     Attributes:
+        valid_dtypes: The names ``dtype`` accepts (MMEngine's four and their aliases).
         cast_dtype: The autocast dtype.
         loss_scaler: The ``torch.amp.GradScaler`` for float16, else ``None``.
 
@@ -126,6 +127,8 @@ class AmpOptimWrapper(OptimWrapper):
         >>> out.dtype, wrapper.loss_scaler
         (torch.bfloat16, None)
     """
+
+    valid_dtypes: ClassVar[tuple[str, ...]] = tuple(DTYPE_ALIASES)
 
     def __init__(
         self,

@@ -59,11 +59,14 @@ def _import_path(path: str) -> Any:
 
 def _optimizer_class(type_: Any, where: str = "optimizer type") -> type[torch.optim.Optimizer]:
     """A ``torch.optim.Optimizer`` subclass from a class, a ``torch.optim`` name or a dotted import path."""
-    if isinstance(type_, type) and issubclass(type_, torch.optim.Optimizer):
-        return type_
-    candidate = None
+    candidate = type_
     if isinstance(type_, str):
         candidate = _import_path(type_) if "." in type_ else getattr(torch.optim, type_, None)
+    if isinstance(candidate, type) and issubclass(candidate, OptimWrapper):
+        raise ValueError(
+            f"{where} must be an optimizer, got the wrapper {type_!r}: the wrapper's type goes in the outer config "
+            "(dict(type='AmpOptimWrapper', optimizer=dict(type='SGD', ...)))"
+        )
     if isinstance(candidate, type) and issubclass(candidate, torch.optim.Optimizer):
         return candidate
     raise ValueError(

@@ -27,6 +27,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+from collections import OrderedDict
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -41,6 +42,16 @@ from .param_layout import regrouped
 from .state_checks import check_hyperparameters, check_optimizer_state
 
 _COUNTER_KEYS = ("inner_count", "max_counts", "steps", "skipped_steps", "accumulative_counts")
+# torch.optim.Optimizer's hook tables: the wrapper shares the wrapped optimizer's, so a hook registered on either
+# runs around (or with) the wrapped optimizer's own step, state_dict and load_state_dict.
+_OPTIMIZER_HOOK_TABLES = (
+    "_optimizer_step_pre_hooks",
+    "_optimizer_step_post_hooks",
+    "_optimizer_state_dict_pre_hooks",
+    "_optimizer_state_dict_post_hooks",
+    "_optimizer_load_state_dict_pre_hooks",
+    "_optimizer_load_state_dict_post_hooks",
+)
 
 
 def _check_loss(loss: Any, backward_kwargs: Mapping[str, Any]) -> None:
@@ -82,8 +93,24 @@ def _accumulated_grads(state_dict: Mapping[str, Any]) -> Any:
     return state_dict.get("accumulated_grads") if by_rank is None else by_rank[distributed.rank()]
 
 
-class OptimWrapper:
+def _initial_value(value: Any) -> Any:
+    """``value`` as it is now: a tensor learning rate is copied (schedulers fill it in place)."""
+    return value.detach().clone() if isinstance(value, torch.Tensor) else value
+
+
+class OptimWrapper(torch.optim.Optimizer):
     """Wrap a ``torch.optim.Optimizer`` with gradient accumulation and clipping.
+
+    The wrapper is itself a ``torch.optim.Optimizer`` (as accelerate's
+    ``AcceleratedOptimizer`` is): ``Optimizer.__init__`` is not run, and
+    ``param_groups``, ``defaults`` and ``state`` are live views of the wrapped
+    optimizer's. So torch's and MMEngine's LR schedulers, Ignite's
+    ``LRScheduler``/``ParamScheduler``s and ``FastaiLRFinder`` take the wrapper
+    itself; what they save and restore goes through the wrapper's
+    ``state_dict``, counters and a window's gradients included. ``step``,
+    ``zero_grad``, ``state_dict``, ``load_state_dict`` keep MMEngine's meaning
+    (``step`` clips and steps one window); torch's ``register_step_pre_hook``
+    and the other ``Optimizer`` hooks register on the wrapped optimizer.
 
     Args:
         optimizer: The optimizer to drive.
@@ -99,8 +126,8 @@ class OptimWrapper:
 
     Attributes:
         optimizer: The wrapped optimizer.
-        clip_grad_kwargs: The clipping arguments without ``type`` (``{}``
-            when not clipping).
+        clip_grad_kwargs: The clipping arguments without ``type`` (``None``
+            when not clipping, as in MMEngine).
         loss_scaler: The float16 grad scaler: always ``None`` here (see
             ``AmpOptimWrapper``).
 
@@ -115,6 +142,11 @@ class OptimWrapper:
         {'lr': [0.1]}
         >>> bool(wrapper.grad_norm > 0)
         True
+        >>> scheduler = torch.optim.lr_scheduler.StepLR(wrapper, step_size=1, gamma=0.5)
+        >>> wrapper.update_params(model(torch.ones(3, 2)).sum())
+        >>> scheduler.step()
+        >>> isinstance(wrapper, torch.optim.Optimizer), wrapper.get_lr()
+        (True, {'lr': [0.05]})
     """
 
     def __init__(
@@ -123,6 +155,12 @@ class OptimWrapper:
         accumulative_counts: int = 1,
         clip_grad: Mapping[str, Any] | None = None,
     ) -> None:
+        # torch.optim.Optimizer.__init__ is deliberately not run: the wrapper holds no parameters of its own.
+        if isinstance(optimizer, OptimWrapper):
+            raise TypeError(
+                f"optimizer must be a torch.optim.Optimizer, got the wrapper {type(optimizer).__name__}; "
+                "pass the optimizer it wraps (wrapper.optimizer) instead"
+            )
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(
                 f"optimizer must be a torch.optim.Optimizer, got {checks.describe(optimizer)}; "
@@ -138,7 +176,11 @@ class OptimWrapper:
         self.loss_scaler: torch.amp.GradScaler | None = None
         self._accumulative_counts = checks.positive_int("accumulative_counts", accumulative_counts)
         self._clipper = GradClipper.parse(clip_grad)
-        self.clip_grad_kwargs: dict[str, Any] = {} if self._clipper is None else dict(self._clipper.kwargs)
+        self.clip_grad_kwargs: dict[str, Any] | None = None if self._clipper is None else dict(self._clipper.kwargs)
+        # each group's lr before any schedule, for get_lr()'s base_lr where no scheduler recorded 'initial_lr'
+        self._initial_lrs = [_initial_value(group.get("lr")) for group in optimizer.param_groups]
+        for table in _OPTIMIZER_HOOK_TABLES:
+            setattr(self, table, getattr(optimizer, table) if hasattr(optimizer, table) else OrderedDict())
         self._inner_count = 0
         self._max_counts = -1
         self._steps = 0  # windows stepped, applied or skipped
@@ -251,7 +293,7 @@ class OptimWrapper:
         """The tensor backward runs from: ``loss`` itself, or times a float16 loss scale (``AmpOptimWrapper``)."""
         return loss
 
-    def step(self, **kwargs: Any) -> None:
+    def step(self, **kwargs: Any) -> None:  # type: ignore[override]  # MMEngine's: no closure
         """Step the optimizer on the window's gradients, clipped if configured.
 
         In order: unscale (float16, when clipping or when a
@@ -346,9 +388,9 @@ class OptimWrapper:
         """
         return self._hooks.add(hook, events)
 
-    def zero_grad(self, **kwargs: Any) -> None:
-        """Run ``optimizer.zero_grad(**kwargs)``."""
-        self.optimizer.zero_grad(**kwargs)
+    def zero_grad(self, *args: Any, **kwargs: Any) -> None:
+        """Run ``optimizer.zero_grad(*args, **kwargs)``: ``set_to_none`` by keyword, or by position as in torch."""
+        self.optimizer.zero_grad(*args, **kwargs)
 
     def update_params(
         self,
@@ -444,25 +486,81 @@ class OptimWrapper:
 
     @property
     def param_groups(self) -> list[dict[str, Any]]:
-        """The optimizer's own, live list of parameter groups."""
+        """The optimizer's own, live list of parameter groups (what a scheduler on the wrapper sets)."""
         return self.optimizer.param_groups
+
+    @param_groups.setter
+    def param_groups(self, value: list[dict[str, Any]]) -> None:
+        self.optimizer.param_groups = value
 
     @property
     def defaults(self) -> dict[str, Any]:
         """The optimizer's default hyperparameters."""
         return self.optimizer.defaults
 
+    @defaults.setter
+    def defaults(self, value: dict[str, Any]) -> None:
+        self.optimizer.defaults = value
+
+    @property
+    def state(self) -> Any:
+        """The optimizer's own, live per-parameter state (``torch.optim.Optimizer.state``)."""
+        return self.optimizer.state
+
+    @state.setter
+    def state(self, value: Any) -> None:
+        self.optimizer.state = value
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Run ``optimizer.add_param_group(param_group)`` (the wrapped optimizer's own, e.g. ZeRO's)."""
+        self.optimizer.add_param_group(param_group)
+
     def get_lr(self) -> dict[str, list[Any]]:
         """Learning rate of each param group: ``{'lr': [...]}``.
 
-        With several groups, ``'base_lr'`` (the optimizer's default) comes first.
+        With several groups, ``'base_lr'`` comes first, as in MMEngine: the lr
+        of a group that started at the optimizer's default lr and followed the
+        schedule. MMEngine keeps such a group in its ``param_groups``; here it
+        is derived from the real groups: the lr of the first group that
+        started at the default lr (the same under any schedule), else the
+        default times the first group's lr over its initial lr (the same for
+        schedules that scale every group alike). Without a schedule it is
+        the default lr.
+
+        Example:
+            >>> import torch
+            >>> model = torch.nn.Linear(1, 1)
+            >>> optimizer = torch.optim.SGD([{"params": [model.weight]}, {"params": [model.bias], "lr": 0.2}], lr=0.1)
+            >>> wrapper = OptimWrapper(optimizer)
+            >>> scheduler = torch.optim.lr_scheduler.ExponentialLR(wrapper, gamma=0.5)
+            >>> wrapper.update_params(model(torch.ones(1, 1)).sum())
+            >>> scheduler.step()
+            >>> wrapper.get_lr()
+            {'base_lr': [0.05], 'lr': [0.05, 0.1]}
         """
         groups = self.optimizer.param_groups
         result: dict[str, list[Any]] = {}
-        if len(groups) > 1:
-            result["base_lr"] = [self.optimizer.defaults["lr"]]
+        if len(groups) > 1 and "lr" in self.optimizer.defaults:
+            result["base_lr"] = [self._base_lr(groups)]
         result["lr"] = [group["lr"] for group in groups]
         return result
+
+    def _base_lr(self, groups: list[dict[str, Any]]) -> Any:
+        """The default lr, moved as the schedule moved the groups from their initial lrs."""
+        default = self.optimizer.defaults["lr"]
+        scaled: tuple[Any, Any] | None = None  # (lr, initial lr) of the first group that can give a ratio
+        for index, group in enumerate(groups):
+            known = self._initial_lrs[index] if index < len(self._initial_lrs) else None
+            initial = group.get("initial_lr", known)
+            if initial is None or "lr" not in group:
+                continue
+            if bool(initial == default):
+                return group["lr"]
+            if scaled is None and bool(initial != 0):
+                scaled = (group["lr"], initial)
+        if scaled is None or bool(scaled[0] == scaled[1]):
+            return default
+        return default * scaled[0] / scaled[1]
 
     def get_momentum(self) -> dict[str, list[Any]]:
         """Momentum of each param group: ``momentum``, else ``betas[0]``, else 0."""
@@ -583,6 +681,19 @@ class OptimWrapper:
         for index, param in enumerate(self._params()):  # between windows, a state has no gradients: none stay
             grad = None if grads is None else grads[index]
             param.grad = None if grad is None else grad.detach().to(param.device, param.dtype, copy=True)
+
+    def __getstate__(self) -> dict[str, Any]:
+        """The wrapper's whole state for ``copy``/``pickle`` (``Optimizer.__getstate__`` keeps only three keys).
+
+        A ``step`` that an LR scheduler patched onto this instance is left
+        out, as ``Optimizer.__getstate__`` leaves it out: it calls the
+        original through a weak reference, and would step the original
+        from a copy.
+        """
+        return {key: value for key, value in self.__dict__.items() if key != "step"}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
 
     def __repr__(self) -> str:
         clip = None if self._clipper is None else dict(self._clipper.as_config())

@@ -135,6 +135,22 @@ class OptimWrapperDict:
         for wrapper in self.optim_wrappers.values():
             wrapper.initialize_count_status(model, init_counts, max_counts)
 
+    @property
+    def param_groups(self) -> dict[str, list[dict[str, Any]]]:
+        """Each wrapper's live ``param_groups`` by name, as MMEngine's: ``{'gen': [...], 'disc': [...]}``.
+
+        A dict, so the collection is no ``torch.optim.Optimizer``: build a
+        scheduler on one member, ``optim_wrapper['gen']``.
+
+        Example:
+            >>> import torch
+            >>> gen = OptimWrapper(torch.optim.SGD(torch.nn.Linear(1, 1).parameters(), lr=0.1))
+            >>> groups = OptimWrapperDict(gen=gen).param_groups
+            >>> list(groups), groups["gen"] is gen.optimizer.param_groups
+            (['gen'], True)
+        """
+        return {name: wrapper.param_groups for name, wrapper in self.optim_wrappers.items()}
+
     def get_lr(self) -> dict[str, list[Any]]:
         """Learning rates with the wrapper's name as prefix: ``{'gen.lr': [...], ...}``."""
         return {f"{name}.{key}": value for name, w in self.items() for key, value in w.get_lr().items()}
@@ -201,6 +217,18 @@ class OptimWrapperDict:
     def optim_context(self, *args: Any, **kwargs: Any) -> NoReturn:
         """Not available on the dict: use ``optim_context`` of one member."""
         self._one_member("optim_context")
+
+    def scale_loss(self, *args: Any, **kwargs: Any) -> NoReturn:
+        """Not available on the dict: call ``scale_loss`` on one member (each has its own window)."""
+        self._one_member("scale_loss")
+
+    def should_update(self) -> NoReturn:
+        """Not available on the dict: ask one member."""
+        self._one_member("should_update")
+
+    def should_sync(self) -> NoReturn:
+        """Not available on the dict: ask one member."""
+        self._one_member("should_sync")
 
     def __repr__(self) -> str:
         members = "".join(f"  {name}: {wrapper!r}".replace("\n", "\n  ") + ",\n" for name, wrapper in self.items())
