@@ -117,3 +117,14 @@ def test_regrouped_leaves_states_it_cannot_place_to_the_checks():
     assert regrouped(ours.optimizer, mismatched) is mismatched
     with pytest.raises(ValueError, match="param group"):
         ours.load_state_dict(mismatched)
+
+
+def test_groups_keep_their_names_when_the_layouts_hold_equal_counts():
+    cfg = config(OPTIMIZERS[1], dict(bias_decay_mult=0.0))
+    theirs = mmengine_optim.build_optim_wrapper(nn.Linear(2, 2), copy.deepcopy(cfg))  # one group per parameter
+    ours = build_optim_wrapper(nn.Linear(2, 2), cfg)  # here too: two groups of one
+    ours.load_state_dict(theirs.state_dict())
+    assert [(g["name"], g["model_order"], g["weight_decay"]) for g in ours.param_groups] == [
+        ("default", [0], 0.05),
+        ("bias", [1], 0.0),
+    ]

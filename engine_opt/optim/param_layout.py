@@ -13,10 +13,11 @@ Example:
     >>> cfg = dict(optimizer=dict(type="SGD", lr=0.1, weight_decay=0.01), paramwise_cfg=dict(bias_decay_mult=0.0))
     >>> wrapper = build_optim_wrapper(torch.nn.Linear(2, 2), cfg)
     >>> per_parameter = in_model_order(wrapper.optimizer.state_dict())
-    >>> [(g["params"], g["weight_decay"]) for g in per_parameter["param_groups"]]
+    >>> groups = [(g["params"], g["weight_decay"]) for g in per_parameter["param_groups"]]
+    >>> groups
     [([0], 0.01), ([1], 0.0)]
-    >>> [g["params"] for g in regrouped(wrapper.optimizer, per_parameter)["param_groups"]]
-    [[0], [1]]
+    >>> regrouped(wrapper.optimizer, per_parameter) == wrapper.optimizer.state_dict()
+    True
 """
 
 from __future__ import annotations
@@ -51,10 +52,12 @@ def _same(first: Mapping[str, Any], second: Mapping[str, Any]) -> bool:
 def regrouped(optimizer: torch.optim.Optimizer, state_dict: Mapping[str, Any]) -> Mapping[str, Any]:
     """``state_dict`` in ``optimizer``'s layout, where it was saved one group per parameter in model order.
 
-    Returned as given when its groups already hold as many parameters as the
-    optimizer's, when the optimizer's groups have no ``model_order`` (built
-    otherwise than from a ``paramwise_cfg``), or when it is malformed (the
-    load's checks name what is wrong). The caller's dict is not modified.
+    Returned as given when the optimizer's groups have no ``model_order``
+    (built otherwise than from a ``paramwise_cfg``), when the saved groups
+    have one (saved by such a build), or when it is malformed or holds
+    another number of parameters (the load's checks name what is wrong).
+    The groups keep their ``name`` and ``model_order``. The caller's dict is
+    not modified.
 
     Raises:
         ValueError: Parameters that share a group here had different settings
@@ -64,10 +67,8 @@ def regrouped(optimizer: torch.optim.Optimizer, state_dict: Mapping[str, Any]) -
     groups = optimizer.param_groups
     if not isinstance(saved, list) or not all(isinstance(group, Mapping) and "params" in group for group in saved):
         return state_dict
-    if [len(group["params"]) for group in saved] == [len(group["params"]) for group in groups]:
-        return state_dict
-    if not all(MODEL_ORDER in group for group in groups):
-        return state_dict
+    if not all(MODEL_ORDER in group for group in groups) or all(MODEL_ORDER in group for group in saved):
+        return state_dict  # not built from a paramwise_cfg, or saved by such a build
     ids = [index for group in saved for index in group["params"]]
     owners = [group for group in saved for _ in group["params"]]
     if len(ids) != sum(len(group["params"]) for group in groups):

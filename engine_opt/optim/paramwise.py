@@ -19,7 +19,8 @@ Example:
     >>> from torch import nn
     >>> model = nn.Sequential(nn.Conv2d(4, 4, 3, groups=4), nn.BatchNorm2d(4))
     >>> rules = ParamwiseRules.from_config(dict(dwconv_decay_mult=0.0, norm_decay_mult=0.5), lr=0.1, weight_decay=1e-4)
-    >>> [(g["name"], g["weight_decay"], g["model_order"]) for g in rules.param_groups(model)]
+    >>> groups = [(g["name"], g["weight_decay"], g["model_order"]) for g in rules.param_groups(model)]
+    >>> groups
     [('dwconv', 0.0, [0, 1]), ('norm', 5e-05, [2, 3])]
 """
 
@@ -88,7 +89,8 @@ def vit_layer_id(name: str, num_layers: int) -> int:
     first of either found wins. Everything else (final norm, head) is on top.
 
     Example:
-        >>> [vit_layer_id(n, 12) for n in (".cls_token", "backbone.blocks.3.attn.qkv.weight", "head.bias")]
+        >>> layers = [vit_layer_id(n, 12) for n in (".cls_token", "backbone.blocks.3.attn.qkv.weight", "head.bias")]
+        >>> layers
         [0, 4, 13]
     """
     parts = name.split(".")
