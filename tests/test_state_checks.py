@@ -15,6 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
+from engine_opt import OptimWrapper
 from engine_opt.optim.state_checks import check_module_state, check_optimizer_state
 
 from oracle import assert_same_tensors, make_model
@@ -88,3 +89,19 @@ def test_module_states_must_have_the_same_keys_and_shapes():
 def test_a_data_parallel_module_is_checked_as_the_module_it_wraps():
     model = make_model()
     check_module_state(nn.DataParallel(model), make_model(seed=2).state_dict())
+
+
+def test_a_state_saved_before_a_schedule_was_added_loads():
+    from engine_opt.optim.param_scheduler import build_param_scheduler
+
+    model = torch.nn.Linear(2, 2)
+    saved = OptimWrapper(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)).state_dict()
+    wrapper = OptimWrapper(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9))
+    build_param_scheduler(
+        wrapper,
+        [dict(type="LinearMomentum", start_factor=0.5, end=3), dict(type="OneCycleLR", eta_max=1.0, total_steps=5)],
+    )
+    wrapper.load_state_dict(
+        saved
+    )  # the groups' initial_momentum, max_lr, min_lr are the schedule's, not the optimizer's
+    assert wrapper.param_groups[0]["momentum"] == 0.9

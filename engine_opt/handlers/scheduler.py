@@ -3,11 +3,14 @@
 Accumulation micro-steps and skipped float16 steps do not move the schedule,
 so the N-th applied update always uses the N-th value, and torch's warning
 about ``lr_scheduler.step()`` before ``optimizer.step()`` cannot appear.
+MMEngine's ``param_scheduler`` schedulers (``build_param_scheduler``) with
+``by_epoch=True`` advance once per trainer epoch instead.
 """
 
 from __future__ import annotations
 
 import weakref
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -17,14 +20,16 @@ from ignite.handlers.param_scheduler import ParamScheduler
 from ..engine.events import OptimEvents
 from ..engine.state import optim_state
 from ..optim import checks
+from ..optim.param_scheduler import ParamScheduler as MMParamScheduler
 
-Scheduler = torch.optim.lr_scheduler.LRScheduler | ParamScheduler
+Scheduler = torch.optim.lr_scheduler.LRScheduler | ParamScheduler | MMParamScheduler
+Schedulers = Scheduler | Sequence[Scheduler] | Mapping[str, Sequence[Scheduler]]
 
 
 class SchedulerHandler:
-    """Step a torch ``lr_scheduler`` or an Ignite ``ParamScheduler`` after each applied update.
+    """Step a torch ``lr_scheduler``, an Ignite ``ParamScheduler`` or MMEngine's schedulers after each applied update.
 
-    The scheduler belongs to the wrapper whose optimizer it was built on (its
+    Each scheduler belongs to the wrapper whose optimizer it was built on (its
     ``optimizer`` is the wrapper, or the wrapper's ``optimizer``); with an
     ``OptimWrapperDict`` only that member's updates advance it.
 
@@ -34,10 +39,27 @@ class SchedulerHandler:
     ``OPTIM_STEP_COMPLETED`` when the run starts, after the handlers attached
     before, so a logger at that event records the values the update used.
 
+    The schedulers of ``build_param_scheduler`` (MMEngine's
+    ``param_scheduler`` configs) set their first value when built; an
+    iteration-based one (``by_epoch=False``) is stepped after each applied
+    update of its wrapper, an epoch-based one once per trainer epoch, whatever
+    its wrapper did in it (MMEngine's order: after the epoch's updates). An
+    epoch-based scheduler's steps are kept equal to the trainer's completed
+    epochs: stepped at ``EPOCH_COMPLETED``, and at ``EPOCH_STARTED`` if a
+    checkpoint saved at an epoch's end (by a handler that ran before this
+    one, or at its last iteration) holds it one step behind, so a resumed run
+    continues exactly whatever the order of the handlers. Build it before the
+    trainer's first epoch and load its state when resuming; a count off by
+    more than one is refused.
+
     Args:
         scheduler: A ``torch.optim.lr_scheduler.LRScheduler`` (built on
-            ``wrapper.optimizer``) or an Ignite ``ParamScheduler`` (built on
-            the wrapper or its optimizer). Add it to the checkpoint to resume.
+            ``wrapper.optimizer``), an Ignite ``ParamScheduler`` (built on
+            the wrapper or its optimizer), an ``engine_opt.optim``
+            ``ParamScheduler``, or a list of them, or a dict of lists as
+            ``build_param_scheduler`` returns for an ``OptimWrapperDict``
+            (stepped in list order). Add each scheduler to the checkpoint to
+            resume.
 
     Example:
         >>> import torch
@@ -51,21 +73,40 @@ class SchedulerHandler:
         >>> _ = trainer.run([(torch.ones(2, 2), torch.zeros(2, 1))] * 6)   # 6 micro-steps, 3 updates
         >>> wrapper.get_lr()
         {'lr': [0.125]}
+
+        MMEngine's configs, by update and by epoch:
+
+        >>> from engine_opt.optim.param_scheduler import build_param_scheduler
+        >>> wrapper = OptimWrapper(torch.optim.SGD(model.parameters(), lr=1.0), accumulative_counts=2)
+        >>> schedulers = build_param_scheduler(wrapper, [
+        ...     dict(type="LinearLR", start_factor=0.5, end=2, by_epoch=False),    # 2 updates of warmup
+        ...     dict(type="MultiStepLR", milestones=[2], gamma=0.1)])               # at the end of epoch 2
+        >>> trainer = create_trainer(model, wrapper, F.mse_loss)
+        >>> SchedulerHandler(schedulers).attach(trainer)
+        >>> _ = trainer.run([(torch.ones(2, 2), torch.zeros(2, 1))] * 4, max_epochs=3)   # 2 updates an epoch
+        >>> (group,) = wrapper.param_groups
+        >>> round(group["lr"], 6)
+        0.1
     """
 
-    def __init__(self, scheduler: Scheduler) -> None:
-        if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
-            raise TypeError(
-                "ReduceLROnPlateau needs a metric: step it yourself from an evaluation handler "
-                "(e.g. at Events.EPOCH_COMPLETED) rather than on every update"
-            )
-        if not isinstance(scheduler, (torch.optim.lr_scheduler.LRScheduler, ParamScheduler)):
-            raise TypeError(
-                "scheduler must be a torch.optim.lr_scheduler.LRScheduler or an Ignite ParamScheduler, "
-                f"got {checks.describe(scheduler)}"
-            )
+    def __init__(self, scheduler: Schedulers) -> None:
         self.scheduler = scheduler
-        self._target: Any = getattr(scheduler, "optimizer", None)
+        self._schedulers = _flatten(scheduler)
+        for item in self._schedulers:
+            if isinstance(item, torch.optim.lr_scheduler.ReduceLROnPlateau):
+                raise TypeError(
+                    "ReduceLROnPlateau needs a metric: step it yourself from an evaluation handler "
+                    "(e.g. at Events.EPOCH_COMPLETED) rather than on every update"
+                )
+            if not isinstance(item, (torch.optim.lr_scheduler.LRScheduler, ParamScheduler, MMParamScheduler)):
+                raise TypeError(
+                    "scheduler must be a torch.optim.lr_scheduler.LRScheduler or an Ignite ParamScheduler, "
+                    "or an engine_opt ParamScheduler (build_param_scheduler), or a list of them, or a dict of "
+                    f"such lists, got {checks.describe(item)}"
+                )
+        by_epoch = [isinstance(item, MMParamScheduler) and item.by_epoch for item in self._schedulers]
+        self._per_epoch = [item for item, epochs in zip(self._schedulers, by_epoch, strict=True) if epochs]
+        self._per_update = [item for item, epochs in zip(self._schedulers, by_epoch, strict=True) if not epochs]
         self._registered: weakref.WeakSet[Engine] = weakref.WeakSet()
 
     def attach(self, engine: Engine) -> None:
@@ -75,22 +116,62 @@ class SchedulerHandler:
 
     def _started(self, engine: Engine) -> None:
         members = optim_state(engine).members
-        if not any(self._target in (wrapper, wrapper.optimizer) for wrapper in members.values()):
-            raise ValueError(
-                f"the scheduler's optimizer is not driven by this trainer's wrapper(s) {list(members)}: "
-                "build the scheduler on wrapper.optimizer (torch) or on the wrapper (Ignite)"
-            )
-        if isinstance(self.scheduler, ParamScheduler) and self.scheduler.event_index == 0:
-            self.scheduler(engine)  # the first value, for the first update
+        for item in self._schedulers:
+            target = getattr(item, "optimizer", None)
+            if not any(target in (wrapper, wrapper.optimizer) for wrapper in members.values()):
+                raise ValueError(
+                    f"the scheduler's optimizer is not driven by this trainer's wrapper(s) {list(members)}: "
+                    "build the scheduler on wrapper.optimizer (torch) or on the wrapper (Ignite, "
+                    "build_param_scheduler)"
+                )
+        for item in self._per_update:
+            if isinstance(item, ParamScheduler) and item.event_index == 0:
+                item(engine)  # the first value, for the first update
         if engine not in self._registered:
-            engine.add_event_handler(OptimEvents.OPTIM_STEP_COMPLETED, self._advance)
+            if self._per_update:
+                engine.add_event_handler(OptimEvents.OPTIM_STEP_COMPLETED, self._advance)
+            if self._per_epoch:
+                engine.add_event_handler(Events.EPOCH_STARTED, self._epoch_started)
+                engine.add_event_handler(Events.EPOCH_COMPLETED, self._epoch_completed)
             self._registered.add(engine)
 
     def _advance(self, engine: Engine) -> None:
         _, wrapper = optim_state(engine).member()
-        if self._target is not wrapper and self._target is not wrapper.optimizer:
-            return
-        if isinstance(self.scheduler, ParamScheduler):
-            self.scheduler(engine)
-        else:
-            self.scheduler.step()
+        for item in self._per_update:
+            target = getattr(item, "optimizer", None)
+            if target is not wrapper and target is not wrapper.optimizer:
+                continue
+            if isinstance(item, ParamScheduler):
+                item(engine)
+            else:
+                item.step()
+
+    def _epoch_started(self, engine: Engine) -> None:
+        self._catch_up(engine.state.epoch - 1)
+
+    def _epoch_completed(self, engine: Engine) -> None:
+        self._catch_up(engine.state.epoch)
+
+    def _catch_up(self, completed: int) -> None:
+        """Step each epoch-based scheduler to ``completed`` epochs: one step at most, a larger gap refused."""
+        for item in self._per_epoch:
+            behind = completed - item.global_step
+            if behind == 1:
+                item.step()
+            elif behind != 0:
+                raise ValueError(
+                    f"the epoch-based scheduler {item!r} has taken {item.global_step} epoch step(s) but the "
+                    f"trainer has completed {completed} epoch(s): build it before the first epoch, and load "
+                    "its state from the checkpoint when resuming"
+                )
+
+
+def _flatten(scheduler: Any) -> list[Any]:
+    """The schedulers of one, a list, or a dict of lists (``build_param_scheduler``'s result), in order."""
+    if isinstance(scheduler, Mapping):
+        return [item for value in scheduler.values() for item in _flatten_list(value)]
+    return _flatten_list(scheduler)
+
+
+def _flatten_list(scheduler: Any) -> list[Any]:
+    return list(scheduler) if isinstance(scheduler, (list, tuple)) else [scheduler]

@@ -102,10 +102,8 @@ def _check_hyperparameters(where: str, saved: Mapping[str, Any], group: Mapping[
     optimizer's state (AdamW's has no ``momentum`` for SGD to read).
     """
     numeric = [
-        key
-        for key, value in group.items()
-        if key not in ("params", "initial_lr", MODEL_ORDER) and _is_number(value, allow_nonfinite=True)
-    ]  # a schedule's initial_lr and the build's model_order are not the optimizer's
+        key for key, value in group.items() if not _scheduled_or_built(key) and _is_number(value, allow_nonfinite=True)
+    ]
     missing = [key for key in numeric if key not in saved]
     if missing:
         raise ValueError(
@@ -115,6 +113,11 @@ def _check_hyperparameters(where: str, saved: Mapping[str, Any], group: Mapping[
     for key in numeric:
         if not _is_number(saved[key]):
             raise ValueError(f"{where}[{key!r}] must be a finite number, got {checks.describe(saved[key], 40)}")
+
+
+def _scheduled_or_built(key: str) -> bool:
+    """Group entries a schedule (``initial_lr``, OneCycle's ``max_lr``...) or the build adds: not the optimizer's."""
+    return key in ("params", "max_lr", "min_lr", MODEL_ORDER) or key.startswith("initial_")
 
 
 def _is_number(value: Any, allow_nonfinite: bool = False) -> bool:
