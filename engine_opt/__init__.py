@@ -26,7 +26,14 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from .optim import AmpOptimWrapper, OptimWrapper, OptimWrapperDict, StepEvent, build_optim_wrapper
+from .optim import (
+    AmpOptimWrapper,
+    OptimWrapper,
+    OptimWrapperDict,
+    StepEvent,
+    build_optim_wrapper,
+    build_param_scheduler,
+)
 
 if TYPE_CHECKING:
     from .engine import OptimEvents, create_trainer, member_filter
@@ -40,6 +47,7 @@ __all__ = [
     "OptimWrapperDict",
     "StepEvent",
     "build_optim_wrapper",
+    "build_param_scheduler",
     "create_trainer",
     "member_filter",
 ]

@@ -79,6 +79,7 @@ def test_the_package_exports_what_it_did():
         "OptimWrapperDict",
         "StepEvent",
         "build_optim_wrapper",
+        "build_param_scheduler",
         "create_trainer",
         "member_filter",
     ]

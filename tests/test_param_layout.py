@@ -51,19 +51,20 @@ PARAMWISE = [
 ]
 
 
-def config(optimizer, paramwise, accumulate=1):
-    cfg = dict(optimizer=copy.deepcopy(optimizer), accumulative_counts=accumulate)
+def config(optimizer, paramwise, accumulate=1, clip=None):
+    cfg = dict(optimizer=copy.deepcopy(optimizer), accumulative_counts=accumulate, clip_grad=clip)
     if paramwise is not None:
         cfg["paramwise_cfg"] = copy.deepcopy(paramwise)
     return cfg
 
 
+@pytest.mark.parametrize("clip", [None, dict(max_norm=0.05)], ids=["", "clipped"])
 @pytest.mark.parametrize("optimizer", OPTIMIZERS, ids=["sgd", "adamw"])
 @pytest.mark.parametrize("paramwise", PARAMWISE, ids=["plain", "paramwise", "custom"])
-def test_mmengine_checkpoint_resumes_exactly(optimizer, paramwise):
+def test_mmengine_checkpoint_resumes_exactly(optimizer, paramwise, clip):
     data = batches(6)
     theirs_model = Net()
-    theirs = mmengine_optim.build_optim_wrapper(theirs_model, config(optimizer, paramwise, accumulate=2))
+    theirs = mmengine_optim.build_optim_wrapper(theirs_model, config(optimizer, paramwise, 2, clip))
     train(theirs, theirs_model, data[:4])  # two windows
     saved_model = copy.deepcopy(theirs_model.state_dict())
     saved = copy.deepcopy(theirs.state_dict())
@@ -71,7 +72,7 @@ def test_mmengine_checkpoint_resumes_exactly(optimizer, paramwise):
 
     ours_model = Net()
     ours_model.load_state_dict(saved_model)
-    ours = build_optim_wrapper(ours_model, config(optimizer, paramwise, accumulate=2))
+    ours = build_optim_wrapper(ours_model, config(optimizer, paramwise, 2, clip))
     before = copy.deepcopy(saved)
     ours.load_state_dict(saved)
     assert str(saved) == str(before)  # the caller's dict is left as it was

@@ -44,6 +44,7 @@ from typing import Any, ClassVar
 import torch
 
 from . import checks
+from .paramwise import MODEL_ORDER
 from .wrapper import OptimWrapper
 from .wrapper_dict import OptimWrapperDict
 
@@ -104,7 +105,36 @@ def _from_mmengine(scheduler: ParamScheduler, state: Mapping[str, Any]) -> Mappi
     keys = {"param_name": "param_name", "by_epoch": "by_epoch", "last_step": "last_step"}
     keys.update(global_step="_global_step", base_values="base_values", last_value="_last_value")
     converted = {ours: state[theirs] for ours, theirs in keys.items() if theirs in state}
+    groups = scheduler._groups
+    for key in ("base_values", "last_value"):
+        if key in converted:
+            converted[key] = _per_group(key, converted[key], groups)
     return {"type": type(scheduler).__name__, **converted}
+
+
+def _per_group(key: str, values: Any, groups: list[dict[str, Any]]) -> Any:
+    """MMEngine's values of one group per parameter (and its base group last) for these groups, by ``model_order``.
+
+    Returned as given where there is nothing to regroup (the check names a
+    length that does not fit).
+    """
+    total = sum(len(group["params"]) for group in groups)
+    if not isinstance(values, list) or not all(MODEL_ORDER in group for group in groups):
+        return values
+    if len(values) not in (total, total + 1):  # one per parameter, and MMEngine's base group (several groups)
+        return values
+    result = []
+    for group in groups:
+        order = group[MODEL_ORDER]
+        differing = [position for position in order if values[position] != values[order[0]]]
+        if differing:
+            raise ValueError(
+                f"the saved scheduler state's {key} gives parameters {order[0]} and {differing[0]} (in model "
+                f"order) different values, but they share a param group here ({group.get('name', 'unnamed')!r}): "
+                "it was saved with another paramwise_cfg"
+            )
+        result.append(values[order[0]])
+    return result
 
 
 class ParamScheduler:

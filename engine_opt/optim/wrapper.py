@@ -39,6 +39,7 @@ from . import checks, distributed
 from .clipping import GradClipper
 from .hooks import StepEvent, StepHook, StepHooks
 from .param_layout import regrouped
+from .paramwise import MODEL_ORDER
 from .state_checks import check_hyperparameters, check_optimizer_state
 
 _COUNTER_KEYS = ("inner_count", "max_counts", "steps", "skipped_steps", "accumulative_counts")
@@ -96,6 +97,10 @@ def _accumulated_grads(state_dict: Mapping[str, Any]) -> Any:
 def _initial_value(value: Any) -> Any:
     """``value`` as it is now: a tensor learning rate is copied (schedulers fill it in place)."""
     return value.detach().clone() if isinstance(value, torch.Tensor) else value
+
+
+def _first(pair: tuple[int, torch.Tensor]) -> int:
+    return pair[0]
 
 
 class OptimWrapper(torch.optim.Optimizer):
@@ -324,7 +329,7 @@ class OptimWrapper(torch.optim.Optimizer):
                 self.unscale_grads()  # to clip, or for hooks that read the gradients
             cancel = self._before_step() if self._on_before_step else False
             if self._clipper is not None and not cancel:
-                grad_norm = self._clipper.clip(self._params())
+                grad_norm = self._clipper.clip(self._params_in_model_order())
             found_inf = self._cancel_optimizer_step() if cancel else self._optimizer_step(kwargs)
         finally:
             self._stepping = False
@@ -419,6 +424,18 @@ class OptimWrapper(torch.optim.Optimizer):
 
     def _params(self) -> list[torch.Tensor]:
         return [param for group in self.optimizer.param_groups for param in group["params"]]
+
+    def _params_in_model_order(self) -> list[torch.Tensor]:
+        """The parameters in the model's order where the build recorded it (``model_order``), else group order.
+
+        A total gradient norm sums its parts in this order: the model's order
+        is MMEngine's, so a clipped update equals its bitwise.
+        """
+        groups = self.optimizer.param_groups
+        if MODEL_ORDER not in groups[0] or not all(MODEL_ORDER in group for group in groups):
+            return self._params()  # the first test alone where nothing was built from a paramwise_cfg
+        placed = [pair for group in groups for pair in zip(group[MODEL_ORDER], group["params"], strict=True)]
+        return [param for _, param in sorted(placed, key=_first)]
 
     def _optimizer_step(self, kwargs: dict[str, Any]) -> torch.Tensor | None:
         """Step the optimizer; return a found-inf tensor when the step may have been skipped."""
