@@ -80,12 +80,16 @@ def main(argv: list[str] | None = None) -> nn.Module:
     SchedulerHandler(schedulers).attach(trainer)
 
     if args.resume:
-        checkpoint = torch.load(args.resume, weights_only=True)
+        # MMEngine's runner pickles more than tensors (its message hub): open only checkpoints you trust
+        checkpoint = torch.load(args.resume, weights_only=False)
+        epoch, iteration = checkpoint["meta"]["epoch"], checkpoint["meta"]["iter"]
+        if iteration != epoch * len(data):
+            parser.error(f"{args.resume} was saved mid-epoch (iteration {iteration}); pass one saved at an epoch's end")
         model.load_state_dict(checkpoint["state_dict"])
         optim_wrapper.load_state_dict(checkpoint["optimizer"])  # MMEngine's one group per parameter, regrouped
         for scheduler, state in zip(schedulers, checkpoint["param_schedulers"], strict=True):
             scheduler.load_state_dict(state)
-        trainer.load_state_dict(dict(epoch=checkpoint["meta"]["epoch"], max_epochs=max_epochs, epoch_length=len(data)))
+        trainer.load_state_dict(dict(epoch=epoch, max_epochs=max_epochs, epoch_length=len(data)))
     state = trainer.run(data, max_epochs=max_epochs)
     with torch.no_grad():
         accuracy = torch.cat([model(x).argmax(1) == y for x, y in data]).float().mean().item()

@@ -230,3 +230,56 @@ def test_mmengine_config_trains_and_resumes_an_mmengine_checkpoint_as_mmengine(t
     theirs, _ = mmengine_run(namespace, epochs=4, checkpoint=checkpoint)  # MMEngine's own continuation
     for (name, a), b in zip(resumed.state_dict().items(), theirs.state_dict().values(), strict=True):
         assert torch.equal(a, b), name
+
+
+RUNNER = """
+import copy, runpy, sys
+import torch, torch.nn.functional as F
+from mmengine.model import BaseModel
+from mmengine.runner import Runner
+
+namespace = runpy.run_path(sys.argv[1])
+data = namespace["make_data"]()
+
+
+class Model(namespace["TinyViT"], BaseModel):
+    def forward(self, x, y=None, mode="tensor"):
+        out = super().forward(x)
+        return dict(loss=F.cross_entropy(out, y)) if mode == "loss" else out
+
+
+class Samples(torch.utils.data.Dataset):  # the example's batches, sample by sample, batched again in order
+    x, y = torch.cat([x for x, _ in data]), torch.cat([y for _, y in data])
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, index):
+        return dict(x=self.x[index], y=self.y[index])
+
+
+torch.manual_seed(0)
+model = Model()
+loader = torch.utils.data.DataLoader(Samples(), batch_size=len(data[0][0]), shuffle=False)
+cfg = namespace["cfg"]
+runner = Runner(
+    model=model, work_dir=sys.argv[2], train_dataloader=loader, optim_wrapper=copy.deepcopy(cfg["optim_wrapper"]),
+    param_scheduler=copy.deepcopy(cfg["param_scheduler"]), train_cfg=copy.deepcopy(cfg["train_cfg"]),
+    default_hooks=dict(checkpoint=dict(type="CheckpointHook", interval=1)), default_scope="mmengine",
+)
+runner.train()
+"""
+
+
+@pytest.mark.slow
+def test_mmengine_config_resumes_a_checkpoint_mmengines_runner_saved(tmp_path, capsys):
+    pytest.importorskip("mmengine.runner")
+    script = tmp_path / "runner.py"
+    script.write_text(RUNNER)
+    subprocess.run([sys.executable, str(script), str(EXAMPLES / "mmengine_config.py"), str(tmp_path)], check=True)
+    final = torch.load(tmp_path / "epoch_4.pth", weights_only=False)["state_dict"]
+    namespace = runpy.run_path(str(EXAMPLES / "mmengine_config.py"))
+    for model in (namespace["main"]([]), namespace["main"](["--resume", str(tmp_path / "epoch_2.pth")])):
+        assert list(model.state_dict()) == list(final)
+        for name, value in model.state_dict().items():
+            assert torch.equal(value, final[name]), name
