@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import re
 
 import pytest
 import torch
@@ -265,3 +266,16 @@ def test_zero_redundancy_optimizer_in_mmengines_form():
             build_optim_wrapper(model, dict(optimizer=cfg))
     finally:
         dist.destroy_process_group()
+
+
+def test_a_dotted_path_whose_module_fails_to_import_says_why(tmp_path, monkeypatch):
+    package = tmp_path / "brokenpkg"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "optim.py").write_text("import a_dependency_that_is_not_installed\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(ValueError, match=r"importing brokenpkg.optim failed: No module named 'a_dependency_that_is_n"):
+        build_optim_wrapper(make_model(), dict(optimizer=dict(type="brokenpkg.optim.Lion")))
+    for odd in (".SGD", "SGD.", "a..b"):
+        with pytest.raises(ValueError, match=rf"dotted import path.*got '{re.escape(odd)}'"):
+            build_optim_wrapper(make_model(), dict(optimizer=dict(type=odd)))

@@ -112,12 +112,53 @@ def test_a_state_saved_with_another_paramwise_cfg_is_refused_and_nothing_changes
     assert str(ours.optimizer.state_dict()) == str(before)
 
 
-def test_regrouped_leaves_states_it_cannot_place_to_the_checks():
+def test_a_state_of_another_parameter_count_is_refused_naming_the_counts():
     ours = build_optim_wrapper(Net(), config(OPTIMIZERS[0], PARAMWISE[1]))
     mismatched = {"state": {}, "param_groups": [{"params": [0], "lr": 0.1}]}  # one parameter: not this model's
-    assert regrouped(ours.optimizer, mismatched) is mismatched
-    with pytest.raises(ValueError, match="param group"):
-        ours.load_state_dict(mismatched)
+    for attempt in (lambda: regrouped(ours.optimizer, mismatched), lambda: ours.load_state_dict(mismatched)):
+        with pytest.raises(ValueError, match=r"holds 1 parameter\(s\) in 1 group\(s\), this optimizer 7 in 5"):
+            attempt()
+
+
+@pytest.mark.parametrize("saved_with", [None, dict(norm_decay_mult=1.0)], ids=["no-paramwise", "other-paramwise"])
+def test_a_state_that_would_undo_this_paramwise_cfg_is_refused_and_nothing_changes(saved_with):
+    def make():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(3, 3), nn.BatchNorm1d(3))
+
+    model = make()
+    theirs = mmengine_optim.build_optim_wrapper(model, config(OPTIMIZERS[0], saved_with))
+    theirs.update_params(model(torch.randn(4, 3)).square().mean())
+    ours = build_optim_wrapper(make(), config(OPTIMIZERS[0], dict(norm_decay_mult=0.0)))
+    before = copy.deepcopy(ours.optimizer.state_dict())
+    with pytest.raises(ValueError, match=r"the same settings, which this optimizer's paramwise_cfg sets apart"):
+        ours.load_state_dict(theirs.state_dict())
+    assert str(ours.optimizer.state_dict()) == str(before)
+
+
+def test_a_saved_model_order_must_be_this_builds():
+    ours = build_optim_wrapper(Net(), config(OPTIMIZERS[0], PARAMWISE[1]))
+    state = copy.deepcopy(ours.state_dict())
+    state["param_groups"][0]["model_order"] = [5]
+    with pytest.raises(ValueError, match=r"model positions \[\[5\], .*another model or paramwise_cfg"):
+        ours.load_state_dict(state)
+
+
+@pytest.mark.parametrize(
+    ("state", "words"),
+    [
+        ({"state": {}, "param_groups": [{"params": 0}]}, "each with a 'params' list of parameter ids"),
+        ({"state": {}, "param_groups": [{"params": [[0]]}]}, "each with a 'params' list of parameter ids"),
+    ],
+)
+def test_malformed_states_are_named(state, words):
+    ours = build_optim_wrapper(Net(), config(OPTIMIZERS[0], PARAMWISE[1]))
+    with pytest.raises(ValueError, match=words):
+        ours.load_state_dict(state)
+    with pytest.raises(ValueError, match="param_groups"):
+        in_model_order(state if state["param_groups"][0]["params"] != 0 else {"state": {}})
+    with pytest.raises(ValueError, match=r"2 parameter\(s\) but a model_order of 1"):
+        in_model_order({"state": {}, "param_groups": [{"params": [0, 1], "model_order": [0]}]})
 
 
 def test_groups_keep_their_names_when_the_layouts_hold_equal_counts():

@@ -502,3 +502,25 @@ def test_mmengines_scheduler_states_resume_here(stop):
                 scheduler.step()
     with pytest.raises(ValueError, match="another scheduler's: param_name: saved 'lr', here 'momentum'"):
         ours[2].load_state_dict(saved[0])
+
+
+def test_one_cycle_eta_max_per_parameter_as_mmengine_takes_it():
+    """MMEngine's groups are one per parameter (and its base group): an eta_max list for them fits these groups."""
+    mmengine_optim = pytest.importorskip("mmengine.optim")
+    from engine_opt import build_optim_wrapper
+
+    cfg = dict(optimizer=dict(type="SGD", lr=0.1, momentum=0.9), paramwise_cfg=dict(bias_lr_mult=2.0))
+    model = torch.nn.Linear(2, 2)
+    theirs, ours = mmengine_optim.build_optim_wrapper(model, copy.deepcopy(cfg)), build_optim_wrapper(model, cfg)
+    schedule = dict(type="OneCycleLR", eta_max=[0.5, 1.0, 0.5], total_steps=6, by_epoch=False)  # weight, bias, base
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # MMEngine warns that no optimizer.step() came before
+        (their_scheduler,) = [mmengine_build()(dict(schedule), default_args=dict(optimizer=theirs))]
+        (our_scheduler,) = build_param_scheduler(ours, schedule)
+        for _ in range(6):
+            assert [g["lr"] for g in ours.param_groups] == [g["lr"] for g in theirs.optimizer.param_groups]
+            their_scheduler.step()
+            our_scheduler.step()
+    one_group = build_optim_wrapper(model, dict(cfg, paramwise_cfg=dict(bias_lr_mult=1.0)))  # weight and bias
+    with pytest.raises(ValueError, match=r"eta_max gives parameters 0 and 1 .*share a param group here \('default'\)"):
+        build_param_scheduler(one_group, schedule)

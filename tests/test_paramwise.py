@@ -21,6 +21,7 @@ MULTIPLIERS = (
     "bias_lr_mult", "bias_decay_mult", "norm_decay_mult", "dwconv_decay_mult", "flat_decay_mult", "dcn_offset_lr_mult",
 )  # fmt: skip
 COMPARED = ("lr", "weight_decay", "momentum", "betas", "eps", "nesterov", "dampening")
+# a custom key's betas may be a list (a JSON config's): compared as values
 
 
 class DeformConv2d(nn.Module):
@@ -106,13 +107,13 @@ MODELS = {
     "language": LanguageModel,
     "wrapped": lambda: Wrapped(ViT(depth=2)),
 }
-KEYS = (".cls_token", "pos_embed", "blocks.0", "blocks.1.attn", "head", "norm", "backbone.2", "bias", "embed", "0")
+KEYS = (".cls_token", "pos_embed", "blocks.0", "blocks.1.attn", "head", "norm", "backbone.2", "bias", "embed", "0", "")
 
 
 def effective(optimizer: torch.optim.Optimizer) -> dict[int, dict[str, object]]:
     """Each parameter's settings, by identity: what the optimizer steps it with."""
     return {
-        id(param): {key: group[key] for key in COMPARED if key in group}
+        id(param): {key: tuple(group[key]) if key == "betas" else group[key] for key in COMPARED if key in group}
         for group in optimizer.param_groups
         for param in group["params"]
     }
@@ -128,7 +129,12 @@ def configs(draw):
     if optimizer == "SGD":
         optimizer_cfg["momentum"] = 0.9
     mults = draw(st.lists(st.sampled_from(MULTIPLIERS), unique=True, max_size=len(MULTIPLIERS)))
-    paramwise = {key: draw(st.sampled_from([0.0, 0.5, 2.0])) for key in mults if has_wd or "decay" not in key}
+    # without weight_decay MMEngine refuses the decay mults, except flat_decay_mult (which it ignores)
+    paramwise = {
+        key: draw(st.sampled_from([0.0, 0.5, 2.0]))
+        for key in mults
+        if has_wd or key in ("flat_decay_mult",) or "decay" not in key
+    }
     custom = {}
     for key in draw(st.lists(st.sampled_from(KEYS), unique=True, max_size=4)):
         options = {}
@@ -137,7 +143,7 @@ def configs(draw):
         if has_wd and draw(st.booleans()):
             options["decay_mult"] = draw(st.sampled_from([0.0, 2.0]))
         if draw(st.booleans()):
-            options.update(momentum=0.5) if optimizer == "SGD" else options.update(eps=1e-6)
+            options.update(momentum=0.5) if optimizer == "SGD" else options.update(eps=1e-6, betas=[0.8, 0.9])
         custom[key] = options
     if custom:
         paramwise["custom_keys"] = custom
@@ -145,9 +151,8 @@ def configs(draw):
     return {"optimizer": optimizer_cfg, "paramwise_cfg": paramwise}
 
 
-@pytest.mark.filterwarnings(
-    "ignore:paramwise_cfg\\['custom_keys'\\] key:UserWarning"
-)  # generated keys may match nothing
+@pytest.mark.filterwarnings("ignore:paramwise_cfg\\['custom_keys'\\] key:UserWarning")  # a key may match nothing
+@pytest.mark.filterwarnings("ignore:paramwise_cfg\\['flat_decay_mult'\\] has no effect:UserWarning")
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(name=st.sampled_from(sorted(MODELS)), cfg=configs(), paramwise=st.booleans())
 def test_every_parameter_gets_mmengines_settings(name, cfg, paramwise):
@@ -259,7 +264,7 @@ def test_vit_layer_id():
         (dict(layer_decay_rate=0.5, num_layers=2, layer_id=lambda n, k: 9), ValueError, ["layer_id", "[0, 3]", "9"]),
         (dict(bypass_duplicate=1), TypeError, ["bypass_duplicate", "bool"]),
         (dict(flat_decay_mult=-1), ValueError, ["flat_decay_mult", "-1"]),
-        (dict(custom_keys={"": dict(lr_mult=2)}), TypeError, ["custom_keys", "''"]),
+        (dict(custom_keys={1: dict(lr_mult=2)}), TypeError, ["custom_keys", "1 of type int"]),
     ],
 )
 def test_bad_paramwise_options(paramwise, error, words):
@@ -282,3 +287,39 @@ def test_a_decay_multiplier_needs_a_weight_decay():
     cfg = dict(optimizer=dict(type=NoDecay), paramwise_cfg=dict(bias_decay_mult=0.0))
     with pytest.raises(ValueError, match="weight_decay"):
         build_optim_wrapper(model, cfg)
+
+
+def test_layer_decay_counts_frozen_blocks_too():
+    model = ViT(depth=4)
+    frozen = ViT(depth=4)
+    frozen.blocks[3].requires_grad_(False)  # the last block frozen: the layers keep their numbers
+    cfg = dict(optimizer=dict(type="AdamW", lr=1.0, weight_decay=0.05), paramwise_cfg=dict(layer_decay_rate=0.5))
+    lrs, frozen_lrs = (effective(build_optim_wrapper(m, cfg).optimizer) for m in (model, frozen))
+    assert frozen_lrs[id(frozen.cls_token)]["lr"] == lrs[id(model.cls_token)]["lr"] == 0.5**5
+
+
+def test_mmengines_constructor_key():
+    cfg = dict(constructor="DefaultOptimWrapperConstructor", optimizer=dict(type="SGD", lr=0.1))
+    assert build_optim_wrapper(nn.Linear(2, 2), cfg).get_lr() == {"lr": [0.1]}
+    cfg["constructor"] = "LearningRateDecayOptimWrapperConstructor"
+    with pytest.raises(
+        ValueError, match=r"'constructor' can only be 'DefaultOptimWrapperConstructor'.*layer_decay_rate"
+    ):
+        build_optim_wrapper(nn.Linear(2, 2), cfg)
+
+
+def test_flat_decay_mult_without_weight_decay_is_ignored_as_mmengine_ignores_it():
+    model = nn.Sequential(nn.Linear(2, 2), nn.LayerNorm(2))
+    cfg = dict(optimizer=dict(type="AdamW", lr=1e-3), paramwise_cfg=dict(flat_decay_mult=0.0))
+    with pytest.warns(
+        UserWarning, match=r"flat_decay_mult'\] has no effect: the optimizer config sets no 'weight_decay'"
+    ):
+        ours = build_optim_wrapper(model, cfg).optimizer
+    assert effective(ours) == effective(mmengine_optim.build_optim_wrapper(model, copy.deepcopy(cfg)).optimizer)
+
+
+def test_a_list_option_from_a_json_config():
+    model = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2))
+    cfg = dict(optimizer=dict(type="Adam", lr=1e-3), paramwise_cfg=dict(custom_keys={"1.": dict(betas=[0.8, 0.9])}))
+    ours = build_optim_wrapper(model, cfg).optimizer
+    assert effective(ours) == effective(mmengine_optim.build_optim_wrapper(model, copy.deepcopy(cfg)).optimizer)

@@ -67,7 +67,7 @@ def test_a_state_for_other_shapes_is_refused_naming_the_buffer():
     ("saved", "message"),
     [
         ({"lr": 0.1}, r"lacks the optimizer key\(s\) \['state', 'param_groups'\]"),
-        ({"state": {}, "param_groups": "x"}, r"must be a list of dicts with a 'params' entry"),
+        ({"state": {}, "param_groups": "x"}, r"must be a list of dicts, each with a 'params' list of parameter ids"),
         ({"state": [], "param_groups": []}, r"state_dict\['state'\] must be a dict"),
     ],
 )

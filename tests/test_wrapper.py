@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import os
+import pickle
 import tempfile
 import warnings
 
@@ -717,3 +718,16 @@ def test_an_lr_finder_stopped_mid_window_leaves_the_next_run_equal_to_a_fresh_on
     trainer.run(batches)
     assert_same_model(model, fresh_model)
     assert_same_tensors(wrapper.state_dict(), fresh_wrapper.state_dict())
+
+
+@pytest.mark.parametrize("copy_of", [copy.deepcopy, lambda wrapper: pickle.loads(pickle.dumps(wrapper))])
+def test_hooks_registered_on_a_copy_run(copy_of):
+    model = torch.nn.Linear(2, 1)
+    wrapper = copy_of(OptimWrapper(torch.optim.SGD(model.parameters(), lr=0.1)))
+    calls = []
+    wrapper.register_step_pre_hook(lambda optimizer, args, kwargs: calls.append("pre"))
+    wrapper.register_step_post_hook(lambda optimizer, args, kwargs: calls.append("post"))
+    params = [param for group in wrapper.param_groups for param in group["params"]]
+    sum(param.sum() for param in params).backward()
+    wrapper.step()
+    assert calls == ["pre", "post"]

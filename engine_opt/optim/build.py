@@ -36,6 +36,7 @@ from .wrapper_dict import OptimWrapperDict
 
 WRAPPERS: dict[str, type[OptimWrapper]] = {"OptimWrapper": OptimWrapper, "AmpOptimWrapper": AmpOptimWrapper}
 _ZERO = "ZeroRedundancyOptimizer"
+_CONSTRUCTOR = "DefaultOptimWrapperConstructor"
 _ZERO_ARGS = ("optimizer_type", "process_group", "parameters_as_bucket_view", "overlap_with_ddp")
 
 
@@ -48,12 +49,22 @@ def _optimizer_names() -> list[str]:
 
 
 def _import_path(path: str) -> Any:
-    """The object a dotted path (``'mypkg.optim.Lion'``) names, or ``None`` if there is none."""
+    """The object a dotted path (``'mypkg.optim.Lion'``) names, or ``None`` if there is no such module or name.
+
+    Raises:
+        ValueError: The module exists but fails to import (the error it raised is chained).
+    """
     module_name, _, attribute = path.rpartition(".")
+    if not module_name or not attribute or "" in module_name.split("."):
+        return None
     try:
         module = importlib.import_module(module_name)
-    except ImportError:
-        return None
+    except ModuleNotFoundError as error:
+        if error.name is not None and module_name.startswith(error.name):
+            return None  # the path's own module (or a parent) is not there
+        raise ValueError(f"optimizer type {path!r}: importing {module_name} failed: {error}") from error
+    except ImportError as error:
+        raise ValueError(f"optimizer type {path!r}: importing {module_name} failed: {error}") from error
     return getattr(module, attribute, None)
 
 
@@ -137,7 +148,12 @@ def unwrap_model(model: nn.Module) -> nn.Module:
 
 
 def _parameters(
-    model: nn.Module, paramwise_cfg: Mapping[str, Any] | None, base_lr: Any, base_wd: Any, args: list[str] | None
+    model: nn.Module,
+    paramwise_cfg: Mapping[str, Any] | None,
+    base_lr: Any,
+    base_wd: Any,
+    args: list[str] | None,
+    wd_given: bool,
 ) -> list[Any]:
     """The optimizer's parameters: all of them in one group, or groups made by ``paramwise_cfg``."""
     if not any(param.requires_grad for param in model.parameters()):
@@ -147,6 +163,13 @@ def _parameters(
             checks.mapping("paramwise_cfg", paramwise_cfg)
         return list(model.parameters())
     rules = ParamwiseRules.from_config(paramwise_cfg, base_lr, base_wd, args)
+    if not wd_given and rules.multipliers.pop("flat_decay_mult", None) is not None:
+        warnings.warn(
+            "paramwise_cfg['flat_decay_mult'] has no effect: the optimizer config sets no 'weight_decay' "
+            "(as in MMEngine, 1-D parameters keep the optimizer's default); set one to decay them otherwise",
+            UserWarning,
+            stacklevel=5,  # the caller of build_optim_wrapper
+        )
     groups = rules.param_groups(model)
     for key in sorted(set(rules.custom_keys) - rules.matched):
         warnings.warn(
@@ -177,7 +200,8 @@ def _build_optimizer(
         checks.known_keys(f"optimizer {optimizer_cls.__name__}", optimizer_cfg, names)
     base_lr = optimizer_cfg.get("lr", defaults.get("lr"))
     base_wd = optimizer_cfg.get("weight_decay", defaults.get("weight_decay"))
-    params = _parameters(unwrap_model(model), paramwise_cfg, base_lr, base_wd, names)
+    wd_given = "weight_decay" in optimizer_cfg
+    params = _parameters(unwrap_model(model), paramwise_cfg, base_lr, base_wd, names, wd_given)
     if zero:
         from torch.distributed.optim import ZeroRedundancyOptimizer
 
@@ -187,6 +211,13 @@ def _build_optimizer(
 
 def _build_one(model: nn.Module, cfg: Mapping[str, Any]) -> OptimWrapper:
     cfg = dict(cfg)
+    constructor = cfg.pop("constructor", _CONSTRUCTOR)
+    if constructor != _CONSTRUCTOR:
+        raise ValueError(
+            f"optim wrapper config 'constructor' can only be {_CONSTRUCTOR!r} (the rules paramwise_cfg follows), got "
+            f"{constructor!r}; for layer-wise lr decay (LearningRateDecayOptimWrapperConstructor) set "
+            "paramwise_cfg=dict(layer_decay_rate=...)"
+        )
     wrapper_cls = _wrapper_class(cfg.pop("type", "OptimWrapper"))
     if "optimizer" not in cfg:
         raise ValueError(f"optim wrapper config needs an 'optimizer' dict, got keys {sorted(cfg)}")

@@ -27,7 +27,9 @@ from typing import Any
 
 import torch
 
+from . import checks
 from .paramwise import MODEL_ORDER
+from .state_checks import lists_param_ids
 
 _NOT_SETTINGS = ("params", "name", MODEL_ORDER, "lr_mult", "decay_mult")  # MMEngine copies a custom key's mults
 
@@ -54,26 +56,61 @@ def regrouped(optimizer: torch.optim.Optimizer, state_dict: Mapping[str, Any]) -
 
     Returned as given when the optimizer's groups have no ``model_order``
     (built otherwise than from a ``paramwise_cfg``), when the saved groups
-    have one (saved by such a build), or when it is malformed or holds
-    another number of parameters (the load's checks name what is wrong).
-    The groups keep their ``name`` and ``model_order``. The caller's dict is
-    not modified.
+    have the same (saved by such a build), or when it is malformed (the
+    load's checks name what is wrong). The groups keep their ``name`` and
+    ``model_order``. The caller's dict is not modified.
 
     Raises:
-        ValueError: Parameters that share a group here had different settings
-            in the saved state (the state comes from another ``paramwise_cfg``).
+        ValueError: The state comes from another ``paramwise_cfg`` (or none):
+            parameters that share a group here had different settings there,
+            groups set apart here had the same, the saved ``model_order``
+            differs, or it holds another number of parameters.
     """
     saved = state_dict.get("param_groups")
     groups = optimizer.param_groups
-    if not isinstance(saved, list) or not all(isinstance(group, Mapping) and "params" in group for group in saved):
+    if not isinstance(saved, list) or not all(lists_param_ids(group) for group in saved):
         return state_dict
-    if not all(MODEL_ORDER in group for group in groups) or all(MODEL_ORDER in group for group in saved):
-        return state_dict  # not built from a paramwise_cfg, or saved by such a build
+    if not all(MODEL_ORDER in group for group in groups):
+        return state_dict  # not built from a paramwise_cfg
+    if any(MODEL_ORDER in group for group in saved):
+        saved_order = [group.get(MODEL_ORDER) for group in saved]
+        if saved_order != [group[MODEL_ORDER] for group in groups]:
+            raise ValueError(
+                f"state_dict's groups hold the parameters at model positions {saved_order}, this optimizer's at "
+                f"{[group[MODEL_ORDER] for group in groups]}: it was saved with another model or paramwise_cfg"
+            )
+        return state_dict  # saved by such a build
     ids = [index for group in saved for index in group["params"]]
     owners = [group for group in saved for _ in group["params"]]
-    if len(ids) != sum(len(group["params"]) for group in groups):
-        return state_dict
-    return {**state_dict, "param_groups": [_one_group(group, ids, owners) for group in groups]}
+    total = sum(len(group["params"]) for group in groups)
+    if len(ids) != total:
+        raise ValueError(
+            f"state_dict holds {len(ids)} parameter(s) in {len(saved)} group(s), this optimizer {total} in "
+            f"{len(groups)}: it comes from another model, or from one with other trainable parameters"
+        )
+    new_groups = [_one_group(group, ids, owners) for group in groups]
+    _check_distinct(new_groups)
+    return {**state_dict, "param_groups": new_groups}
+
+
+def _comparable(group: Mapping[str, Any]) -> tuple[tuple[str, str], ...]:
+    """A group's settings as a schedule leaves them comparable: a scheduled value by its ``initial_`` one."""
+    settings = _settings(group)
+    kept = {key: value for key, value in settings.items() if f"initial_{key}" not in settings}
+    return tuple(sorted((key, repr(value)) for key, value in kept.items()))
+
+
+def _check_distinct(groups: list[dict[str, Any]]) -> None:
+    seen: dict[tuple[tuple[str, str], ...], Any] = {}
+    for group in groups:
+        key = _comparable(group)
+        if key in seen:
+            raise ValueError(
+                f"state_dict gives the param groups {seen[key]!r} and {group.get('name', 'unnamed')!r} the same "
+                "settings, which this optimizer's paramwise_cfg sets apart: it was saved with another "
+                "paramwise_cfg, or without one"
+            )
+        seen[key] = group.get("name", "unnamed")
 
 
 def _one_group(group: Mapping[str, Any], ids: list[Any], owners: list[Mapping[str, Any]]) -> dict[str, Any]:
@@ -98,10 +135,20 @@ def in_model_order(state_dict: Mapping[str, Any]) -> dict[str, Any]:
     ``state`` and ``param_groups`` are kept as they are; the caller's dict is
     not modified.
     """
-    groups = state_dict["param_groups"]
+    state_dict = checks.mapping("state_dict", state_dict)
+    groups = state_dict.get("param_groups")
+    if not isinstance(state_dict.get("state"), Mapping) or not isinstance(groups, list):
+        raise ValueError(f"state_dict must hold 'state' and a 'param_groups' list; got keys {sorted(state_dict)}")
     positions: list[tuple[int, Any, dict[str, Any]]] = []  # (model position, saved id, settings)
-    for group in groups:
+    for index, group in enumerate(groups):
+        if not lists_param_ids(group):
+            raise ValueError(f"state_dict['param_groups'][{index}] must be a dict with a 'params' list of ints")
         order = group.get(MODEL_ORDER, range(len(positions), len(positions) + len(group["params"])))
+        if len(order) != len(group["params"]):
+            raise ValueError(
+                f"state_dict['param_groups'][{index}] has {len(group['params'])} parameter(s) but a model_order "
+                f"of {len(order)}"
+            )
         positions += [
             (position, index, _settings(group)) for position, index in zip(order, group["params"], strict=True)
         ]

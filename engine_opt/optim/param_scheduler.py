@@ -108,7 +108,7 @@ def _from_mmengine(scheduler: ParamScheduler, state: Mapping[str, Any]) -> Mappi
     groups = scheduler._groups
     for key in ("base_values", "last_value"):
         if key in converted:
-            converted[key] = _per_group(key, converted[key], groups)
+            converted[key] = _per_group(f"the saved scheduler state's {key}", converted[key], groups)
     return {"type": type(scheduler).__name__, **converted}
 
 
@@ -129,9 +129,9 @@ def _per_group(key: str, values: Any, groups: list[dict[str, Any]]) -> Any:
         differing = [position for position in order if values[position] != values[order[0]]]
         if differing:
             raise ValueError(
-                f"the saved scheduler state's {key} gives parameters {order[0]} and {differing[0]} (in model "
-                f"order) different values, but they share a param group here ({group.get('name', 'unnamed')!r}): "
-                "it was saved with another paramwise_cfg"
+                f"{key} gives parameters {order[0]} and {differing[0]} (in model "
+                f"order) different values, but they share a param group here ({group.get('name', 'unnamed')!r}), "
+                "built from another paramwise_cfg than these values were written for"
             )
         result.append(values[order[0]])
     return result
@@ -627,13 +627,14 @@ class OneCycleParamScheduler(ParamScheduler):
         name = type(self).__name__
         if self.param_name != "lr":
             raise ValueError(f"{name} schedules the learning rate only: param_name must be 'lr', got {param_name!r}")
-        if isinstance(eta_max, (list, tuple)):
-            if len(eta_max) != len(self._groups):
+        if isinstance(eta_max, (list, tuple)):  # one per group, or per parameter as MMEngine's groups
+            per_group: list[Any] = _per_group(f"{name} eta_max", list(eta_max), self._groups)
+            if len(per_group) != len(self._groups):
                 raise ValueError(
                     f"{name} eta_max must be a number or {len(self._groups)} numbers (one per param group), "
-                    f"got {len(eta_max)}"
+                    f"got {len(per_group)}"
                 )
-            self.max_values = [_real(f"{name} eta_max[{i}]", value) for i, value in enumerate(eta_max)]
+            self.max_values = [_real(f"{name} eta_max[{i}]", value) for i, value in enumerate(per_group)]
         else:
             self.max_values = [_real(f"{name} eta_max", eta_max)] * len(self._groups)
         self.div_factor = _real(f"{name} div_factor", div_factor)

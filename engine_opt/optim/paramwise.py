@@ -121,11 +121,11 @@ class LayerDecay:
     num_layers: int | None
     layer_id: Callable[[str, int], int] = vit_layer_id
 
-    def scales(self, names: Sequence[str]) -> list[tuple[int, float]]:
-        """Each name's layer and lr scale."""
+    def scales(self, names: Sequence[str], every_name: Sequence[str]) -> list[tuple[int, float]]:
+        """Each name's layer and lr scale; ``every_name`` (frozen parameters' too) counts the blocks."""
         num_layers = self.num_layers
         if num_layers is None:
-            num_layers = _block_count(names)
+            num_layers = _block_count(every_name)
             if num_layers is None:
                 raise ValueError(
                     "paramwise_cfg['layer_decay_rate'] needs paramwise_cfg['num_layers']: no parameter name has a "
@@ -215,7 +215,8 @@ class ParamwiseRules:
                 settings, labels = self._settings(f"{prefix}.{local_name}", local_name, param, module, dcn_parent)
                 entries.append((f"{prefix}.{local_name}" if prefix else local_name, param, settings, labels))
         if self.layer_decay is not None:
-            scales = self.layer_decay.scales([name for name, *_ in entries])
+            every_name = [name for name, _ in model.named_parameters()]  # frozen blocks count too
+            scales = self.layer_decay.scales([name for name, *_ in entries], every_name)
             for (_, _, settings, labels), (layer, scale) in zip(entries, scales, strict=True):
                 settings["lr"] = settings.get("lr", self.lr) * scale
                 labels.add(f"layer_{layer}")
@@ -276,7 +277,7 @@ class ParamwiseRules:
             for option, base in (("lr", self.lr), ("weight_decay", self.weight_decay)):
                 if option in settings and settings[option] == base:
                     del settings[option]
-            key = tuple(sorted(settings.items(), key=lambda item: item[0]))
+            key = tuple(sorted(((option, _frozen(value)) for option, value in settings.items()), key=_first))
             group = groups.setdefault(key, {"params": [], **settings, MODEL_ORDER: []})
             group["params"].append(param)
             group[MODEL_ORDER].append(position)
@@ -304,6 +305,21 @@ def _walk(model: nn.Module) -> list[tuple[str, nn.Module, bool]]:
     return result
 
 
+def _first(item: tuple[str, Any]) -> str:
+    return item[0]
+
+
+def _frozen(value: Any) -> Any:
+    """``value`` as a hashable key: lists (a config read from JSON writes betas as one) as tuples, tensors by value."""
+    if isinstance(value, (list, tuple)):
+        return tuple(_frozen(item) for item in value)
+    if isinstance(value, Mapping):
+        return tuple(sorted((key, _frozen(item)) for key, item in value.items()))
+    if isinstance(value, torch.Tensor):
+        return ("tensor", tuple(value.flatten().tolist()), str(value.dtype))
+    return value
+
+
 def _is_number(value: Any) -> bool:
     return not isinstance(value, bool) and isinstance(value, (int, float))
 
@@ -318,8 +334,8 @@ def _multiplier(name: str, value: Any) -> float:
 
 def _custom_options(key: Any, options: Any, optimizer_args: Sequence[str] | None) -> dict[str, Any]:
     where = f"paramwise_cfg['custom_keys'][{key!r}]"
-    if not isinstance(key, str) or not key:
-        raise TypeError(f"paramwise_cfg['custom_keys'] keys must be non-empty strings, got {checks.describe(key)}")
+    if not isinstance(key, str):
+        raise TypeError(f"paramwise_cfg['custom_keys'] keys must be strings, got {checks.describe(key)}")
     result = dict(checks.mapping(where, options))
     if optimizer_args is not None:
         checks.known_keys(where, result, ["lr_mult", "decay_mult", *optimizer_args])

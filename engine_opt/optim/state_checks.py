@@ -77,10 +77,10 @@ def check_optimizer_state(optimizer: torch.optim.Optimizer, state_dict: Any) -> 
     checks.mapping("state_dict['state']", state_dict["state"])
     saved_groups = state_dict["param_groups"]
     groups = optimizer.param_groups
-    if not isinstance(saved_groups, list) or not all(
-        isinstance(group, Mapping) and "params" in group for group in saved_groups
-    ):
-        raise ValueError("state_dict['param_groups'] must be a list of dicts with a 'params' entry")
+    if not isinstance(saved_groups, list) or not all(lists_param_ids(group) for group in saved_groups):
+        raise ValueError(
+            "state_dict['param_groups'] must be a list of dicts, each with a 'params' list of parameter ids (ints)"
+        )
     if len(saved_groups) != len(groups):
         raise ValueError(f"state_dict has {len(saved_groups)} param group(s), the optimizer has {len(groups)}")
     saved_sizes = [len(group["params"]) for group in saved_groups]
@@ -113,6 +113,13 @@ def _check_hyperparameters(where: str, saved: Mapping[str, Any], group: Mapping[
     for key in numeric:
         if not _is_number(saved[key]):
             raise ValueError(f"{where}[{key!r}] must be a finite number, got {checks.describe(saved[key], 40)}")
+
+
+def lists_param_ids(group: Any) -> bool:
+    """A saved param group with a list of parameter ids (ints), as ``Optimizer.state_dict()`` writes them."""
+    if not isinstance(group, Mapping) or not isinstance(group.get("params"), (list, tuple)):
+        return False
+    return all(isinstance(index, int) and not isinstance(index, bool) for index in group["params"])
 
 
 def _scheduled_or_built(key: str) -> bool:

@@ -710,7 +710,11 @@ class OptimWrapper(torch.optim.Optimizer):
         return {key: value for key, value in self.__dict__.items() if key != "step"}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
+        """Restore the copy, sharing its optimizer's hook tables (the copied optimizer has fresh ones, as torch's)."""
         self.__dict__.update(state)
+        for table in _OPTIMIZER_HOOK_TABLES:
+            if hasattr(self.optimizer, table):
+                setattr(self, table, getattr(self.optimizer, table))
 
     def __repr__(self) -> str:
         clip = None if self._clipper is None else dict(self._clipper.as_config())
