@@ -23,7 +23,7 @@ from engine_opt import OptimWrapper, create_trainer
 from engine_opt.handlers import NonFiniteGuard, attach_checkpoint, latest_checkpoint, load_checkpoint
 from engine_opt.testing import GradientTraffic
 
-from oracle import OPTIMIZERS, loss_fn, make_batches, make_model
+from oracle import OPTIMIZERS, item_loss_sum, loss_fn, make_batches, make_model
 
 ACCUMULATE = 4
 ITERATIONS = 8
@@ -92,6 +92,47 @@ def fsdp2_without_sync_avoidance() -> dict[str, Any]:
     for x, y in my_share(global_batches()):
         (loss_fn(model(x), y) / ACCUMULATE).backward()
     return {"calls": traffic.calls}
+
+
+ITEM_SPLITS = [1, 2, 5, 3, 4, 1, 2, 5]  # rank 0's rows of each global batch of 6, rank 1 has the rest
+
+
+def my_uneven_share(batches: list[tuple[torch.Tensor, torch.Tensor]]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Rank 0's first rows of every global batch, rank 1's others: the ranks count different numbers of items."""
+    rows = [slice(0, split) if idist.get_rank() == 0 else slice(split, None) for split in ITEM_SPLITS]
+    return [(x[part], y[part]) for (x, y), part in zip(batches, rows, strict=True)]
+
+
+def ddp_num_items() -> dict[str, Any]:
+    """Token weighting through the trainer on DDP: accumulation 4, clipping; all-reduces of the count counted."""
+    model = DistributedDataParallel(make_model())
+    traffic = GradientTraffic(model)
+    wrapper = OptimWrapper(
+        OPTIMIZERS["sgd_momentum"](model.parameters()), accumulative_counts=ACCUMULATE, clip_grad={"max_norm": 1.0}
+    )
+    trainer = create_trainer(model, wrapper, item_loss_sum, num_items=lambda x, y: len(x))
+    all_reduce, counts = torch.distributed.all_reduce, []
+    torch.distributed.all_reduce = lambda tensor, *args, **kwargs: (
+        counts.append(f"{tensor.dtype} {tuple(tensor.shape)}") or all_reduce(tensor, *args, **kwargs)
+    )
+    try:
+        trainer.run(my_uneven_share(global_batches()))
+    finally:
+        torch.distributed.all_reduce = all_reduce
+    return {"calls": traffic.calls, "all_reduces": counts, "params": params_of(model)}
+
+
+def fsdp2_num_items() -> dict[str, Any]:
+    """Token weighting on FSDP2 (gradients reduce-scattered once per window, averaged), tensor counts."""
+    model = make_model()
+    fully_shard(model)
+    traffic = GradientTraffic(model)
+    wrapper = OptimWrapper(OPTIMIZERS["sgd_momentum"](model.parameters()), accumulative_counts=ACCUMULATE)
+    for x, y in my_uneven_share(global_batches()):
+        with wrapper.optim_context(model):
+            loss = item_loss_sum(model(x), y)
+        wrapper.update_params(loss, num_items=torch.tensor(len(x)))
+    return {"calls": traffic.calls, "params": params_of(model)}
 
 
 def uneven_data() -> dict[str, Any]:
@@ -171,6 +212,8 @@ def scenarios(local_rank: int, out: str) -> None:
         "uneven": uneven_data(),
         "guard": guard_agreement(),
         "zero": zero_checkpoint(directory / "zero"),
+        "ddp_num_items": ddp_num_items(),
+        "fsdp2_num_items": fsdp2_num_items(),
     }
     torch.save(results, directory / f"rank{idist.get_rank()}.pt")
     # The trainers and checkpoint handlers above sit in reference cycles with their DDP models: free them

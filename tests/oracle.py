@@ -164,3 +164,48 @@ def assert_same_tensors(actual: Any, expected: Any, where: str = "") -> None:
 
 def assert_same_model(actual: nn.Module, expected: nn.Module) -> None:
     assert_same_tensors(dict(actual.state_dict()), dict(expected.state_dict()), "model")
+
+
+def item_loss_sum(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """The sum over items (rows) of each item's squared error: the loss token-weighted accumulation is given."""
+    return F.mse_loss(output.float(), target.float(), reduction="sum")
+
+
+def make_item_batches(sizes: list[int], seed: int = 1) -> list[Batch]:
+    """Micro-batches of the given numbers of items (rows)."""
+    generator = torch.Generator().manual_seed(seed)
+    return [(torch.randn(size, 4, generator=generator), torch.randn(size, 2, generator=generator)) for size in sizes]
+
+
+def plain_item_windows(
+    model: nn.Module, optimizer: torch.optim.Optimizer, windows: list[list[Batch]], plan: Plan
+) -> dict[str, Any]:
+    """Token weighting's reference: one plain step per window on its items concatenated.
+
+    loss = (sum of the per-item losses over the window's items) / (their number); one
+    backward, one step. ``plan.accumulate`` is not used: the windows are given.
+    """
+    scaler = None if plan.scaler_kwargs is None else torch.amp.GradScaler("cpu", **plan.scaler_kwargs)
+    skipped = 0
+    for window in windows:
+        x = torch.cat([batch[0] for batch in window])
+        y = torch.cat([batch[1] for batch in window])
+        with torch.autocast("cpu", dtype=plan.amp_dtype or torch.bfloat16, enabled=plan.amp_dtype is not None):
+            output = model(x)
+        loss = item_loss_sum(output, y) / len(x)
+        (loss if scaler is None else scaler.scale(loss)).backward()
+        if scaler is not None and (plan.clip_norm is not None or plan.clip_value is not None):
+            scaler.unscale_(optimizer)
+        if plan.clip_norm is not None:
+            nn.utils.clip_grad_norm_(model.parameters(), plan.clip_norm)
+        if plan.clip_value is not None:
+            nn.utils.clip_grad_value_(model.parameters(), plan.clip_value)
+        if scaler is not None:
+            scale_before = scaler.get_scale()
+            scaler.step(optimizer)
+            scaler.update()
+            skipped += scaler.get_scale() < scale_before
+        else:
+            optimizer.step()
+        optimizer.zero_grad()
+    return {"scaler": scaler, "skipped": skipped}

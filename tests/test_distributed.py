@@ -23,7 +23,7 @@ from dist_worker import ACCUMULATE, ITERATIONS, POISONED_ITERATION, global_batch
 from engine_opt.optim.distributed import all_ranks_agree, check_same_length, gather_objects
 from engine_opt.testing import GradientTraffic
 
-from oracle import OPTIMIZERS, Plan, assert_same_tensors, make_model, plain_loop
+from oracle import OPTIMIZERS, Plan, assert_same_tensors, make_model, plain_item_windows, plain_loop
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -84,6 +84,25 @@ def test_fsdp2_reduces_gradients_once_per_window(ranks):
         assert rank["fsdp2_control"]["calls"] == ITERATIONS
     expected = single_process(global_batches(), Plan(accumulate=ACCUMULATE))
     assert_ranks_match_one_process(ranks, "fsdp2", expected)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("key", ["ddp_num_items", "fsdp2_num_items"])
+def test_num_items_across_ranks_equals_one_step_on_each_global_windows_items(ranks, key):
+    """Ranks counting different items: each window's update is the mean over all the ranks' items."""
+    batches = global_batches()
+    windows = [batches[start : start + ACCUMULATE] for start in range(0, ITERATIONS, ACCUMULATE)]
+    plan = Plan(clip_norm=1.0) if key == "ddp_num_items" else Plan()
+    model = make_model()
+    plain_item_windows(model, OPTIMIZERS["sgd_momentum"](model.parameters()), windows, plan)
+    for rank in ranks:
+        assert rank[key]["calls"] == ITERATIONS // ACCUMULATE  # gradients reduced once per window
+    if key == "ddp_num_items":
+        for rank in ranks:  # the count's all-reduce: one per window
+            assert rank[key]["all_reduces"].count("torch.int64 ()") == ITERATIONS // ACCUMULATE, rank[key][
+                "all_reduces"
+            ]
+    assert_ranks_match_one_process(ranks, key, [param.detach() for param in model.parameters()])
 
 
 @pytest.mark.slow

@@ -397,3 +397,31 @@ def test_call_at_run_end_runs_however_the_run_ends_and_only_during_a_run():
     assert ended == [2]
     with pytest.raises(RuntimeError, match="no run is"):
         trainer.call_at_run_end(print)
+
+
+def test_num_items_trainer_steps_on_the_mean_over_each_windows_items():
+    """create_trainer(..., num_items=...): a summed loss_fn and each batch's item count, nothing in the model."""
+    from oracle import item_loss_sum, make_item_batches, plain_item_windows
+
+    batches = make_item_batches([3, 5, 1, 7, 2])  # windows of 8 and 8 items, then a short one of 2
+    expected = make_model()
+    windows = [batches[0:2], batches[2:4], batches[4:5]]
+    plain_item_windows(expected, OPTIMIZERS["adamw"](expected.parameters()), windows, Plan(clip_norm=0.5))
+    model = make_model()
+    wrapper = OptimWrapper(OPTIMIZERS["adamw"](model.parameters()), accumulative_counts=2, clip_grad={"max_norm": 0.5})
+    trainer = create_trainer(model, wrapper, item_loss_sum, num_items=lambda x, y: torch.tensor(len(x)))
+    state = trainer.run(batches)
+    assert state.optim_updates == 3
+    for actual, wanted in zip(model.parameters(), expected.parameters(), strict=True):
+        torch.testing.assert_close(actual, wanted, rtol=1e-5, atol=1e-6)  # float32 rounding: summed in another order
+
+
+def test_num_items_trainer_option_is_checked():
+    model = make_model()
+    wrapper = OptimWrapper(torch.optim.SGD(model.parameters(), lr=0.1))
+    with pytest.raises(TypeError, match=r"num_items must be callable as num_items\(x, y\)"):
+        create_trainer(model, wrapper, nn.functional.mse_loss, num_items=4)
+    with pytest.raises(TypeError, match="num_items must accept 2 positional argument"):
+        create_trainer(model, wrapper, nn.functional.mse_loss, num_items=lambda batch: 4)
+    with pytest.raises(ValueError, match="num_items is for the default process function"):
+        create_trainer(model, wrapper, train_step=lambda engine, batch: None, num_items=lambda x, y: 4)

@@ -6,7 +6,7 @@ The supervised step is the tutorial's loop body::
     with optim_wrapper.optim_context(model):
         y_pred = model(x)
         loss = loss_fn(y_pred, y)
-    optim_wrapper.update_params(loss)
+    optim_wrapper.update_params(loss)                # num_items=...: update_params(loss, num_items=num_items(x, y))
     return output_transform(x, y, y_pred, loss)      # default: loss.detach(), no host sync
 
 Example:
@@ -119,6 +119,7 @@ class SupervisedStep:
     model_fn: Callable[[nn.Module, Any], Any] = default_model_fn
     model_transform: Callable[[Any], Any] = default_model_transform
     output_transform: OutputTransform = loss_output
+    num_items: Callable[[Any, Any], int | torch.Tensor] | None = None
 
 
 def supervised_step(model: nn.Module, wrapper: OptimWrapper, how: SupervisedStep) -> TrainStep:
@@ -138,7 +139,11 @@ def supervised_step(model: nn.Module, wrapper: OptimWrapper, how: SupervisedStep
                 f"engine_opt: iteration {engine.state.iteration} failed on x = {_describe(x)}, y = {_describe(y)}",
             )
             raise
-        wrapper.update_params(loss)  # its errors, and its event handlers', say what they are about themselves
+        # its errors, and its event handlers', say what they are about themselves
+        if how.num_items is None:
+            wrapper.update_params(loss)
+        else:  # token-weighted: loss_fn sums over the items, the window's gradients are divided by their count
+            wrapper.update_params(loss, num_items=how.num_items(x, y))
         return how.output_transform(x, y, y_pred, loss)
 
     return step

@@ -220,6 +220,8 @@ def _check_supervised(how: SupervisedStep) -> None:
     check_callable("model_fn", how.model_fn, 2, "model_fn(model, x)")
     check_callable("model_transform", how.model_transform, 1, "model_transform(output)")
     check_callable("output_transform", how.output_transform, 4, "output_transform(x, y, y_pred, loss)")
+    if how.num_items is not None:
+        check_callable("num_items", how.num_items, 2, "num_items(x, y) -> int or 0-d integer tensor")
 
 
 def _check_device(device: Any) -> None:
@@ -283,6 +285,7 @@ def create_trainer(
     model_transform: Callable[[Any], Any] = default_model_transform,
     output_transform: OutputTransform = loss_output,
     non_blocking: bool = False,
+    num_items: Callable[[Any, Any], int | torch.Tensor] | None = None,
 ) -> Trainer:
     """Build an Ignite trainer whose every update goes through ``optim_wrapper``.
 
@@ -306,9 +309,16 @@ def create_trainer(
             engine's output each iteration; by default the detached loss tensor
             (not a Python float: no host sync per iteration).
         non_blocking: Passed to ``prepare_batch``.
+        num_items: ``num_items(x, y) -> n``, for token-weighted accumulation:
+            how many items (tokens, samples) the loss of the batch ``(x, y)``
+            sums over; ``loss_fn`` must then return that sum (e.g.
+            ``reduction='sum'``), and each update is the mean over the window's
+            items (``OptimWrapper.update_params(loss, num_items=n)``). ``n`` is an
+            int or a 0-d integer tensor on the model's device (never read on the
+            host). The engine's output is then the summed loss.
 
     ``device``, ``prepare_batch``, ``non_blocking``, ``model_fn``,
-    ``model_transform`` and ``output_transform`` shape the default process
+    ``model_transform``, ``output_transform`` and ``num_items`` shape the default process
     function, so they go with ``loss_fn``; given with ``train_step`` (or a
     model's ``train_step``), which they would not reach, they are refused.
 
@@ -349,9 +359,12 @@ def create_trainer(
             model_fn=model_fn,
             model_transform=model_transform,
             output_transform=output_transform,
+            num_items=num_items,
         )
     if train_step is None and loss_fn is not None:
-        how = SupervisedStep(loss_fn, prepare_batch, device, non_blocking, model_fn, model_transform, output_transform)
+        how = SupervisedStep(
+            loss_fn, prepare_batch, device, non_blocking, model_fn, model_transform, output_transform, num_items
+        )
         _check_supervised(how)
         wrapper: OptimWrapper = optim_wrapper  # type: ignore[assignment]  # _check_arguments refused a dict
         train_step = supervised_step(model, wrapper, how)

@@ -7,6 +7,7 @@
   hang in their next all-reduce; a run refuses to start instead.
 - ``all_ranks_agree``: a decision that changes the weights (skip a non-finite
   update) is taken by all ranks together, so they cannot diverge.
+- ``all_reduce_sum``: a window's item count (``num_items``), summed over the ranks.
 - ``grad_sync_context``: no gradient all-reduce on micro-steps inside a window
   (DDP's ``no_sync``, FSDP2's ``set_requires_gradient_sync``).
 
@@ -105,6 +106,19 @@ def all_ranks_agree(flag: torch.Tensor) -> torch.Tensor:
     agreed = flag.to(collective_device(), torch.int32)
     dist.all_reduce(agreed, op=dist.ReduceOp.MIN)
     return agreed.bool()
+
+
+def all_reduce_sum(value: int | torch.Tensor) -> torch.Tensor:
+    """``value`` summed over all ranks, as an int64 tensor on ``collective_device()`` (a collective call).
+
+    Example:
+        >>> all_reduce_sum(3)    # one process: the value itself
+        tensor(3)
+    """
+    total = torch.as_tensor(value).to(collective_device(), torch.int64, copy=True)
+    if world_size() > 1:
+        dist.all_reduce(total, op=dist.ReduceOp.SUM)
+    return total
 
 
 def grad_sync_context(model: nn.Module, sync: bool) -> contextlib.AbstractContextManager[None]:

@@ -94,6 +94,52 @@ def _accumulated_grads(state_dict: Mapping[str, Any]) -> Any:
     return state_dict.get("accumulated_grads") if by_rank is None else by_rank[distributed.rank()]
 
 
+def _accumulated_items(state_dict: Mapping[str, Any]) -> int | None:
+    """The items counted so far in the saved window (``num_items``), this rank's in a distributed run."""
+    by_rank = state_dict.get("rank_accumulated_items")
+    return state_dict.get("accumulated_items") if by_rank is None else by_rank[distributed.rank()]
+
+
+def _check_num_items(num_items: Any, device: torch.device) -> int | torch.Tensor:
+    """``num_items`` as a positive int, or a 0-d integer tensor on ``device`` (as int64; its value is not read).
+
+    Example:
+        >>> _check_num_items(0, torch.device("cpu"))
+        Traceback (most recent call last):
+        ...
+        ValueError: num_items must be a positive int (the number of items the loss sums over), got 0
+    """
+    accepted = "a positive int or a 0-d integer tensor on the gradients' device"
+    if isinstance(num_items, torch.Tensor):
+        if (
+            num_items.dim() != 0
+            or num_items.is_floating_point()
+            or num_items.is_complex()
+            or num_items.dtype == torch.bool
+        ):
+            raise TypeError(
+                f"num_items must be {accepted}, got a {str(num_items.dtype).removeprefix('torch.')} tensor of "
+                f"shape {tuple(num_items.shape)}; count with an integer result, e.g. (labels != ignore_index).sum()"
+            )
+        if num_items.device != device:
+            raise ValueError(
+                f"num_items must be {accepted} ({device}), got a tensor on {num_items.device}; "
+                f"count on {device}, or pass an int"
+            )
+        return num_items.detach().to(torch.int64, copy=True)  # the caller may reuse its tensor
+    if isinstance(num_items, bool) or not isinstance(num_items, int):
+        raise TypeError(f"num_items must be {accepted}, got {checks.describe(num_items)}")
+    if num_items <= 0:
+        raise ValueError(f"num_items must be a positive int (the number of items the loss sums over), got {num_items}")
+    return num_items
+
+
+def _check_items_state(key: str, value: Any) -> None:
+    """A saved item count: a positive int."""
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{key} must be a positive int (the items counted so far in the window), got {value!r}")
+
+
 def _initial_value(value: Any) -> Any:
     """``value`` as it is now: a tensor learning rate is copied (schedulers fill it in place)."""
     return value.detach().clone() if isinstance(value, torch.Tensor) else value
@@ -194,6 +240,8 @@ class OptimWrapper(torch.optim.Optimizer):
         self._skipped_on_device: torch.Tensor | None = None  # skipped steps since, summed on the device
         self._last_found_inf: torch.Tensor | None = None
         self._grad_norm: torch.Tensor | None = None
+        # num_items: the items the window's summed losses cover, an int or a device tensor; None outside such windows
+        self._window_items: int | torch.Tensor | None = None
         self._hooks = StepHooks()
         # The live hook tables, tested on every micro-step: empty (false) while nobody listens.
         self._on_backward = self._hooks.table(StepEvent.BACKWARD_COMPLETED)
@@ -280,23 +328,70 @@ class OptimWrapper(torch.optim.Optimizer):
         size = self._window_size()
         return loss if size == 1 else loss / size
 
-    def backward(self, loss: torch.Tensor, **kwargs: Any) -> None:
+    def backward(self, loss: torch.Tensor, *, num_items: int | torch.Tensor | None = None, **kwargs: Any) -> None:
         """Run ``loss.backward(**kwargs)`` and count the micro-step.
 
+        Args:
+            loss: The loss, already scaled (``scale_loss``); with ``num_items``, the sum over the items.
+            num_items: How many items ``loss`` sums over (an int, or a 0-d integer tensor on the
+                gradients' device, never read on the host). The window's counts are summed, and the
+                step divides the window's gradients by the total (see ``update_params``). Give it on
+                every micro-step of a window or on none.
+            **kwargs: Keyword arguments for ``loss.backward``.
+
         Raises:
-            TypeError: ``loss`` is not a tensor.
-            ValueError: ``loss`` does not require grad, or is not a scalar (without ``gradient=``).
+            TypeError: ``loss`` is not a tensor; ``num_items`` is neither an int nor an integer 0-d tensor.
+            ValueError: ``loss`` does not require grad, or is not a scalar (without ``gradient=``);
+                ``num_items`` is not positive or on another device, or the window mixes calls with and
+                without it.
         """
         _check_loss(loss, kwargs)
+        items = None if num_items is None and self._window_items is None else self._next_items(num_items)
         scaled = self._scale_for_backward(loss)
         scaled.backward(**kwargs)  # type: ignore[no-untyped-call]
         self._inner_count += 1
+        if items is not None:
+            self._window_items = items
         if self._on_backward:
             self._hooks.call(self, StepEvent.BACKWARD_COMPLETED, scaled)
 
     def _scale_for_backward(self, loss: torch.Tensor) -> torch.Tensor:
         """The tensor backward runs from: ``loss`` itself, or times a float16 loss scale (``AmpOptimWrapper``)."""
         return loss
+
+    def _next_items(self, num_items: Any) -> int | torch.Tensor:
+        """The window's item count with ``num_items`` added (nothing read on the host); refuse mixed windows."""
+        if num_items is None:
+            raise ValueError(
+                "num_items is None, but this accumulation window's earlier micro-steps gave num_items: pass "
+                "num_items on every micro-step of a window, or on none"
+            )
+        items = _check_num_items(num_items, self._params()[0].device)
+        if self._window_items is not None:
+            return self._window_items + items
+        if self._in_window():
+            raise ValueError(
+                f"num_items={num_items!r} given, but this accumulation window's earlier micro-steps gave none "
+                "(their losses were divided by the window size): pass num_items on every micro-step of a window, "
+                "or on none"
+            )
+        return items
+
+    def _divide_by_items(self) -> None:
+        """Divide the window's gradients by its item count, summed over the ranks (one all-reduce).
+
+        In a distributed run the gradients are the ranks' mean (DDP's and
+        FSDP2's reduction), so the sum over ranks is the mean times the world
+        size: the gradients are divided by ``total / world_size``.
+        """
+        items, self._window_items = self._window_items, None
+        if items is None:
+            return
+        world = distributed.world_size()
+        divisor = items if world == 1 else distributed.all_reduce_sum(items) / world
+        for param in self._params():
+            if param.grad is not None:
+                param.grad.div_(divisor)
 
     def step(self, **kwargs: Any) -> None:  # type: ignore[override]  # MMEngine's: no closure
         """Step the optimizer on the window's gradients, clipped if configured.
@@ -322,6 +417,8 @@ class OptimWrapper(torch.optim.Optimizer):
             raise
 
     def _step(self, kwargs: dict[str, Any]) -> None:
+        if self._window_items is not None:  # num_items: before unscaling, hooks and clipping
+            self._divide_by_items()
         self._stepping = True
         grad_norm = None
         try:
@@ -340,6 +437,7 @@ class OptimWrapper(torch.optim.Optimizer):
     def _abandon_window(self) -> None:
         """Drop the window's gradients (an update failed half-way must not leave them for the next one)."""
         self.optimizer.zero_grad(set_to_none=True)
+        self._window_items = None
 
     def _before_step(self) -> bool:
         """Call the ``BEFORE_OPTIM_STEP`` hooks; whether one of them cancelled the step."""
@@ -402,15 +500,40 @@ class OptimWrapper(torch.optim.Optimizer):
         loss: torch.Tensor,
         step_kwargs: dict[str, Any] | None = None,
         zero_kwargs: dict[str, Any] | None = None,
+        *,
+        num_items: int | torch.Tensor | None = None,
     ) -> None:
         """Scale the loss, run backward and, at the end of a window, step and zero the grads.
 
+        With ``num_items`` (token-weighted accumulation), ``loss`` is the sum
+        of the micro-batch's per-item losses: it is not divided by the window
+        size; the counts are summed (on the device for tensors), and at the
+        end of the window its gradients are divided by its total item count
+        (summed over the ranks), before unscaling, clipping and the step. The
+        update is then that of the mean loss over all the window's items.
+
         Args:
-            loss: The loss of one micro-step, not yet divided by the window size.
+            loss: The loss of one micro-step, not yet divided by the window size
+                (with ``num_items``: the sum over its items).
             step_kwargs: Keyword arguments for ``optimizer.step``.
             zero_kwargs: Keyword arguments for ``optimizer.zero_grad``.
+            num_items: How many items ``loss`` sums over: a positive int, or a
+                0-d integer tensor on the gradients' device (not read on the
+                host, so its value is not checked). Give it on every micro-step
+                of a window or on none.
+
+        Example:
+            >>> import torch
+            >>> model = torch.nn.Linear(2, 1, bias=False)
+            >>> wrapper = OptimWrapper(torch.optim.SGD(model.parameters(), lr=1.0), accumulative_counts=2)
+            >>> wrapper.update_params(model(torch.ones(3, 2)).sum(), num_items=3)
+            >>> wrapper.update_params(model(torch.ones(1, 2)).sum(), num_items=torch.tensor(1))
+            >>> wrapper.update_params(model(torch.ones(1, 2)).sum())  # the next window: without is fine
         """
-        self.backward(self.scale_loss(loss))
+        if num_items is None:
+            self.backward(self.scale_loss(loss))
+        else:
+            self.backward(loss, num_items=num_items)
         if self.should_update():
             self.step(**(step_kwargs or {}))
             self.zero_grad(**(zero_kwargs or {}))
@@ -604,7 +727,9 @@ class OptimWrapper(torch.optim.Optimizer):
         counts; between two micro-steps of a window, ``'accumulated_grads'``
         holds the gradients summed so far, so a resumed run continues exactly
         (in a distributed run, ``'rank_accumulated_grads'`` holds each rank's,
-        gathered by a collective call).
+        gathered by a collective call), and ``'accumulated_items'``
+        (``'rank_accumulated_items'``) the items counted so far when the
+        window's micro-steps gave ``num_items``.
         A ``ZeroRedundancyOptimizer`` is consolidated first: every rank must
         call this, and each gets the whole state.
         """
@@ -618,11 +743,17 @@ class OptimWrapper(torch.optim.Optimizer):
         }
         if self._in_window():
             grads = [None if param.grad is None else param.grad.detach().clone() for param in self._params()]
+            items = None if self._window_items is None else int(self._window_items)  # num_items: the count so far
             if distributed.world_size() == 1:
                 state["accumulated_grads"] = grads
+                if items is not None:
+                    state["accumulated_items"] = items
             else:  # not yet reduced: each rank's own sums (a collective call)
                 cpu_grads = [None if grad is None else grad.cpu() for grad in grads]
-                state["rank_accumulated_grads"] = distributed.gather_objects(cpu_grads)
+                gathered = distributed.gather_objects((cpu_grads, items))
+                state["rank_accumulated_grads"] = [rank_grads for rank_grads, _ in gathered]
+                if items is not None:
+                    state["rank_accumulated_items"] = [rank_items for _, rank_items in gathered]
         return state
 
     def check_state_dict(self, state_dict: Any) -> None:
@@ -640,6 +771,7 @@ class OptimWrapper(torch.optim.Optimizer):
         if "counters" in state_dict:
             _check_counters(checks.mapping("state_dict['counters']", state_dict["counters"]))
         self._check_accumulated_grads(state_dict)
+        self._check_accumulated_items(state_dict)
 
     def _in_layout(self, state_dict: Any) -> Any:
         """``state_dict`` in this optimizer's param groups, where MMEngine saved it one group per parameter."""
@@ -675,6 +807,24 @@ class OptimWrapper(torch.optim.Optimizer):
                     f"the parameter has shape {tuple(param.shape)}"
                 )
 
+    def _check_accumulated_items(self, state_dict: Mapping[str, Any]) -> None:
+        """A window's item count (``num_items``) is saved mid-window only, beside its gradients."""
+        for key, grads_key in (
+            ("accumulated_items", "accumulated_grads"),
+            ("rank_accumulated_items", "rank_accumulated_grads"),
+        ):
+            if key in state_dict and grads_key not in state_dict:
+                raise ValueError(f"state_dict[{key!r}] is saved mid-window only, beside {grads_key!r}, which it lacks")
+        by_rank = state_dict.get("rank_accumulated_items")
+        if by_rank is not None:
+            world = distributed.world_size()
+            if not isinstance(by_rank, list) or len(by_rank) != world:
+                raise ValueError(f"state_dict['rank_accumulated_items'] must be a list of {world} positive ints")
+            for index, items in enumerate(by_rank):
+                _check_items_state(f"state_dict['rank_accumulated_items'][{index}]", items)
+        elif "accumulated_items" in state_dict:
+            _check_items_state("state_dict['accumulated_items']", state_dict["accumulated_items"])
+
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
         """Load what ``state_dict()`` returned, or a plain optimizer's state dict.
 
@@ -682,6 +832,10 @@ class OptimWrapper(torch.optim.Optimizer):
         nothing is loaded. The caller's dict is not modified. The parameters'
         gradients become the state's: those of its window when it was saved
         mid-window, none otherwise (whatever they held before is dropped).
+        A window saved with ``num_items`` keeps its item count
+        (``'accumulated_items'``): it loads into a wrapper with the same
+        ``accumulative_counts``, like any mid-window state, and must be
+        continued with ``num_items`` (a micro-step without it is refused).
         """
         self.check_state_dict(state_dict)
         state_dict = self._in_layout(state_dict)
@@ -694,6 +848,7 @@ class OptimWrapper(torch.optim.Optimizer):
             self._skipped_loaded = counters.get("skipped_steps", self.skipped_steps)
             self._skipped_on_device = None
             self._last_found_inf = None
+        self._window_items = _accumulated_items(state_dict)  # None: no window, or one without num_items
         grads = _accumulated_grads(state_dict)
         for index, param in enumerate(self._params()):  # between windows, a state has no gradients: none stay
             grad = None if grads is None else grads[index]
