@@ -46,14 +46,13 @@ def bce(logits, target):
 def train_step(engine, real):
     real = real.to(device)
     noise = torch.randn(real.shape[0], 8, device=device)
-    with optim_wrapper["disc"].optim_context(disc):
+    # member=...: that member's optim_context, and the other member's parameters take no gradient
+    with optim_wrapper.optim_context(disc, member="disc"):
         disc_loss = bce(disc(real), 1.0) + bce(disc(gen(noise).detach()), 0.0)
     optim_wrapper["disc"].update_params(disc_loss)
-    disc.requires_grad_(False)  # the generator's loss must not reach the discriminator's window
-    with optim_wrapper["gen"].optim_context(gen):
+    with optim_wrapper.optim_context(gen, member="gen"):  # the generator's loss stays out of disc's window
         gen_loss = bce(disc(gen(noise)), 1.0)
     optim_wrapper["gen"].update_params(gen_loss)
-    disc.requires_grad_(True)
     return {"gen_loss": gen_loss.detach(), "disc_loss": disc_loss.detach()}
 
 

@@ -116,6 +116,7 @@ def test_gan_example_updates_each_member(capsys):
     namespace, out = run("gan_two_wrappers", capsys)
     assert out.splitlines()[0] == "generator updates 64, all updates 96, skipped 0"  # 64 iterations, disc every 2
     assert namespace["optim_wrapper"]["disc"].applied_steps == 32
+    assert all(param.requires_grad for param in namespace["gan"].parameters())  # the member contexts restored them
 
 
 def test_trainer_example_logs_checkpoints_and_averages(tmp_path, monkeypatch, capsys):

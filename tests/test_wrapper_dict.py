@@ -215,3 +215,159 @@ def test_every_mmengine_name_that_works_there_exists_here():
     for name in missing:
         with pytest.raises(AttributeError):
             getattr(theirs, name)
+
+
+# ---------------------------------------------------------------------- optim_context(model, member=...)
+
+
+def isolated_gan_oracle(gan, batches, disc_accumulate=2):
+    """From the maths: each network steps on the gradient of its own loss with respect to its own parameters.
+
+    The discriminator's window gradient is the sum over its micro-steps of d(disc_loss)/d(disc params) divided
+    by ``disc_accumulate``; the generator's is d(gen_loss)/d(gen params). Every gradient comes from
+    ``torch.autograd.grad`` on one loss and one network's parameters, so no pass can touch another's.
+    """
+    gen_params, disc_params = list(gan["gen"].parameters()), list(gan["disc"].parameters())
+    gen_opt = torch.optim.Adam(gen_params, lr=0.01, betas=(0.5, 0.9))
+    disc_opt = torch.optim.SGD(disc_params, lr=0.05, momentum=0.9)
+    window = []
+    for idx, x in enumerate(batches):
+        disc_loss = (gan["disc"](gan["gen"](x).detach()) - gan["disc"](x)).mean()
+        window.append(torch.autograd.grad(disc_loss, disc_params))
+        if (idx + 1) % disc_accumulate == 0:
+            for param, *grads in zip(disc_params, *window, strict=True):
+                total = grads[0] / disc_accumulate
+                for grad in grads[1:]:
+                    total = total + grad / disc_accumulate
+                param.grad = total
+            disc_opt.step()
+            disc_opt.zero_grad()
+            window = []
+        gen_loss = -gan["disc"](gan["gen"](x)).mean()
+        for param, grad in zip(gen_params, torch.autograd.grad(gen_loss, gen_params), strict=True):
+            param.grad = grad
+        gen_opt.step()
+        gen_opt.zero_grad()
+
+
+def train_gan_by_member(gan, wrappers, batches, isolate):
+    """The discriminator's micro-step, then the generator's update; ``isolate``: through the dict's context."""
+    for x in batches:
+        context = wrappers.optim_context if isolate else lambda model, member: wrappers[member].optim_context(model)
+        with context(gan["disc"], member="disc"):
+            _, disc_loss = gan_losses(gan, x)
+        wrappers["disc"].update_params(disc_loss)
+        with context(gan["gen"], member="gen"):
+            gen_loss = -gan["disc"](gan["gen"](x)).mean()
+        wrappers["gen"].update_params(gen_loss)
+
+
+@pytest.mark.parametrize("isolate", [True, False], ids=["member_context", "member_own_context_only"])
+def test_member_context_keeps_the_generator_out_of_the_discriminator_window(isolate):
+    batches = [x for x, _ in make_batches(6)]
+    reference = make_gan()
+    isolated_gan_oracle(reference, batches)
+    gan = make_gan()
+    wrappers = make_wrappers(gan)
+    train_gan_by_member(gan, wrappers, batches, isolate)
+    assert wrappers["disc"].applied_steps == 3 and wrappers["gen"].applied_steps == 6
+    if isolate:
+        assert_same_model(gan, reference)
+        assert all(param.requires_grad for param in gan.parameters())
+    else:  # the control: the generator's backward leaks into the discriminator's window and changes its updates
+        assert not torch.equal(gan["disc"].weight, reference["disc"].weight)
+
+
+def test_member_context_applies_the_member_own_context():
+    from engine_opt import AmpOptimWrapper
+
+    gan = make_gan()
+    wrappers = OptimWrapperDict(
+        gen=AmpOptimWrapper(optimizer=torch.optim.SGD(gan["gen"].parameters(), lr=0.1), dtype="bfloat16"),
+        disc=OptimWrapper(torch.optim.SGD(gan["disc"].parameters(), lr=0.1)),
+    )
+    with wrappers.optim_context(gan["gen"], member="gen"):
+        assert torch.is_autocast_enabled("cpu")
+        assert not any(p.requires_grad for p in gan["disc"].parameters())
+        assert all(p.requires_grad for p in gan["gen"].parameters())
+    with wrappers.optim_context(gan["disc"], member="disc"):
+        assert not torch.is_autocast_enabled("cpu")
+        assert not any(p.requires_grad for p in gan["gen"].parameters())
+    assert all(p.requires_grad for p in gan.parameters())
+
+
+def test_member_context_restores_flags_after_an_exception_and_keeps_user_frozen_parameters_frozen():
+    gan = make_gan()
+    wrappers = make_wrappers(gan)
+    gan["disc"].bias.requires_grad_(False)  # frozen by the user, still in the discriminator's optimizer
+    gan["gen"].bias.requires_grad_(False)
+    with pytest.raises(ZeroDivisionError), wrappers.optim_context(gan["gen"], member="gen"):
+        assert not gan["disc"].weight.requires_grad and not gan["gen"].bias.requires_grad
+        raise ZeroDivisionError
+    assert gan["disc"].weight.requires_grad and gan["gen"].weight.requires_grad
+    assert not gan["disc"].bias.requires_grad and not gan["gen"].bias.requires_grad
+    with wrappers.optim_context(gan["disc"], member="disc"):  # usable again after the exception
+        assert not gan["gen"].weight.requires_grad and not gan["disc"].bias.requires_grad
+    assert [p.requires_grad for p in gan.parameters()] == [True, False, True, False]
+
+
+def test_member_context_names_the_members_of_an_unknown_name():
+    wrappers = make_wrappers(make_gan())
+    with pytest.raises(KeyError, match=r"member='dis'.*members: \['gen', 'disc'\]"):
+        wrappers.optim_context(nn.Linear(1, 1), member="dis")
+    with pytest.raises(NotImplementedError, match="member=NAME"):
+        wrappers.optim_context(nn.Linear(1, 1))
+
+
+@pytest.mark.parametrize("inner", ["gen", "disc"])
+def test_member_context_refuses_nesting_and_restores_the_outer_flags(inner):
+    gan = make_gan()
+    wrappers = make_wrappers(gan)
+    with wrappers.optim_context(gan["gen"], member="gen"):
+        nested = wrappers.optim_context(gan["disc"], member=inner)
+        with pytest.raises(RuntimeError, match=rf"member='{inner}'.*inside.*member='gen'"), nested:
+            pass
+        assert not any(p.requires_grad for p in gan["disc"].parameters())  # the outer context still holds
+        assert all(p.requires_grad for p in gan["gen"].parameters())
+    assert all(p.requires_grad for p in gan.parameters())
+
+
+@pytest.mark.slow
+def test_member_context_under_ddp_and_fsdp2(tmp_path):
+    """2 gloo processes (tests/dist_gan_worker.py): each rank's result is the one-process oracle's."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from dist_gan_worker import GLOBAL_BATCH, ITERATIONS
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
+    worker = Path(__file__).with_name("dist_gan_worker.py")
+    result = subprocess.run(
+        [sys.executable, str(worker), str(tmp_path)],
+        env={**env, "MASTER_PORT": str(port)},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    ranks = [torch.load(tmp_path / f"rank{rank}.pt", weights_only=True) for rank in (0, 1)]
+    reference = make_gan()
+    isolated_gan_oracle(reference, [x for x, _ in make_batches(ITERATIONS, batch_size=GLOBAL_BATCH)])
+    expected = [param.detach() for param in reference.parameters()]
+    for key in ("per_network", "whole_model", "fsdp2"):
+        assert_same_tensors(ranks[1][key]["params"], ranks[0][key]["params"], key)  # the ranks agree bitwise
+        for actual, wanted in zip(ranks[0][key]["params"], expected, strict=True):
+            torch.testing.assert_close(actual, wanted, rtol=1e-5, atol=1e-6)  # rounding: halves vs whole
+    for rank in ranks:
+        assert rank["per_network"]["disc_calls"] == rank["fsdp2"]["disc_calls"] == 2  # no_sync mid-window held
+        assert rank["per_network"]["disc_steps"] == 2
+        assert rank["whole_model"]["error"] == ""
+        # one DDP over both networks needs find_unused_parameters=True: the frozen network's parameters are unused
+        assert "find_unused_parameters=True" in rank["whole_model_control"]["error"]

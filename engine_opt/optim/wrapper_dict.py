@@ -19,6 +19,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import ItemsView, Iterator, KeysView, Mapping, ValuesView
 from typing import Any, NoReturn
 
@@ -93,6 +94,7 @@ class OptimWrapperDict:
             owners[id(wrapper)] = (name, -1)
             _claim_parameters(name, wrapper, owners)
         self.optim_wrappers: dict[str, OptimWrapper] = dict(optim_wrappers)
+        self._open_member: str | None = None  # the member whose optim_context(member=...) is open
 
     # ------------------------------------------------------------------ mapping
 
@@ -195,11 +197,12 @@ class OptimWrapperDict:
 
     # ------------------------------------------------------------------ one member only
 
-    def _one_member(self, method: str) -> NoReturn:
+    def _one_member(self, method: str, hint: str = "") -> NoReturn:
         first = next(iter(self.optim_wrappers))
         raise NotImplementedError(
             f"OptimWrapperDict.{method}() is ambiguous: call it on one member, "
-            f"e.g. optim_wrapper[{first!r}].{method}(...); members: {list(self.optim_wrappers)}"
+            f"e.g. optim_wrapper[{first!r}].{method}(...){' ' + hint if hint else ''}; "
+            f"members: {list(self.optim_wrappers)}"
         )
 
     def update_params(self, *args: Any, **kwargs: Any) -> NoReturn:
@@ -214,9 +217,85 @@ class OptimWrapperDict:
         """Not available on the dict: call ``step`` on one member."""
         self._one_member("step")
 
-    def optim_context(self, *args: Any, **kwargs: Any) -> NoReturn:
-        """Not available on the dict: use ``optim_context`` of one member."""
-        self._one_member("optim_context")
+    def optim_context(self, model: nn.Module, *, member: str | None = None) -> contextlib.AbstractContextManager[None]:
+        """Context for one micro-step of ``member``: its own ``optim_context``, the other members frozen.
+
+        Inside, ``self[member].optim_context(model)`` applies (autocast, DDP
+        ``no_sync`` / FSDP2 gradient sync mid-window) and every parameter of
+        the *other* members has ``requires_grad=False``, so the forward pass
+        builds no gradient path to them: the backward that follows (in or
+        after the block) adds nothing to their accumulation windows, as
+        Lightning's ``toggle_optimizer`` does. On exit, however the block
+        ends, each of those parameters gets back the flag it had on entry
+        (one the user had frozen stays frozen). Only the optimizers'
+        parameters are touched, so ``model`` may be the member's own network
+        (or its DDP/FSDP2 wrapper). Without ``member`` it raises, as
+        MMEngine's ``OptimWrapperDict.optim_context`` does.
+
+        Under DDP, a module whose parameters are frozen this way must not run
+        its forward through its ``DistributedDataParallel`` wrapper with
+        gradient sync on (its reducer would wait for gradients that never
+        come): call the bare module, as the GAN example does, or build that
+        DDP with ``find_unused_parameters=True``; ``static_graph=True`` is
+        wrong for it (the set of parameters used changes from pass to pass).
+        Under FSDP2, which copies the flag to a parameter's gathered copy
+        only when it gathers it, shard each network with an explicit
+        ``fully_shard(..., reshard_after_forward=True)`` (a root module
+        otherwise keeps its parameters gathered, with their old flags).
+
+        Args:
+            model: The module the member's forward runs through (DDP/FSDP2 wrapped or not).
+            member: The name of the member that updates from this pass.
+
+        Raises:
+            NotImplementedError: ``member`` is not given.
+            KeyError: ``member`` is not a member's name.
+            RuntimeError: On entry, when an ``optim_context(member=...)`` of this dict is already open.
+
+        Example:
+            >>> import torch
+            >>> from torch import nn
+            >>> gen, disc = nn.Linear(1, 1), nn.Linear(1, 1)
+            >>> wrappers = OptimWrapperDict(
+            ...     gen=OptimWrapper(torch.optim.SGD(gen.parameters(), lr=0.1)),
+            ...     disc=OptimWrapper(torch.optim.SGD(disc.parameters(), lr=0.1)))
+            >>> with wrappers.optim_context(gen, member="gen"):
+            ...     loss = disc(gen(torch.ones(1, 1))).sum()
+            >>> wrappers["gen"].update_params(loss)
+            >>> disc.weight.grad is None, disc.weight.requires_grad, wrappers["gen"].applied_steps
+            (True, True, 1)
+        """
+        if member is None:
+            self._one_member("optim_context", hint="or pass member=NAME")
+        if member not in self.optim_wrappers:
+            raise KeyError(f"optim_context: member={member!r} is not a member; members: {list(self.optim_wrappers)}")
+        return self._member_context(member, model)
+
+    @contextlib.contextmanager
+    def _member_context(self, member: str, model: nn.Module) -> Iterator[None]:
+        if self._open_member is not None:
+            raise RuntimeError(
+                f"optim_context(member={member!r}) opened inside optim_context(member={self._open_member!r}) "
+                "of the same OptimWrapperDict: close one member's context before opening another's"
+            )
+        frozen = [
+            param
+            for name, wrapper in self.optim_wrappers.items()
+            if name != member
+            for group in wrapper.param_groups
+            for param in group["params"]
+        ]
+        flags = [param.requires_grad for param in frozen]
+        self._open_member = member
+        try:
+            for param in frozen:
+                param.requires_grad_(False)
+            with self.optim_wrappers[member].optim_context(model):
+                yield
+        finally:
+            for param, flag in zip(frozen, flags, strict=True):
+                param.requires_grad_(flag)
+            self._open_member = None
 
     def scale_loss(self, *args: Any, **kwargs: Any) -> NoReturn:
         """Not available on the dict: call ``scale_loss`` on one member (each has its own window)."""
