@@ -1,0 +1,317 @@
+"""SpikeGuard: spiking windows are dropped as if their batches were never seen; k in a row roll back."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from ignite.engine import Events
+
+from engine_opt import AmpOptimWrapper, OptimWrapper, OptimWrapperDict, create_trainer
+from engine_opt.handlers import ResumableLoader, SpikeGuard, attach_checkpoint, load_checkpoint
+
+from helpers import gan_step, make_amp_gan_wrappers
+from oracle import (
+    OPTIMIZERS,
+    Plan,
+    assert_same_model,
+    assert_same_tensors,
+    loss_fn,
+    make_batches,
+    make_gan,
+    make_model,
+    plain_loop,
+)
+
+N = 40
+
+
+def spiked(batches, indices):
+    """The batches with the targets of those at ``indices`` scaled by 1e3."""
+    return [(x, y * 1e3) if index in indices else (x, y) for index, (x, y) in enumerate(batches)]
+
+
+def without(batches, indices):
+    return [batch for index, batch in enumerate(batches) if index not in indices]
+
+
+def guarded_run(batches, optimizer_name="sgd_momentum", accumulate=1, **guard_kwargs):
+    model = make_model()
+    wrapper = OptimWrapper(OPTIMIZERS[optimizer_name](model.parameters()), accumulative_counts=accumulate)
+    trainer = create_trainer(model, wrapper, loss_fn)
+    guard_kwargs.setdefault("warmup", 5)
+    if guard_kwargs.get("mode") == "rollback":
+        guard_kwargs.setdefault("restore", {"model": model})
+    guard = SpikeGuard(**guard_kwargs)
+    guard.attach(trainer)
+    trainer.run(batches)
+    return model, wrapper, guard
+
+
+def plain(batches, optimizer_name="sgd_momentum", accumulate=1):
+    model = make_model()
+    optimizer = OPTIMIZERS[optimizer_name](model.parameters())
+    plain_loop(model, optimizer, batches, Plan(accumulate=accumulate))
+    return model, optimizer
+
+
+@pytest.mark.parametrize("optimizer_name", ["sgd_momentum", "adamw"])
+@pytest.mark.parametrize(
+    ("accumulate", "spikes", "dropped"), [(1, {12, 27}, {12, 27}), (2, {13, 26}, {12, 13, 26, 27})]
+)
+def test_skip_cancels_exactly_the_spiking_windows(optimizer_name, accumulate, spikes, dropped):
+    batches = make_batches(N)
+    model, wrapper, guard = guarded_run(spiked(batches, spikes), optimizer_name, accumulate, mode="skip")
+    expected, expected_optimizer = plain(without(batches, dropped), optimizer_name, accumulate)
+    assert_same_model(model, expected)
+    assert_same_tensors(wrapper.optimizer.state_dict()["state"], expected_optimizer.state_dict()["state"])
+    assert guard.spikes() == {None: len(spikes)}
+    assert guard.rollbacks == 0
+    assert guard.statistics()[None]["count"] == N // accumulate - len(spikes)
+
+
+@pytest.mark.parametrize("watch", ["loss", "grad_norm"])
+def test_each_watched_value_alone_catches_the_spike(watch):
+    batches = make_batches(N)
+    model, _, guard = guarded_run(spiked(batches, {20}), mode="skip", watch=watch)
+    expected, _ = plain(without(batches, {20}))
+    assert_same_model(model, expected)
+    assert guard.spikes() == {None: 1}
+
+
+def test_without_spikes_the_guard_changes_nothing():
+    batches = make_batches(N)
+    model, _, guard = guarded_run(batches, "adamw", mode="skip", warmup=2)
+    expected, _ = plain(batches, "adamw")
+    assert_same_model(model, expected)
+    assert guard.spikes() == {None: 0}
+
+
+def test_no_host_reads_in_the_per_update_path(monkeypatch):
+    """Every way of reading a tensor on the host raises from the second iteration on."""
+    batches = make_batches(N)
+    model = make_model()
+    # SGD: torch's single-tensor Adam reads its own step counter with item() (a CPU tensor, no device wait)
+    wrapper = OptimWrapper(OPTIMIZERS["sgd_momentum"](model.parameters()), accumulative_counts=2)
+    trainer = create_trainer(model, wrapper, loss_fn)
+    SpikeGuard("skip", warmup=3).attach(trainer)
+    reads = []
+
+    def refuse(self, *args, **kwargs):
+        reads.append(trainer.state.iteration)
+        raise AssertionError(f"a host read at iteration {trainer.state.iteration}")
+
+    def forbid(_):
+        for name in ("item", "__bool__", "__float__", "__int__", "__index__", "tolist"):
+            monkeypatch.setattr(torch.Tensor, name, refuse)
+
+    trainer.add_event_handler(Events.ITERATION_STARTED(once=2), forbid)
+    trainer.add_event_handler(Events.ITERATION_COMPLETED(once=N), lambda _: monkeypatch.undo())
+    trainer.run(spiked(batches, {21}))
+    assert reads == []
+    expected, _ = plain(without(batches, {20, 21}), accumulate=2)
+    assert_same_model(model, expected)
+
+
+@pytest.mark.parametrize("optimizer_name", ["sgd_momentum", "adamw"])
+def test_k_spikes_in_a_row_roll_back_to_the_snapshot_and_skip_the_batches_since(optimizer_name):
+    batches = make_batches(N)
+    # snapshots after updates 5, 10, 15, 20; spikes at batches 21, 22, 23 (updates 22-24): back to update 20,
+    # so batches 20-23 are never seen
+    model, wrapper, guard = guarded_run(
+        spiked(batches, {21, 22, 23}), optimizer_name, mode="rollback", k=3, check_every=1, snapshot_every=5
+    )
+    expected, expected_optimizer = plain(without(batches, {20, 21, 22, 23}), optimizer_name)
+    assert_same_model(model, expected)
+    assert_same_tensors(wrapper.optimizer.state_dict()["state"], expected_optimizer.state_dict()["state"])
+    assert guard.rollbacks == 1
+    assert guard.spikes() == {None: 3}
+    assert wrapper.inner_count == N
+
+
+def test_fewer_than_k_spikes_in_a_row_do_not_roll_back():
+    batches = make_batches(N)
+    model, _, guard = guarded_run(spiked(batches, {21, 22, 30}), mode="rollback", k=3, check_every=1, snapshot_every=5)
+    expected, _ = plain(without(batches, {21, 22, 30}))
+    assert_same_model(model, expected)
+    assert (guard.rollbacks, guard.spikes()) == (0, {None: 3})
+
+
+def test_rollback_checked_every_n_updates_still_sees_a_streak_that_ended():
+    batches = make_batches(N)
+    # the streak (updates 22-23, k=2) ends before the check after update 25; back to the snapshot after update 20
+    model, _, guard = guarded_run(spiked(batches, {21, 22}), mode="rollback", k=2, check_every=5, snapshot_every=10)
+    expected, _ = plain(without(batches, {20, 21, 22, 23, 24}))
+    assert_same_model(model, expected)
+    assert guard.rollbacks == 1
+
+
+@pytest.mark.parametrize("max_rollbacks", [0, 1])
+def test_the_maximum_of_rollbacks_stops_the_run_with_a_message(max_rollbacks):
+    batches = spiked(make_batches(N), {11, 12, 21, 22})
+    with pytest.raises(RuntimeError, match=rf"after {max_rollbacks} rollback\(s\) \(max_rollbacks={max_rollbacks}\)"):
+        guarded_run(batches, mode="rollback", k=2, check_every=1, snapshot_every=5, max_rollbacks=max_rollbacks)
+
+
+@pytest.mark.parametrize(
+    ("mode", "accumulate", "resume_at"),
+    [("skip", 2, 11), ("rollback", 1, 23), ("rollback", 1, 11)],
+)
+def test_a_resumed_run_makes_the_decisions_of_the_uninterrupted_one(tmp_path, mode, accumulate, resume_at):
+    batches = spiked(make_batches(N), {21, 22, 23, 33})
+
+    def build():
+        model = make_model()
+        wrapper = OptimWrapper(OPTIMIZERS["adamw"](model.parameters()), accumulative_counts=accumulate)
+        trainer = create_trainer(model, wrapper, loss_fn)
+        guard = SpikeGuard(mode, warmup=5, k=3, check_every=1, snapshot_every=5, restore={"model": model})
+        guard.attach(trainer)
+        data = ResumableLoader(batches)
+        return {"model": model, "optim_wrapper": wrapper, "trainer": trainer, "data": data, "spike_guard": guard}
+
+    whole = build()
+    attach_checkpoint(whole["trainer"], whole, tmp_path, every=resume_at, n_saved=None)
+    whole["trainer"].run(whole["data"])
+
+    resumed = build()
+    load_checkpoint(resumed, tmp_path / f"checkpoint_{resume_at}.pt")
+    resumed["trainer"].run(resumed["data"])
+    assert_same_model(resumed["model"], whole["model"])
+    assert_same_tensors(resumed["optim_wrapper"].state_dict(), whole["optim_wrapper"].state_dict())
+    assert_same_tensors(resumed["spike_guard"].state_dict(), whole["spike_guard"].state_dict())
+    assert resumed["spike_guard"].rollbacks == whole["spike_guard"].rollbacks == (1 if mode == "rollback" else 0)
+
+
+def test_one_member_of_a_dict_is_guarded():
+    batches = make_batches(N)
+    bad = spiked(batches, {25})
+    models = torch.nn.ModuleDict({"a": make_model(), "b": make_model()})
+    wrappers = OptimWrapperDict(
+        a=OptimWrapper(OPTIMIZERS["adamw"](models["a"].parameters())),
+        b=OptimWrapper(OPTIMIZERS["sgd_momentum"](models["b"].parameters())),
+    )
+
+    def train_step(engine, batch):
+        x, y = batch
+        for name in ("a", "b"):
+            with wrappers[name].optim_context(models[name]):
+                loss = loss_fn(models[name](x), y)
+            wrappers[name].update_params(loss)
+
+    trainer = create_trainer(models, wrappers, train_step=train_step)
+    guard = SpikeGuard("skip", warmup=5, members="a")
+    guard.attach(trainer)
+    trainer.run(bad)
+    expected_a, _ = plain(without(batches, {25}), "adamw")
+    expected_b, _ = plain(bad, "sgd_momentum")
+    assert_same_model(models["a"], expected_a)
+    assert_same_model(models["b"], expected_b)
+    assert guard.spikes() == {"a": 1}
+
+
+def test_float16_is_judged_on_unscaled_values_and_scaler_skips_are_not_spikes():
+    batches = make_batches(N)
+    x, y = batches[20]
+    batches[20] = (x, y * 1e3)  # overflows float16 at this scale: the scaler skips it, it is no spike
+    x, y = batches[30]
+    batches[30] = (x, y * 10.0)  # a spike that float16 holds
+    model = make_model()
+    wrapper = AmpOptimWrapper(
+        optimizer=OPTIMIZERS["adamw"](model.parameters()),
+        dtype="fp16",
+        loss_scale=dict(init_scale=2.0**10, growth_interval=10**6),
+    )
+    trainer = create_trainer(model, wrapper, loss_fn)
+    guard = SpikeGuard("skip", warmup=10)
+    guard.attach(trainer)
+    folded_losses = []
+
+    def record(engine):
+        if not wrapper.step_was_skipped and engine.state.iteration != 31:
+            folded_losses.append(float(engine.state.output))
+
+    trainer.add_event_handler(Events.ITERATION_COMPLETED, record)
+    trainer.run(batches)
+    stats = guard.statistics()[None]
+    assert wrapper.skipped_steps == 1
+    assert guard.spikes() == {None: 1}
+    assert stats["count"] == N - 2 == len(folded_losses)
+    # below 100 windows the moving mean is the plain mean: of the unscaled losses folded in
+    assert stats["loss_mean"] == pytest.approx(sum(folded_losses) / len(folded_losses), rel=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "message"),
+    [
+        ({"z": 0}, ValueError, r"z must be a finite number > 0, got 0"),
+        ({"z": -1.5}, ValueError, r"z must be a finite number > 0, got -1.5"),
+        ({"z": "3"}, TypeError, r"z must be a finite number > 0, got '3' of type str"),
+        ({"k": 0}, ValueError, r"k must be a positive int, got 0"),
+        ({"k": 1.5}, TypeError, r"k must be a positive int, got 1.5 of type float"),
+        ({"warmup": -1}, ValueError, r"warmup must be an int >= 0, got -1"),
+        ({"warmup": 2.0}, TypeError, r"warmup must be an int >= 0, got 2.0 of type float"),
+        ({"mode": "undo"}, ValueError, r"mode must be one of \['skip', 'rollback'\], got 'undo'"),
+        ({"decay": 1.0}, ValueError, r"decay must be a number in \[0, 1\), got 1.0"),
+        ({"watch": "norm"}, ValueError, r"watch must be one or both of \['loss', 'grad_norm'\], got 'norm'"),
+        ({"max_rollbacks": -1}, ValueError, r"max_rollbacks must be an int >= 0, got -1"),
+        (
+            {"check_every": 3, "snapshot_every": 10},
+            ValueError,
+            r"snapshot_every must be a multiple of check_every \(3\)",
+        ),
+        ({"mode": "rollback"}, ValueError, r"restore must name the objects a rollback restores"),
+        ({"restore": {"model": 3}}, TypeError, r"restore\['model'\] must have state_dict\(\) and load_state_dict\(\)"),
+    ],
+)
+def test_bad_arguments_are_refused_naming_them(kwargs, error, message):
+    with pytest.raises(error, match=message):
+        SpikeGuard(**kwargs)
+
+
+def test_a_wrapper_in_restore_is_refused():
+    wrapper = OptimWrapper(torch.optim.SGD(make_model().parameters(), lr=0.1))
+    with pytest.raises(TypeError, match=r"restore\['w'\] must not be the trainer, a wrapper or the data"):
+        SpikeGuard("rollback", restore={"w": wrapper})
+
+
+def test_unknown_members_are_refused_at_attach():
+    gan = make_gan()
+    wrappers = make_amp_gan_wrappers(gan)
+    trainer = create_trainer(gan, wrappers, train_step=lambda engine, x: gan_step(gan, wrappers, x))
+    with pytest.raises(ValueError, match=r"members \['critic'\] are not members"):
+        SpikeGuard(members="critic").attach(trainer)
+
+
+def test_a_bad_state_dict_is_refused_and_nothing_changes():
+    guard = SpikeGuard()
+    good = guard.state_dict()
+    with pytest.raises(ValueError, match=r"state_dict\['windows'\] must be an int >= 0, got -3"):
+        guard.load_state_dict({**good, "windows": -3})
+    with pytest.raises(ValueError, match=r"state_dict\['members'\]\[0\] must be"):
+        guard.load_state_dict({**good, "members": [[None, torch.zeros(3)]]})
+    with pytest.raises(ValueError, match=r"lacks \['snapshot'\]"):
+        guard.load_state_dict({key: value for key, value in good.items() if key != "snapshot"})
+    assert_same_tensors(guard.state_dict(), good)
+
+
+def test_the_command_with_spike_guard_checkpoints_the_guard_and_resumes_exactly(tmp_path, capsys):
+    from engine_opt.app.cli import build_parser, main
+    from engine_opt.app.train import build
+
+    def run(where, *args):
+        return main(["train", "--no-progress", "--log-dir", str(where / "logs"), "--spike-guard", "rollback", *args])
+
+    args = build_parser().parse_args(["train", "--log-dir", str(tmp_path / "built"), "--spike-guard", "skip"])
+    assert isinstance(build(args).to_save()["spike_guard"], SpikeGuard)
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    assert run(straight, "--epochs", "2") == 0
+    assert "trained classifier to epoch 2 (128 iterations)" in capsys.readouterr().out
+    assert run(split, "--epochs", "1") == 0
+    assert run(split, "--epochs", "2", "--resume") == 0
+    expected = torch.load(straight / "logs" / "checkpoints" / "checkpoint_128.pt", weights_only=True)
+    actual = torch.load(split / "logs" / "checkpoints" / "checkpoint_128.pt", weights_only=True)
+    assert_same_tensors(actual["model"], expected["model"])
+    assert_same_tensors(actual["spike_guard"], expected["spike_guard"])
+    assert expected["spike_guard"]["windows"] == 128 and expected["spike_guard"]["snapshot"] is not None
+    with pytest.raises(SystemExit):
+        main(["train", "--spike-guard", "undo"])
+    assert "--spike-guard: invalid choice: 'undo' (choose from" in capsys.readouterr().err
