@@ -65,6 +65,7 @@ def test_gan_with_a_config_file(tmp_path, capsys):
         (["--dtype", "fp16", "--wrapper", "OptimWrapper"], "--dtype fp16 needs --wrapper AmpOptimWrapper"),
         (["--optimizer", "Adamm"], "the wrapper options: .*'Adamm'"),
         (["--clip-norm", "-1"], "argument --clip-norm: expected a finite positive number, got '-1'"),
+        (["--task", "gan", "--num-items", "samples"], "--num-items samples: the gan task has no per-sample loss"),
     ],
 )
 def test_bad_options_exit_with_a_message(tmp_path, capsys, args, message):
@@ -156,6 +157,7 @@ def test_python_dash_m():
             ["--seed 3, the checkpoint's 0", "the wrapper config {'type': 'OptimWrapper', 'optimizer': {'type': 'SGD'"],
         ),
         (["--schedule", "cosine"], ["--schedule cosine, the checkpoint's constant"]),
+        (["--num-items", "samples"], ["--num-items samples, the checkpoint's off"]),
     ],
 )
 def test_a_resume_with_other_options_is_refused_with_every_difference_listed(tmp_path, capsys, options, differences):
@@ -231,7 +233,7 @@ def test_help_shows_every_default(capsys):
         main(["train", "--help"])
     text = capsys.readouterr().out.split("\noptions:", 1)[1]
     blocks = re.split(r"\n  (?=--)", text)[1:]  # one block per option: its name, its help
-    assert len(blocks) == 22
+    assert len(blocks) == 25  # with --num-items and --telemetry
     for block in blocks:
         assert "default" in block, f"the help of {block.split()[0]} does not say its default"
 
@@ -363,3 +365,17 @@ def test_refused_options_leave_nothing_behind(tmp_path, capsys):
         assert exit_info.value.code == 2, options
         assert not (tmp_path / "logs").exists(), options
     capsys.readouterr()
+
+
+def test_num_items_samples_weights_each_update_by_its_windows_samples(tmp_path, capsys):
+    """4096 samples in batches of 1000: windows of 2000, 2000 and the short last 96, each its samples' mean."""
+    assert run(tmp_path, "--epochs", "1", "--batch-size", "1000", "--accumulate", "2", "--num-items", "samples") == 0
+    assert "updates:          3 applied, 0 skipped" in capsys.readouterr().out
+    from ignite.engine import Events
+
+    from engine_opt.app.train import build
+
+    built = build(build_parser_args("--batch-size", "1000", "--accumulate", "2", "--num-items", "samples"))
+    built.trainer.add_event_handler(Events.ITERATION_COMPLETED(once=1), lambda engine: engine.terminate())
+    built.trainer.run(built.data, max_epochs=1)  # stopped mid-window: the window's sample count is saved
+    assert built.optim_wrapper.state_dict()["accumulated_items"] == 1000

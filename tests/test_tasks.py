@@ -19,6 +19,9 @@ def test_classifier_data_and_model_fit_together():
     x, y = next(iter(task.data))
     assert task.model(x).shape == (32, 4) and y.dtype == torch.int64
     assert task.loss_fn(task.model(x), y).ndim == 0
+    task.model.eval()
+    mean = task.loss_fn(task.model(x), y)
+    torch.testing.assert_close(task.item_loss_fn(task.model(x), y), mean * len(y))  # --num-items samples' sum
 
 
 def test_gan_step_leaves_the_discriminator_window_to_the_discriminator_loss():
@@ -42,6 +45,23 @@ def test_gan_step_leaves_the_discriminator_window_to_the_discriminator_loss():
         [p.grad for p in task.model["disc"].parameters()], [p.grad for p in reference["disc"].parameters()]
     )
     assert all(p.requires_grad for p in task.model["disc"].parameters())
+
+
+def test_gan_step_keeps_parameters_the_user_froze_frozen():
+    task = make_task("gan", seed=0, batch_size=16)
+    task.model["disc"][0].bias.requires_grad_(False)
+    task.model["gen"][0].bias.requires_grad_(False)
+    wrappers = build_optim_wrapper(
+        task.model,
+        {
+            "gen": {"optimizer": {"type": "SGD", "lr": 0.1}},
+            "disc": {"optimizer": {"type": "SGD", "lr": 0.1}, "accumulative_counts": 2},
+        },
+    )
+    task.make_train_step(wrappers, lambda module: module)(None, next(iter(task.data)))
+    frozen = {name for name, param in task.model.named_parameters() if not param.requires_grad}
+    assert frozen == {"disc.0.bias", "gen.0.bias"}
+    assert task.model["gen"][0].bias.grad is None and task.model["disc"][0].bias.grad is None
 
 
 def test_unknown_task():

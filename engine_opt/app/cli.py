@@ -140,6 +140,21 @@ def _strategy_options(train: argparse.ArgumentParser) -> None:
         default="off",
         help="guard against nan/inf updates (default: off)",
     )
+    strategies.add_argument(
+        "--spike-guard",
+        choices=("off", "skip", "rollback"),
+        default="off",
+        help="cancel updates whose loss or gradient norm spikes; rollback: after 3 in a row, back to the last "
+        "snapshot (default: off)",
+    )
+    strategies.add_argument(
+        "--num-items",
+        choices=("off", "samples"),
+        default="off",
+        help="samples: each update is the mean loss over its window's samples, the batches' loss sums divided by "
+        "their total count (token-weighted accumulation; exact for a short last batch; classifier only; "
+        "default: off, the mean of the batches' means)",
+    )
 
 
 def _output_options(train: argparse.ArgumentParser) -> None:
@@ -151,6 +166,15 @@ def _output_options(train: argparse.ArgumentParser) -> None:
         "--resume", action="store_true", help="continue from the newest checkpoint (default: a new run)"
     )
     output.add_argument("--no-progress", action="store_true", help="hide the progress bar (default: shown on rank 0)")
+    output.add_argument(
+        "--telemetry",
+        nargs="?",
+        const=10,
+        type=_positive_int,
+        metavar="EVERY",
+        help="log gradient, update and weight norms per param group and per top-level module of every EVERY-th "
+        "update of each member to the TensorBoard directory (EVERY default: 10; default: off)",
+    )
     output.add_argument(
         "--verbose", action="store_true", help="show the INFO messages of Ignite and torch (default: warnings only)"
     )

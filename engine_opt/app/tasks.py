@@ -52,6 +52,8 @@ class Task:
     loss_fn: Callable[..., torch.Tensor] | None = None
     make_train_step: Callable[[OptimWrapper | OptimWrapperDict, ModelWrap], TrainStep] | None = None
     loss_names: tuple[str, ...] = field(default=("loss",))
+    item_loss_fn: Callable[..., torch.Tensor] | None = None
+    """``loss_fn`` summed over the batch's items instead of averaged, for ``--num-items samples``."""
 
 
 def _loader(dataset: Dataset[Any], batch_size: int, generator: torch.Generator, seed: int) -> DataLoader[Any]:
@@ -72,7 +74,12 @@ def _classifier(generator: torch.Generator, batch_size: int, seed: int) -> Task:
     model = nn.Sequential(nn.Linear(32, 128), nn.ReLU(), nn.Dropout(0.1), nn.Linear(128, 4))
     data = _loader(TensorDataset(features, labels), batch_size, generator, seed)
     cfg = {"type": "OptimWrapper", "optimizer": {"type": "AdamW", "lr": 1e-3}}
-    return Task("classifier", model, data, cfg, loss_fn=F.cross_entropy)
+    return Task("classifier", model, data, cfg, loss_fn=F.cross_entropy, item_loss_fn=_cross_entropy_sum)
+
+
+def _cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The cross-entropy summed over the batch's samples (``--num-items samples`` divides by their count)."""
+    return F.cross_entropy(logits, labels, reduction="sum")
 
 
 def _ring(generator: torch.Generator) -> torch.Tensor:
@@ -109,22 +116,22 @@ def _gan_train_step(model: nn.ModuleDict, optim_wrapper: OptimWrapper | OptimWra
     # feed the other network's update use the bare module, so they start no gradient reduction.
     gen, disc = model["gen"], model["disc"]
     gen_train, disc_train = wrap(gen), wrap(disc)
+    # optim_context(member=...) freezes the other member's parameters for the pass, so the generator's loss
+    # adds nothing to the discriminator's window.
     gen_wrapper, disc_wrapper = optim_wrapper["gen"], optim_wrapper["disc"]
 
     def train_step(engine: Engine, batch: Any) -> dict[str, torch.Tensor]:
         model.train()
         real = batch[0].to(next(gen.parameters()).device)
         noise = torch.randn(real.shape[0], _NOISE, device=real.device)
-        with disc_wrapper.optim_context(disc_train):
+        with optim_wrapper.optim_context(disc_train, member="disc"):
             with torch.no_grad():
                 fake = gen(noise)
             disc_loss = _bce(disc_train(real), 1.0) + _bce(disc_train(fake), 0.0)
         disc_wrapper.update_params(disc_loss)
-        disc.requires_grad_(False)  # the generator's loss must not add to the discriminator's window
-        with gen_wrapper.optim_context(gen_train):
+        with optim_wrapper.optim_context(gen_train, member="gen"):
             gen_loss = _bce(disc(gen_train(noise)), 1.0)
         gen_wrapper.update_params(gen_loss)
-        disc.requires_grad_(True)
         return {"gen_loss": gen_loss.detach(), "disc_loss": disc_loss.detach()}
 
     return train_step

@@ -35,6 +35,8 @@ from ..handlers import (
     NonFiniteGuard,
     OptimParamsHandler,
     SchedulerHandler,
+    SpikeGuard,
+    UpdateTelemetryHandler,
     attach_checkpoint,
     attach_progress_bar,
     latest_checkpoint,
@@ -62,12 +64,15 @@ class Run:
     options: RunOptions
     log_dir: Path
     checkpoint_dir: Path
+    spike_guard: SpikeGuard | None = None
 
     def to_save(self) -> dict[str, Any]:
         """What a checkpoint holds, by name; the run's options first, so a resume names what differs first."""
         saved: dict[str, Any] = {"run": self.options, "model": self.task.model, "optim_wrapper": self.optim_wrapper}
         saved.update(trainer=self.trainer, data=self.data)
         saved.update({f"scheduler_{index}": scheduler for index, scheduler in enumerate(self.schedulers)})
+        if self.spike_guard is not None:
+            saved["spike_guard"] = self.spike_guard
         return saved
 
 
@@ -150,8 +155,14 @@ def build(args: argparse.Namespace) -> Run:
     data = ResumableLoader(task.data)
     trainer = _build_trainer(args, task, optim_wrapper, device)
     schedulers = _schedulers(args.schedule, optim_wrapper, args.epochs * len(data))
-    options = RunOptions(args.task, args.batch_size, args.seed, world_size(), wrapper_cfg, args.schedule, args.epochs)
-    return Run(task, optim_wrapper, trainer, data, schedulers, options, log_dir, checkpoint_dir)
+    options = RunOptions(
+        args.task, args.batch_size, args.seed, world_size(), wrapper_cfg, args.schedule, args.epochs, args.num_items
+    )
+    run = Run(task, optim_wrapper, trainer, data, schedulers, options, log_dir, checkpoint_dir)
+    if args.spike_guard != "off":  # a rollback restores the model and the schedules; the wrappers it restores itself
+        restore = {"model": task.model, **{f"scheduler_{i}": scheduler for i, scheduler in enumerate(schedulers)}}
+        run.spike_guard = SpikeGuard(args.spike_guard, restore=restore)
+    return run
 
 
 def check_batch_size(batch_size: int, processes: int) -> None:
@@ -214,6 +225,8 @@ def attach_handlers(run: Run, args: argparse.Namespace) -> tuple[LossTracker, Ch
         SchedulerHandler(scheduler).attach(trainer)
     if args.nonfinite != "off":
         NonFiniteGuard(args.nonfinite).attach(trainer)
+    if run.spike_guard is not None:
+        run.spike_guard.attach(trainer)
     tracker = LossTracker(run.task.loss_names)
     trainer.add_event_handler(Events.EPOCH_STARTED, tracker.reset)
     trainer.add_event_handler(Events.ITERATION_COMPLETED, tracker.update)
@@ -224,6 +237,9 @@ def attach_handlers(run: Run, args: argparse.Namespace) -> tuple[LossTracker, Ch
     tb_logger = TensorboardLogger(log_dir=str(run.log_dir), purge_step=trainer.state.iteration + 1)
     each_10th = OptimEvents.OPTIM_STEP_COMPLETED(event_filter=member_filter(every=10))  # of each member's updates
     tb_logger.attach(trainer, OptimParamsHandler(run.optim_wrapper), each_10th)
+    if args.telemetry is not None:
+        telemetry = UpdateTelemetryHandler(run.optim_wrapper, every=args.telemetry, model=run.task.model, depth=1)
+        tb_logger.attach(trainer, telemetry, Events.ITERATION_COMPLETED)
     losses = OutputHandler(tag="train", output_transform=_as_losses, global_step_transform=_iteration)
     tb_logger.attach(trainer, losses, Events.ITERATION_COMPLETED(every=10))
     if not args.no_progress:
@@ -292,6 +308,13 @@ def _build_wrappers(args: argparse.Namespace, task: Task, cfg: dict[str, Any]) -
 def _build_trainer(
     args: argparse.Namespace, task: Task, optim_wrapper: OptimWrapper | OptimWrapperDict, device: torch.device
 ) -> Trainer:
+    if args.num_items == "samples":
+        if task.item_loss_fn is None:
+            raise UsageError(
+                f"--num-items samples: the {args.task} task has no per-sample loss; use it with classifier"
+            )
+        model = _parallel_model(task.model)
+        return create_trainer(model, optim_wrapper, task.item_loss_fn, device=device, num_items=_samples)
     if task.make_train_step is None:
         return create_trainer(_parallel_model(task.model), optim_wrapper, task.loss_fn, device=device)
     try:
@@ -299,6 +322,11 @@ def _build_trainer(
     except ValueError as error:
         raise UsageError(f"--config {args.config}: {error}") from None
     return create_trainer(task.model, optim_wrapper, train_step=train_step)
+
+
+def _samples(x: Any, y: torch.Tensor) -> int:
+    """``--num-items samples``: a batch's item count, its number of labels (a shape: no device read)."""
+    return len(y)
 
 
 def _schedulers(

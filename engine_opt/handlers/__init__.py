@@ -7,7 +7,9 @@
   ``load_checkpoint`` (checked, all-or-nothing loads) and ``ResumableLoader``
   (the data position), from ``engine_opt.engine``, for exact resume.
 - ``SchedulerHandler``: a learning-rate schedule that advances on applied updates.
+- ``UpdateTelemetryHandler``: per group and per layer gradient, update and weight norms of measured updates.
 - ``NonFiniteGuard``: skip, or stop at, updates with non-finite losses or gradients.
+- ``SpikeGuard``: cancel updates whose loss or gradient norm spikes; roll back after a run of them.
 - ``attach_progress_bar``: Ignite's ``ProgressBar`` with loss, lr and loss scale.
 
 An exponential moving average of the weights is Ignite's ``EMAHandler``
@@ -22,12 +24,16 @@ from .nonfinite import NonFiniteGuard
 from .params_logger import OptimParamsHandler, optim_scalars
 from .progress import attach_progress_bar, progress_values
 from .scheduler import SchedulerHandler
+from .spike_guard import SpikeGuard
+from .update_telemetry import UpdateTelemetryHandler
 
 __all__ = [
     "NonFiniteGuard",
     "OptimParamsHandler",
     "ResumableLoader",
     "SchedulerHandler",
+    "SpikeGuard",
+    "UpdateTelemetryHandler",
     "attach_checkpoint",
     "attach_progress_bar",
     "latest_checkpoint",
