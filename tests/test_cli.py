@@ -158,6 +158,7 @@ def test_python_dash_m():
         ),
         (["--schedule", "cosine"], ["--schedule cosine, the checkpoint's constant"]),
         (["--num-items", "samples"], ["--num-items samples, the checkpoint's off"]),
+        (["--spike-guard", "skip"], ["--spike-guard skip, the checkpoint's off"]),
     ],
 )
 def test_a_resume_with_other_options_is_refused_with_every_difference_listed(tmp_path, capsys, options, differences):

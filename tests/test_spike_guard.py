@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from ignite.engine import Events
 
 from engine_opt import AmpOptimWrapper, OptimWrapper, OptimWrapperDict, create_trainer
@@ -315,3 +316,53 @@ def test_the_command_with_spike_guard_checkpoints_the_guard_and_resumes_exactly(
     with pytest.raises(SystemExit):
         main(["train", "--spike-guard", "undo"])
     assert "--spike-guard: invalid choice: 'undo' (choose from" in capsys.readouterr().err
+
+
+def test_summed_losses_are_judged_per_item():
+    """With num_items the window's loss is a sum: a long, ordinary batch is no spike."""
+    torch.manual_seed(0)
+    true_w = torch.randn(8, 1)
+
+    def batch(n):
+        x = torch.randn(n, 8)
+        return x, x @ true_w + 0.1 * torch.randn(n, 1)
+
+    model = torch.nn.Linear(8, 1)
+    with torch.no_grad():
+        model.weight.copy_(true_w.T)
+        model.bias.zero_()
+    wrapper = OptimWrapper(torch.optim.SGD(model.parameters(), lr=0.01))
+    loss_sum = lambda y_pred, y: F.mse_loss(y_pred, y, reduction="sum")  # noqa: E731
+    trainer = create_trainer(model, wrapper, loss_sum, num_items=lambda x, y: len(y))
+    guard = SpikeGuard("skip", z=6.0, warmup=20, watch="loss")
+    guard.attach(trainer)
+    trainer.run([batch(8) for _ in range(60)] + [batch(256)])
+    assert guard.spikes() == {None: 0}
+
+
+def test_a_rollback_leaves_another_members_open_window_whole():
+    torch.manual_seed(0)
+    model = torch.nn.ModuleDict(dict(gen=torch.nn.Linear(4, 1), disc=torch.nn.Linear(4, 1)))
+    wrappers = OptimWrapperDict(
+        gen=OptimWrapper(torch.optim.SGD(model["gen"].parameters(), lr=0.01)),
+        disc=OptimWrapper(torch.optim.SGD(model["disc"].parameters(), lr=0.01), accumulative_counts=2),
+    )
+
+    def step(engine, batch):
+        x, y = batch
+        gen_loss = F.mse_loss(model["gen"](x), y)
+        wrappers["gen"].update_params(gen_loss)
+        wrappers["disc"].update_params(F.mse_loss(model["disc"](x), y, reduction="sum"), num_items=len(y))
+        return gen_loss.detach()
+
+    trainer = create_trainer(model, wrappers, train_step=step)
+    guard = SpikeGuard(
+        "rollback", warmup=5, k=2, check_every=3, snapshot_every=3, members="gen", restore={"model": model}
+    )
+    guard.attach(trainer)
+    generator, weights, data = torch.Generator().manual_seed(0), torch.randn(4, 1), []
+    for index in range(40):
+        x = torch.randn(8, 4, generator=generator)
+        data.append((x, x @ weights * (1e3 if index in (20, 21, 22) else 1.0)))
+    trainer.run(data)  # a snapshot taken mid-window of disc (with its item count) restores without an error
+    assert guard.rollbacks == 1 and wrappers["disc"].step_count == 18

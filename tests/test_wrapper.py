@@ -11,6 +11,7 @@ import warnings
 import pytest
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from ignite.engine import Events, create_supervised_trainer
 from ignite.handlers import FastaiLRFinder, LRScheduler, create_lr_scheduler_with_warmup
 from torch import nn
@@ -982,3 +983,15 @@ def test_num_items_hooks_before_the_step_see_the_window_mean():
     (item_loss_sum(expected(x), y) / 8).backward()
     for actual, wanted in zip(seen[0], expected.parameters(), strict=True):
         torch.testing.assert_close(actual, wanted.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_a_window_of_no_items_leaves_the_weights_finite():
+    """All padding: a tensor count of 0 (not read on the host) divides zero gradients by 1, not by 0."""
+    model = torch.nn.Linear(4, 3)
+    wrapper = OptimWrapper(torch.optim.SGD(model.parameters(), lr=0.1))
+    before = [param.detach().clone() for param in model.parameters()]
+    labels = torch.full((5,), -100)
+    loss = F.cross_entropy(model(torch.randn(5, 4)), labels, ignore_index=-100, reduction="sum")
+    wrapper.update_params(loss, num_items=(labels != -100).sum())
+    for param, old in zip(model.parameters(), before, strict=True):
+        assert torch.equal(param, old)

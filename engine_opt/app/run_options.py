@@ -36,6 +36,7 @@ class RunOptions:
     schedule: str
     epochs: int
     num_items: str = "off"
+    spike_guard: str = "off"
 
     def state_dict(self) -> dict[str, Any]:
         """The options, as plain values (they load with ``weights_only=True``)."""
@@ -59,8 +60,10 @@ class RunOptions:
                 f"--epochs {self.epochs}: the cosine schedule was set for the checkpoint's {saved.get('epochs')} "
                 "epochs and ends there; resume with that many, or start a new run for a longer schedule"
             )
-        if saved.get("num_items", "off") != self.num_items:  # a checkpoint from before the option: off
-            differences.append(f"--num-items {self.num_items}, the checkpoint's {saved.get('num_items', 'off')}")
+        for name in ("num_items", "spike_guard"):  # a checkpoint from before these options: off
+            if saved.get(name, "off") != getattr(self, name):
+                flag = "--" + name.replace("_", "-")
+                differences.append(f"{flag} {getattr(self, name)}, the checkpoint's {saved.get(name, 'off')}")
         if differences:
             raise ValueError(f"this run differs from the checkpoint's: {'; '.join(differences)}")
 

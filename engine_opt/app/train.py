@@ -156,7 +156,15 @@ def build(args: argparse.Namespace) -> Run:
     trainer = _build_trainer(args, task, optim_wrapper, device)
     schedulers = _schedulers(args.schedule, optim_wrapper, args.epochs * len(data))
     options = RunOptions(
-        args.task, args.batch_size, args.seed, world_size(), wrapper_cfg, args.schedule, args.epochs, args.num_items
+        args.task,
+        args.batch_size,
+        args.seed,
+        world_size(),
+        wrapper_cfg,
+        args.schedule,
+        args.epochs,
+        args.num_items,
+        args.spike_guard,
     )
     run = Run(task, optim_wrapper, trainer, data, schedulers, options, log_dir, checkpoint_dir)
     if args.spike_guard != "off":  # a rollback restores the model and the schedules; the wrappers it restores itself

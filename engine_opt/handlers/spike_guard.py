@@ -210,6 +210,7 @@ class SpikeGuard:
         self._next_check = self.check_every
         self._snapshot: dict[str, Any] | None = None
         self._window_loss: dict[str | None, torch.Tensor] = {}  # the window so far, by member
+        self._window_items: dict[str | None, int | torch.Tensor | None] = {}  # num_items so far, by member
         self._pending: dict[int, _Pending] = {}
         self._hooks: list[RemovableHandle] = []
         self._engine: Engine | None = None
@@ -278,6 +279,7 @@ class SpikeGuard:
             loss = loss / scaler.scale(torch.ones((), device=loss.device, dtype=torch.float32)).to(torch.float64)
         previous = self._window_loss.get(name)
         self._window_loss[name] = loss if previous is None else previous + loss.to(previous.device)
+        self._window_items[name] = wrapper.window_items  # num_items: the window's losses are sums over these
 
     def _judge(self, engine: Engine) -> None:
         name, wrapper = optim_state(engine).member()
@@ -285,6 +287,9 @@ class SpikeGuard:
             return
         grads = [param.grad for group in wrapper.param_groups for param in group["params"] if param.grad is not None]
         window_loss = self._window_loss.pop(name, None)
+        items = self._window_items.pop(name, None)
+        if window_loss is not None and items is not None:  # summed losses (num_items): their mean over the items
+            window_loss = window_loss / torch.as_tensor(items, dtype=torch.float64, device=window_loss.device)
         if not grads:
             return
         norm = torch.nn.utils.get_total_norm(grads).to(torch.float64)
@@ -369,7 +374,12 @@ class SpikeGuard:
         snapshot = self._snapshot
         for name, wrapper in optim_state(engine).members.items():
             saved = dict(snapshot["wrappers"][str(name)])
-            saved.pop("accumulated_grads", None)
+            window = ("accumulated_grads", "accumulated_items", "rank_accumulated_grads", "rank_accumulated_items")
+            for key in window:  # the snapshot's open window is past; a member in a window now keeps that one
+                saved.pop(key, None)
+            if wrapper.inner_count % wrapper.accumulative_counts and wrapper.inner_count != wrapper.max_counts:
+                current = wrapper.state_dict()
+                saved.update({key: current[key] for key in window if key in current})
             saved["counters"] = {
                 **saved["counters"],
                 "inner_count": wrapper.inner_count,
@@ -389,6 +399,7 @@ class SpikeGuard:
             self._stats[name] = stats
         self.rollbacks += 1
         self._window_loss.clear()
+        self._window_items.clear()
         self._pending.clear()
 
     # ------------------------------------------------------------------ what happened, and state

@@ -265,6 +265,11 @@ class OptimWrapper(torch.optim.Optimizer):
         return self._inner_count
 
     @property
+    def window_items(self) -> int | torch.Tensor | None:
+        """The items the open window's micro-steps gave as ``num_items`` so far (``None`` without them)."""
+        return self._window_items
+
+    @property
     def max_counts(self) -> int:
         """The run length in micro-steps set by ``initialize_count_status``, or -1."""
         return self._max_counts
@@ -388,7 +393,10 @@ class OptimWrapper(torch.optim.Optimizer):
         if items is None:
             return
         world = distributed.world_size()
-        divisor = items if world == 1 else distributed.all_reduce_sum(items) / world
+        total = items if world == 1 else distributed.all_reduce_sum(items)
+        if isinstance(total, torch.Tensor):  # a window of no items (all padding) has zero gradients: keep them zero
+            total = total.clamp_min(1)
+        divisor = total if world == 1 else total / world
         for param in self._params():
             if param.grad is not None:
                 param.grad.div_(divisor)
