@@ -56,6 +56,7 @@ def test_what_ignite_saves_is_accepted(state):
         ({"iteration": -1, "epoch_length": 4, "max_epochs": 3}, r"'iteration' must be an int >= 0, got -1"),
         ({"iteration": 9, "epoch_length": 4, "max_epochs": 1}, r"max_epochs = 1, behind its position \(2\)"),
         ({"iteration": 3, "epoch_length": 4, "max_iters": True}, r"'max_iters' must be an int >= 1"),
+        ({"iteration": 1, "epoch_length": None, "max_epochs": None}, r"gives 'iteration' 1 without an 'epoch_length'"),
     ],
 )
 def test_states_ignite_would_refuse_or_misread_are_refused_by_name(state, message):

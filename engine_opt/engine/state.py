@@ -127,8 +127,8 @@ def check_engine_state(engine: Engine, state_dict: Any) -> None:
     position = _count(where, positions[0], saved[positions[0]], minimum=0)
     epoch_length = None if saved["epoch_length"] is None else _count(where, "epoch_length", saved["epoch_length"], 1)
     end = None if saved[ends[0]] is None else _count(where, ends[0], saved[ends[0]], minimum=1)
-    if epoch_length is None and positions[0] == "epoch" and position > 0:
-        raise ValueError(f"{where} gives an 'epoch' without an 'epoch_length'")
+    if epoch_length is None and position > 0:  # Ignite derives the other count from it
+        raise ValueError(f"{where} gives {positions[0]!r} {position} without an 'epoch_length'")
     if end is None:
         return
     iteration = position if positions[0] == "iteration" else position * (epoch_length or 0)
