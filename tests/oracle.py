@@ -91,20 +91,7 @@ def plain_loop(model: nn.Module, optimizer: torch.optim.Optimizer, batches: list
         else:
             loss.backward()
         if (idx + 1) % plan.accumulate == 0 or idx + 1 == n:
-            if scaler is not None and (plan.clip_norm is not None or plan.clip_value is not None):
-                scaler.unscale_(optimizer)
-            if plan.clip_norm is not None:
-                nn.utils.clip_grad_norm_(model.parameters(), plan.clip_norm)
-            if plan.clip_value is not None:
-                nn.utils.clip_grad_value_(model.parameters(), plan.clip_value)
-            if scaler is not None:
-                scale_before = scaler.get_scale()
-                scaler.step(optimizer)
-                scaler.update()
-                skipped += scaler.get_scale() < scale_before
-            else:
-                optimizer.step()
-            optimizer.zero_grad()
+            skipped += _window_step(model, optimizer, scaler, plan)
     return {"scaler": scaler, "skipped": skipped}
 
 
@@ -194,18 +181,25 @@ def plain_item_windows(
             output = model(x)
         loss = item_loss_sum(output, y) / len(x)
         (loss if scaler is None else scaler.scale(loss)).backward()
-        if scaler is not None and (plan.clip_norm is not None or plan.clip_value is not None):
-            scaler.unscale_(optimizer)
-        if plan.clip_norm is not None:
-            nn.utils.clip_grad_norm_(model.parameters(), plan.clip_norm)
-        if plan.clip_value is not None:
-            nn.utils.clip_grad_value_(model.parameters(), plan.clip_value)
-        if scaler is not None:
-            scale_before = scaler.get_scale()
-            scaler.step(optimizer)
-            scaler.update()
-            skipped += scaler.get_scale() < scale_before
-        else:
-            optimizer.step()
-        optimizer.zero_grad()
+        skipped += _window_step(model, optimizer, scaler, plan)
     return {"scaler": scaler, "skipped": skipped}
+
+
+def _window_step(model: nn.Module, optimizer: torch.optim.Optimizer, scaler: Any, plan: Plan) -> int:
+    """A window's end, written out: unscale (when clipping), clip, step (the scaler's), zero; 1 if skipped."""
+    if scaler is not None and (plan.clip_norm is not None or plan.clip_value is not None):
+        scaler.unscale_(optimizer)
+    if plan.clip_norm is not None:
+        nn.utils.clip_grad_norm_(model.parameters(), plan.clip_norm)
+    if plan.clip_value is not None:
+        nn.utils.clip_grad_value_(model.parameters(), plan.clip_value)
+    skipped = 0
+    if scaler is not None:
+        scale_before = scaler.get_scale()
+        scaler.step(optimizer)
+        scaler.update()
+        skipped = int(scaler.get_scale() < scale_before)
+    else:
+        optimizer.step()
+    optimizer.zero_grad()
+    return skipped

@@ -172,19 +172,13 @@ class OptimParamsHandler(BaseHandler):
         self.tag = tag
         self.global_step_transform = global_step_transform
         self.x_axis = x_axis
-        self._output_handlers: weakref.WeakKeyDictionary[BaseLogger, BaseOutputHandler] = weakref.WeakKeyDictionary()
-        self._pending: tuple[int, dict[str, float]] = (0, {})  # what the OutputHandler logs next
+        self._writer = ScalarWriter(default_tag="optim")
 
     def __call__(self, engine: Engine, logger: Any, event_name: str | Events) -> None:
         if not isinstance(logger, BaseLogger):
             raise TypeError(f"OptimParamsHandler works with an Ignite logger, got {checks.describe(logger)}")
         for step, scalars in self._logs(engine, event_name):
-            if isinstance(logger, TensorboardLogger):  # one event per log
-                prefix = f"{self.tag}/" if self.tag else ""
-                write_scalars(logger.writer, {f"{prefix}{key}": value for key, value in scalars.items()}, step)
-            else:
-                self._pending = (step, scalars)
-                self._output_handler(logger)(engine, logger, event_name)
+            self._writer.write(engine, logger, event_name, self.tag, step, scalars)
 
     def _logs(self, engine: Engine, event_name: Any) -> list[tuple[int, dict[str, float]]]:
         """``(step, scalars)`` to log: one entry, or one per member on the ``'updates'`` axis."""
@@ -201,17 +195,39 @@ class OptimParamsHandler(BaseHandler):
             return [(step, scalars)]
         return [(wrapper.applied_steps, member_scalars(wrapper, member_prefix(name))) for name, wrapper in logged]
 
-    def _output_handler(self, logger: BaseLogger) -> BaseOutputHandler:
-        """The logger's own ``OutputHandler``, made once per logger (Visdom's keeps its plot windows)."""
-        handler = self._output_handlers.get(logger)
+
+class ScalarWriter:
+    """Scalars at a step through any Ignite logger: TensorBoard's writer directly (one event per log), any other
+    logger through its own ``OutputHandler``, made once per logger (Visdom's keeps its plot windows).
+
+    Args:
+        default_tag: The tag the other loggers' ``OutputHandler`` gets where ``write`` is given none (on
+            TensorBoard, no tag means no prefix).
+    """
+
+    def __init__(self, default_tag: str) -> None:
+        self.default_tag = default_tag
+        self._handlers: weakref.WeakKeyDictionary[BaseLogger, BaseOutputHandler] = weakref.WeakKeyDictionary()
+        self._pending: tuple[int, dict[str, float]] = (0, {})  # what the OutputHandler logs next
+
+    def write(
+        self, engine: Engine, logger: BaseLogger, event_name: Any, tag: str | None, step: int, scalars: dict[str, float]
+    ) -> None:
+        """Log ``scalars`` at ``step`` under ``tag``."""
+        if isinstance(logger, TensorboardLogger):
+            prefix = f"{tag}/" if tag else ""
+            write_scalars(logger.writer, {f"{prefix}{key}": value for key, value in scalars.items()}, step)
+            return
+        self._pending = (step, scalars)
+        handler = self._handlers.get(logger)
         if handler is None:
             handler = output_handler_type(logger)(
-                tag=self.tag or "optim",
+                tag=tag or self.default_tag,
                 output_transform=lambda _: self._pending[1],
                 global_step_transform=lambda *_: self._pending[0],
             )
-            self._output_handlers[logger] = handler
-        return handler
+            self._handlers[logger] = handler
+        handler(engine, logger, event_name)
 
 
 def _logged_members(

@@ -25,14 +25,12 @@ skips logs nothing.
 
 from __future__ import annotations
 
-import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 from ignite.engine import Engine, Events
-from ignite.handlers.base_logger import BaseHandler, BaseLogger, BaseOutputHandler
-from ignite.handlers.tensorboard_logger import TensorboardLogger
+from ignite.handlers.base_logger import BaseHandler, BaseLogger
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
@@ -41,8 +39,7 @@ from ..optim.foreach import tensor_norms
 from ..optim.hooks import StepEvent
 from ..optim.wrapper import OptimWrapper
 from ..optim.wrapper_dict import OptimWrapperDict, member_prefix, members
-from .params_logger import group_labels, output_handler_type
-from .tensorboard_writer import write_scalars
+from .params_logger import ScalarWriter, group_labels
 
 _FAMILIES = ("grad_norm", "update_norm", "weight_norm", "update_ratio")
 _OUTCOMES = [StepEvent.OPTIM_STEP_COMPLETED, StepEvent.OPTIM_STEP_SKIPPED]
@@ -286,8 +283,7 @@ class UpdateTelemetryHandler(BaseHandler):
                 f"model.named_parameters() such as {layer_prefixes(model, 1)[:8]!r}"
             )
         self._arm()
-        self._output_handlers: weakref.WeakKeyDictionary[BaseLogger, BaseOutputHandler] = weakref.WeakKeyDictionary()
-        self._logged: tuple[int, dict[str, float]] = (0, {})
+        self._writer = ScalarWriter(default_tag="telemetry")
 
     @staticmethod
     def _layers(model: nn.Module | None, layers: Sequence[str] | None, depth: int | None) -> list[str]:
@@ -347,17 +343,4 @@ class UpdateTelemetryHandler(BaseHandler):
         step = engine.state.iteration
         if self.global_step_transform is not None:
             step = self.global_step_transform(engine, event_name)
-        if isinstance(logger, TensorboardLogger):  # one event per log
-            prefix = f"{self.tag}/" if self.tag else ""
-            write_scalars(logger.writer, {f"{prefix}{key}": value for key, value in scalars.items()}, step)
-            return
-        self._logged = (step, scalars)
-        handler = self._output_handlers.get(logger)
-        if handler is None:
-            handler = output_handler_type(logger)(
-                tag=self.tag or "telemetry",
-                output_transform=lambda _: self._logged[1],
-                global_step_transform=lambda *_: self._logged[0],
-            )
-            self._output_handlers[logger] = handler
-        handler(engine, logger, event_name)
+        self._writer.write(engine, logger, event_name, self.tag, step, scalars)
