@@ -198,9 +198,10 @@ def command(cwd, *args):
 def test_a_signal_stops_the_command_with_a_checkpoint_it_resumes_from_exactly(tmp_path, signal_number, status):
     epochs, checkpoints = "20", tmp_path / "runs" / "classifier" / "checkpoints"
     with command(tmp_path, "--epochs", epochs, "--checkpoint-every", "100") as process:
-        deadline = time.monotonic() + 120
-        while not (checkpoints / "checkpoint_100.pt").exists() and time.monotonic() < deadline:
-            time.sleep(0.05)
+        deadline = time.monotonic() + 300
+        while not any(checkpoints.glob("checkpoint_*.pt")):  # training, past iteration 100
+            assert process.poll() is None and time.monotonic() < deadline, process.stderr.read()
+            time.sleep(0.01)
         process.send_signal(signal_number)
         out, err = process.communicate(timeout=120)
     assert process.returncode == status, err
@@ -227,6 +228,16 @@ def test_a_signal_stops_the_command_with_a_checkpoint_it_resumes_from_exactly(tm
         assert actual["data"][key] == expected["data"][key]
     for stream in ("torch", "python"):
         assert_same_tensors(actual["data"]["rng"][stream], expected["data"]["rng"][stream], stream)
+
+
+def test_ctrl_c_before_training_ends_the_command_with_one_line_and_status_130(tmp_path, capsys):
+    with mock.patch("engine_opt.app.train.make_task", side_effect=KeyboardInterrupt), pytest.raises(SystemExit) as end:
+        run(tmp_path, "--epochs", "1")
+    assert end.value.code == 130
+    assert capsys.readouterr().err == (
+        "engine-opt: interrupted by SIGINT outside the training loop; nothing was saved for it\n"
+    )
+    assert not (tmp_path / "logs").exists()
 
 
 def test_help_shows_every_default(capsys):

@@ -7,6 +7,7 @@ batches, and the two ranks with each other.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -194,11 +195,16 @@ def test_the_command_runs_under_torchrun(tmp_path):
     assert result.stdout.count("engine-opt: trained") == 1  # rank 0 alone prints the summary
 
 
-def start_two_process_run(cwd):
-    """``engine-opt train`` in 2 processes, in a session of its own (a terminal's Ctrl-C reaches its whole group)."""
-    argv = [sys.executable, "-m", "engine_opt", "train", "--no-progress", "--nproc-per-node", "2", "--epochs", "200"]
+@contextlib.contextmanager
+def two_process_run(cwd, epochs=100_000, started=None):
+    """``engine-opt train`` in 2 processes, in a session of its own (a terminal's Ctrl-C reaches its whole group).
+
+    Yields the launcher once ``started(launcher)`` holds (by default: once it has saved a checkpoint); kills the
+    whole group if it still runs when the test ends.
+    """
+    argv = [sys.executable, "-m", "engine_opt", "train", "--no-progress", "--nproc-per-node", "2"]
     process = subprocess.Popen(
-        [*argv, "--checkpoint-every", "50"],
+        [*argv, "--epochs", str(epochs), "--checkpoint-every", "50"],
         cwd=cwd,
         env=environment(),
         stdout=subprocess.PIPE,
@@ -206,11 +212,20 @@ def start_two_process_run(cwd):
         text=True,
         start_new_session=True,
     )
-    first = cwd / "runs" / "classifier" / "checkpoints" / "checkpoint_50.pt"
-    deadline = time.monotonic() + 120
-    while not first.exists() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    return process
+    checkpoints = cwd / "runs" / "classifier" / "checkpoints"
+    started = started or (lambda launcher: any(checkpoints.glob("checkpoint_*.pt")))
+    try:
+        deadline = time.monotonic() + 300
+        while not started(process):
+            assert process.poll() is None and time.monotonic() < deadline, "the run never got there"
+            time.sleep(0.01)
+        yield process
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+        process.stdout.close()
+        process.stderr.close()
 
 
 def rank_processes(launcher_pid):
@@ -227,23 +242,37 @@ def rank_processes(launcher_pid):
     return sorted(ranks)
 
 
-@pytest.mark.slow
-def test_ctrl_c_stops_every_rank_at_the_same_iteration_with_a_checkpoint(tmp_path):
-    with start_two_process_run(tmp_path) as launcher:
-        os.killpg(launcher.pid, signal.SIGINT)
-        _, err = launcher.communicate(timeout=120)
+def assert_stopped_by_sigint_with_a_checkpoint(launcher, cwd):
+    _, err = launcher.communicate(timeout=120)
     assert launcher.returncode == 130, err[-2000:]
     line = [line for line in err.splitlines() if line.startswith("engine-opt:")]
-    assert len(line) == 1 and "stopped by SIGINT at iteration" in line[0] and "Traceback" not in err
+    assert len(line) == 1 and "stopped by SIGINT at iteration" in line[0] and "Traceback" not in err, err[-2000:]
     assert " INFO: " not in err  # no launcher dumps without --verbose
+    assert "Terminating process" not in err  # the ranks ended together: none was killed for ending first
     stopped_at = int(line[0].split(" at iteration ")[1].split(";")[0])
-    saved = torch.load(tmp_path / "runs/classifier/checkpoints" / f"checkpoint_{stopped_at}.pt", weights_only=True)
+    saved = torch.load(cwd / "runs/classifier/checkpoints" / f"checkpoint_{stopped_at}.pt", weights_only=True)
     assert saved["trainer"]["iteration"] == stopped_at
+    return stopped_at
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_every_rank_at_the_same_iteration_with_a_checkpoint(tmp_path):
+    with two_process_run(tmp_path) as launcher:
+        os.killpg(launcher.pid, signal.SIGINT)
+        assert assert_stopped_by_sigint_with_a_checkpoint(launcher, tmp_path) >= 50
+
+
+@pytest.mark.slow
+def test_ctrl_c_while_the_ranks_start_is_not_lost_it_stops_them_at_the_first_iteration(tmp_path):
+    with two_process_run(tmp_path, epochs=3, started=lambda launcher: len(rank_processes(launcher.pid)) == 2) as run:
+        time.sleep(0.5)  # the ranks import for seconds yet; the launcher notes SIGINT for them within milliseconds
+        os.killpg(run.pid, signal.SIGINT)  # the ranks ignore it while they start; the launcher notes it for them
+        assert assert_stopped_by_sigint_with_a_checkpoint(run, tmp_path) == 1
 
 
 @pytest.mark.slow
 def test_a_killed_rank_ends_the_launcher_with_one_line_naming_it_and_the_signal(tmp_path):
-    with start_two_process_run(tmp_path) as launcher:
+    with two_process_run(tmp_path) as launcher:
         ranks = rank_processes(launcher.pid)
         assert len(ranks) == 2
         os.kill(ranks[1], signal.SIGKILL)

@@ -32,14 +32,14 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
-from ignite.distributed.launcher import Parallel
 from torch.multiprocessing.spawn import ProcessExitedException
 
 from .. import __version__
 from ..engine.run_directory import RunDirectoryBusy
 from ..optim.distributed import rank, world_size
 from .config import UsageError
-from .signals import EXIT_STATUS
+from .launcher import RankLink, launch_ranks
+from .signals import EXIT_STATUS, StopRequest
 from .tasks import TASKS
 from .train import check_batch_size, summary, train
 
@@ -205,8 +205,7 @@ def _launch(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     if backend == "nccl" and not torch.cuda.is_available():
         parser.exit(2, "engine-opt: error: --backend nccl needs GPUs; use --backend gloo on CPU\n")
     try:
-        with _ranks_handle_signals(), Parallel(backend=backend, nproc_per_node=args.nproc_per_node) as launcher:
-            launcher.run(_worker, args)
+        return launch_ranks(_worker, args, backend, args.nproc_per_node)
     except ProcessExitedException as error:  # a spawned rank ended with an error status, or was killed
         if error.signal_name is None:  # the rank printed why
             return error.exit_code
@@ -217,27 +216,18 @@ def _launch(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 128 + number
-    return 0
 
 
-@contextlib.contextmanager
-def _ranks_handle_signals() -> Iterator[None]:
-    """While spawned ranks run, Ctrl-C is theirs to handle (they stop with a checkpoint): the launcher waits."""
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
-
-
-def _worker(local_rank: int, args: argparse.Namespace) -> None:
-    """One rank of a distributed run: exit with ``_run``'s status if it is not 0."""
+def _worker(local_rank: int, args: argparse.Namespace, link: RankLink) -> None:
+    """One rank of a distributed run: a signal's status left to the launcher, any other exits with it."""
     with _quiet_unless_verbose(args):
-        status = _run(args)
+        status = _run(args, link.stop)
     # The run's objects (DDP's reducer among them) sit in reference cycles; free them while the process
     # group still exists, or its threads are torn down at interpreter exit and the process aborts.
     gc.collect()
-    if status:
+    if status in EXIT_STATUS.values():  # every rank stopped on it at the same iteration
+        link.status.value = status
+    elif status:
         sys.exit(status)
 
 
@@ -271,11 +261,15 @@ def _quiet_unless_verbose(args: argparse.Namespace) -> Iterator[None]:
             logger.setLevel(level)
 
 
-def _run(args: argparse.Namespace) -> int:
+def _run(args: argparse.Namespace, stop: StopRequest | None = None) -> int:
     """Train, print the summary (rank 0), return the exit status."""
     name = "engine-opt" if world_size() == 1 else f"engine-opt (rank {rank()})"
     try:
-        result = train(args)
+        result = train(args, stop)
+    except KeyboardInterrupt:  # Ctrl-C outside the training loop, which StopOnSignal covers
+        return _fail(
+            EXIT_STATUS["SIGINT"], f"{name}: interrupted by SIGINT outside the training loop; nothing was saved for it"
+        )
     except UsageError as error:
         return _fail(2, f"{name}: error: {error}")
     except FloatingPointError as error:

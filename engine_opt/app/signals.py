@@ -7,6 +7,9 @@ window's gradients) as it does when a run completes. In a multi-process run
 the ranks agree after every iteration (one all-reduce of one number, over a
 CPU ``gloo`` group: no GPU synchronisation), so all stop at the same one.
 The handlers are the command's own, installed for the run and put back after.
+Ranks spawned by the command start with SIGINT ignored; the launcher notes
+it for them (``requested``), so a Ctrl-C while they start is not lost: it
+stops the run at its first iteration's end.
 
 Example:
     >>> import signal
@@ -23,7 +26,7 @@ from __future__ import annotations
 import signal
 import threading
 from types import FrameType, TracebackType
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import torch.distributed as dist
@@ -34,15 +37,26 @@ from ..optim.distributed import world_size
 EXIT_STATUS = {"SIGINT": 130, "SIGTERM": 143}  # 128 + the signal's number, as shells report it
 
 
+class StopRequest(Protocol):
+    """A flag another process sets (``multiprocessing.Event``): SIGINT came to the launcher."""
+
+    def is_set(self) -> bool: ...
+
+
 class StopOnSignal:
     """Stop ``trainer`` at the end of the iteration in progress when SIGINT or SIGTERM arrives.
+
+    Args:
+        trainer: The engine to stop.
+        requested: Set when the launcher of this rank received SIGINT; read at each iteration's end.
 
     Attributes:
         received: The name of the signal that stopped the run (``None`` if none did).
     """
 
-    def __init__(self, trainer: Engine) -> None:
+    def __init__(self, trainer: Engine, requested: StopRequest | None = None) -> None:
         self.trainer = trainer
+        self.requested = requested
         self.received: str | None = None
         self._previous: dict[int, Any] = {}
         self._group: Any = None
@@ -74,6 +88,8 @@ class StopOnSignal:
         self.received = signal.Signals(number).name
 
     def _stop_if_signalled(self, engine: Engine) -> None:
+        if self.received is None and self.requested is not None and self.requested.is_set():
+            self.received = "SIGINT"
         received = self.received
         if self._group is not None:  # every rank learns what any rank received
             codes = torch.tensor([list(EXIT_STATUS).index(received) + 1 if received else 0])

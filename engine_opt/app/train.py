@@ -48,7 +48,7 @@ from ..optim.wrapper import OptimWrapper
 from ..optim.wrapper_dict import OptimWrapperDict, members
 from .config import UsageError, wrapper_config
 from .run_options import RunOptions
-from .signals import StopOnSignal
+from .signals import StopOnSignal, StopRequest
 from .tasks import Task, make_task
 
 
@@ -94,18 +94,19 @@ class Result:
     stopped_by: str | None = field(default=None)
 
 
-def train(args: argparse.Namespace) -> Result:
+def train(args: argparse.Namespace, stop: StopRequest | None = None) -> Result:
     """Run ``engine-opt train``; return what the summary reports.
 
     The run is built first, so bad options are refused before anything is
     written; then its checkpoint directory is held to the end, and whether it
-    may write there is decided while it is held.
+    may write there is decided while it is held. ``stop``, set by the
+    launcher of spawned ranks on SIGINT, stops the run as the signal would.
     """
     run = build(args)
     with RunDirectory(run.checkpoint_dir).lock() if rank() == 0 else contextlib.nullcontext():
         check_run_directories(args, run.log_dir, run.checkpoint_dir)
         resumed = resume(run, args)
-        return execute(run, args, resumed)
+        return execute(run, args, resumed, stop)
 
 
 def run_paths(args: argparse.Namespace) -> tuple[Path, Path]:
@@ -114,12 +115,12 @@ def run_paths(args: argparse.Namespace) -> tuple[Path, Path]:
     return log_dir, args.checkpoint_dir or log_dir / "checkpoints"
 
 
-def execute(run: Run, args: argparse.Namespace, resumed: Path | None) -> Result:
+def execute(run: Run, args: argparse.Namespace, resumed: Path | None, stop: StopRequest | None = None) -> Result:
     """Attach the handlers, run to the end (or to a SIGINT/SIGTERM), and gather what the summary reports."""
     tracker, checkpoint, tb_logger = attach_handlers(run, args)
     start = time.perf_counter()
     try:
-        with StopOnSignal(run.trainer) as stop:
+        with StopOnSignal(run.trainer, stop) as signals:
             state = run.trainer.run(run.data, max_epochs=args.epochs)
     finally:
         if tb_logger is not None:
@@ -136,7 +137,7 @@ def execute(run: Run, args: argparse.Namespace, resumed: Path | None) -> Result:
         log_dir=run.log_dir,
         checkpoint=None if checkpoint.last_checkpoint is None else str(checkpoint.last_checkpoint),
         resumed_from=resumed,
-        stopped_by=stop.received,
+        stopped_by=signals.received,
     )
 
 
