@@ -995,3 +995,86 @@ def test_a_window_of_no_items_leaves_the_weights_finite():
     wrapper.update_params(loss, num_items=(labels != -100).sum())
     for param, old in zip(model.parameters(), before, strict=True):
         assert torch.equal(param, old)
+
+
+def cancelling_run(optimizer_name, batches, cancelled_windows, accumulate=2, clip_norm=None):
+    """The wrapper over ``batches``, a hook cancelling the windows at ``cancelled_windows`` with a device flag."""
+    from engine_opt.optim.hooks import StepEvent
+
+    model = make_model()
+    clip = None if clip_norm is None else {"max_norm": clip_norm}
+    wrapper = OptimWrapper(
+        OPTIMIZERS[optimizer_name](model.parameters()), accumulative_counts=accumulate, clip_grad=clip
+    )
+    windows, outcomes = iter(range(len(batches))), []
+
+    def cancel(w, event, loss):
+        w.cancel_step(when=torch.tensor(next(windows) in cancelled_windows))
+
+    wrapper.register_step_hook(cancel, [StepEvent.BEFORE_OPTIM_STEP])
+    wrapper.register_step_hook(
+        lambda w, event, loss: outcomes.append(event.name),
+        [StepEvent.OPTIM_STEP_COMPLETED, StepEvent.OPTIM_STEP_SKIPPED],
+    )
+    wrapper.initialize_count_status(model, 0, len(batches))
+    norms = []
+    for x, y in batches:
+        wrapper.update_params(loss_fn(model(x), y))
+        if wrapper.inner_count % accumulate == 0 and wrapper.grad_norm is not None:
+            norms.append(wrapper.grad_norm.clone())
+    return model, wrapper, outcomes, norms
+
+
+@pytest.mark.parametrize("optimizer_name", ["sgd_momentum", "adamw", "adamw_fused"])
+@pytest.mark.parametrize("clip_norm", [None, 0.5])
+def test_cancel_step_when_a_device_flag_skips_exactly_those_windows(optimizer_name, clip_norm):
+    batches, cancelled = make_batches(12), {0, 3}  # windows of 2: the first (no optimizer state yet) and the fourth
+    model, wrapper, outcomes, norms = cancelling_run(optimizer_name, batches, cancelled, clip_norm=clip_norm)
+    expected = make_model()
+    optimizer = OPTIMIZERS[optimizer_name](expected.parameters())
+    kept = [batch for index, batch in enumerate(batches) if index // 2 not in cancelled]
+    plain_loop(expected, optimizer, kept, Plan(accumulate=2, clip_norm=clip_norm))
+    assert_same_model(model, expected)
+    assert_same_tensors(wrapper.optimizer.state_dict()["state"], optimizer.state_dict()["state"])
+    assert (wrapper.skipped_steps, wrapper.applied_steps) == (2, 4)
+    assert outcomes == ["OPTIM_STEP_" + ("SKIPPED" if w in cancelled else "COMPLETED") for w in range(6)]
+    if clip_norm is not None:  # a cancelled window keeps the last applied norm (nan before any)
+        assert norms[0].isnan() and torch.equal(norms[3], norms[2]) and not torch.equal(norms[2], norms[1])
+
+
+def test_cancel_step_when_is_read_nowhere_on_the_host_with_a_stateless_optimizer(monkeypatch):
+    from engine_opt.optim.hooks import StepEvent
+
+    model = make_model()
+    wrapper = OptimWrapper(torch.optim.SGD(model.parameters(), lr=0.1))  # no state: nothing the device cannot undo
+    wrapper.register_step_hook(lambda w, e, loss: w.cancel_step(when=loss_flag), [StepEvent.BEFORE_OPTIM_STEP])
+    loss_flag = torch.tensor(True)
+    before = [param.detach().clone() for param in model.parameters()]
+    for name in ("item", "__bool__", "__float__", "__int__", "__index__", "tolist"):
+        monkeypatch.setattr(torch.Tensor, name, lambda self, *a, **k: pytest.fail("a host read"))
+    x, y = make_batches(1)[0]
+    wrapper.update_params(loss_fn(model(x), y))
+    monkeypatch.undo()
+    assert_same_tensors(list(model.parameters()), before)
+    assert wrapper.skipped_steps == 1
+
+
+@pytest.mark.parametrize(
+    ("when", "message"),
+    [
+        (True, r"when must be a one-element bool tensor \(e\.g\. norm > limit\), got True of type bool"),
+        (torch.tensor(1.0), r"when must be a one-element bool tensor .*, got tensor\(1\.\) of type Tensor"),
+        (torch.tensor([True, False]), r"when must be a one-element bool tensor .*, got tensor\(\[ True, False\]\)"),
+    ],
+)
+def test_cancel_step_refuses_a_when_that_is_not_a_bool_flag(when, message):
+    from engine_opt.optim.hooks import StepEvent
+
+    model = torch.nn.Linear(1, 1)
+    wrapper = OptimWrapper(torch.optim.SGD(model.parameters(), lr=0.1))
+    wrapper.register_step_hook(lambda w, e, loss: w.cancel_step(when=when), [StepEvent.BEFORE_OPTIM_STEP])
+    before = [param.detach().clone() for param in model.parameters()]
+    with pytest.raises(TypeError, match=message):
+        wrapper.update_params(model(torch.ones(1, 1)).sum())
+    assert_same_tensors(list(model.parameters()), before)  # the failed step abandoned its window
+    assert all(param.grad is None for param in model.parameters())

@@ -41,6 +41,7 @@ from .hooks import StepEvent, StepHook, StepHooks
 from .param_layout import regrouped
 from .paramwise import MODEL_ORDER
 from .state_checks import check_hyperparameters, check_optimizer_state
+from .step_undo import StepUndo
 
 _COUNTER_KEYS = ("inner_count", "max_counts", "steps", "skipped_steps", "accumulative_counts")
 # torch.optim.Optimizer's hook tables: the wrapper shares the wrapped optimizer's, so a hook registered on either
@@ -250,7 +251,7 @@ class OptimWrapper(torch.optim.Optimizer):
             self._hooks.table(StepEvent.OPTIM_STEP_COMPLETED),
             self._hooks.table(StepEvent.OPTIM_STEP_SKIPPED),
         )
-        self._cancel: bool | None = None  # None outside BEFORE_OPTIM_STEP hooks
+        self._cancel: bool | torch.Tensor | None = None  # None outside BEFORE_OPTIM_STEP hooks; a tensor: on device
 
     # ------------------------------------------------------------------ counting
 
@@ -433,22 +434,28 @@ class OptimWrapper(torch.optim.Optimizer):
             if self._clipper is not None or self._on_before_step:
                 self.unscale_grads()  # to clip, or for hooks that read the gradients
             cancel = self._before_step() if self._on_before_step else False
-            if self._clipper is not None and not cancel:
+            if self._clipper is not None and cancel is not True:
                 grad_norm = self._clipper.clip(self._params_in_model_order())
-            found_inf = self._cancel_optimizer_step() if cancel else self._optimizer_step(kwargs)
+            found_inf = self._optimizer_step(kwargs) if cancel is False else self._cancelled_step(cancel, kwargs)
         finally:
             self._stepping = False
         self._record_step(found_inf, grad_norm)
         if self._on_outcome[0] or self._on_outcome[1]:
-            self._report_outcome(cancel, found_inf)
+            self._report_outcome(cancel is True, found_inf)
+
+    def _cancelled_step(self, cancel: bool | torch.Tensor, kwargs: dict[str, Any]) -> torch.Tensor:
+        """Skip the step (``cancel`` is True), or step and take it back where a device flag says; the found-inf flag."""
+        if isinstance(cancel, torch.Tensor):
+            return self._optimizer_step_unless(cancel, kwargs)
+        return self._cancel_optimizer_step()
 
     def _abandon_window(self) -> None:
         """Drop the window's gradients (an update failed half-way must not leave them for the next one)."""
         self.optimizer.zero_grad(set_to_none=True)
         self._window_items = None
 
-    def _before_step(self) -> bool:
-        """Call the ``BEFORE_OPTIM_STEP`` hooks; whether one of them cancelled the step."""
+    def _before_step(self) -> bool | torch.Tensor:
+        """Call the ``BEFORE_OPTIM_STEP`` hooks; whether they cancelled the step (a device flag if they said so)."""
         self._cancel = False
         try:
             self._hooks.call(self, StepEvent.BEFORE_OPTIM_STEP, None)
@@ -462,18 +469,48 @@ class OptimWrapper(torch.optim.Optimizer):
         event = StepEvent.OPTIM_STEP_SKIPPED if was_skipped else StepEvent.OPTIM_STEP_COMPLETED
         self._hooks.call(self, event, None)
 
-    def cancel_step(self) -> None:
+    def cancel_step(self, when: torch.Tensor | None = None) -> None:
         """Skip the step being prepared; call it from a ``BEFORE_OPTIM_STEP`` hook.
 
         The optimizer does not step, the window's gradients are dropped by the
         ``zero_grad`` that follows, and the step counts in ``skipped_steps``.
 
+        With ``when``, a one-element boolean tensor decided on the device, the
+        step is skipped where it is true without the host reading it: the
+        optimizer steps, and the parameters and optimizer state it changed are
+        put back on the device (``StepUndo``). The step counts as skipped
+        (on the device) and the gradient norm stays the last applied one, as
+        for a float16 step the scaler skips. Several calls: skipped if any says so.
+
         Raises:
             RuntimeError: When called outside a ``BEFORE_OPTIM_STEP`` hook.
+            TypeError: When ``when`` is not a one-element boolean tensor.
+
+        Example:
+            >>> import torch
+            >>> param = torch.nn.Parameter(torch.ones(1))
+            >>> wrapper = OptimWrapper(torch.optim.SGD([param], lr=1.0))
+            >>> handle = wrapper.register_step_hook(
+            ...     lambda w, event, loss: w.cancel_step(when=param.grad.abs().sum() > 10),
+            ...     [StepEvent.BEFORE_OPTIM_STEP],
+            ... )
+            >>> wrapper.update_params((param * 100).sum())  # a gradient of 100: skipped
+            >>> wrapper.update_params(param.sum())  # a gradient of 1: applied
+            >>> param.item(), wrapper.skipped_steps, wrapper.applied_steps
+            (0.0, 1, 1)
         """
         if self._cancel is None:
             raise RuntimeError("cancel_step() can only be called from a step hook handling StepEvent.BEFORE_OPTIM_STEP")
-        self._cancel = True
+        if when is None:
+            self._cancel = True
+            return
+        if not isinstance(when, torch.Tensor) or when.dtype != torch.bool or when.numel() != 1:
+            raise TypeError(f"when must be a one-element bool tensor (e.g. norm > limit), got {checks.describe(when)}")
+        flag = when.detach().reshape(())
+        if self._cancel is False:
+            self._cancel = flag
+        elif self._cancel is not True:
+            self._cancel = self._cancel | flag.to(self._cancel.device)
 
     def register_step_hook(self, hook: StepHook, events: Iterable[StepEvent] | None = None) -> RemovableHandle:
         """Call ``hook(wrapper, event, loss)`` at each of ``events`` (every ``StepEvent`` by default).
@@ -576,6 +613,14 @@ class OptimWrapper(torch.optim.Optimizer):
     def _cancel_optimizer_step(self) -> torch.Tensor:
         """Leave the parameters as they are; return a found-inf flag that says so."""
         return torch.ones(())
+
+    def _optimizer_step_unless(self, when: torch.Tensor, kwargs: dict[str, Any]) -> torch.Tensor:
+        """Step, then take the step back on the device where ``when``; the found-inf flag with ``when`` in it."""
+        undo = StepUndo(self.optimizer)
+        found_inf = self._optimizer_step(kwargs)
+        undo.where(when)
+        cancelled = when.to(torch.float32)
+        return cancelled if found_inf is None else torch.maximum(found_inf, cancelled.to(found_inf.device))
 
     def _record_step(self, found_inf: torch.Tensor | None, grad_norm: torch.Tensor | None) -> None:
         """Count the window's step without reading any tensor on the host."""
