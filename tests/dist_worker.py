@@ -20,7 +20,7 @@ from torch.distributed.optim import ZeroRedundancyOptimizer
 from torch.nn.parallel import DistributedDataParallel
 
 from engine_opt import OptimWrapper, create_trainer
-from engine_opt.handlers import NonFiniteGuard, attach_checkpoint, latest_checkpoint, load_checkpoint
+from engine_opt.handlers import NonFiniteGuard, SpikeGuard, attach_checkpoint, latest_checkpoint, load_checkpoint
 from engine_opt.testing import GradientTraffic
 
 from oracle import OPTIMIZERS, item_loss_sum, loss_fn, make_batches, make_model
@@ -171,6 +171,30 @@ def guard_agreement() -> dict[str, Any]:
     return {"skipped": guard.skipped, "params": params_of(model), "applied": wrapper.applied_steps}
 
 
+SPIKE_ITERATIONS = 20
+SPIKED_ITERATION = 15
+
+
+def spike_batches() -> list[tuple[torch.Tensor, torch.Tensor]]:
+    return make_batches(SPIKE_ITERATIONS, batch_size=GLOBAL_BATCH, seed=3)
+
+
+def spike_agreement() -> dict[str, Any]:
+    """Only rank 1's share of one batch spikes, and only the loss is watched: judged on the ranks' mean loss,
+    every rank cancels that update (judged on its own, rank 0 would apply it)."""
+    model = DistributedDataParallel(make_model())
+    wrapper = OptimWrapper(OPTIMIZERS["sgd_momentum"](model.parameters()))
+    trainer = create_trainer(model, wrapper, loss_fn)
+    guard = SpikeGuard("skip", warmup=8, watch="loss")
+    guard.attach(trainer)
+    data = my_share(spike_batches())
+    if idist.get_rank() == 1:
+        x, y = data[SPIKED_ITERATION - 1]
+        data[SPIKED_ITERATION - 1] = (x, y * 1e3)
+    trainer.run(data)
+    return {"spikes": guard.spikes(), "params": params_of(model), "applied": wrapper.applied_steps}
+
+
 def zero_checkpoint(directory: Path) -> dict[str, Any]:
     """ZeroRedundancyOptimizer in a wrapper, through Ignite's Checkpoint, written by rank 0, read by all."""
 
@@ -211,6 +235,7 @@ def scenarios(local_rank: int, out: str) -> None:
         "fsdp2_control": fsdp2_without_sync_avoidance(),
         "uneven": uneven_data(),
         "guard": guard_agreement(),
+        "spike": spike_agreement(),
         "zero": zero_checkpoint(directory / "zero"),
         "ddp_num_items": ddp_num_items(),
         "fsdp2_num_items": fsdp2_num_items(),

@@ -357,7 +357,7 @@ def test_a_batch_the_spawned_processes_do_not_divide_is_refused_before_they_star
     from engine_opt.app import cli
 
     with (
-        mock.patch.object(cli, "Parallel", side_effect=AssertionError("processes started")),
+        mock.patch.object(cli, "launch_ranks", side_effect=AssertionError("processes started")),
         pytest.raises(SystemExit) as exit_info,
     ):
         run(tmp_path, "--nproc-per-node", "3", "--batch-size", "64")

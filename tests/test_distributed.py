@@ -19,7 +19,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from dist_worker import ACCUMULATE, ITERATIONS, POISONED_ITERATION, global_batches
+from dist_worker import (
+    ACCUMULATE,
+    ITERATIONS,
+    POISONED_ITERATION,
+    SPIKE_ITERATIONS,
+    SPIKED_ITERATION,
+    global_batches,
+    spike_batches,
+)
 
 from engine_opt.optim.distributed import all_ranks_agree, check_same_length, gather_objects
 from engine_opt.testing import GradientTraffic
@@ -122,6 +130,16 @@ def test_a_non_finite_loss_on_one_rank_skips_the_update_on_all_ranks(ranks):
     batches = global_batches()
     del batches[POISONED_ITERATION - 1]  # as if the skipped window had never been seen
     assert_ranks_match_one_process(ranks, "guard", single_process(batches, Plan()))
+
+
+@pytest.mark.slow
+def test_a_spike_in_one_ranks_share_is_cancelled_on_every_rank(ranks):
+    for rank in ranks:
+        assert rank["spike"]["spikes"] == {None: 1}
+        assert rank["spike"]["applied"] == SPIKE_ITERATIONS - 1
+    batches = spike_batches()
+    del batches[SPIKED_ITERATION - 1]  # as if the cancelled window had never been seen
+    assert_ranks_match_one_process(ranks, "spike", single_process(batches, Plan()))
 
 
 @pytest.mark.slow

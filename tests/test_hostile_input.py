@@ -33,6 +33,7 @@ from engine_opt import (
     AmpOptimWrapper,
     OptimWrapper,
     OptimWrapperDict,
+    StepEvent,
     build_optim_wrapper,
     create_trainer,
     member_filter,
@@ -297,6 +298,21 @@ def a_loss_under_no_grad() -> None:
     OptimWrapper(sgd(model)).update_params(loss)
 
 
+def attached_twice() -> None:
+    model = make_model()
+    trainer = create_trainer(model, OptimWrapper(sgd(model)), F.mse_loss)
+    guard = SpikeGuard()
+    guard.attach(trainer)
+    guard.attach(trainer)
+
+
+def cancel_when_a_float() -> None:
+    model = make_model()
+    wrapper = OptimWrapper(sgd(model))
+    wrapper.register_step_hook(lambda w, e, loss: w.cancel_step(when=1.0), [StepEvent.BEFORE_OPTIM_STEP])
+    wrapper.update_params(model(torch.ones(1, 4)).sum())
+
+
 def a_directory_another_run_holds() -> None:
     Path("held").mkdir()
     other_run = filelock.FileLock("held/.engine_opt.lock", timeout=0)  # as another process would hold it
@@ -373,6 +389,9 @@ CASES = [
     Case("constructor", "`SpikeGuard(warmup=-1)`", lambda: SpikeGuard(warmup=-1), "warmup must be"),
     Case("constructor", "`SpikeGuard('undo')`", lambda: SpikeGuard("undo"), "'undo'"),
     Case("constructor", "`SpikeGuard('rollback')` (nothing to restore)", lambda: SpikeGuard("rollback"), "restore"),
+    Case("constructor", "`SpikeGuard(members=[])`", lambda: SpikeGuard(members=[]), "members must name"),
+    Case("constructor", "`guard.attach(trainer)` a second time", attached_twice, "attached already"),
+    Case("constructor", "`wrapper.cancel_step(when=1.0)` in a `BEFORE_OPTIM_STEP` hook", cancel_when_a_float, "when must be"),
     Case("constructor", "`SchedulerHandler(optimizer)` (not a scheduler)", lambda: SchedulerHandler(sgd()), "SGD"),
     Case("constructor", "`attach_checkpoint(trainer, to_save, 'ckpt', every=0)`", lambda: attach_checkpoint(create_trainer(make_model(), OptimWrapper(sgd()), F.mse_loss), {}, "ckpt", every=0), "every"),
     Case("constructor", "`ResumableLoader(iter(loader))` (an iterator: cannot be replayed)", lambda: ResumableLoader(iter([1, 2])), "re-iterable"),

@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 from ignite.engine import Events
 
-from engine_opt import AmpOptimWrapper, OptimWrapper, OptimWrapperDict, create_trainer
-from engine_opt.handlers import ResumableLoader, SpikeGuard, attach_checkpoint, load_checkpoint
+from engine_opt import AmpOptimWrapper, OptimEvents, OptimWrapper, OptimWrapperDict, create_trainer
+from engine_opt.handlers import ResumableLoader, SchedulerHandler, SpikeGuard, attach_checkpoint, load_checkpoint
 
 from helpers import gan_step, make_amp_gan_wrappers
 from oracle import (
@@ -46,6 +46,29 @@ def guarded_run(batches, optimizer_name="sgd_momentum", accumulate=1, **guard_kw
     guard.attach(trainer)
     trainer.run(batches)
     return model, wrapper, guard
+
+
+def test_a_spike_is_a_skipped_update_that_schedules_do_not_advance_on():
+    batches, spike = make_batches(N), 20
+    model = make_model()
+    wrapper = OptimWrapper(OPTIMIZERS["sgd_momentum"](model.parameters()))
+    trainer = create_trainer(model, wrapper, loss_fn)
+    SchedulerHandler(torch.optim.lr_scheduler.ExponentialLR(wrapper.optimizer, gamma=0.9)).attach(trainer)
+    outcomes = []
+    trainer.add_event_handler(OptimEvents.OPTIM_STEP_SKIPPED, lambda engine: outcomes.append(engine.state.iteration))
+    SpikeGuard("skip", warmup=5).attach(trainer)
+    trainer.run(spiked(batches, {spike}))
+    expected = make_model()
+    optimizer = OPTIMIZERS["sgd_momentum"](expected.parameters())
+    schedule = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=0.9)
+    for x, y in without(batches, {spike}):  # the N-th applied update uses the N-th learning rate
+        loss_fn(expected(x), y).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        schedule.step()
+    assert_same_model(model, expected)
+    assert (wrapper.skipped_steps, wrapper.applied_steps) == (1, N - 1)
+    assert outcomes == [spike + 1]
 
 
 def plain(batches, optimizer_name="sgd_momentum", accumulate=1):
@@ -227,13 +250,13 @@ def test_float16_is_judged_on_unscaled_values_and_scaler_skips_are_not_spikes():
     folded_losses = []
 
     def record(engine):
-        if not wrapper.step_was_skipped and engine.state.iteration != 31:
+        if not wrapper.step_was_skipped:
             folded_losses.append(float(engine.state.output))
 
     trainer.add_event_handler(Events.ITERATION_COMPLETED, record)
     trainer.run(batches)
     stats = guard.statistics()[None]
-    assert wrapper.skipped_steps == 1
+    assert wrapper.skipped_steps == 2  # the scaler's and the spike
     assert guard.spikes() == {None: 1}
     assert stats["count"] == N - 2 == len(folded_losses)
     # below 100 windows the moving mean is the plain mean: of the unscaled losses folded in
@@ -261,11 +284,27 @@ def test_float16_is_judged_on_unscaled_values_and_scaler_skips_are_not_spikes():
         ),
         ({"mode": "rollback"}, ValueError, r"restore must name the objects a rollback restores"),
         ({"restore": {"model": 3}}, TypeError, r"restore\['model'\] must have state_dict\(\) and load_state_dict\(\)"),
+        ({"members": []}, ValueError, r"members must name at least one member, or be None for all; got none"),
     ],
 )
 def test_bad_arguments_are_refused_naming_them(kwargs, error, message):
     with pytest.raises(error, match=message):
         SpikeGuard(**kwargs)
+
+
+def test_a_guard_attached_twice_is_refused_rather_than_counting_each_loss_twice():
+    model = make_model()
+    trainer = create_trainer(model, OptimWrapper(torch.optim.SGD(model.parameters(), lr=0.01)), loss_fn)
+    guard = SpikeGuard("skip", warmup=N)
+    guard.attach(trainer)
+    with pytest.raises(ValueError, match=r"engine: this SpikeGuard is attached already \(to Trainer at 0x"):
+        guard.attach(trainer)
+    losses = []
+    trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda engine: losses.append(float(engine.state.output)))
+    trainer.run(make_batches(N))
+    stats = guard.statistics()[None]
+    assert stats["count"] == N
+    assert stats["loss_mean"] == pytest.approx(sum(losses) / N, rel=1e-6)
 
 
 def test_a_wrapper_in_restore_is_refused():

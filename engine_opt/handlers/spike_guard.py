@@ -14,13 +14,13 @@ from collections.abc import Iterable, Mapping
 from typing import Any, Literal
 
 import torch
+import torch.distributed as dist
 from ignite.engine import Engine, Events
-from torch.utils.hooks import RemovableHandle
 
 from ..engine.events import OptimEvents
 from ..engine.state import optim_state
-from ..engine.trainer import Trainer
 from ..optim import checks
+from ..optim.distributed import collective_device, world_size
 from ..optim.wrapper import OptimWrapper
 from ..optim.wrapper_dict import OptimWrapperDict
 
@@ -52,39 +52,16 @@ def _clone_tree(value: Any) -> Any:
     return value
 
 
-class _Pending:
-    """An update that may be a spike: the decision on the device, and the tensors it may put back."""
-
-    def __init__(self, spike: torch.Tensor, optimizer: torch.optim.Optimizer) -> None:
-        self.spike = spike
-        self.saved: list[tuple[torch.Tensor, torch.Tensor]] = []
-        self.fresh: list[torch.Tensor] = []  # parameters without optimizer state yet (the step creates it)
-        self.host_values: list[tuple[dict[str, Any], str, Any]] = []  # state values that are not tensors
-        for group in optimizer.param_groups:
-            for param in group["params"]:
-                if param.grad is None:
-                    continue
-                self.saved.append((param, param.detach().clone()))
-                state = optimizer.state.get(param)
-                if not state:
-                    self.fresh.append(param)
-                    continue
-                for key, value in state.items():
-                    if isinstance(value, torch.Tensor):
-                        self.saved.append((value, value.detach().clone()))
-                    else:
-                        self.host_values.append((state, key, value))
-
-    def undo_if_spike(self, optimizer: torch.optim.Optimizer) -> None:
-        """After the step: put every saved tensor back where the decision says spike (on the device)."""
-        with torch.no_grad():
-            for live, saved in self.saved:
-                live.copy_(torch.where(self.spike.to(live.device), saved, live))
-        if (self.fresh or self.host_values) and bool(self.spike):  # rare: state the device cannot restore
-            for param in self.fresh:
-                optimizer.state.pop(param, None)
-            for state, key, value in self.host_values:
-                state[key] = value
+def _mean_over_ranks(window_loss: torch.Tensor, items: int | torch.Tensor | None) -> torch.Tensor:
+    """The window's loss over all ranks' items: the ranks' mean loss, or with ``num_items`` the summed losses
+    divided by the summed item counts (one all-reduce in a multi-process run)."""
+    count = torch.as_tensor(1 if items is None else items, dtype=torch.float64, device=window_loss.device)
+    pair = torch.stack([window_loss.reshape(()), count.reshape(())])
+    if world_size() > 1:
+        reduced = pair.to(collective_device())
+        dist.all_reduce(reduced, op=dist.ReduceOp.SUM)
+        pair = reduced.to(window_loss.device)
+    return pair[0] / pair[1]
 
 
 class SpikeGuard:
@@ -96,13 +73,16 @@ class SpikeGuard:
     unscaled gradients before clipping) feed an exponential moving mean and
     variance (``decay``; the first windows are averaged plainly). Once
     ``max(warmup, 2)`` windows are in, a window with a watched value above
-    ``mean + z * std`` is a spike: its update is undone on the device (the
-    parameters and optimizer state saved before the step are put back with
-    ``torch.where``), it is not folded into the statistics, and it is counted.
-    A window with a non-finite value is neither a spike nor folded in (that is
-    ``NonFiniteGuard``'s and the float16 scaler's job). The optimizer still
-    runs on a spike, so the wrapper counts the update as applied and
-    ``OPTIM_STEP_COMPLETED`` fires: schedules attached to it still advance.
+    ``mean + z * std`` is a spike: the guard cancels its update through
+    ``wrapper.cancel_step(when=spike)``, decided on the device (the step is
+    taken back there), it is not folded into the statistics, and it is
+    counted. The wrapper counts the update in ``skipped_steps`` and fires
+    ``OPTIM_STEP_SKIPPED`` rather than ``OPTIM_STEP_COMPLETED``, as for a
+    float16 step the scaler skips: schedules that advance on applied updates
+    do not advance. A window with a non-finite value is neither a spike nor
+    folded in (that is ``NonFiniteGuard``'s and the float16 scaler's job).
+    In a multi-process run the window's loss is averaged over the ranks (one
+    all-reduce on the device) before it is judged, so every rank decides alike.
 
     With ``mode='rollback'``, ``k`` spikes in a row trip the guard; every
     ``check_every`` updates it reads that on the host (its only host read):
@@ -204,6 +184,8 @@ class SpikeGuard:
         self.members: tuple[str, ...] | None = (
             None if members is None else (members,) if isinstance(members, str) else tuple(members)
         )
+        if self.members is not None and not self.members:
+            raise ValueError("members must name at least one member, or be None for all; got none")
         self.rollbacks = 0
         self._stats: dict[str | None, Stats] = {}
         self._windows = 0  # windows judged so far, all members (a host count: no read)
@@ -211,8 +193,6 @@ class SpikeGuard:
         self._snapshot: dict[str, Any] | None = None
         self._window_loss: dict[str | None, torch.Tensor] = {}  # the window so far, by member
         self._window_items: dict[str | None, int | torch.Tensor | None] = {}  # num_items so far, by member
-        self._pending: dict[int, _Pending] = {}
-        self._hooks: list[RemovableHandle] = []
         self._engine: Engine | None = None
 
     @staticmethod
@@ -235,8 +215,13 @@ class SpikeGuard:
     # ------------------------------------------------------------------ attaching
 
     def attach(self, engine: Engine) -> None:
-        """Attach to a trainer built by ``create_trainer``."""
+        """Attach to a trainer built by ``create_trainer`` (once: a guard judges one trainer's updates)."""
         state = optim_state(engine)  # refuses other engines
+        if self._engine is not None:
+            raise ValueError(
+                f"engine: this SpikeGuard is attached already (to {type(self._engine).__name__} at "
+                f"{id(self._engine):#x}); make one guard per trainer (attaching twice would count each loss twice)"
+            )
         unknown = [name for name in self.members or () if name not in state.members]
         if unknown:
             raise ValueError(f"members {unknown} are not members of the trainer's wrappers {list(state.members)}")
@@ -245,26 +230,13 @@ class SpikeGuard:
         engine.add_event_handler(OptimEvents.BACKWARD_COMPLETED, self._add_loss)
         engine.add_event_handler(OptimEvents.BEFORE_OPTIM_STEP, self._judge)
         engine.add_event_handler(Events.ITERATION_COMPLETED, self._iteration_completed)
-        engine.add_event_handler(Events.COMPLETED, self._remove_hooks)
 
     def _watched(self, name: str | None) -> bool:
         return self.members is None or name in self.members
 
     def _started(self, engine: Engine) -> None:
-        self._remove_hooks()
-        for name, wrapper in optim_state(engine).members.items():
-            if self._watched(name):
-                self._hooks.append(wrapper.optimizer.register_step_post_hook(self._after_optimizer_step))
-        if isinstance(engine, Trainer):
-            engine.call_at_run_end(self._remove_hooks)
         if self.mode == "rollback" and self._snapshot is None:
             self._snapshot = self._take_snapshot(engine)
-
-    def _remove_hooks(self, *_: Any) -> None:
-        for handle in self._hooks:
-            handle.remove()
-        self._hooks.clear()
-        self._pending.clear()
 
     # ------------------------------------------------------------------ the per-update path (no host reads)
 
@@ -288,8 +260,8 @@ class SpikeGuard:
         grads = [param.grad for group in wrapper.param_groups for param in group["params"] if param.grad is not None]
         window_loss = self._window_loss.pop(name, None)
         items = self._window_items.pop(name, None)
-        if window_loss is not None and items is not None:  # summed losses (num_items): their mean over the items
-            window_loss = window_loss / torch.as_tensor(items, dtype=torch.float64, device=window_loss.device)
+        if window_loss is not None:
+            window_loss = _mean_over_ranks(window_loss, items)
         if not grads:
             return
         norm = torch.nn.utils.get_total_norm(grads).to(torch.float64)
@@ -302,8 +274,8 @@ class SpikeGuard:
             values.append(norm)
         self._stats[name], spike = self._decide(stats, torch.stack(values))
         self._windows += 1
-        if self._windows > max(self.warmup, 2):  # before, no window can be a spike: nothing to save
-            self._pending[id(wrapper.optimizer)] = _Pending(spike, wrapper.optimizer)
+        if self._windows > max(self.warmup, 2):  # before, no window can be a spike
+            wrapper.cancel_step(when=spike)
 
     def _member_stats(self, name: str | None, device: torch.device) -> Stats:
         stats = self._stats.get(name)
@@ -335,15 +307,9 @@ class SpikeGuard:
         new = torch.stack([count + good, loss_mean, loss_var, norm_mean, norm_var, streak, spikes + spike, tripped])
         return new, spike
 
-    def _after_optimizer_step(self, optimizer: torch.optim.Optimizer, *_: Any) -> None:
-        pending = self._pending.pop(id(optimizer), None)
-        if pending is not None:
-            pending.undo_if_spike(optimizer)
-
     # ------------------------------------------------------------------ checks and rollbacks (host reads)
 
     def _iteration_completed(self, engine: Engine) -> None:
-        self._pending.clear()  # a step the scaler or another guard skipped never reached the optimizer
         if self.mode != "rollback" or self._windows < self._next_check:
             return
         while self._next_check <= self._windows:
@@ -400,7 +366,6 @@ class SpikeGuard:
         self.rollbacks += 1
         self._window_loss.clear()
         self._window_items.clear()
-        self._pending.clear()
 
     # ------------------------------------------------------------------ what happened, and state
 
