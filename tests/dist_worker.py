@@ -84,6 +84,25 @@ def fsdp2_with_wrapper() -> dict[str, Any]:
     return {"calls": traffic.calls, "bytes": traffic.bytes, "params": params_of(model)}
 
 
+CLIP_NORM, CLIP_VALUE = 0.5, 0.02
+
+
+def fsdp2_clipping(clip_grad: dict[str, Any]) -> dict[str, Any]:
+    """FSDP2 with norm or value clipping: each window's gradient norm over every shard, one tensor on each rank."""
+    model = make_model()
+    fully_shard(model)
+    optimizer = OPTIMIZERS["sgd_momentum"](model.parameters())
+    wrapper = OptimWrapper(optimizer, accumulative_counts=ACCUMULATE, clip_grad=clip_grad)
+    norms = []
+    for x, y in my_share(global_batches()):
+        with wrapper.optim_context(model):
+            loss = loss_fn(model(x), y)
+        wrapper.update_params(loss)
+        if wrapper.inner_count % ACCUMULATE == 0 and wrapper.grad_norm is not None:
+            norms.append(wrapper.grad_norm)
+    return {"params": params_of(model), "norms": norms, "norm_types": sorted({type(norm).__name__ for norm in norms})}
+
+
 def fsdp2_without_sync_avoidance() -> dict[str, Any]:
     """Control: FSDP2 accumulation written without set_requires_gradient_sync reduces on every micro-step."""
     model = make_model()
@@ -233,6 +252,8 @@ def scenarios(local_rank: int, out: str) -> None:
         "ddp_control": ddp_without_sync_avoidance(),
         "fsdp2": fsdp2_with_wrapper(),
         "fsdp2_control": fsdp2_without_sync_avoidance(),
+        "fsdp2_clip_norm": fsdp2_clipping({"max_norm": CLIP_NORM}),
+        "fsdp2_clip_value": fsdp2_clipping({"type": "value", "clip_value": CLIP_VALUE}),
         "uneven": uneven_data(),
         "guard": guard_agreement(),
         "spike": spike_agreement(),

@@ -21,6 +21,8 @@ import pytest
 import torch
 from dist_worker import (
     ACCUMULATE,
+    CLIP_NORM,
+    CLIP_VALUE,
     ITERATIONS,
     POISONED_ITERATION,
     SPIKE_ITERATIONS,
@@ -32,7 +34,7 @@ from dist_worker import (
 from engine_opt.optim.distributed import all_ranks_agree, check_same_length, gather_objects
 from engine_opt.testing import GradientTraffic
 
-from oracle import OPTIMIZERS, Plan, assert_same_tensors, make_model, plain_item_windows, plain_loop
+from oracle import OPTIMIZERS, Plan, assert_same_tensors, loss_fn, make_model, plain_item_windows, plain_loop
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -93,6 +95,38 @@ def test_fsdp2_reduces_gradients_once_per_window(ranks):
         assert rank["fsdp2_control"]["calls"] == ITERATIONS
     expected = single_process(global_batches(), Plan(accumulate=ACCUMULATE))
     assert_ranks_match_one_process(ranks, "fsdp2", expected)
+
+
+def single_process_norms(batches, accumulate, max_norm):
+    """The plain loop with norm clipping, written out: each window's total gradient norm before clipping."""
+    model, norms = make_model(), []
+    optimizer = OPTIMIZERS["sgd_momentum"](model.parameters())
+    for index, (x, y) in enumerate(batches):
+        (loss_fn(model(x), y) / accumulate).backward()
+        if (index + 1) % accumulate == 0:
+            norms.append(torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm))
+            optimizer.step()
+            optimizer.zero_grad()
+    return norms
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("key", "plan"),
+    [
+        ("fsdp2_clip_norm", Plan(accumulate=ACCUMULATE, clip_norm=CLIP_NORM)),
+        ("fsdp2_clip_value", Plan(accumulate=ACCUMULATE, clip_value=CLIP_VALUE)),
+    ],
+)
+def test_fsdp2_clips_by_the_global_norm_over_all_shards_as_one_process_does(ranks, key, plan):
+    assert_ranks_match_one_process(ranks, key, single_process(global_batches(), plan))
+    if plan.clip_norm is None:
+        return
+    expected = single_process_norms(global_batches(), ACCUMULATE, CLIP_NORM)
+    assert min(expected) > CLIP_NORM  # every window is clipped
+    for rank in ranks:  # grad_norm: the global norm, a plain tensor on every rank (not a DTensor)
+        assert rank[key]["norm_types"] == ["Tensor"]
+        torch.testing.assert_close(torch.stack(rank[key]["norms"]), torch.stack(expected), rtol=1e-5, atol=0)
 
 
 @pytest.mark.slow

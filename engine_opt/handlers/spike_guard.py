@@ -20,7 +20,7 @@ from ignite.engine import Engine, Events
 from ..engine.events import OptimEvents
 from ..engine.state import optim_state
 from ..optim import checks
-from ..optim.distributed import collective_device, world_size
+from ..optim.distributed import collective_device, replicated_value, world_size
 from ..optim.wrapper import OptimWrapper
 from ..optim.wrapper_dict import OptimWrapperDict
 
@@ -264,7 +264,7 @@ class SpikeGuard:
             window_loss = _mean_over_ranks(window_loss, items)
         if not grads:
             return
-        norm = torch.nn.utils.get_total_norm(grads).to(torch.float64)
+        norm = replicated_value(torch.nn.utils.get_total_norm(grads)).to(torch.float64)  # FSDP2: over all shards
         stats = self._member_stats(name, norm.device)
         values = []
         if "loss" in self.watch:

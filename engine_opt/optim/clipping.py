@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from . import checks
+from .distributed import replicated_value
 
 # For each type: the argument it needs, and those it accepts.
 _CLIP_ARGS = {
@@ -76,8 +77,8 @@ class GradClipper:
 
     def clip(self, params: list[torch.Tensor]) -> torch.Tensor | None:
         """Clip the gradients of ``params`` in place; return the total norm before clipping (norm type only)."""
-        if self.type == "norm":
-            return nn.utils.clip_grad_norm_(params, **self.kwargs)
+        if self.type == "norm":  # FSDP2: the global norm over every shard, as one tensor on each rank
+            return replicated_value(nn.utils.clip_grad_norm_(params, **self.kwargs))
         nn.utils.clip_grad_value_(params, **self.kwargs)
         return None
 

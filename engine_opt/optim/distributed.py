@@ -121,6 +121,20 @@ def all_reduce_sum(value: int | torch.Tensor) -> torch.Tensor:
     return total
 
 
+def replicated_value(value: torch.Tensor) -> torch.Tensor:
+    """A value every rank holds whole (a replicated ``DTensor``, as FSDP2's global gradient norm) as a plain tensor.
+
+    Other tensors are returned as they are. No communication: a replicated
+    ``DTensor``'s full tensor is its local one.
+
+    Example:
+        >>> replicated_value(torch.tensor(2.0))
+        tensor(2.)
+    """
+    full_tensor = getattr(value, "full_tensor", None)
+    return value if full_tensor is None else full_tensor()
+
+
 def grad_sync_context(model: nn.Module, sync: bool) -> contextlib.AbstractContextManager[None]:
     """The context that stops gradient all-reduce for ``model`` when ``sync`` is False.
 
