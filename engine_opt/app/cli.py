@@ -32,6 +32,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
+from ignite.distributed.launcher import Parallel
 from torch.multiprocessing.spawn import ProcessExitedException
 
 from .. import __version__
@@ -204,6 +205,10 @@ def _launch(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     backend = args.backend or ("nccl" if torch.cuda.is_available() and args.device != "cpu" else "gloo")
     if backend == "nccl" and not torch.cuda.is_available():
         parser.exit(2, "engine-opt: error: --backend nccl needs GPUs; use --backend gloo on CPU\n")
+    if args.nproc_per_node is None:  # under torchrun: this process is one of the ranks
+        with Parallel(backend=backend) as parallel:
+            parallel.run(_worker, args, None)
+        return 0
     try:
         return launch_ranks(_worker, args, backend, args.nproc_per_node)
     except ProcessExitedException as error:  # a spawned rank ended with an error status, or was killed
@@ -218,14 +223,14 @@ def _launch(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         return 128 + number
 
 
-def _worker(local_rank: int, args: argparse.Namespace, link: RankLink) -> None:
-    """One rank of a distributed run: a signal's status left to the launcher, any other exits with it."""
+def _worker(local_rank: int, args: argparse.Namespace, link: RankLink | None) -> None:
+    """One rank of a distributed run: a signal's status left to the launcher that spawned it, any other exits."""
     with _quiet_unless_verbose(args):
-        status = _run(args, link.stop)
+        status = _run(args, None if link is None else link.stop)
     # The run's objects (DDP's reducer among them) sit in reference cycles; free them while the process
     # group still exists, or its threads are torn down at interpreter exit and the process aborts.
     gc.collect()
-    if status in EXIT_STATUS.values():  # every rank stopped on it at the same iteration
+    if link is not None and status in EXIT_STATUS.values():  # every rank stopped on it at the same iteration
         link.status.value = status
     elif status:
         sys.exit(status)

@@ -49,7 +49,7 @@ class RankLink:
     status: Synchronized[int]
 
 
-Worker = Callable[[int, argparse.Namespace, RankLink], None]
+Worker = Callable[[int, argparse.Namespace, RankLink | None], None]
 
 
 def launch_ranks(worker: Worker, args: argparse.Namespace, backend: str, processes: int) -> int:
