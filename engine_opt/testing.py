@@ -21,12 +21,14 @@ class GradientTraffic:
     For ``DistributedDataParallel`` it registers a communication hook that
     counts each bucket and then all-reduces it as DDP would; for an FSDP2
     model (``fully_shard``) it installs a counting reduce-scatter on each
-    FSDP module (``set_custom_reduce_scatter``). Create it before the first
-    forward pass. Parameter all-gathers (FSDP2's forward) are not gradient
+    FSDP module (``set_custom_reduce_scatter``), and for HSDP (a 2-D mesh) it
+    also counts each all-reduce across replicas (``set_all_reduce_hook``;
+    FSDP2 skips a reduce-scatter over a shard group of one). Create it before
+    the first forward pass. Parameter all-gathers (FSDP2's forward) are not gradient
     traffic and are not counted.
 
     Attributes:
-        calls: Gradient reductions so far (DDP buckets or FSDP reduce-scatters).
+        calls: Gradient reductions so far (DDP buckets, FSDP2 reduce-scatters, HSDP all-reduces).
         bytes: Bytes of gradients sent into those reductions.
 
     Example:
@@ -45,6 +47,8 @@ class GradientTraffic:
         for module in model.modules():
             if hasattr(type(module), "set_custom_reduce_scatter"):
                 module.set_custom_reduce_scatter(_CountingReduceScatter(self))  # type: ignore[operator]
+                if _hybrid_sharded(module):  # HSDP: the all-reduce across replicas, after the reduce-scatter
+                    module.set_all_reduce_hook(self.count)  # type: ignore[operator]
 
     def count(self, tensor: torch.Tensor) -> None:
         """Count one reduction of ``tensor``."""
@@ -59,6 +63,12 @@ class GradientTraffic:
 
     def __repr__(self) -> str:
         return f"GradientTraffic(calls={self.calls}, bytes={self.bytes})"
+
+
+def _hybrid_sharded(module: nn.Module) -> bool:
+    """Whether an FSDP2 module shards over a 2-D mesh (HSDP: replicate x shard)."""
+    meshes = (getattr(param, "device_mesh", None) for param in module.parameters())
+    return any(mesh is not None and mesh.ndim == 2 for mesh in meshes)
 
 
 class _CountingReduceScatter:

@@ -15,6 +15,7 @@ from typing import Any
 import ignite.distributed as idist
 import torch
 from ignite.engine import Engine
+from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.optim import ZeroRedundancyOptimizer
 from torch.nn.parallel import DistributedDataParallel
@@ -101,6 +102,41 @@ def fsdp2_clipping(clip_grad: dict[str, Any]) -> dict[str, Any]:
         if wrapper.inner_count % ACCUMULATE == 0 and wrapper.grad_norm is not None:
             norms.append(wrapper.grad_norm)
     return {"params": params_of(model), "norms": norms, "norm_types": sorted({type(norm).__name__ for norm in norms})}
+
+
+def sharded_accumulation(hybrid: bool, each_micro_step: bool) -> dict[str, Any]:
+    """FSDP2, or HSDP (replicate 2 x shard 1), through the wrapper: reduced once per window or every micro-step."""
+    model = make_model()
+    mesh = init_device_mesh("cpu", (2, 1), mesh_dim_names=("replicate", "shard")) if hybrid else None
+    fully_shard(model, mesh=mesh)
+    traffic = GradientTraffic(model)
+    optimizer = OPTIMIZERS["sgd_momentum"](model.parameters())
+    wrapper = OptimWrapper(optimizer, accumulative_counts=ACCUMULATE, sync_each_micro_step=each_micro_step)
+    for x, y in my_share(global_batches()):
+        with wrapper.optim_context(model):
+            loss = loss_fn(model(x), y)
+        wrapper.update_params(loss)
+    return {"calls": traffic.calls, "bytes": traffic.bytes, "params": params_of(model)}
+
+
+def hsdp_without_sync_avoidance() -> dict[str, Any]:
+    """Control: HSDP accumulation written without the flags all-reduces on every micro-step."""
+    model = make_model()
+    fully_shard(model, mesh=init_device_mesh("cpu", (2, 1), mesh_dim_names=("replicate", "shard")))
+    traffic = GradientTraffic(model)
+    for x, y in my_share(global_batches()):
+        (loss_fn(model(x), y) / ACCUMULATE).backward()
+    return {"calls": traffic.calls}
+
+
+def ddp_each_micro_step() -> dict[str, Any]:
+    """DDP through the trainer with sync_each_micro_step: every micro-step all-reduces."""
+    model = DistributedDataParallel(make_model())
+    traffic = GradientTraffic(model)
+    optimizer = OPTIMIZERS["sgd_momentum"](model.parameters())
+    wrapper = OptimWrapper(optimizer, accumulative_counts=ACCUMULATE, sync_each_micro_step=True)
+    create_trainer(model, wrapper, loss_fn).run(my_share(global_batches()))
+    return {"calls": traffic.calls, "params": params_of(model)}
 
 
 def fsdp2_without_sync_avoidance() -> dict[str, Any]:
@@ -252,6 +288,11 @@ def scenarios(local_rank: int, out: str) -> None:
         "ddp_control": ddp_without_sync_avoidance(),
         "fsdp2": fsdp2_with_wrapper(),
         "fsdp2_control": fsdp2_without_sync_avoidance(),
+        "hsdp": sharded_accumulation(hybrid=True, each_micro_step=False),
+        "hsdp_control": hsdp_without_sync_avoidance(),
+        "fsdp2_each_micro_step": sharded_accumulation(hybrid=False, each_micro_step=True),
+        "hsdp_each_micro_step": sharded_accumulation(hybrid=True, each_micro_step=True),
+        "ddp_each_micro_step": ddp_each_micro_step(),
         "fsdp2_clip_norm": fsdp2_clipping({"max_norm": CLIP_NORM}),
         "fsdp2_clip_value": fsdp2_clipping({"type": "value", "clip_value": CLIP_VALUE}),
         "uneven": uneven_data(),

@@ -97,6 +97,23 @@ def test_fsdp2_reduces_gradients_once_per_window(ranks):
     assert_ranks_match_one_process(ranks, "fsdp2", expected)
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("key", "reductions"),
+    [
+        ("hsdp", ITERATIONS // ACCUMULATE),  # all-reduced across replicas once per window
+        ("fsdp2_each_micro_step", ITERATIONS),  # reduce-scattered every micro-step: sharded, less memory
+        ("hsdp_each_micro_step", ITERATIONS // ACCUMULATE),  # all-reduce still once per window (shard group of 1)
+        ("ddp_each_micro_step", ITERATIONS),
+    ],
+)
+def test_every_sharding_reduces_as_configured_and_trains_as_one_process(ranks, key, reductions):
+    for rank in ranks:
+        assert rank[key]["calls"] == reductions
+    assert [rank["hsdp_control"]["calls"] for rank in ranks] == [ITERATIONS, ITERATIONS]
+    assert_ranks_match_one_process(ranks, key, single_process(global_batches(), Plan(accumulate=ACCUMULATE)))
+
+
 def single_process_norms(batches, accumulate, max_norm):
     """The plain loop with norm clipping, written out: each window's total gradient norm before clipping."""
     model, norms = make_model(), []
@@ -245,6 +262,40 @@ def test_the_command_runs_under_torchrun(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "trained classifier to epoch 1 (64 iterations)" in result.stdout and "on 2 processes" in result.stdout
     assert result.stdout.count("engine-opt: trained") == 1  # rank 0 alone prints the summary
+
+
+def torchrun_node(cwd, node_rank, port, *options):
+    """One node of a 2-node ``torchrun`` launch on this machine: 2 ranks, meeting the other node at 127.0.0.1:port."""
+    cwd.mkdir()
+    launch = ["-m", "torch.distributed.run", "--nnodes", "2", "--node-rank", str(node_rank), "--nproc-per-node", "2"]
+    rendezvous = ["--master-addr", "127.0.0.1", "--master-port", port]
+    argv = [sys.executable, *launch, *rendezvous, "-m", "engine_opt", "train", "--no-progress", *options]
+    return subprocess.Popen(argv, cwd=cwd, env=environment(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+@pytest.mark.slow
+def test_two_nodes_of_two_ranks_under_torchrun_train_as_four_processes_on_one_node(tmp_path):
+    options = ["--epochs", "1", "--accumulate", "2", "--checkpoint-every", "32"]
+    port = environment()["MASTER_PORT"]
+    nodes = [torchrun_node(tmp_path / f"node{rank}", rank, port, *options) for rank in (0, 1)]
+    outputs = [node.communicate(timeout=600) for node in nodes]
+    for node, (_, err) in zip(nodes, outputs, strict=True):
+        assert node.returncode == 0, err[-3000:]
+    assert "trained classifier to epoch 1 (64 iterations)" in outputs[0][0] and "on 4 processes" in outputs[0][0]
+    assert outputs[1][0] == ""  # global rank 0, on node 0, alone reports and writes
+    assert not (tmp_path / "node1" / "runs").exists()
+    one_node = run_python(["-m", "engine_opt", "train", "--no-progress", "--nproc-per-node", "4", *options], tmp_path)
+    assert one_node.returncode == 0, one_node.stderr[-3000:]
+    checkpoints = Path("runs") / "classifier" / "checkpoints" / "checkpoint_64.pt"
+    two_nodes = torch.load(tmp_path / "node0" / checkpoints, weights_only=True)
+    expected = torch.load(tmp_path / checkpoints, weights_only=True)
+    for key in ("model", "optim_wrapper", "trainer"):  # the same 4 ranks on the same global batches
+        assert_same_tensors(two_nodes[key], expected[key], key)
+    assert (two_nodes["data"]["position"], two_nodes["data"]["passes"]) == (64, 1)
+    assert len(two_nodes["data"]["ranks"]) == len(expected["data"]["ranks"]) == 4
+    for saved, wanted in zip(two_nodes["data"]["ranks"], expected["data"]["ranks"], strict=True):
+        for stream in ("torch", "python"):  # NumPy's, which the tasks do not use, starts unseeded
+            assert_same_tensors(saved["rng"][stream], wanted["rng"][stream], stream)
 
 
 @contextlib.contextmanager

@@ -374,6 +374,7 @@ def a_data_position_past_the_datas_end() -> None:
 CASES = [
     Case("constructor", "`OptimWrapper(model)` (a module, not an optimizer)", lambda: OptimWrapper(make_model()), "Sequential"),
     Case("constructor", "`OptimWrapper(opt, accumulative_counts=0)`", lambda: OptimWrapper(sgd(), accumulative_counts=0), "accumulative_counts"),
+    Case("constructor", "`OptimWrapper(opt, sync_each_micro_step='yes')`", lambda: OptimWrapper(sgd(), sync_each_micro_step="yes"), "sync_each_micro_step"),
     Case("constructor", "`OptimWrapper(opt, accumulative_counts=2.5)`", lambda: OptimWrapper(sgd(), accumulative_counts=2.5), "2.5"),
     Case("constructor", "`OptimWrapper(opt, clip_grad={'max_norm': 1, 'typ': 'norm'})`", lambda: OptimWrapper(sgd(), clip_grad={"max_norm": 1, "typ": "norm"}), "typ"),
     Case("constructor", "`OptimWrapper(opt, clip_grad={'type': 'value'})`", lambda: OptimWrapper(sgd(), clip_grad={"type": "value"}), "clip_value"),

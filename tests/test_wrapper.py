@@ -338,14 +338,19 @@ def test_failed_load_leaves_the_wrapper_as_it_was(case):
     assert_same_tensors(wrapper.state_dict(), before)
 
 
-def test_optim_context_skips_ddp_gradient_sync_mid_window():
-    """A real single-process DDP (gloo): no_sync is entered exactly on micro-steps that do not end a window."""
+@pytest.mark.parametrize(
+    ("each_micro_step", "expected"), [(False, [False, False, True, False, True]), (True, [True] * 5)]
+)
+def test_optim_context_skips_ddp_gradient_sync_mid_window(each_micro_step, expected):
+    """A real single-process DDP (gloo): no_sync is entered exactly on micro-steps that do not end a window
+    (on none with sync_each_micro_step)."""
     with tempfile.TemporaryDirectory() as folder:
         store = dist.FileStore(os.path.join(folder, "store"), 1)
         dist.init_process_group("gloo", store=store, rank=0, world_size=1)
         try:
             model = nn.parallel.DistributedDataParallel(make_model())
-            wrapper = OptimWrapper(torch.optim.SGD(model.parameters(), lr=0.1), accumulative_counts=3)
+            optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+            wrapper = OptimWrapper(optimizer, accumulative_counts=3, sync_each_micro_step=each_micro_step)
             wrapper.initialize_count_status(model, 0, 5)
             flags = []
             for x, y in make_batches(5):
@@ -353,7 +358,7 @@ def test_optim_context_skips_ddp_gradient_sync_mid_window():
                     flags.append(model.require_backward_grad_sync)
                     loss = loss_fn(model(x), y)
                 wrapper.update_params(loss)
-            assert flags == [False, False, True, False, True]
+            assert flags == expected
         finally:
             dist.destroy_process_group()
 

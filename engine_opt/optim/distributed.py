@@ -135,16 +135,22 @@ def replicated_value(value: torch.Tensor) -> torch.Tensor:
     return value if full_tensor is None else full_tensor()
 
 
-def grad_sync_context(model: nn.Module, sync: bool) -> contextlib.AbstractContextManager[None]:
-    """The context that stops gradient all-reduce for ``model`` when ``sync`` is False.
+def grad_sync_context(
+    model: nn.Module, sync: bool, each_micro_step: bool = False
+) -> contextlib.AbstractContextManager[None]:
+    """The context that stops gradient reduction for ``model`` when ``sync`` is False.
 
-    FSDP2 decides during the backward, so its flag is set now and outlives
-    the forward; DDP decides during the forward, inside ``no_sync()``.
-    Looked up on the class: ``nn.Module.__getattr__`` is slow for missing names.
+    FSDP2 decides during the backward, so its flags are set now and outlive
+    the forward; DDP decides during the forward, inside ``no_sync()``. With
+    ``each_micro_step`` gradients are reduced anyway, and HSDP's all-reduce
+    across replicas waits for ``sync``. Looked up on the class:
+    ``nn.Module.__getattr__`` is slow for missing names.
     """
     if hasattr(type(model), "set_requires_gradient_sync"):
-        model.set_requires_gradient_sync(sync)  # type: ignore[operator]
+        model.set_requires_gradient_sync(sync or each_micro_step)  # type: ignore[operator]
+        if each_micro_step:
+            model.set_requires_all_reduce(sync)  # type: ignore[operator]
         return NO_CONTEXT
-    if not sync and hasattr(type(model), "no_sync"):
+    if not (sync or each_micro_step) and hasattr(type(model), "no_sync"):
         return model.no_sync()  # type: ignore[operator,no-any-return]
     return NO_CONTEXT

@@ -175,6 +175,11 @@ class OptimWrapper(torch.optim.Optimizer):
             norm_type=2)`` for ``clip_grad_norm_``, or
             ``dict(type='value', clip_value=0.5)`` for ``clip_grad_value_``.
             Gradients are clipped once per window, just before the step.
+        sync_each_micro_step: In a distributed run, reduce the gradients on
+            every micro-step rather than once per window (``optim_context``):
+            more traffic, less memory where the model is sharded (FSDP2 keeps
+            reduced gradients sharded; HSDP reduce-scatters every micro-step
+            and all-reduces across replicas once per window).
 
     Attributes:
         optimizer: The wrapped optimizer.
@@ -206,6 +211,8 @@ class OptimWrapper(torch.optim.Optimizer):
         optimizer: torch.optim.Optimizer,
         accumulative_counts: int = 1,
         clip_grad: Mapping[str, Any] | None = None,
+        *,
+        sync_each_micro_step: bool = False,
     ) -> None:
         # torch.optim.Optimizer.__init__ is deliberately not run: the wrapper holds no parameters of its own.
         if isinstance(optimizer, OptimWrapper):
@@ -227,6 +234,9 @@ class OptimWrapper(torch.optim.Optimizer):
         self.optimizer = optimizer
         self.loss_scaler: torch.amp.GradScaler | None = None
         self._accumulative_counts = checks.positive_int("accumulative_counts", accumulative_counts)
+        if not isinstance(sync_each_micro_step, bool):
+            raise TypeError(f"sync_each_micro_step must be True or False, got {checks.describe(sync_each_micro_step)}")
+        self.sync_each_micro_step = sync_each_micro_step
         self._clipper = GradClipper.parse(clip_grad)
         self.clip_grad_kwargs: dict[str, Any] | None = None if self._clipper is None else dict(self._clipper.kwargs)
         # each group's lr before any schedule, for get_lr()'s base_lr where no scheduler recorded 'initial_lr'
@@ -322,10 +332,12 @@ class OptimWrapper(torch.optim.Optimizer):
 
         On micro-steps that do not end a window it stops gradient
         synchronisation: ``no_sync()`` for DDP, and
-        ``set_requires_gradient_sync(False)`` for FSDP2, which stays set through
-        the backward that follows.
+        ``set_requires_gradient_sync(False)`` for FSDP2 and HSDP, which stays
+        set through the backward that follows. With ``sync_each_micro_step``
+        every micro-step reduces (HSDP: all-reduces across replicas only at
+        the window's end, ``set_requires_all_reduce``).
         """
-        return distributed.grad_sync_context(model, self.should_sync())
+        return distributed.grad_sync_context(model, self.should_sync(), self.sync_each_micro_step)
 
     # ------------------------------------------------------------------ one update
 
@@ -929,8 +941,11 @@ class OptimWrapper(torch.optim.Optimizer):
         optimizer = repr(self.optimizer).replace("\n", "\n  ")
         return (
             f"{type(self).__name__}(\n  accumulative_counts={self._accumulative_counts},\n"
-            f"  clip_grad={clip},\n{self._extra_repr()}  optimizer={optimizer},\n)"
+            f"  clip_grad={clip},\n{self._sync_repr()}{self._extra_repr()}  optimizer={optimizer},\n)"
         )
+
+    def _sync_repr(self) -> str:
+        return "  sync_each_micro_step=True,\n" if self.sync_each_micro_step else ""
 
     def _extra_repr(self) -> str:
         return ""
