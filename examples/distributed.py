@@ -2,7 +2,8 @@
 
 python examples/distributed.py CHECKPOINT_DIR                 # 2 processes on CPU (gloo)
 python examples/distributed.py CHECKPOINT_DIR --nproc 1       # the same code in one process
-torchrun --nproc-per-node 2 examples/distributed.py CHECKPOINT_DIR --nproc 0   # started by torchrun
+torchrun --nproc-per-node 2 examples/distributed.py CHECKPOINT_DIR      # started by torchrun
+torchrun --nnodes 2 --node-rank R --master-addr HOST --nproc-per-node 2 examples/distributed.py CHECKPOINT_DIR
 
 Each rank trains on its share of every batch (a DistributedSampler); the
 wrapper skips DDP's gradient all-reduce on the micro-steps inside each window
@@ -11,6 +12,7 @@ of 4; rank 0 writes the checkpoints, every rank reads them when resuming.
 
 import argparse
 import gc
+import os
 
 import ignite.distributed as idist
 import torch
@@ -48,10 +50,11 @@ def training(local_rank: int, checkpoint_dir: str) -> None:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description="Data-parallel training through ignite.distributed.")
     parser.add_argument("checkpoint_dir", help="where the checkpoints go (required; run again to resume)")
-    parser.add_argument("--nproc", type=int, default=2, help="processes to spawn (0: started by torchrun)")
+    parser.add_argument("--nproc", type=int, default=2, help="processes to spawn (none under torchrun)")
     args = parser.parse_args()
-    if args.nproc == 1:
+    under_torchrun = "WORLD_SIZE" in os.environ  # torchrun started this process as one of the ranks
+    if args.nproc == 1 and not under_torchrun:
         training(0, args.checkpoint_dir)
     else:
-        with idist.Parallel(backend="gloo", nproc_per_node=args.nproc or None) as parallel:
+        with idist.Parallel(backend="gloo", nproc_per_node=None if under_torchrun else args.nproc) as parallel:
             parallel.run(training, args.checkpoint_dir)

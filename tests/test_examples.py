@@ -156,6 +156,30 @@ def test_distributed_example_reduces_once_per_window_in_two_processes(tmp_path):
     assert one.stdout.splitlines()[-1] == "1 process(es): 16 iterations, 4 updates, 0 gradient reductions"
 
 
+@pytest.mark.slow
+def test_distributed_example_runs_on_two_nodes_under_torchrun(tmp_path):
+    """Two node processes of one rank each, meeting on this machine; the checkpoints on a disk both share."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = str(sock.getsockname()[1])
+    rendezvous = ["--nnodes", "2", "--nproc-per-node", "1", "--master-addr", "127.0.0.1", "--master-port", port]
+    example = [str(EXAMPLES / "distributed.py"), str(tmp_path / "checkpoints")]
+    nodes = [
+        subprocess.Popen(
+            [sys.executable, "-m", "torch.distributed.run", *rendezvous, "--node-rank", str(rank), *example],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for rank in (0, 1)
+    ]
+    outputs = [node.communicate(timeout=300) for node in nodes]
+    for node, (_, err) in zip(nodes, outputs, strict=True):
+        assert node.returncode == 0, err[-3000:]
+    assert outputs[0][0].splitlines()[-1] == "2 process(es): 16 iterations, 4 updates, 4 gradient reductions"
+    assert outputs[1][0] == ""
+
+
 def test_sections_5_and_6_say_why_their_numbers_differ(capsys):
     _, out = run("tutorial_5_pytorch_amp_accumulation", capsys)
     assert "section 6 prints other numbers" in out
