@@ -75,6 +75,17 @@ def optimizer_state_dict(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     return state
 
 
+def state_holder(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    """The optimizer whose ``state`` holds the parameters' state: a ``ZeroRedundancyOptimizer``'s local one.
+
+    Example:
+        >>> sgd = torch.optim.SGD([torch.nn.Parameter(torch.ones(1))], lr=0.1)
+        >>> state_holder(sgd) is sgd
+        True
+    """
+    return optimizer.optim if _is_zero(optimizer) else optimizer  # type: ignore[attr-defined]
+
+
 def _is_zero(optimizer: torch.optim.Optimizer) -> bool:
     try:
         from torch.distributed.optim import ZeroRedundancyOptimizer

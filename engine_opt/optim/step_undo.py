@@ -4,9 +4,12 @@ An optimizer cannot be told to skip its step by a tensor it does not read
 (only the fused ones take a ``found_inf``). So the parameters the step will
 change and their optimizer state are copied before it, and put back after it
 with ``torch.where(flag, before, after)``: for a false flag the step stands,
-for a true one it never happened, and the host waits for neither. What the
-device cannot put back (state a step creates, values kept as Python numbers)
-is handled on the host, the only case that reads the flag.
+for a true one it never happened, and the host waits for neither. A state
+tensor the step updated in place is written back in place; one it replaced
+is replaced by the result. What the device cannot choose between (state the
+step creates or removes, values that are not tensors, tensors nested in
+containers) is put back on the host, the only case that reads the flag. A
+``ZeroRedundancyOptimizer``'s state is its local optimizer's.
 
 Example:
     >>> import torch
@@ -22,9 +25,12 @@ Example:
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import torch
+
+from .distributed import state_holder
 
 
 class StepUndo:
@@ -35,38 +41,58 @@ class StepUndo:
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer) -> None:
-        self.optimizer = optimizer
-        self.saved: list[tuple[torch.Tensor, torch.Tensor]] = []
-        self.fresh: list[torch.Tensor] = []  # parameters without optimizer state yet (the step may create it)
-        self.host_values: list[tuple[dict[str, Any], str, Any]] = []  # state values that are not tensors
+        self.state = state_holder(optimizer).state
+        self.params: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.states: dict[torch.Tensor, dict[str, Any]] = {}  # each parameter's state entries, as before the step
         for group in optimizer.param_groups:
             for param in group["params"]:
                 if param.grad is not None:
-                    self._save(param)
-
-    def _save(self, param: torch.Tensor) -> None:
-        self.saved.append((param, param.detach().clone()))
-        state = self.optimizer.state.get(param)
-        if not state:
-            self.fresh.append(param)
-            return
-        for key, value in state.items():
-            if isinstance(value, torch.Tensor):
-                self.saved.append((value, value.detach().clone()))
-            else:
-                self.host_values.append((state, key, value))
+                    self.params.append((param, param.detach().clone()))
+                    self.states[param] = {key: _saved(value) for key, value in self.state.get(param, {}).items()}
 
     def where(self, flag: torch.Tensor) -> None:
-        """After the step: put every saved tensor back where ``flag`` (a one-element bool tensor) is true."""
+        """After the step: put back every saved value where ``flag`` (a one-element bool tensor) is true."""
         with torch.no_grad():
-            for live, before in self.saved:
-                live.copy_(torch.where(flag.to(live.device), before, live))
-        created = [param for param in self.fresh if self.optimizer.state.get(param)]
-        if (created or self.host_values) and bool(flag):  # rare: what the device cannot restore
-            for param in created:
-                self.optimizer.state.pop(param, None)
-            for state, key, value in self.host_values:
-                state[key] = value
+            for param, before in self.params:
+                param.copy_(torch.where(flag.to(param.device), before, param))
+            on_host = [
+                param for param, entries in self.states.items() if not self._undo_on_device(param, entries, flag)
+            ]
+        if on_host and bool(flag):  # rare: what the device cannot choose between
+            for param in on_host:
+                self._restore(param, self.states[param])
+
+    def _undo_on_device(self, param: torch.Tensor, entries: dict[str, Any], flag: torch.Tensor) -> bool:
+        """Choose ``param``'s state tensors on the device; False if anything is left for the host."""
+        live = self.state.get(param, {})
+        if live.keys() != entries.keys():  # the step created or removed state
+            return False
+        for key, (original, before) in entries.items():
+            if before is None:
+                return False
+            after = live[key]
+            if not isinstance(after, torch.Tensor) or after.shape != before.shape:
+                return False
+            chosen = torch.where(flag.to(after.device), before, after)
+            if after is original:
+                after.copy_(chosen)
+            else:  # the step replaced the tensor
+                live[key] = chosen
+        return True
+
+    def _restore(self, param: torch.Tensor, entries: dict[str, Any]) -> None:
+        restored = {key: original if before is None else before for key, (original, before) in entries.items()}
+        if restored:
+            self.state[param] = restored
+        else:
+            self.state.pop(param, None)
+
+
+def _saved(value: Any) -> tuple[Any, torch.Tensor | None]:
+    """``(value, a clone of it)`` for a tensor; ``(a deep copy, None)`` for anything else (restored on the host)."""
+    if isinstance(value, torch.Tensor):
+        return value, value.detach().clone()
+    return copy.deepcopy(value), None
 
 
 __all__ = ["StepUndo"]

@@ -491,8 +491,11 @@ class OptimWrapper(torch.optim.Optimizer):
         step is skipped where it is true without the host reading it: the
         optimizer steps, and the parameters and optimizer state it changed are
         put back on the device (``StepUndo``). The step counts as skipped
-        (on the device) and the gradient norm stays the last applied one, as
-        for a float16 step the scaler skips. Several calls: skipped if any says so.
+        (on the device) and the gradient norm stays the last applied one
+        (``nan`` before any), as for a float16 step the scaler skips. The step
+        is prepared as usual, clipping included (so ``error_if_nonfinite``
+        still raises on a non-finite norm). In a distributed run the flag must
+        be the same on every rank. Several calls: skipped if any says so.
 
         Raises:
             RuntimeError: When called outside a ``BEFORE_OPTIM_STEP`` hook.
@@ -659,7 +662,7 @@ class OptimWrapper(torch.optim.Optimizer):
 
     @property
     def step_was_skipped(self) -> bool:
-        """Whether the last window's step applied no update (non-finite fp16 gradients).
+        """Whether the last window's step applied no update (non-finite fp16 gradients, or cancelled).
 
         Reading it waits for the device.
         """
@@ -932,6 +935,7 @@ class OptimWrapper(torch.optim.Optimizer):
     def __setstate__(self, state: dict[str, Any]) -> None:
         """Restore the copy, sharing its optimizer's hook tables (the copied optimizer has fresh ones, as torch's)."""
         self.__dict__.update(state)
+        self.__dict__.setdefault("sync_each_micro_step", False)  # pickled before the option existed
         for table in _OPTIMIZER_HOOK_TABLES:
             if hasattr(self.optimizer, table):
                 setattr(self, table, getattr(self.optimizer, table))
