@@ -345,11 +345,11 @@ def rank_processes(launcher_pid):
     return sorted(ranks)
 
 
-def assert_stopped_by_sigint_with_a_checkpoint(launcher, cwd):
+def assert_stopped_with_a_checkpoint(launcher, cwd, name="SIGINT"):
     _, err = launcher.communicate(timeout=120)
-    assert launcher.returncode == 130, err[-2000:]
+    assert launcher.returncode == 128 + signal.Signals[name], err[-2000:]
     line = [line for line in err.splitlines() if line.startswith("engine-opt:")]
-    assert len(line) == 1 and "stopped by SIGINT at iteration" in line[0] and "Traceback" not in err, err[-2000:]
+    assert len(line) == 1 and f"stopped by {name} at iteration" in line[0] and "Traceback" not in err, err[-2000:]
     assert " INFO: " not in err  # no launcher dumps without --verbose
     assert "Terminating process" not in err  # the ranks ended together: none was killed for ending first
     stopped_at = int(line[0].split(" at iteration ")[1].split(";")[0])
@@ -362,7 +362,14 @@ def assert_stopped_by_sigint_with_a_checkpoint(launcher, cwd):
 def test_ctrl_c_stops_every_rank_at_the_same_iteration_with_a_checkpoint(tmp_path):
     with two_process_run(tmp_path) as launcher:
         os.killpg(launcher.pid, signal.SIGINT)
-        assert assert_stopped_by_sigint_with_a_checkpoint(launcher, tmp_path) >= 50
+        assert assert_stopped_with_a_checkpoint(launcher, tmp_path) >= 50
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_launcher_alone_stops_every_rank_with_a_checkpoint(tmp_path):
+    with two_process_run(tmp_path) as launcher:
+        os.kill(launcher.pid, signal.SIGTERM)  # as kill PID or a supervisor does: the ranks do not receive it
+        assert assert_stopped_with_a_checkpoint(launcher, tmp_path, "SIGTERM") >= 50
 
 
 @pytest.mark.slow
@@ -370,7 +377,7 @@ def test_ctrl_c_while_the_ranks_start_is_not_lost_it_stops_them_at_the_first_ite
     with two_process_run(tmp_path, epochs=3, started=lambda launcher: len(rank_processes(launcher.pid)) == 2) as run:
         time.sleep(0.5)  # the ranks import for seconds yet; the launcher notes SIGINT for them within milliseconds
         os.killpg(run.pid, signal.SIGINT)  # the ranks ignore it while they start; the launcher notes it for them
-        assert assert_stopped_by_sigint_with_a_checkpoint(run, tmp_path) == 1
+        assert assert_stopped_with_a_checkpoint(run, tmp_path) == 1
 
 
 @pytest.mark.slow

@@ -1,10 +1,12 @@
-"""engine_opt.app.launcher: spawned ranks ignore SIGINT while they start; the launcher notes it for them."""
+"""engine_opt.app.launcher: spawned ranks ignore SIGINT while they start; the launcher notes signals for them."""
 
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import os
 import signal
+import time
 
 import pytest
 from torch.multiprocessing.spawn import ProcessExitedException
@@ -12,25 +14,72 @@ from torch.multiprocessing.spawn import ProcessExitedException
 from engine_opt.app.launcher import RankLink, launch_ranks
 
 
-def interrupt_the_launcher(local_rank: int, args: argparse.Namespace, link: RankLink) -> None:
-    """Each rank records its SIGINT disposition, sends SIGINT to the launcher, waits to be told, leaves 130."""
+def wait_for_request(link: RankLink) -> int:
+    deadline = time.monotonic() + 60
+    while not link.requested.value:
+        if time.monotonic() > deadline:
+            raise RuntimeError("the launcher never noted a signal")
+        time.sleep(0.01)
+    return link.requested.value
+
+
+def signal_the_launcher(local_rank: int, args: argparse.Namespace, link: RankLink) -> None:
+    """Each rank records its SIGINT disposition, signals the launcher, waits to be told, leaves 128 + the number."""
     (args.out / f"rank{local_rank}").write_text(str(signal.getsignal(signal.SIGINT) is signal.SIG_IGN))
-    os.kill(os.getppid(), signal.SIGINT)
-    if not link.stop.wait(timeout=60):
-        raise RuntimeError("the launcher never set stop")
-    link.status.value = 130
+    if local_rank == 0:
+        os.kill(os.getppid(), args.number)
+    link.status.value = 128 + wait_for_request(link)
 
 
 def fail(local_rank: int, args: argparse.Namespace, link: RankLink) -> None:
     raise SystemExit(3 + local_rank)
 
 
+def start_forever(local_rank: int, args: argparse.Namespace, link: RankLink) -> None:
+    """A rank that never reaches training (as one waiting for a peer): only being terminated ends it."""
+    (args.out / f"rank{local_rank}").write_text("started")
+    if local_rank == 0:
+        os.kill(os.getppid(), signal.SIGINT)
+        time.sleep(0.5)
+        os.kill(os.getppid(), signal.SIGINT)  # a second Ctrl-C: the ranks are terminated
+    time.sleep(120)
+
+
+def sleep_forever() -> None:
+    time.sleep(120)
+
+
 @pytest.mark.slow
-def test_ranks_start_ignoring_sigint_which_the_launcher_notes_and_their_status_is_returned(tmp_path):
-    previous = signal.getsignal(signal.SIGINT)
-    assert launch_ranks(interrupt_the_launcher, argparse.Namespace(out=tmp_path), "gloo", 2) == 130
+@pytest.mark.parametrize("number", [signal.SIGINT, signal.SIGTERM])
+def test_ranks_start_ignoring_sigint_and_the_launcher_notes_a_signal_and_returns_their_status(tmp_path, number):
+    previous = [signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)]
+    namespace = argparse.Namespace(out=tmp_path, number=number)
+    assert launch_ranks(signal_the_launcher, namespace, "gloo", 2) == 128 + number
     assert [(tmp_path / f"rank{rank}").read_text() for rank in (0, 1)] == ["True", "True"]
-    assert signal.getsignal(signal.SIGINT) is previous  # put back
+    assert [signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)] == previous  # put back
+
+
+@pytest.mark.slow
+def test_other_children_of_the_caller_are_not_taken_for_ranks(tmp_path):
+    """The SIGINT disposition is switched only once the ranks themselves run, whatever else the caller runs."""
+    other = multiprocessing.get_context("spawn").Process(target=sleep_forever, daemon=True)
+    other.start()
+    try:
+        namespace = argparse.Namespace(out=tmp_path, number=signal.SIGINT)
+        assert launch_ranks(signal_the_launcher, namespace, "gloo", 2) == 130
+        assert [(tmp_path / f"rank{rank}").read_text() for rank in (0, 1)] == ["True", "True"]
+        assert other.is_alive()  # and it is left alone
+    finally:
+        other.kill()
+
+
+@pytest.mark.slow
+def test_a_second_ctrl_c_terminates_ranks_that_never_reach_training(tmp_path):
+    start = time.monotonic()
+    with pytest.raises(ProcessExitedException) as ended:
+        launch_ranks(start_forever, argparse.Namespace(out=tmp_path), "gloo", 2)
+    assert ended.value.signal_name == "SIGTERM"
+    assert time.monotonic() - start < 60
 
 
 @pytest.mark.slow

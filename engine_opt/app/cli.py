@@ -226,7 +226,7 @@ def _launch(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
 def _worker(local_rank: int, args: argparse.Namespace, link: RankLink | None) -> None:
     """One rank of a distributed run: a signal's status left to the launcher that spawned it, any other exits."""
     with _quiet_unless_verbose(args):
-        status = _run(args, None if link is None else link.stop)
+        status = _run(args, None if link is None else link.requested)
     # The run's objects (DDP's reducer among them) sit in reference cycles; free them while the process
     # group still exists, or its threads are torn down at interpreter exit and the process aborts.
     gc.collect()

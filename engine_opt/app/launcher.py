@@ -3,20 +3,23 @@
 A terminal's Ctrl-C reaches the launcher and every rank. The ranks must stop
 together at an iteration's end with a checkpoint (``StopOnSignal``), so none
 may die of it while it starts: they are spawned while the launcher ignores
-SIGINT, and inherit that. Once they exist the launcher notes SIGINT in an
-event the ranks read at each iteration's end, so a Ctrl-C while they import,
-build and resume is not lost. The launcher waits for the ranks either way.
-Ranks that stopped together on a signal end normally and leave the exit
-status (130, 143) to the launcher: none ends first and has the others
-terminated before rank 0 has reported.
+SIGINT, and inherit that. Once they exist the launcher notes SIGINT, and
+SIGTERM (sent to it alone, by ``kill`` or a supervisor), in a shared number
+the ranks read at each iteration's end, so a signal while they import, build
+and resume is not lost, and the launcher waits for them to stop. A second
+Ctrl-C sends the ranks SIGTERM (a rank still starting ends; one training
+stops at the iteration's end as before), a third kills them. Ranks that
+stopped together on a signal end normally and leave its exit status (130,
+143) to the launcher: none ends first and has the others terminated before
+rank 0 has reported.
 
 Example:
     >>> import multiprocessing
-    >>> stop = multiprocessing.get_context("spawn").Event()
-    >>> previous = signal.signal(signal.SIGINT, _noting(stop))
+    >>> link = RankLink.create()
+    >>> previous = signal.signal(signal.SIGINT, _StopRequests(link, ranks=[]))
     >>> signal.raise_signal(signal.SIGINT)
-    >>> stop.is_set()
-    True
+    >>> signal.Signals(link.requested.value).name
+    'SIGINT'
     >>> _ = signal.signal(signal.SIGINT, previous)
 """
 
@@ -27,26 +30,34 @@ import multiprocessing
 import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from multiprocessing.sharedctypes import Synchronized
-from multiprocessing.synchronize import Event
+from multiprocessing.process import BaseProcess
 from types import FrameType
 
 from ignite.distributed.launcher import Parallel
 
+from .signals import StopRequest
+
 
 @dataclass(frozen=True)
 class RankLink:
-    """What the launcher shares with the ranks it spawns.
+    """What the launcher shares with the ranks it spawns: two integers in shared memory.
 
     Attributes:
-        stop: Set by the launcher when it receives SIGINT; the ranks stop at their next iteration's end.
+        requested: The number of the signal the launcher received (0: none); the ranks stop at their next
+            iteration's end.
         status: The exit status of a run the ranks stopped together on a signal (130, 143); else 0.
     """
 
-    stop: Event
-    status: Synchronized[int]
+    requested: StopRequest
+    status: StopRequest
+
+    @classmethod
+    def create(cls) -> RankLink:
+        """Two zeros in memory that ranks spawned from this process share."""
+        context = multiprocessing.get_context("spawn")
+        return cls(context.Value("i", 0, lock=False), context.Value("i", 0, lock=False))
 
 
 Worker = Callable[[int, argparse.Namespace, RankLink | None], None]
@@ -57,8 +68,7 @@ def launch_ranks(worker: Worker, args: argparse.Namespace, backend: str, process
 
     A rank's failure comes as Ignite's launch raises it (``ProcessExitedException``).
     """
-    context = multiprocessing.get_context("spawn")
-    link = RankLink(context.Event(), context.Value("i", 0))
+    link = RankLink.create()
     errors: list[BaseException] = []
 
     def launch() -> None:
@@ -69,29 +79,49 @@ def launch_ranks(worker: Worker, args: argparse.Namespace, backend: str, process
             errors.append(error)
 
     thread = threading.Thread(target=launch, name="engine-opt launcher")
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # inherited by the ranks spawned meanwhile
+    others = set(multiprocessing.active_children())
+    previous = {number: signal.getsignal(number) for number in (signal.SIGINT, signal.SIGTERM)}
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # inherited by the ranks spawned meanwhile
+    signal.signal(signal.SIGTERM, _StopRequests(link, ranks=[]))  # not inherited: theirs stays the default
     try:
         thread.start()
-        _wait_until_spawned(thread, processes)
-        signal.signal(signal.SIGINT, _noting(link.stop))
+        requests = _StopRequests(link, _spawned(thread, others, processes))
+        for number in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(number, requests)
         thread.join()
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for number, handler in previous.items():
+            signal.signal(number, handler)
     if errors:
         raise errors[0]
     return int(link.status.value)
 
 
-def _wait_until_spawned(thread: threading.Thread, processes: int) -> None:
-    """Return when ``processes`` children run (or the launch ended): their SIGINT disposition is set."""
-    while thread.is_alive() and len(multiprocessing.active_children()) < processes:
+def _spawned(thread: threading.Thread, others: set[BaseProcess], processes: int) -> list[BaseProcess]:
+    """The rank processes, once ``processes`` of them run (or the launch ended); ``others`` are not ranks."""
+    while True:
+        ranks = [child for child in multiprocessing.active_children() if child not in others]
+        if len(ranks) >= processes or not thread.is_alive():
+            return ranks
         time.sleep(0.005)
 
 
-def _noting(stop: Event) -> Callable[[int, FrameType | None], None]:
-    """A SIGINT handler that sets ``stop`` instead of raising ``KeyboardInterrupt``."""
+class _StopRequests:
+    """The launcher's handler: note the first signal for the ranks; on more Ctrl-Cs, terminate, then kill them."""
 
-    def note(number: int, frame: FrameType | None) -> None:
-        stop.set()
+    def __init__(self, link: RankLink, ranks: Sequence[BaseProcess]) -> None:
+        self.link = link
+        self.ranks = ranks
+        self.interrupts = 0
 
-    return note
+    def __call__(self, number: int, frame: FrameType | None) -> None:
+        if not self.link.requested.value:
+            self.link.requested.value = number
+        if number != signal.SIGINT:
+            return
+        self.interrupts += 1
+        for rank in self.ranks:
+            if self.interrupts == 2:
+                rank.terminate()
+            elif self.interrupts > 2:
+                rank.kill()

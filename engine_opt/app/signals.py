@@ -8,8 +8,8 @@ the ranks agree after every iteration (one all-reduce of one number, over a
 CPU ``gloo`` group: no GPU synchronisation), so all stop at the same one.
 The handlers are the command's own, installed for the run and put back after.
 Ranks spawned by the command start with SIGINT ignored; the launcher notes
-it for them (``requested``), so a Ctrl-C while they start is not lost: it
-stops the run at its first iteration's end.
+it (and a SIGTERM sent to it) for them (``requested``), so a Ctrl-C while
+they start is not lost: it stops the run at its first iteration's end.
 
 Example:
     >>> import signal
@@ -38,9 +38,9 @@ EXIT_STATUS = {"SIGINT": 130, "SIGTERM": 143}  # 128 + the signal's number, as s
 
 
 class StopRequest(Protocol):
-    """A flag another process sets (``multiprocessing.Event``): SIGINT came to the launcher."""
+    """An integer in memory another process shares (``multiprocessing.Value``): here, a signal's number or 0."""
 
-    def is_set(self) -> bool: ...
+    value: int
 
 
 class StopOnSignal:
@@ -48,7 +48,7 @@ class StopOnSignal:
 
     Args:
         trainer: The engine to stop.
-        requested: Set when the launcher of this rank received SIGINT; read at each iteration's end.
+        requested: The signal the launcher of this rank received (0: none); read at each iteration's end.
 
     Attributes:
         received: The name of the signal that stopped the run (``None`` if none did).
@@ -88,8 +88,8 @@ class StopOnSignal:
         self.received = signal.Signals(number).name
 
     def _stop_if_signalled(self, engine: Engine) -> None:
-        if self.received is None and self.requested is not None and self.requested.is_set():
-            self.received = "SIGINT"
+        if self.received is None and self.requested is not None and self.requested.value:
+            self.received = signal.Signals(self.requested.value).name
         received = self.received
         if self._group is not None:  # every rank learns what any rank received
             codes = torch.tensor([list(EXIT_STATUS).index(received) + 1 if received else 0])
