@@ -21,7 +21,14 @@ from torch.distributed.optim import ZeroRedundancyOptimizer
 from torch.nn.parallel import DistributedDataParallel
 
 from engine_opt import OptimWrapper, create_trainer
-from engine_opt.handlers import NonFiniteGuard, SpikeGuard, attach_checkpoint, latest_checkpoint, load_checkpoint
+from engine_opt.handlers import (
+    NonFiniteGuard,
+    SpikeGuard,
+    UpdateTelemetryHandler,
+    attach_checkpoint,
+    latest_checkpoint,
+    load_checkpoint,
+)
 from engine_opt.testing import GradientTraffic
 
 from oracle import OPTIMIZERS, item_loss_sum, loss_fn, make_batches, make_model
@@ -137,6 +144,27 @@ def ddp_each_micro_step() -> dict[str, Any]:
     wrapper = OptimWrapper(optimizer, accumulative_counts=ACCUMULATE, sync_each_micro_step=True)
     create_trainer(model, wrapper, loss_fn).run(my_share(global_batches()))
     return {"calls": traffic.calls, "params": params_of(model)}
+
+
+def telemetry_reads(model: torch.nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> list[dict[str, float]]:
+    """UpdateTelemetryHandler on every update of a clipped SGD run, read after each (shared with the test)."""
+    wrapper = OptimWrapper(OPTIMIZERS["sgd_momentum"](model.parameters()), clip_grad={"max_norm": CLIP_NORM})
+    telemetry = UpdateTelemetryHandler(wrapper, every=1, model=model, depth=1)
+    reads = [telemetry.read()]
+    for x, y in batches:
+        with wrapper.optim_context(model):
+            loss = loss_fn(model(x), y)
+        wrapper.update_params(loss)
+        reads.append(telemetry.read())
+    return reads
+
+
+def sharded_telemetry(hybrid: bool) -> dict[str, Any]:
+    """Telemetry of an FSDP2 (or HSDP) model: each rank measures its shards, one all-reduce makes them whole."""
+    model = make_model()
+    mesh = init_device_mesh("cpu", (2, 1), mesh_dim_names=("replicate", "shard")) if hybrid else None
+    fully_shard(model, mesh=mesh)
+    return {"reads": telemetry_reads(model, my_share(global_batches())[:3])}
 
 
 def fsdp2_without_sync_avoidance() -> dict[str, Any]:
@@ -294,6 +322,8 @@ def scenarios(local_rank: int, out: str) -> None:
         "hsdp_each_micro_step": sharded_accumulation(hybrid=True, each_micro_step=True),
         "ddp_each_micro_step": ddp_each_micro_step(),
         "fsdp2_clip_norm": fsdp2_clipping({"max_norm": CLIP_NORM}),
+        "fsdp2_telemetry": sharded_telemetry(hybrid=False),
+        "hsdp_telemetry": sharded_telemetry(hybrid=True),
         "fsdp2_clip_value": fsdp2_clipping({"type": "value", "clip_value": CLIP_VALUE}),
         "uneven": uneven_data(),
         "guard": guard_agreement(),

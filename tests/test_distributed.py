@@ -29,6 +29,7 @@ from dist_worker import (
     SPIKED_ITERATION,
     global_batches,
     spike_batches,
+    telemetry_reads,
 )
 
 from engine_opt.optim.distributed import all_ranks_agree, check_same_length, gather_objects
@@ -112,6 +113,19 @@ def test_every_sharding_reduces_as_configured_and_trains_as_one_process(ranks, k
         assert rank[key]["calls"] == reductions
     assert [rank["hsdp_control"]["calls"] for rank in ranks] == [ITERATIONS, ITERATIONS]
     assert_ranks_match_one_process(ranks, key, single_process(global_batches(), Plan(accumulate=ACCUMULATE)))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("key", ["fsdp2_telemetry", "hsdp_telemetry"])
+def test_telemetry_of_a_sharded_model_measures_whole_tensors_as_one_process(ranks, key):
+    expected = telemetry_reads(make_model(), global_batches()[:3])
+    assert len(expected) == 4 and expected[0] == {} and "layer_update_norm/3" in expected[-1]
+    for rank in ranks:
+        reads = rank[key]["reads"]
+        assert [sorted(read) for read in reads] == [sorted(read) for read in expected]
+        for read, wanted in zip(reads, expected, strict=True):
+            for tag, value in wanted.items():
+                assert read[tag] == pytest.approx(value, rel=1e-5), tag
 
 
 def single_process_norms(batches, accumulate, max_norm):

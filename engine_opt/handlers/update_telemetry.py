@@ -20,15 +20,19 @@ every tag starts with ``'{tag}/'``, ``telemetry/`` by default):
 (``layer_update_norm``, ``layer_weight_norm`` and ``layer_update_ratio``
 complete the layer row.) Only every ``every``-th update of each member (its
 own ``step_count``) is measured; a measured update that float16 or a guard
-skips logs nothing.
+skips logs nothing. With FSDP2 or HSDP (``DTensor`` parameters sharded over
+every rank) each rank measures its shards and one all-reduce of the squared
+norms per measured update makes them the whole tensors' norms.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from ignite.engine import Engine, Events
 from ignite.handlers.base_logger import BaseHandler, BaseLogger
 from torch import nn
@@ -68,6 +72,43 @@ def _under(name: str, prefix: str) -> bool:
     return name == prefix or name.startswith(prefix + ".")
 
 
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a sharded ``DTensor`` (FSDP2's parameters and gradients); any other tensor itself."""
+    to_local = getattr(tensor, "to_local", None)
+    return tensor if to_local is None else to_local()
+
+
+def _replicas(params: Sequence[torch.Tensor]) -> int:
+    """0 for plain parameters; for ``DTensor``s sharded over all ranks, how many ranks hold each element.
+
+    Raises:
+        ValueError: For ``DTensor``s whose mesh does not span every rank (tensor parallelism and such).
+    """
+    mesh = getattr(params[0], "device_mesh", None)
+    if mesh is None:
+        return 0
+    if mesh.size() != dist.get_world_size():
+        raise ValueError(
+            f"UpdateTelemetryHandler measures DTensor parameters sharded over every rank (FSDP2, HSDP); got a mesh "
+            f"of {mesh.size()} of {dist.get_world_size()} ranks"
+        )
+    placements = params[0].placements  # type: ignore[attr-defined]
+    return math.prod(mesh.size(dim) for dim, placement in enumerate(placements) if placement.is_replicate())
+
+
+def _over_ranks(local: torch.Tensor, replicas: int, how: str = "norm") -> torch.Tensor:
+    """Norms of the local shards (``how='norm'``) or maxima (``'max'``) into those of the whole tensors."""
+    if not replicas:
+        return local
+    if how == "max":
+        reduced = local.clone()
+        dist.all_reduce(reduced, op=dist.ReduceOp.MAX)
+        return reduced
+    squares = local.square()
+    dist.all_reduce(squares, op=dist.ReduceOp.SUM)  # every element once per replica
+    return (squares / replicas).sqrt()
+
+
 class _Member:
     """One member's measurement: fixed layout, and the hooks of the one update being measured."""
 
@@ -88,10 +129,11 @@ class _Member:
         start = 0
         for indices in runs.values():
             end = start + len(indices)
-            self.runs.append((start, end, [self.params[place].numel() for place in range(start, end)]))
+            self.runs.append((start, end, [_local(self.params[place]).numel() for place in range(start, end)]))
             start = end
         self.device = self.params[0].device
         self.one_kind = len(runs) == 1
+        self.replicas = _replicas(self.params)  # sharded (FSDP2, HSDP): each rank measures its shards
         rows: list[tuple[str, str, list[int]]] = []
         first = 0
         for label, group in zip(group_labels(wrapper), groups, strict=True):
@@ -145,12 +187,16 @@ class _Member:
             return
         self.armed.pop().remove()
         self.window, self.measuring = wrapper.inner_count, wrapper.step_count
-        grads = [param.grad if param.grad is not None else param.new_zeros(()) for param in self.params]
+        locals_ = [_local(param) for param in self.params]
+        grads = [
+            _local(param.grad) if param.grad is not None else local.new_zeros(())
+            for param, local in zip(self.params, locals_, strict=True)
+        ]
         self.grad_norms = self._stack(tensor_norms(grads))
         if self.clip is not None and self.clip[0] == "value":
-            self.grad_max = self._stack(tensor_norms(grads, float("inf"))).max()
+            self.grad_max = _over_ranks(self._stack(tensor_norms(grads, float("inf"))).max(), self.replicas, "max")
         with torch.no_grad():
-            self.before = [torch.cat([p.reshape(-1) for p in self.params[start:end]]) for start, end, _ in self.runs]
+            self.before = [torch.cat([p.reshape(-1) for p in locals_[start:end]]) for start, end, _ in self.runs]
         self.armed.append(wrapper.register_step_hook(self.after_step, _OUTCOMES))
 
     def after_step(self, wrapper: OptimWrapper, event: StepEvent, loss: torch.Tensor | None) -> None:
@@ -161,12 +207,15 @@ class _Member:
         if event is StepEvent.OPTIM_STEP_SKIPPED or grads is None or wrapper.inner_count != self.window:
             return  # skipped, or the measured step raised and this is a later window's
         with torch.no_grad():
-            weights = self._stack(tensor_norms(self.params))
+            locals_ = [_local(param) for param in self.params]
+            weights = self._stack(tensor_norms(locals_))
             changes: list[torch.Tensor] = []
             for (start, end, sizes), old in zip(self.runs, before, strict=True):
-                now = torch.cat([p.reshape(-1) for p in self.params[start:end]])
+                now = torch.cat([p.reshape(-1) for p in locals_[start:end]])
                 changes.extend(torch.split(now.sub_(old), sizes))
             updates = self._stack(tensor_norms(changes))
+            if self.replicas:  # the shards' norms into whole tensors' norms: one all-reduce of their squares
+                grads, updates, weights = _over_ranks(torch.stack([grads, updates, weights]), self.replicas).unbind()
             values = [
                 torch.linalg.vector_norm(norms[index])
                 for _, _, index in self.rows
