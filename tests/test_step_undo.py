@@ -75,7 +75,31 @@ class NestedSGD(ReplacingSGD):
                 param.sub_(moments["buf"], alpha=group["lr"])
 
 
-@pytest.mark.parametrize("optimizer_class", [ReplacingSGD, NestedSGD])
+class GroupCountingSGD(ReplacingSGD):
+    """Keeps a counter and an estimate in its param group, as schedule-free, Prodigy and D-Adaptation do."""
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            group["k"] = group.get("k", 0) + 1
+            group["d"] = group.get("d", 1.0) * 1.5
+            for param in group["params"]:
+                param.sub_(param.grad, alpha=group["lr"] * group["d"])
+
+
+class Float64SGD(ReplacingSGD):
+    """Replaces its float32 buffer with a float64 one."""
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for param in group["params"]:
+                state = self.state[param]
+                state["buf"] = state.get("buf", torch.zeros_like(param)).double() * 0.9 + param.grad
+                param.sub_(state["buf"].float(), alpha=group["lr"])
+
+
+@pytest.mark.parametrize("optimizer_class", [ReplacingSGD, NestedSGD, GroupCountingSGD, Float64SGD])
 @pytest.mark.parametrize("flag", [True, False])
 def test_state_the_step_replaces_or_nests_is_taken_back_too(optimizer_class, flag):
     model = make_model()
@@ -90,7 +114,7 @@ def test_state_the_step_replaces_or_nests_is_taken_back_too(optimizer_class, fla
     undo = StepUndo(optimizer)
     optimizer.step()
     after = (copy.deepcopy(model.state_dict()), copy.deepcopy(optimizer.state_dict()))
-    undo.where(torch.tensor(flag))
+    undo.where(torch.tensor([flag]))  # any one-element flag
     expected = before if flag else after
     assert_same_tensors(model.state_dict(), expected[0])
     assert_same_tensors(optimizer.state_dict(), expected[1])

@@ -37,11 +37,18 @@ class StepUndo:
     """The tensors one ``optimizer.step()`` changes, saved before it, to be put back after it where a flag is true.
 
     Args:
-        optimizer: The optimizer about to step; its parameters with a gradient are saved, with their state.
+        optimizer: The optimizer about to step; its parameters with a gradient are saved, with their state,
+            and what its param groups hold besides the parameters (where schedule-free, Prodigy or
+            D-Adaptation keep state).
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer) -> None:
-        self.state = state_holder(optimizer).state
+        holder = state_holder(optimizer)
+        self.state = holder.state
+        self.groups = [
+            (group, {key: _saved(value) for key, value in group.items() if key != "params"})
+            for group in holder.param_groups
+        ]
         self.params: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.states: dict[torch.Tensor, dict[str, Any]] = {}  # each parameter's state entries, as before the step
         for group in optimizer.param_groups:
@@ -52,40 +59,60 @@ class StepUndo:
 
     def where(self, flag: torch.Tensor) -> None:
         """After the step: put back every saved value where ``flag`` (a one-element bool tensor) is true."""
+        flag = flag.reshape(())
         with torch.no_grad():
             for param, before in self.params:
                 param.copy_(torch.where(flag.to(param.device), before, param))
             on_host = [
-                param for param, entries in self.states.items() if not self._undo_on_device(param, entries, flag)
+                entries for param, entries in self.states.items() if not _choose(self._live(param), entries, flag)
             ]
+            on_host += [saved for group, saved in self.groups if not _choose(group, saved, flag, exact_keys=False)]
         if on_host and bool(flag):  # rare: what the device cannot choose between
-            for param in on_host:
-                self._restore(param, self.states[param])
+            for param, entries in self.states.items():
+                self._restore(param, entries)
+            for group, saved in self.groups:
+                group.update(_values(saved))
 
-    def _undo_on_device(self, param: torch.Tensor, entries: dict[str, Any], flag: torch.Tensor) -> bool:
-        """Choose ``param``'s state tensors on the device; False if anything is left for the host."""
-        live = self.state.get(param, {})
-        if live.keys() != entries.keys():  # the step created or removed state
-            return False
-        for key, (original, before) in entries.items():
-            if before is None:
-                return False
-            after = live[key]
-            if not isinstance(after, torch.Tensor) or after.shape != before.shape:
-                return False
-            chosen = torch.where(flag.to(after.device), before, after)
-            if after is original:
-                after.copy_(chosen)
-            else:  # the step replaced the tensor
-                live[key] = chosen
-        return True
+    def _live(self, param: torch.Tensor) -> dict[str, Any]:
+        return self.state.get(param, {})  # type: ignore[no-any-return]
 
     def _restore(self, param: torch.Tensor, entries: dict[str, Any]) -> None:
-        restored = {key: original if before is None else before for key, (original, before) in entries.items()}
-        if restored:
-            self.state[param] = restored
+        if entries:
+            self.state[param] = _values(entries)
         else:
             self.state.pop(param, None)
+
+
+def _choose(live: dict[str, Any], entries: dict[str, Any], flag: torch.Tensor, exact_keys: bool = True) -> bool:
+    """Put back ``entries``' tensors in ``live`` on the device where ``flag``; False if any is left for the host."""
+    if exact_keys and live.keys() != entries.keys():  # the step created or removed state
+        return False
+    for key, (original, before) in entries.items():
+        after = live.get(key)
+        if before is None:  # not a tensor: the host restores it, if the step changed it
+            if not exact_keys and (after is original or _equal(after, original)):
+                continue
+            return False
+        if not isinstance(after, torch.Tensor) or after.shape != before.shape or after.dtype != before.dtype:
+            return False
+        chosen = torch.where(flag.to(after.device), before, after)
+        if after is original:
+            after.copy_(chosen)
+        else:  # the step replaced the tensor
+            live[key] = chosen
+    return True
+
+
+def _equal(value: Any, other: Any) -> bool:
+    try:
+        return bool(value == other)
+    except (RuntimeError, TypeError, ValueError):  # containers of tensors: compared no further
+        return False
+
+
+def _values(entries: dict[str, Any]) -> dict[str, Any]:
+    """The saved values: a tensor's clone, anything else's deep copy."""
+    return {key: original if before is None else before for key, (original, before) in entries.items()}
 
 
 def _saved(value: Any) -> tuple[Any, torch.Tensor | None]:
