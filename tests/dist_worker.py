@@ -146,9 +146,12 @@ def ddp_each_micro_step() -> dict[str, Any]:
     return {"calls": traffic.calls, "params": params_of(model)}
 
 
-def telemetry_reads(model: torch.nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> list[dict[str, float]]:
-    """UpdateTelemetryHandler on every update of a clipped SGD run, read after each (shared with the test)."""
-    wrapper = OptimWrapper(OPTIMIZERS["sgd_momentum"](model.parameters()), clip_grad={"max_norm": CLIP_NORM})
+def telemetry_reads(
+    model: torch.nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]], clip: bool = True
+) -> list[dict[str, float]]:
+    """UpdateTelemetryHandler on every update of an SGD run (clipped), read after each (shared with the test)."""
+    clip_grad = {"max_norm": CLIP_NORM} if clip else None
+    wrapper = OptimWrapper(OPTIMIZERS["sgd_momentum"](model.parameters()), clip_grad=clip_grad)
     telemetry = UpdateTelemetryHandler(wrapper, every=1, model=model, depth=1)
     reads = [telemetry.read()]
     for x, y in batches:
@@ -165,6 +168,14 @@ def sharded_telemetry(hybrid: bool) -> dict[str, Any]:
     mesh = init_device_mesh("cpu", (2, 1), mesh_dim_names=("replicate", "shard")) if hybrid else None
     fully_shard(model, mesh=mesh)
     return {"reads": telemetry_reads(model, my_share(global_batches())[:3])}
+
+
+def mixed_telemetry() -> dict[str, Any]:
+    """FSDP2 leaving two parameters plain (ignored_params), every rank on the whole batches: plain parameters
+    are whole on each rank, sharded ones in parts; the telemetry must still be one process's."""
+    model = make_model()
+    fully_shard(model, ignored_params={model[0].weight, model[3].bias})
+    return {"reads": telemetry_reads(model, global_batches()[:3], clip=False)}
 
 
 def fsdp2_without_sync_avoidance() -> dict[str, Any]:
@@ -324,6 +335,7 @@ def scenarios(local_rank: int, out: str) -> None:
         "fsdp2_clip_norm": fsdp2_clipping({"max_norm": CLIP_NORM}),
         "fsdp2_telemetry": sharded_telemetry(hybrid=False),
         "hsdp_telemetry": sharded_telemetry(hybrid=True),
+        "mixed_telemetry": mixed_telemetry(),
         "fsdp2_clip_value": fsdp2_clipping({"type": "value", "clip_value": CLIP_VALUE}),
         "uneven": uneven_data(),
         "guard": guard_agreement(),

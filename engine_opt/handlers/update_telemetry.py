@@ -78,35 +78,46 @@ def _local(tensor: torch.Tensor) -> torch.Tensor:
     return tensor if to_local is None else to_local()
 
 
-def _replicas(params: Sequence[torch.Tensor]) -> int:
-    """0 for plain parameters; for ``DTensor``s sharded over all ranks, how many ranks hold each element.
+def _replicas(params: Sequence[torch.Tensor]) -> torch.Tensor | None:
+    """``None`` for plain parameters; else how many ranks hold each element of each parameter.
+
+    A ``DTensor`` is held by the ranks of its mesh's replicated dimensions; a
+    plain tensor beside sharded ones (FSDP2's ignored parameters), whole, by
+    every rank.
 
     Raises:
-        ValueError: For ``DTensor``s whose mesh does not span every rank (tensor parallelism and such).
+        ValueError: For ``DTensor``s whose mesh does not span every rank (pipeline stages and such).
     """
-    mesh = getattr(params[0], "device_mesh", None)
-    if mesh is None:
-        return 0
-    if mesh.size() != dist.get_world_size():
-        raise ValueError(
-            f"UpdateTelemetryHandler measures DTensor parameters sharded over every rank (FSDP2, HSDP); got a mesh "
-            f"of {mesh.size()} of {dist.get_world_size()} ranks"
-        )
-    placements = params[0].placements  # type: ignore[attr-defined]
-    return math.prod(mesh.size(dim) for dim, placement in enumerate(placements) if placement.is_replicate())
+    meshes = [getattr(param, "device_mesh", None) for param in params]
+    if all(mesh is None for mesh in meshes):
+        return None
+    world = dist.get_world_size()
+    counts = []
+    for param, mesh in zip(params, meshes, strict=True):
+        if mesh is None:
+            counts.append(world)
+            continue
+        if mesh.size() != world:
+            raise ValueError(
+                f"UpdateTelemetryHandler measures DTensor parameters whose mesh spans every rank (FSDP2, HSDP, "
+                f"tensor parallelism); got a mesh of {mesh.size()} of {world} ranks"
+            )
+        placements = param.placements  # type: ignore[attr-defined]
+        counts.append(math.prod(mesh.size(dim) for dim, where in enumerate(placements) if where.is_replicate()))
+    return torch.tensor(counts, dtype=torch.float32, device=params[0].device)
 
 
-def _over_ranks(local: torch.Tensor, replicas: int, how: str = "norm") -> torch.Tensor:
-    """Norms of the local shards (``how='norm'``) or maxima (``'max'``) into those of the whole tensors."""
-    if not replicas:
+def _over_ranks(local: torch.Tensor, replicas: torch.Tensor | None, how: str = "norm") -> torch.Tensor:
+    """Per-parameter norms of the local parts (``how='norm'``) or maxima (``'max'``) into the whole tensors'."""
+    if replicas is None:
         return local
     if how == "max":
         reduced = local.clone()
         dist.all_reduce(reduced, op=dist.ReduceOp.MAX)
         return reduced
     squares = local.square()
-    dist.all_reduce(squares, op=dist.ReduceOp.SUM)  # every element once per replica
-    return (squares / replicas).sqrt()
+    dist.all_reduce(squares, op=dist.ReduceOp.SUM)  # each element once per rank that holds it
+    return (squares / replicas.to(squares.device, squares.dtype)).sqrt()
 
 
 class _Member:
@@ -133,7 +144,7 @@ class _Member:
             start = end
         self.device = self.params[0].device
         self.one_kind = len(runs) == 1
-        self.replicas = _replicas(self.params)  # sharded (FSDP2, HSDP): each rank measures its shards
+        self.replicas = _replicas(self.params)  # sharded (FSDP2, HSDP): each rank measures its parts
         rows: list[tuple[str, str, list[int]]] = []
         first = 0
         for label, group in zip(group_labels(wrapper), groups, strict=True):
@@ -214,7 +225,7 @@ class _Member:
                 now = torch.cat([p.reshape(-1) for p in locals_[start:end]])
                 changes.extend(torch.split(now.sub_(old), sizes))
             updates = self._stack(tensor_norms(changes))
-            if self.replicas:  # the shards' norms into whole tensors' norms: one all-reduce of their squares
+            if self.replicas is not None:  # the parts' norms into whole tensors' norms: one all-reduce of squares
                 grads, updates, weights = _over_ranks(torch.stack([grads, updates, weights]), self.replicas).unbind()
             values = [
                 torch.linalg.vector_norm(norms[index])
