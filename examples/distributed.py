@@ -52,7 +52,7 @@ if __name__ == "__main__":
     parser.add_argument("checkpoint_dir", help="where the checkpoints go (required; run again to resume)")
     parser.add_argument("--nproc", type=int, default=2, help="processes to spawn (none under torchrun)")
     args = parser.parse_args()
-    under_torchrun = "WORLD_SIZE" in os.environ  # torchrun started this process as one of the ranks
+    under_torchrun = all(name in os.environ for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))  # as torchrun sets
     if args.nproc == 1 and not under_torchrun:
         training(0, args.checkpoint_dir)
     else:

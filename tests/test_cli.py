@@ -240,6 +240,16 @@ def test_ctrl_c_before_training_ends_the_command_with_one_line_and_status_130(tm
     assert not (tmp_path / "logs").exists()
 
 
+def test_ctrl_c_before_training_in_a_spawned_rank_is_an_error_not_a_stop_the_ranks_agreed_on(tmp_path, capsys):
+    """Spawned ranks ignore SIGINT until training, so one raised there came from code: the rank fails (1)."""
+    from engine_opt.app import cli
+
+    args = cli.build_parser().parse_args(["train", "--no-progress", "--log-dir", str(tmp_path / "logs")])
+    with mock.patch("engine_opt.app.train.make_task", side_effect=KeyboardInterrupt):
+        assert cli._run(args, stop=mock.Mock(value=0)) == 1
+    assert "interrupted by SIGINT outside the training loop" in capsys.readouterr().err
+
+
 def test_help_shows_every_default(capsys):
     with pytest.raises(SystemExit):
         main(["train", "--help"])

@@ -345,6 +345,14 @@ def two_process_run(cwd, epochs=100_000, started=None):
         process.stderr.close()
 
 
+def running(pid):
+    """Whether a process runs (an ended one not yet reaped is a zombie: state Z)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
 def rank_processes(launcher_pid):
     """The PIDs of the processes the launcher spawned for the ranks (not its resource tracker)."""
     ranks = []
@@ -384,6 +392,30 @@ def test_sigterm_to_the_launcher_alone_stops_every_rank_with_a_checkpoint(tmp_pa
     with two_process_run(tmp_path) as launcher:
         os.kill(launcher.pid, signal.SIGTERM)  # as kill PID or a supervisor does: the ranks do not receive it
         assert assert_stopped_with_a_checkpoint(launcher, tmp_path, "SIGTERM") >= 50
+
+
+@pytest.mark.slow
+def test_a_second_ctrl_c_while_the_ranks_save_does_not_kill_them(tmp_path):
+    with two_process_run(tmp_path) as launcher:
+        os.killpg(launcher.pid, signal.SIGINT)
+        time.sleep(0.5)  # the ranks stopped at the iteration's end: they save and end
+        os.killpg(launcher.pid, signal.SIGINT)
+        assert assert_stopped_with_a_checkpoint(launcher, tmp_path) >= 50
+
+
+@pytest.mark.slow
+def test_ranks_whose_launcher_is_killed_while_they_start_stop_with_a_checkpoint_rather_than_train_on(tmp_path):
+    """Killed in training, torch's parent-death SIGINT stops them; while they start they ignore it, so they
+    stop at their first iteration on seeing their launcher gone."""
+    with two_process_run(tmp_path, epochs=3, started=lambda launcher: len(rank_processes(launcher.pid)) == 2) as run:
+        ranks = rank_processes(run.pid)
+        time.sleep(0.5)  # the ranks import
+        os.kill(run.pid, signal.SIGKILL)
+        _, err = run.communicate(timeout=120)  # the ranks hold its output pipes until they end
+    assert not [rank for rank in ranks if running(rank)]
+    line = [line for line in err.splitlines() if line.startswith("engine-opt:")]
+    assert len(line) == 1 and "stopped by SIGTERM at iteration 1;" in line[0], err[-2000:]
+    assert (tmp_path / "runs/classifier/checkpoints/checkpoint_1.pt").exists()
 
 
 @pytest.mark.slow

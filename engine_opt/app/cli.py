@@ -39,7 +39,7 @@ from .. import __version__
 from ..engine.run_directory import RunDirectoryBusy
 from ..optim.distributed import rank, world_size
 from .config import UsageError
-from .launcher import RankLink, launch_ranks
+from .launcher import FromLauncher, RankLink, launch_ranks
 from .signals import EXIT_STATUS, StopRequest
 from .tasks import TASKS
 from .train import check_batch_size, summary, train
@@ -194,7 +194,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _launch(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     """Run in this process, or spawn the ranks and wait for them; the exit status."""
-    distributed = args.nproc_per_node is not None or "WORLD_SIZE" in os.environ  # spawn, or under torchrun
+    under_torchrun = all(name in os.environ for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
+    distributed = args.nproc_per_node is not None or under_torchrun
     if not distributed:
         return _run(args)
     if args.nproc_per_node is not None:  # refused here, before the processes start
@@ -206,8 +207,11 @@ def _launch(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     if backend == "nccl" and not torch.cuda.is_available():
         parser.exit(2, "engine-opt: error: --backend nccl needs GPUs; use --backend gloo on CPU\n")
     if args.nproc_per_node is None:  # under torchrun: this process is one of the ranks
-        with Parallel(backend=backend) as parallel:
-            parallel.run(_worker, args, None)
+        try:
+            with Parallel(backend=backend) as parallel:
+                parallel.run(_worker, args, None)
+        except KeyboardInterrupt:  # while the process group forms
+            return _fail(EXIT_STATUS["SIGINT"], "engine-opt: interrupted by SIGINT before training; nothing was saved")
         return 0
     try:
         return launch_ranks(_worker, args, backend, args.nproc_per_node)
@@ -226,7 +230,7 @@ def _launch(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
 def _worker(local_rank: int, args: argparse.Namespace, link: RankLink | None) -> None:
     """One rank of a distributed run: a signal's status left to the launcher that spawned it, any other exits."""
     with _quiet_unless_verbose(args):
-        status = _run(args, None if link is None else link.requested)
+        status = _run(args, None if link is None else FromLauncher(link))
     # The run's objects (DDP's reducer among them) sit in reference cycles; free them while the process
     # group still exists, or its threads are torn down at interpreter exit and the process aborts.
     gc.collect()
@@ -272,9 +276,8 @@ def _run(args: argparse.Namespace, stop: StopRequest | None = None) -> int:
     try:
         result = train(args, stop)
     except KeyboardInterrupt:  # Ctrl-C outside the training loop, which StopOnSignal covers
-        return _fail(
-            EXIT_STATUS["SIGINT"], f"{name}: interrupted by SIGINT outside the training loop; nothing was saved for it"
-        )
+        status = EXIT_STATUS["SIGINT"] if stop is None else 1  # a spawned rank's is no stop the ranks agreed on
+        return _fail(status, f"{name}: interrupted by SIGINT outside the training loop; nothing was saved for it")
     except UsageError as error:
         return _fail(2, f"{name}: error: {error}")
     except FloatingPointError as error:

@@ -7,8 +7,10 @@ SIGINT, and inherit that. Once they exist the launcher notes SIGINT, and
 SIGTERM (sent to it alone, by ``kill`` or a supervisor), in a shared number
 the ranks read at each iteration's end, so a signal while they import, build
 and resume is not lost, and the launcher waits for them to stop. A second
-Ctrl-C sends the ranks SIGTERM (a rank still starting ends; one training
-stops at the iteration's end as before), a third kills them. Ranks that
+signal sends the ranks SIGTERM unless one has left its training loop (a rank
+stuck before training ends; one training stops at the iteration's end as
+before), a third kills them; a rank whose launcher was killed outright stops
+at its next iteration's end as on SIGTERM. Ranks that
 stopped together on a signal end normally and leave its exit status (130,
 143) to the launcher: none ends first and has the others terminated before
 rank 0 has reported.
@@ -27,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing
+import os
 import signal
 import threading
 import time
@@ -34,30 +37,61 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from multiprocessing.process import BaseProcess
 from types import FrameType
+from typing import Protocol
 
 from ignite.distributed.launcher import Parallel
 
-from .signals import StopRequest
+
+class SharedInt(Protocol):
+    """An integer in memory the launcher and its ranks share (``multiprocessing.Value``)."""
+
+    value: int
 
 
 @dataclass(frozen=True)
 class RankLink:
-    """What the launcher shares with the ranks it spawns: two integers in shared memory.
+    """What the launcher shares with the ranks it spawns: three integers in shared memory.
 
     Attributes:
         requested: The number of the signal the launcher received (0: none); the ranks stop at their next
             iteration's end.
+        over: Set once a rank has left its training loop: it is saving or ending, not to be terminated.
         status: The exit status of a run the ranks stopped together on a signal (130, 143); else 0.
+        launcher: The launcher's process id (the ranks' parent while it lives).
     """
 
-    requested: StopRequest
-    status: StopRequest
+    requested: SharedInt
+    over: SharedInt
+    status: SharedInt
+    launcher: int
 
     @classmethod
     def create(cls) -> RankLink:
-        """Two zeros in memory that ranks spawned from this process share."""
+        """Three zeros in memory that ranks spawned from this process share, and this process's id."""
         context = multiprocessing.get_context("spawn")
-        return cls(context.Value("i", 0, lock=False), context.Value("i", 0, lock=False))
+        requested, over, status = (context.Value("i", 0, lock=False) for _ in range(3))
+        return cls(requested, over, status, os.getpid())
+
+
+class FromLauncher:
+    """A spawned rank's side of its ``RankLink``: the ``StopRequest`` its ``StopOnSignal`` reads.
+
+    The launcher gone (killed outright) stands for SIGTERM: the rank stops at the iteration's end with a
+    checkpoint rather than train on as an orphan.
+    """
+
+    def __init__(self, link: RankLink) -> None:
+        self.link = link
+
+    @property
+    def value(self) -> int:
+        requested = self.link.requested.value
+        if not requested and os.getppid() != self.link.launcher:
+            return int(signal.SIGTERM)
+        return requested
+
+    def training_over(self) -> None:
+        self.link.over.value = 1
 
 
 Worker = Callable[[int, argparse.Namespace, RankLink | None], None]
@@ -107,7 +141,8 @@ def _spawned(thread: threading.Thread, others: set[BaseProcess], processes: int)
 
 
 class _StopRequests:
-    """The launcher's handler: note the first signal for the ranks; on more Ctrl-Cs, terminate, then kill them."""
+    """The launcher's handler: note the first signal for the ranks; on a second, terminate them unless one has
+    left training (it saves), on a third, kill them."""
 
     def __init__(self, link: RankLink, ranks: Sequence[BaseProcess]) -> None:
         self.link = link
@@ -117,11 +152,10 @@ class _StopRequests:
     def __call__(self, number: int, frame: FrameType | None) -> None:
         if not self.link.requested.value:
             self.link.requested.value = number
-        if number != signal.SIGINT:
-            return
         self.interrupts += 1
-        for rank in self.ranks:
-            if self.interrupts == 2:
+        if self.interrupts == 2 and not self.link.over.value:  # none has left training: one is stuck before it
+            for rank in self.ranks:
                 rank.terminate()
-            elif self.interrupts > 2:
+        elif self.interrupts > 2:
+            for rank in self.ranks:
                 rank.kill()

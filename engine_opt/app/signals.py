@@ -38,9 +38,14 @@ EXIT_STATUS = {"SIGINT": 130, "SIGTERM": 143}  # 128 + the signal's number, as s
 
 
 class StopRequest(Protocol):
-    """An integer in memory another process shares (``multiprocessing.Value``): here, a signal's number or 0."""
+    """What a spawned rank reads from its launcher, and tells it."""
 
-    value: int
+    @property
+    def value(self) -> int:
+        """The number of the signal the launcher received (or that stands for its end); 0 for none."""
+
+    def training_over(self) -> None:
+        """Tell the launcher this rank has left its training loop (so it is not terminated while it saves)."""
 
 
 class StopOnSignal:
@@ -74,6 +79,8 @@ class StopOnSignal:
         self, kind: type[BaseException] | None, error: BaseException | None, trace: TracebackType | None
     ) -> None:
         self.trainer.remove_event_handler(self._stop_if_signalled, Events.ITERATION_COMPLETED)
+        if self.requested is not None:
+            self.requested.training_over()
         for number, handler in self._previous.items():
             signal.signal(number, handler)
         if self._group is not None:
@@ -85,7 +92,8 @@ class StopOnSignal:
         return 0 if self.received is None else EXIT_STATUS[self.received]
 
     def _note(self, number: int, frame: FrameType | None) -> None:
-        self.received = signal.Signals(number).name
+        if self.received is None:  # the first signal is the one the run reports
+            self.received = signal.Signals(number).name
 
     def _stop_if_signalled(self, engine: Engine) -> None:
         if self.received is None and self.requested is not None and self.requested.value:
