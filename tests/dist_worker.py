@@ -79,19 +79,6 @@ def ddp_without_sync_avoidance() -> dict[str, Any]:
     return {"calls": traffic.calls, "params": params_of(model)}
 
 
-def fsdp2_with_wrapper() -> dict[str, Any]:
-    """FSDP2 (fully_shard) with the wrapper loop: the sync flag must cover the backward pass."""
-    model = make_model()
-    fully_shard(model)
-    traffic = GradientTraffic(model)
-    wrapper = OptimWrapper(OPTIMIZERS["sgd_momentum"](model.parameters()), accumulative_counts=ACCUMULATE)
-    for x, y in my_share(global_batches()):
-        with wrapper.optim_context(model):
-            loss = loss_fn(model(x), y)
-        wrapper.update_params(loss)
-    return {"calls": traffic.calls, "bytes": traffic.bytes, "params": params_of(model)}
-
-
 CLIP_NORM, CLIP_VALUE = 0.5, 0.02
 
 
@@ -325,7 +312,7 @@ def scenarios(local_rank: int, out: str) -> None:
     results = {
         "ddp": ddp_with_wrapper(),
         "ddp_control": ddp_without_sync_avoidance(),
-        "fsdp2": fsdp2_with_wrapper(),
+        "fsdp2": sharded_accumulation(hybrid=False, each_micro_step=False),
         "fsdp2_control": fsdp2_without_sync_avoidance(),
         "hsdp": sharded_accumulation(hybrid=True, each_micro_step=False),
         "hsdp_control": hsdp_without_sync_avoidance(),

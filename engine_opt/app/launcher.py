@@ -114,14 +114,14 @@ def launch_ranks(worker: Worker, args: argparse.Namespace, backend: str, process
 
     thread = threading.Thread(target=launch, name="engine-opt launcher")
     others = set(multiprocessing.active_children())
+    requests = _StopRequests(link, ranks=[])
     previous = {number: signal.getsignal(number) for number in (signal.SIGINT, signal.SIGTERM)}
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # inherited by the ranks spawned meanwhile
-    signal.signal(signal.SIGTERM, _StopRequests(link, ranks=[]))  # not inherited: theirs stays the default
+    signal.signal(signal.SIGTERM, requests)  # not inherited: theirs stays the default
     try:
         thread.start()
-        requests = _StopRequests(link, _spawned(thread, others, processes))
-        for number in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(number, requests)
+        requests.ranks = _spawned(thread, others, processes)
+        signal.signal(signal.SIGINT, requests)
         thread.join()
     finally:
         for number, handler in previous.items():
