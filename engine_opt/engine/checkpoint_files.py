@@ -55,7 +55,7 @@ def write_checkpoint(checkpoint: Any, path: str | Path) -> None:
         partial.unlink(missing_ok=True)
         raise type(error)(error.errno, f"cannot write checkpoint {path}: {error.strerror or error}") from error
     os.replace(partial, path)
-    _fsync_directory(path.parent)
+    fsync_directory(path.parent)
 
 
 def _check_torch_scheduler(scheduler: Any, saved: Any) -> None:
@@ -77,7 +77,7 @@ def _check_torch_scheduler(scheduler: Any, saved: Any) -> None:
     check_structure(current, saved, "the saved scheduler state")
 
 
-def _fsync_directory(directory: Path) -> None:
+def fsync_directory(directory: Path) -> None:
     """Make a rename in ``directory`` durable (where the platform can open a directory)."""
     if not hasattr(os, "O_DIRECTORY"):
         return
@@ -129,7 +129,7 @@ def load_checkpoint(to_load: Mapping[str, Any], path: str | Path) -> None:
     differs, and the objects are left as they were.
     """
     path = Path(path)
-    state = _read_checkpoint(path)
+    state = read_checkpoint(path)
     if len(to_load) == 1 and (name := next(iter(to_load))) not in state:
         state = {name: state}  # Ignite's Checkpoint saves a lone object's state dict as the whole file
     for name, obj in to_load.items():  # in order: the entries that say most about a mismatch come first
@@ -144,7 +144,7 @@ def load_checkpoint(to_load: Mapping[str, Any], path: str | Path) -> None:
     Checkpoint.load_objects(dict(to_load), state)
 
 
-def _read_checkpoint(path: Path) -> Mapping[str, Any]:
+def read_checkpoint(path: Path) -> Mapping[str, Any]:
     """The dict saved in ``path``, read without running code; a ``ValueError`` naming the file otherwise.
 
     torch's reader does not check the CRC32 of each record of the file, so

@@ -1,14 +1,19 @@
 """``RunDirectory``: a checkpoint directory as one run owns it: its files, its lock, its leftovers.
 
-- The run's files are named exactly ``checkpoint_{iteration}.pt``; anything
-  else (``best_checkpoint_3.pt``, a user's ``pretrained_checkpoint_1.pt``) is
-  never listed, rotated or deleted. An entry with the run's name that is not
-  a file (a directory, a dangling link) is skipped with a warning.
+- The run's checkpoints are files named exactly ``checkpoint_{iteration}.pt``,
+  or sharded ones: directories ``checkpoint_{iteration}`` holding
+  ``torch.distributed.checkpoint``'s ``.metadata``. Anything else
+  (``best_checkpoint_3.pt``, a user's ``pretrained_checkpoint_1.pt``) is
+  never listed, rotated or deleted. An entry with the run's name of the wrong
+  kind (a directory ``checkpoint_3.pt``, a dangling link, a directory without
+  ``.metadata``) is skipped with a warning.
 - ``lock()`` holds the directory for one run at a time (a ``filelock`` lock,
   which the operating system releases when its process dies, so a run killed
   earlier never blocks its resume). Within one process it is reentrant.
-- A save writes ``.checkpoint_{iteration}.pt.{pid}.partial`` first (see
-  ``write_checkpoint``); ``prepare()`` removes those a killed save left.
+- A save writes ``.checkpoint_{iteration}.pt.{pid}.partial`` (a sharded one
+  ``.checkpoint_{iteration}.{pid}.partial``) first and renames it when it is
+  complete; ``prepare()`` removes those a killed save left, and ``rotate``
+  renames a sharded checkpoint so before it deletes its files.
 
 Example:
     >>> import tempfile, torch
@@ -16,8 +21,9 @@ Example:
     ...     directory = RunDirectory(path)
     ...     for name in ("checkpoint_8.pt", "checkpoint_12.pt", "best_checkpoint_30.pt"):
     ...         torch.save({}, f"{path}/{name}")
+    ...     os.makedirs(f"{path}/checkpoint_10"); open(f"{path}/checkpoint_10/.metadata", "wb").close()
     ...     [step for step, _ in directory.checkpoints()], directory.newest().name
-    ([8, 12], 'checkpoint_12.pt')
+    ([8, 10, 12], 'checkpoint_12.pt')
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import socket
 import warnings
 from collections.abc import Iterator
@@ -33,8 +40,9 @@ from pathlib import Path
 
 import filelock
 
-CHECKPOINT_NAME = re.compile(r"checkpoint_(0|[1-9][0-9]*)\.pt")  # as checkpoint_name writes it: ASCII, no leading 0
-PARTIAL_NAME = re.compile(r"\.checkpoint_(0|[1-9][0-9]*)\.pt\.[0-9]+\.partial")
+CHECKPOINT_NAME = re.compile(r"checkpoint_(0|[1-9][0-9]*)(\.pt)?")  # as checkpoint_name writes it: ASCII, no leading 0
+PARTIAL_NAME = re.compile(r"\.checkpoint_(0|[1-9][0-9]*)(\.pt)?\.[0-9]+\.partial")
+SHARDED_METADATA = ".metadata"  # what torch.distributed.checkpoint writes last, once every rank has written
 _LOCK = ".engine_opt.lock"
 _OWNER = ".engine_opt.lock.owner"
 
@@ -43,18 +51,28 @@ class RunDirectoryBusy(RuntimeError):
     """Another process holds the directory's lock: a second run may not write there."""
 
 
-def checkpoint_name(iteration: int) -> str:
-    """The file name of the run's checkpoint at ``iteration``."""
-    return f"checkpoint_{iteration}.pt"
+def checkpoint_name(iteration: int, sharded: bool = False) -> str:
+    """The name of the run's checkpoint at ``iteration``: a file, or a sharded checkpoint's directory."""
+    return f"checkpoint_{iteration}" if sharded else f"checkpoint_{iteration}.pt"
 
 
-def partial_name(final: Path) -> Path:
-    """Where a save of ``final`` writes before it is complete."""
-    return final.with_name(f".{final.name}.{os.getpid()}.partial")
+def partial_name(final: Path, pid: int | None = None) -> Path:
+    """Where a save of ``final`` by process ``pid`` (this one by default) writes before it is complete."""
+    return final.with_name(f".{final.name}.{os.getpid() if pid is None else pid}.partial")
+
+
+def remove(path: Path) -> None:
+    """Remove a checkpoint file, or a sharded checkpoint's directory (renamed to a partial name first)."""
+    if path.is_dir() and not path.is_symlink():
+        trash = partial_name(path)
+        os.replace(path, trash)  # from here on it is no checkpoint; prepare() finishes what a crash leaves
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
 
 
 class RunDirectory:
-    """A directory of ``checkpoint_{iteration}.pt`` files that one run writes.
+    """A directory of checkpoints (``checkpoint_{iteration}.pt`` files, sharded directories) that one run writes.
 
     Args:
         path: The directory (it need not exist yet).
@@ -65,7 +83,10 @@ class RunDirectory:
         self._lock = filelock.FileLock(self.path / _LOCK, timeout=0, is_singleton=True)
 
     def checkpoints(self) -> list[tuple[int, Path]]:
-        """``(iteration, path)`` of the run's checkpoint files, oldest first (``[]`` without a directory)."""
+        """``(iteration, path)`` of the run's checkpoints, oldest first (``[]`` without a directory).
+
+        A file and a sharded checkpoint of one iteration are both listed, the file first.
+        """
         if not self.path.is_dir():
             return []
         found = []
@@ -73,15 +94,15 @@ class RunDirectory:
             match = CHECKPOINT_NAME.fullmatch(entry.name)
             if match is None:
                 continue
-            if not entry.is_file():
-                kind = "a directory" if entry.is_dir() else "a link to nothing" if entry.is_symlink() else "not a file"
-                warnings.warn(f"{entry} is {kind}, not a checkpoint: skipped", RuntimeWarning, stacklevel=2)
+            problem = _kind_problem(entry, sharded=match.group(2) is None)
+            if problem is not None:
+                warnings.warn(f"{entry} is {problem}, not a checkpoint: skipped", RuntimeWarning, stacklevel=2)
                 continue
             found.append((int(match.group(1)), entry))
-        return sorted(found)
+        return sorted(found, key=lambda item: (item[0], item[1].is_dir()))
 
     def newest(self) -> Path | None:
-        """The checkpoint file of the highest iteration, or None."""
+        """The checkpoint of the highest iteration (a file, or a sharded checkpoint's directory), or None."""
         files = self.checkpoints()
         return files[-1][1] if files else None
 
@@ -95,7 +116,10 @@ class RunDirectory:
         self._create()
         leftovers = [entry for entry in self.path.iterdir() if PARTIAL_NAME.fullmatch(entry.name)]
         for entry in leftovers:
-            entry.unlink(missing_ok=True)
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)
         return leftovers
 
     def _create(self) -> None:
@@ -111,12 +135,12 @@ class RunDirectory:
             ) from None
 
     def rotate(self, keep: int | None) -> list[Path]:
-        """Remove the run's oldest checkpoint files beyond the newest ``keep``; return them."""
+        """Remove the run's oldest checkpoints beyond the newest ``keep``; return them."""
         if keep is None:
             return []
         removed = [path for _, path in self.checkpoints()[:-keep]]
         for path in removed:
-            path.unlink(missing_ok=True)
+            remove(path)
         return removed
 
     def acquire(self) -> None:
@@ -161,3 +185,14 @@ class RunDirectory:
             return f"process {owner['pid']} on {owner['host']}"
         except (OSError, ValueError, KeyError, TypeError):
             return "holder unknown"
+
+
+def _kind_problem(entry: Path, sharded: bool) -> str | None:
+    """Why an entry with a checkpoint's name is no checkpoint (None if it is one)."""
+    if entry.is_symlink() and not entry.exists():
+        return "a link to nothing"
+    if not sharded:
+        return None if entry.is_file() else "a directory" if entry.is_dir() else "not a file"
+    if not entry.is_dir():
+        return "not a directory"
+    return None if (entry / SHARDED_METADATA).is_file() else f"a directory without {SHARDED_METADATA}"

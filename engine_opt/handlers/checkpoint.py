@@ -26,6 +26,7 @@ from ignite.handlers.checkpoint import BaseSaveHandler
 
 from ..engine.checkpoint_files import load_checkpoint, write_checkpoint
 from ..engine.run_directory import RunDirectory, RunDirectoryBusy, checkpoint_name
+from ..engine.sharded_files import load_sharded_checkpoint
 from ..engine.trainer import Trainer
 from ..optim import checks, distributed
 
@@ -120,9 +121,9 @@ def attach_checkpoint(
         checks.positive_int("every", every)
     if n_saved is not None:
         checks.positive_int("n_saved", n_saved)
-    directory = RunDirectory(_directory_path(dirname))
+    directory = RunDirectory(directory_path(dirname))
     checkpoint = DurableCheckpoint(to_save, directory, n_saved)
-    hold = _DirectoryHold(directory)
+    hold = DirectoryHold(directory)
     trainer.add_event_handler(Events.STARTED, hold.take)
     event = Events.EPOCH_COMPLETED if every is None else Events.ITERATION_COMPLETED(every=every)
     trainer.add_event_handler(event, checkpoint)
@@ -131,13 +132,14 @@ def attach_checkpoint(
     return checkpoint
 
 
-def _directory_path(dirname: Any) -> Path:
+def directory_path(dirname: Any) -> Path:
+    """``dirname`` as a path; a ``TypeError`` naming it if it is no str or path."""
     if not isinstance(dirname, (str, os.PathLike)):
         raise TypeError(f"dirname must be a str or a path, got {checks.describe(dirname)}")
     return Path(dirname)
 
 
-class _DirectoryHold:
+class DirectoryHold:
     """The run's hold on its checkpoint directory: taken when it starts, let go when it ends.
 
     A ``Trainer`` lets it go when its run ends however it ends (an exception
@@ -196,15 +198,18 @@ def _save_last(engine: Engine, checkpoint: DurableCheckpoint) -> None:
 
 
 def latest_checkpoint(dirname: str | Path) -> Path | None:
-    """The ``checkpoint_{iteration}.pt`` file of ``dirname`` with the highest iteration, or None.
+    """The checkpoint of ``dirname`` with the highest iteration, or None.
 
-    Only files named exactly so count; an entry of that name that is not a
-    file (a directory, a dangling link) is skipped with a warning.
+    Checkpoints are files named exactly ``checkpoint_{iteration}.pt`` and
+    sharded checkpoints, directories ``checkpoint_{iteration}`` holding
+    ``.metadata`` (``attach_sharded_checkpoint``); an entry of such a name of
+    the wrong kind (a dangling link, a directory without ``.metadata``) is
+    skipped with a warning.
 
     Raises:
         ValueError: ``dirname`` is a file.
     """
-    path = _directory_path(dirname)
+    path = directory_path(dirname)
     if path.exists() and not path.is_dir():
         raise ValueError(
             f"{path} is a file, not a directory of checkpoints: pass its directory, or load_checkpoint(to_load, path)"
@@ -215,10 +220,13 @@ def latest_checkpoint(dirname: str | Path) -> Path | None:
 def resume_from_latest(to_load: Mapping[str, Any], dirname: str | Path) -> Path | None:
     """Load the newest checkpoint of ``dirname`` into ``to_load``; return its path (None if there is none).
 
-    See ``load_checkpoint`` for what is checked. In a distributed run every
-    rank calls it and reads the same file.
+    A file is loaded by ``load_checkpoint``, a sharded checkpoint by
+    ``load_sharded_checkpoint`` (see them for what is checked). In a
+    distributed run every rank calls it and reads the same checkpoint.
     """
     path = latest_checkpoint(dirname)
-    if path is not None:
+    if path is not None and path.is_dir():
+        load_sharded_checkpoint(to_load, path)
+    elif path is not None:
         load_checkpoint(to_load, path)
     return path

@@ -1,6 +1,6 @@
 """What the wrappers need from ``torch.distributed``, and what every rank must agree on.
 
-- ``rank``, ``world_size``, ``gather_objects``: the process group's basics.
+- ``initialized``, ``rank``, ``world_size``, ``gather_objects``: the process group's basics.
 - ``optimizer_state_dict``: a ``ZeroRedundancyOptimizer``'s state is
   consolidated on every rank before it is read, so a checkpoint holds all of it.
 - ``check_same_length``: ranks that would run different numbers of iterations
@@ -30,23 +30,24 @@ from torch import nn
 NO_CONTEXT: contextlib.AbstractContextManager[None] = contextlib.nullcontext()
 
 
-def _initialized() -> bool:
+def initialized() -> bool:
+    """Whether ``torch.distributed`` has a process group (else every function here works alone)."""
     return dist.is_available() and dist.is_initialized()
 
 
 def world_size() -> int:
     """Number of processes in the run (1 when ``torch.distributed`` is not initialised)."""
-    return dist.get_world_size() if _initialized() else 1
+    return dist.get_world_size() if initialized() else 1
 
 
 def rank() -> int:
     """This process's rank (0 when ``torch.distributed`` is not initialised)."""
-    return dist.get_rank() if _initialized() else 0
+    return dist.get_rank() if initialized() else 0
 
 
 def collective_device() -> torch.device:
     """Where tensors for a collective must live: this rank's GPU under NCCL, else the CPU."""
-    if _initialized() and "nccl" in str(dist.get_backend()):
+    if initialized() and "nccl" in str(dist.get_backend()):
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
 

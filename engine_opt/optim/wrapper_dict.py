@@ -138,6 +138,11 @@ class OptimWrapperDict:
             wrapper.initialize_count_status(model, init_counts, max_counts)
 
     @property
+    def in_window(self) -> bool:
+        """Whether any member is part-way through an accumulation window."""
+        return any(wrapper.in_window for wrapper in self.optim_wrappers.values())
+
+    @property
     def param_groups(self) -> dict[str, list[dict[str, Any]]]:
         """Each wrapper's live ``param_groups`` by name, as MMEngine's: ``{'gen': [...], 'disc': [...]}``.
 
