@@ -1,9 +1,11 @@
 """``RunOptions``: what a resumed ``engine-opt train`` must share with the run it continues, checkpointed.
 
-A resume with another task, batch size, seed, process count, wrapper config
-or schedule would load state that does not fit the data or the updates it
-meets; it is refused with every difference listed. More epochs continue a
-run, except under the cosine schedule, whose length was fixed when it began.
+A resume with another task, batch size, seed, wrapper config or schedule
+would load state that does not fit the data or the updates it meets; it is
+refused with every difference listed. More epochs continue a run, except
+under the cosine schedule, whose length was fixed when it began. Another
+process count is no difference: ``--batch-size`` is the global batch, and
+the data's order does not depend on the count (``processes`` records it).
 
 Example:
     >>> saved = RunOptions(task="classifier", batch_size=64, seed=0, processes=1, wrapper={"type": "OptimWrapper"},
@@ -21,7 +23,7 @@ from typing import Any
 
 from ..optim import checks
 
-_OPTIONS = {"task": "--task", "batch_size": "--batch-size", "seed": "--seed", "processes": "the process count"}
+_OPTIONS = {"task": "--task", "batch_size": "--batch-size", "seed": "--seed"}
 
 
 @dataclass

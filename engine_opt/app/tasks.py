@@ -57,9 +57,12 @@ class Task:
 
 
 def _loader(dataset: Dataset[Any], batch_size: int, generator: torch.Generator, seed: int) -> DataLoader[Any]:
-    """Shuffled batches of ``batch_size``; in a distributed run, each rank's share of them."""
-    if idist.get_world_size() == 1:
-        return DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=generator)
+    """Shuffled batches of ``batch_size``; in a distributed run, each rank's share of them.
+
+    A ``DistributedSampler`` in one process too: each epoch's order follows
+    from the seed and the epoch alone, so the global batches are the same
+    samples at any number of processes (a run resumes on another number).
+    """
     sampler: DistributedSampler[Any] = DistributedSampler(
         dataset, idist.get_world_size(), idist.get_rank(), shuffle=True, seed=seed
     )

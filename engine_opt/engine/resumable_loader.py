@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
+from torch.utils.data import DistributedSampler
 
 from ..optim import checks, distributed
 
@@ -100,6 +101,15 @@ class ResumableLoader:
     checkpoint. So a shuffled ``DataLoader`` (and dropout, augmentation...)
     continues exactly.
 
+    In a distributed run each rank's generators are saved. A state saved by
+    another number of processes loads too: between passes always, mid-pass
+    where a ``DistributedSampler`` orders the data of both runs alike (the
+    same number of samples, ``seed``, ``shuffle``, ``drop_last`` and global
+    batch, ``batch_size`` times the processes): then the batches given out
+    so far are the same samples at any number of processes, and they are
+    skipped. Each process then keeps its own random generators (a rank of
+    the new run has no saved counterpart).
+
     Args:
         data: A ``DataLoader`` or any re-iterable of batches. A ``DataLoader``
             with its own ``generator`` has that generator saved too.
@@ -136,7 +146,7 @@ class ResumableLoader:
     def __iter__(self) -> Iterator[Any]:
         pending, self._pending = self._pending, None
         if pending is not None:
-            pending = _own_rank(pending)
+            pending = self._own_streams(pending)
             self._passes = pending.get("passes", self._passes)
         if pending is not None and pending["epoch_rng"] is not None and not self._at_end(pending["position"]):
             self._begin_pass(self._passes - 1)
@@ -198,9 +208,11 @@ class ResumableLoader:
     def state_dict(self) -> dict[str, Any]:
         """Where the current pass began, how far it got, the generators now.
 
-        ``{'epoch_rng', 'position', 'rng', 'passes'}``; in a distributed run
-        also ``'ranks'``, every rank's generator states (a collective call:
-        every rank must make it, as Ignite's ``Checkpoint`` does).
+        ``{'epoch_rng', 'position', 'rng', 'passes', 'length', 'order'}``
+        (``'length'``: batches per pass, ``None`` if unknown; ``'order'``:
+        the ``DistributedSampler``'s settings, ``None`` without one); in a
+        distributed run also ``'ranks'``, every rank's generator states (a
+        collective call: every rank must make it, as Ignite's ``Checkpoint`` does).
         """
         if self._pending is not None:
             return dict(self._pending)
@@ -209,6 +221,8 @@ class ResumableLoader:
             "position": self._position,
             "rng": rng_state(self._generator),
             "passes": self._passes,
+            "length": self._length(),
+            "order": _order(self.data),
         }
         if distributed.world_size() > 1:
             state["ranks"] = distributed.gather_objects({"epoch_rng": state["epoch_rng"], "rng": state["rng"]})
@@ -222,7 +236,7 @@ class ResumableLoader:
     def check_state_dict(self, state_dict: Any) -> None:
         """Raise ``ValueError``/``TypeError`` if ``state_dict`` cannot be loaded; change nothing."""
         state_dict = checks.mapping("state_dict", state_dict)
-        checks.known_keys("state_dict", state_dict, (*_STATE_KEYS, "passes", "ranks"))
+        checks.known_keys("state_dict", state_dict, (*_STATE_KEYS, "passes", "ranks", "length", "order"))
         missing = [key for key in _STATE_KEYS if key not in state_dict]
         if missing:
             raise ValueError(f"state_dict lacks {missing}; pass what ResumableLoader.state_dict() returned")
@@ -232,13 +246,11 @@ class ResumableLoader:
                 raise ValueError(f"state_dict[{key!r}] must be an int >= 0, got {value!r}")
         self._check_position(state_dict["position"], self._length())
         ranks = state_dict.get("ranks")
-        world = distributed.world_size()
-        saved_world = 1 if ranks is None else len(ranks) if isinstance(ranks, list) else None
-        if saved_world != world:
-            raise ValueError(
-                f"the data state was saved by a run of {saved_world} process(es), this run has {world}; the data "
-                "position and random streams of each rank resume exactly only with as many processes"
-            )
+        if ranks is not None and (not isinstance(ranks, list) or not ranks):
+            raise ValueError(f"state_dict['ranks'] must be a list of each rank's generator states, got {ranks!r}")
+        saved_world = 1 if ranks is None else len(ranks)
+        if saved_world != distributed.world_size():
+            self._check_same_order(state_dict, saved_world)
         for where, streams in [("state_dict", state_dict)] + [
             (f"state_dict['ranks'][{rank}]", checks.mapping(f"state_dict['ranks'][{rank}]", states))
             for rank, states in enumerate(ranks or [])
@@ -247,10 +259,41 @@ class ResumableLoader:
                 check_rng_state(f"{where}['epoch_rng']", streams["epoch_rng"])
             check_rng_state(f"{where}['rng']", streams.get("rng"))
 
+    def _check_same_order(self, state_dict: Mapping[str, Any], saved_world: int) -> None:
+        """A state of another number of processes: refused mid-pass unless the batches so far are the same samples."""
+        position, length = state_dict["position"], state_dict.get("length")
+        if position == 0 or position == length or state_dict["epoch_rng"] is None:
+            return  # between passes: nothing to skip
+        saved, order = state_dict.get("order"), _order(self.data)
+        if saved is None or saved != order:
+            raise ValueError(
+                f"the data state was saved mid-pass (after batch {position}) by a run of {saved_world} process(es), "
+                f"this run has {distributed.world_size()}: its batches so far are the same samples only where a "
+                "DistributedSampler orders both runs' data alike (the same samples, seed, shuffle, drop_last and "
+                f"global batch = batch_size x processes); saved {saved}, this run {order}. Resume with as many "
+                "processes, or from a checkpoint between passes"
+            )
 
-def _own_rank(state: dict[str, Any]) -> dict[str, Any]:
-    """``state`` with this rank's generator states in place of rank 0's."""
-    ranks = state.get("ranks")
-    if ranks is None:
-        return state
-    return {**state, **ranks[distributed.rank()]}
+    def _own_streams(self, state: dict[str, Any]) -> dict[str, Any]:
+        """``state`` with this rank's generator states: its saved ones, or its current ones (another world size)."""
+        ranks = state.get("ranks")
+        saved_world = 1 if ranks is None else len(ranks)
+        if saved_world == distributed.world_size():
+            return state if ranks is None else {**state, **ranks[distributed.rank()]}
+        now = rng_state(self._generator)
+        return {**state, "epoch_rng": None if state["epoch_rng"] is None else now, "rng": now}
+
+
+def _order(data: Any) -> dict[str, Any] | None:
+    """What makes a ``DistributedSampler``'s global batches the same samples at any number of processes."""
+    sampler = getattr(data, "sampler", None)
+    batch_size = getattr(data, "batch_size", None)
+    if not isinstance(sampler, DistributedSampler) or not isinstance(batch_size, int):
+        return None
+    return {
+        "samples": len(sampler.dataset),  # type: ignore[arg-type]
+        "seed": sampler.seed,
+        "shuffle": sampler.shuffle,
+        "drop_last": sampler.drop_last,
+        "global_batch": batch_size * sampler.num_replicas,
+    }

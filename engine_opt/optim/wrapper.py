@@ -90,9 +90,27 @@ def _check_counters(counters: Mapping[str, Any]) -> None:
 
 
 def _accumulated_grads(state_dict: Mapping[str, Any]) -> Any:
-    """The gradients summed so far in the saved window, this rank's in a distributed run."""
+    """The gradients summed so far in the saved window, for this rank.
+
+    Saved by as many processes: this rank's. Saved by another number: the
+    mean of the saved ranks' sums, on every rank, since DDP and FSDP2
+    average the ranks' gradients when the window ends (and the rest of the
+    window's global batches average alike at any number of processes).
+    """
     by_rank = state_dict.get("rank_accumulated_grads")
-    return state_dict.get("accumulated_grads") if by_rank is None else by_rank[distributed.rank()]
+    if by_rank is None:
+        return state_dict.get("accumulated_grads")
+    if len(by_rank) == distributed.world_size():
+        return by_rank[distributed.rank()]
+    return [_mean([grads[index] for grads in by_rank]) for index in range(len(by_rank[0]))]
+
+
+def _mean(grads: list[torch.Tensor | None]) -> torch.Tensor | None:
+    """The mean of the ranks' sums of one parameter (a rank without a gradient summed zero)."""
+    present = [grad for grad in grads if grad is not None]
+    if not present:
+        return None
+    return torch.stack([grad.float() for grad in present]).sum(0).div(len(grads)).to(present[0].dtype)
 
 
 def _accumulated_items(state_dict: Mapping[str, Any]) -> int | None:
@@ -274,6 +292,20 @@ class OptimWrapper(torch.optim.Optimizer):
     def inner_count(self) -> int:
         """The number of backward passes (micro-steps) counted so far."""
         return self._inner_count
+
+    @property
+    def in_window(self) -> bool:
+        """Whether micro-steps of a window have run and its update has not: gradients are being accumulated.
+
+        Example:
+            >>> import torch
+            >>> model = torch.nn.Linear(1, 1)
+            >>> wrapper = OptimWrapper(torch.optim.SGD(model.parameters(), lr=0.1), accumulative_counts=2)
+            >>> wrapper.update_params(model(torch.ones(1)).sum())
+            >>> wrapper.in_window
+            True
+        """
+        return self._in_window()
 
     @property
     def window_items(self) -> int | torch.Tensor | None:
@@ -847,15 +879,21 @@ class OptimWrapper(torch.optim.Optimizer):
 
     def _check_accumulated_grads(self, state_dict: Mapping[str, Any]) -> None:
         by_rank = state_dict.get("rank_accumulated_grads")
-        world = distributed.world_size()
-        if by_rank is not None and (not isinstance(by_rank, list) or len(by_rank) != world):
-            saved = len(by_rank) if isinstance(by_rank, list) else checks.describe(by_rank)
+        if by_rank is not None and (not isinstance(by_rank, list) or not by_rank):
             raise ValueError(
-                f"state_dict was saved mid-window by a run of {saved} process(es), this run has {world}; "
-                "resume it with as many processes, or from a checkpoint between windows"
+                f"state_dict['rank_accumulated_grads'] must be a list of each rank's gradients, got "
+                f"{checks.describe(by_rank)}"
             )
         if "accumulated_grads" not in state_dict and by_rank is None:
             return
+        world = distributed.world_size()
+        saved_world = 1 if by_rank is None else len(by_rank)
+        if saved_world != world and ("accumulated_items" in state_dict or "rank_accumulated_items" in state_dict):
+            raise ValueError(
+                f"state_dict was saved mid-window with num_items by a run of {saved_world} process(es), this run "
+                f"has {world}: the window's item counts belong to the ranks that saved them; resume it with as "
+                "many processes, or from a checkpoint between windows"
+            )
         saved_window = state_dict.get("counters", {}).get("accumulative_counts", self._accumulative_counts)
         if saved_window != self._accumulative_counts:
             raise ValueError(
@@ -863,8 +901,12 @@ class OptimWrapper(torch.optim.Optimizer):
                 f"{self._accumulative_counts}: the window's gradients were divided by the other size; resume with "
                 "the same accumulation, or from a checkpoint between windows"
             )
-        grads = _accumulated_grads(state_dict)
         params = self._params()
+        for grads in [state_dict.get("accumulated_grads")] if by_rank is None else by_rank:
+            self._check_grads(grads, params)
+
+    @staticmethod
+    def _check_grads(grads: Any, params: list[torch.Tensor]) -> None:
         if not isinstance(grads, list) or len(grads) != len(params):
             raise ValueError(f"state_dict['accumulated_grads'] must be a list of {len(params)} tensors or None")
         for index, (grad, param) in enumerate(zip(grads, params, strict=True)):
