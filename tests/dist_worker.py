@@ -307,6 +307,18 @@ def zero_checkpoint(directory: Path) -> dict[str, Any]:
     }
 
 
+def fsdp2_into_one_file(directory: Path) -> str:
+    """attach_checkpoint of an FSDP2 model: refused, pointing at sharded checkpoints."""
+    model = make_model()
+    fully_shard(model)
+    wrapper = OptimWrapper(OPTIMIZERS["sgd_momentum"](model.parameters()))
+    try:
+        attach_checkpoint(create_trainer(model, wrapper, loss_fn), {"model": model}, directory)
+    except ValueError as error:
+        return str(error)
+    return "accepted"
+
+
 def scenarios(local_rank: int, out: str) -> None:
     directory = Path(out)
     results = {
@@ -328,6 +340,7 @@ def scenarios(local_rank: int, out: str) -> None:
         "guard": guard_agreement(),
         "spike": spike_agreement(),
         "zero": zero_checkpoint(directory / "zero"),
+        "fsdp2_file": fsdp2_into_one_file(directory / "fsdp2_file"),
         "ddp_num_items": ddp_num_items(),
         "fsdp2_num_items": fsdp2_num_items(),
     }

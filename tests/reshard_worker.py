@@ -59,13 +59,15 @@ def run(local_rank: int, kind: str, directory: str, out: str, stop: int | None) 
     model, optimizer = build(kind)
     wrapper = OptimWrapper(optimizer, accumulative_counts=ACCUMULATE)
     seen: list[tuple[int, list[int]]] = []
+    iteration = [0]  # the trainer's, read by prepare_batch
 
     def prepare_batch(batch: Any, device: Any, non_blocking: bool) -> tuple[torch.Tensor, torch.Tensor]:
         x, y, ids = batch
-        seen.append((trainer.state.iteration, ids.tolist()))
+        seen.append((iteration[0], ids.tolist()))
         return x, y
 
     trainer = create_trainer(model, wrapper, loss_fn, prepare_batch=prepare_batch)
+    trainer.add_event_handler(Events.ITERATION_STARTED, lambda engine: iteration.__setitem__(0, engine.state.iteration))
     sampler = DistributedSampler(dataset(), num_replicas=world, rank=rank, shuffle=True, seed=SEED)
     data = ResumableLoader(DataLoader(dataset(), batch_size=GLOBAL_BATCH // world, sampler=sampler))
     to_save = {"model": model, "optim_wrapper": wrapper, "trainer": trainer, "data": data}

@@ -220,6 +220,13 @@ def test_zero_redundancy_optimizer_state_is_consolidated_saved_once_and_loaded_b
     assert_same_tensors(zero[1]["params"], zero[0]["params"])
 
 
+@pytest.mark.slow
+def test_an_fsdp2_model_is_refused_by_the_single_file_checkpoint_with_the_sharded_one_named(ranks):
+    for rank in ranks:
+        assert "to_save['model'] has parameters sharded across ranks" in rank["fsdp2_file"]
+        assert "use attach_sharded_checkpoint" in rank["fsdp2_file"]
+
+
 def test_the_helpers_do_nothing_in_one_process():
     check_same_length(None)
     flag = torch.tensor(False)
@@ -469,7 +476,7 @@ def reshard_oracle():
 
 
 def samples_per_epoch(first, resumed, resumed_at):
-    """How often each sample was trained on in each epoch: the first run's batches up to the checkpoint, then the resumed run's."""
+    """How often each sample was trained on in each epoch, by the first run up to its checkpoint, then the resumed."""
     from reshard_worker import GLOBAL_BATCH, SAMPLES
 
     per_epoch = SAMPLES // GLOBAL_BATCH
@@ -485,7 +492,8 @@ def samples_per_epoch(first, resumed, resumed_at):
 @pytest.mark.parametrize(
     ("kind", "first", "then"),
     [
-        ("fsdp2", 2, 1),  # sharded checkpoints through DCP, resharded
+        ("fsdp2", 2, 2),  # sharded checkpoints through DCP: on as many processes, bitwise
+        ("fsdp2", 2, 1),  # resharded
         ("fsdp2", 2, 3),
         ("fsdp2", 1, 2),
         ("ddp", 2, 3),  # one file; mid-window: each new rank takes the mean of the saved ranks' gradient sums
@@ -509,3 +517,22 @@ def test_a_run_resumed_on_another_number_of_processes_trains_as_one_process_and_
     for actual, expected in zip(resumed["params"], reshard_oracle(), strict=True):
         # rounding only: the per-rank means of 2, 3 or 6 samples averaged across ranks vs one mean of 6
         torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-6)
+    if first == then:
+        straight = reshard_run(kind, first, tmp_path / "straight", tmp_path / "straight.pt")
+        assert_same_tensors(resumed["params"], straight["params"])
+
+
+@pytest.mark.slow
+def test_the_command_resumes_on_another_number_of_processes_mid_window(tmp_path):
+    common = ["--accumulate", "3", "--checkpoint-every", "25", "--log-dir", "run"]
+    engine_opt_train("--epochs", "1", *common, cwd=tmp_path)
+    checkpoints = tmp_path / "run" / "checkpoints"
+    (checkpoints / "checkpoint_64.pt").unlink()  # as if killed after iteration 50: mid-epoch, mid-window
+    one = run_python(["-m", "engine_opt", "train", "--no-progress", "--epochs", "2", *common, "--resume"], cwd=tmp_path)
+    assert one.returncode == 0, one.stderr[-3000:]
+    assert "checkpoint_50.pt" in one.stdout and "on 2 processes" not in one.stdout
+    resumed = torch.load(checkpoints / "checkpoint_128.pt", weights_only=True)
+    assert (resumed["data"]["position"], resumed["data"]["passes"]) == (64, 2) and "ranks" not in resumed["data"]
+    four = engine_opt_train("--epochs", "3", *common, "--resume", "--nproc-per-node", "4", cwd=tmp_path)
+    assert "on 4 processes" in four.stdout
+    assert len(torch.load(checkpoints / "checkpoint_192.pt", weights_only=True)["data"]["ranks"]) == 4

@@ -39,13 +39,16 @@ from engine_opt import (
     member_filter,
 )
 from engine_opt.app import cli
+from engine_opt.engine.sharded_files import ShardedLayout, save_sharded
 from engine_opt.handlers import (
     NonFiniteGuard,
     ResumableLoader,
     SchedulerHandler,
     SpikeGuard,
     attach_checkpoint,
+    attach_sharded_checkpoint,
     load_checkpoint,
+    load_sharded_checkpoint,
     resume_from_latest,
     rng_state,
 )
@@ -370,6 +373,54 @@ def a_data_position_past_the_datas_end() -> None:
     ResumableLoader([1, 2, 3]).load_state_dict(state)
 
 
+def sharded_run(path: str) -> None:
+    """A real sharded checkpoint of a model and its wrapper, in the directory ``path``."""
+    model = make_model()
+    wrapper = wrapper_of(model)
+    trained(model, wrapper)
+    save_sharded(ShardedLayout.of({"model": model, "optim_wrapper": wrapper}), Path(path))
+
+
+def load_sharded_into(path: str, model: torch.nn.Module) -> None:
+    wrapper = wrapper_of(model)
+    to_load = {"model": model, "optim_wrapper": wrapper}
+    unchanged_after(to_load, lambda: load_sharded_checkpoint(to_load, path))
+
+
+def a_sharded_checkpoint_of_other_layer_sizes() -> None:
+    sharded_run("sharded/checkpoint_3")
+    other = torch.nn.Sequential(torch.nn.Linear(4, 9), torch.nn.LayerNorm(9), torch.nn.ReLU(), torch.nn.Linear(9, 2))
+    load_sharded_into("sharded/checkpoint_3", other)
+
+
+def a_sharded_checkpoint_without_its_metadata() -> None:
+    sharded_run("sharded/checkpoint_4")
+    Path("sharded/checkpoint_4/.metadata").unlink()
+    load_sharded_into("sharded/checkpoint_4", make_model())
+
+
+def a_sharded_checkpoint_of_a_wrapper_without_its_model() -> None:
+    model = make_model()
+    wrapper = wrapper_of(model)
+    attach_sharded_checkpoint(create_trainer(model, wrapper, F.mse_loss), {"optim_wrapper": wrapper}, "sharded")
+
+
+def a_mid_pass_position_of_two_processes_into_one() -> None:
+    state = ResumableLoader([1, 2, 3, 4]).state_dict() | {"position": 2, "epoch_rng": rng_state()}
+    state["ranks"] = [{"epoch_rng": rng_state(), "rng": rng_state()}] * 2
+    ResumableLoader([1, 2, 3, 4]).load_state_dict(state)
+
+
+def a_num_items_window_of_two_processes_into_one() -> None:
+    model = make_model()
+    wrapper = wrapper_of(model)
+    wrapper.update_params(model(torch.ones(2, 4)).sum(), num_items=2)  # a window of accumulative_counts=2 begun
+    state = {key: value for key, value in wrapper.state_dict().items() if not key.startswith("accumulated")}
+    state |= {"rank_accumulated_grads": [[p.grad for p in model.parameters()]] * 2, "rank_accumulated_items": [2, 2]}
+    fresh = wrapper_of(make_model())
+    unchanged_after({"optim_wrapper": fresh}, lambda: fresh.load_state_dict(state))
+
+
 # fmt: off
 CASES = [
     Case("constructor", "`OptimWrapper(model)` (a module, not an optimizer)", lambda: OptimWrapper(make_model()), "Sequential"),
@@ -408,6 +459,8 @@ CASES = [
     Case("constructor", "`AmpOptimWrapper(optimizer=opt, dtype='fp16')` over a `.half()` model", lambda: AmpOptimWrapper(optimizer=sgd(make_model().half()), dtype="fp16"), "float16 parameters"),
     Case("constructor", "`OptimWrapper(SGD([{'params': ..., 'lr': float('inf')}], lr=0.1))`", lambda: OptimWrapper(torch.optim.SGD([{"params": make_model().parameters(), "lr": float("inf")}], lr=0.1)), "'lr'"),
     Case("constructor", "`ResumableLoader('abc')` (a string)", lambda: ResumableLoader("abc"), "re-iterable"),
+    Case("constructor", "`attach_sharded_checkpoint(trainer, {'optim_wrapper': w}, 'ckpt')` (its model not saved)", a_sharded_checkpoint_of_a_wrapper_without_its_model, "no model in to_save"),
+    Case("constructor", "`attach_sharded_checkpoint(trainer, to_save, 'ckpt', async_save='yes')`", lambda: attach_sharded_checkpoint(create_trainer(make_model(), OptimWrapper(sgd()), F.mse_loss), {}, "ckpt", async_save="yes"), "async_save"),
     Case("config", "`build_optim_wrapper(model, {'type': 'FastWrapper', ...})`", lambda: build_optim_wrapper(make_model(), {"type": "FastWrapper", "optimizer": {"type": "SGD", "lr": 0.1}}), "FastWrapper"),
     Case("config", "`build_optim_wrapper(model, {'optimizer': {'type': 'Adamm'}})`", lambda: build_optim_wrapper(make_model(), {"optimizer": {"type": "Adamm", "lr": 0.1}}), "Adamm"),
     Case("config", "`build_optim_wrapper(model, {'optimizer': {'lr': 0.1}})` (no type)", lambda: build_optim_wrapper(make_model(), {"optimizer": {"lr": 0.1}}), "type"),
@@ -448,6 +501,8 @@ CASES = [
     Case("state dict", "`counters` with more skipped steps than steps", lambda: OptimWrapper(sgd()).load_state_dict({**sgd().state_dict(), "counters": {"steps": 2, "skipped_steps": 5}}), "skipped steps"),
     Case("state dict", "a state saved mid-window with `accumulative_counts=4` into a wrapper of 2", a_mid_window_state_into_another_accumulation, "accumulative_counts=4"),
     Case("state dict", "a data position after batch 5 of data of 3 batches", a_data_position_past_the_datas_end, "only 3 batches"),
+    Case("state dict", "a data position saved mid-pass by 2 processes, into 1 without a `DistributedSampler`", a_mid_pass_position_of_two_processes_into_one, "mid-pass"),
+    Case("state dict", "a window begun with `num_items` by 2 processes, into 1", a_num_items_window_of_two_processes_into_one, "num_items by a run of 2"),
     Case("state dict", "`ResumableLoader.load_state_dict({'position': -1, ...})`", lambda: ResumableLoader([1]).load_state_dict( {"position": -1, "epoch_rng": None, "rng": {"torch": torch.get_rng_state()}} ), "position"),
     Case("checkpoint file", "a checkpoint truncated to half its size", lambda: load_into_fresh(truncated("ckpt/checkpoint_3.pt")), "ckpt/checkpoint_3.pt"),
     Case("checkpoint file", "a checkpoint with 4 bytes flipped in a tensor's data", lambda: load_into_fresh(flipped_tensor_bytes("ckpt/checkpoint_3.pt")), "CRC"),
@@ -467,6 +522,8 @@ CASES = [
     Case("checkpoint file", "a checkpoint directory under a file", a_checkpoint_directory_under_a_file, "cannot write checkpoints to plain.txt/checkpoints"),
     Case("checkpoint file", "a `StepLR` state into a `LambdaLR` (the model is not loaded either)", lambda: another_schedulers_state("ckpt/checkpoint_7.pt"), "lr_lambdas"),
     Case("checkpoint file", "`resume_from_latest(to_load, 'ckpt/checkpoint_3.pt')` (a file, not its directory)", lambda: (saved_run("ckpt/checkpoint_3.pt"), resume_from_latest({"model": make_model()}, "ckpt/checkpoint_3.pt")), "is a file"),
+    Case("checkpoint file", "a sharded checkpoint of a model with other layer sizes", a_sharded_checkpoint_of_other_layer_sizes, "Size mismatch"),
+    Case("checkpoint file", "a sharded checkpoint directory without DCP's `.metadata`", a_sharded_checkpoint_without_its_metadata, "not a complete sharded checkpoint"),
     Case("checkpoint file", "a path that does not exist", lambda: load_into_fresh("ckpt/checkpoint_9.pt"), "ckpt/checkpoint_9.pt"),
     Case("command", "`engine-opt train --epochs 0`", lambda: command("--epochs", "0"), "--epochs"),
     Case("command", "`engine-opt train --dtype fp16 --wrapper OptimWrapper`", lambda: command("--dtype", "fp16", "--wrapper", "OptimWrapper"), "--dtype fp16"),

@@ -7,7 +7,7 @@ import random
 
 import pytest
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, DistributedSampler
 
 from engine_opt.handlers import ResumableLoader, rng_state, set_rng_state
 
@@ -89,3 +89,73 @@ def test_checking_a_state_changes_nothing():
     with pytest.raises(ValueError, match=r"state_dict\['passes'\] must be an int >= 0"):
         loader.check_state_dict({**state, "passes": -2})
     assert [batch.tolist() for batch in batches] and loader.state_dict()["position"] == 4
+
+
+def distributed_loader(processes, rank, seed=0, samples=24, global_batch=6):
+    sampler = DistributedSampler(torch.arange(samples), num_replicas=processes, rank=rank, shuffle=True, seed=seed)
+    return ResumableLoader(DataLoader(torch.arange(samples), batch_size=global_batch // processes, sampler=sampler))
+
+
+def state_of_two_ranks(position, make=distributed_loader):
+    """What a checkpoint of 2 processes holds after ``position`` batches of the first pass (each rank's streams)."""
+    loaders = [make(2, rank) for rank in (0, 1)]
+    seen = []
+    for loader in loaders:
+        batches = iter(loader)
+        seen.append([next(batches).tolist() for _ in range(position)])
+    states = [loader.state_dict() for loader in loaders]
+    return {**states[0], "ranks": [{"epoch_rng": s["epoch_rng"], "rng": s["rng"]} for s in states]}, seen
+
+
+@pytest.mark.parametrize("position", [1, 2, 3])
+def test_a_state_of_two_processes_continues_in_one_with_each_sample_once(position):
+    state, seen = state_of_two_ranks(position)
+    resumed = distributed_loader(1, 0)
+    resumed.load_state_dict(state)
+    rest = [batch.tolist() for batch in resumed]
+    assert len(rest) == 4 - position
+    # the global batches of one process are those of two, rank 0's half and rank 1's together
+    halves = [[batch.tolist() for batch in distributed_loader(2, rank)] for rank in (0, 1)]
+    uninterrupted = [sorted(a + b) for a, b in zip(*halves, strict=True)]
+    assert [sorted(batch) for batch in rest] == uninterrupted[position:]
+    before = [sample for rank in seen for batch in rank for sample in batch]
+    assert sorted([*before, *(sample for batch in rest for sample in batch)]) == list(range(24))
+
+
+def test_a_state_of_one_process_continues_in_three_on_their_shares():
+    loader = distributed_loader(1, 0)
+    batches = iter(loader)
+    seen = [next(batches).tolist() for _ in range(2)]
+    state = loader.state_dict()
+    rest = []
+    for rank in range(3):
+        resumed = distributed_loader(3, rank)
+        resumed.load_state_dict(state)
+        rest.append([batch.tolist() for batch in resumed])
+    global_batches = [sorted(a + b + c) for a, b, c in zip(*rest, strict=True)]
+    uninterrupted = [sorted(batch.tolist()) for batch in distributed_loader(1, 0)]
+    assert global_batches == uninterrupted[2:]
+    assert sorted([*(s for b in seen for s in b), *(s for b in global_batches for s in b)]) == list(range(24))
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda processes, rank: ResumableLoader(shuffled()), "saved None, this run None"),  # a RandomSampler's order
+        (lambda processes, rank: distributed_loader(processes, rank, seed=processes), "'seed': 2"),
+    ],
+)
+def test_a_mid_pass_state_of_another_process_count_is_refused_unless_the_order_is_the_samplers(make, message):
+    state, _ = state_of_two_ranks(2, make)
+    resumed = make(1, 0)
+    with pytest.raises(ValueError, match=f"saved mid-pass \\(after batch 2\\) by a run of 2 process.*{message}"):
+        resumed.load_state_dict(state)
+    assert resumed.state_dict()["position"] == 0  # nothing taken
+
+
+def test_a_state_of_another_process_count_between_passes_is_accepted_whatever_the_sampler():
+    state, _ = state_of_two_ranks(4, lambda processes, rank: ResumableLoader(shuffled()))
+    resumed = ResumableLoader(shuffled())
+    resumed.load_state_dict(state)
+    assert len([batch for batch in resumed]) == 4  # the next pass, whole
+    assert resumed.state_dict()["passes"] == 2

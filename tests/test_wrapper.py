@@ -1083,3 +1083,31 @@ def test_cancel_step_refuses_a_when_that_is_not_a_bool_flag(when, message):
         wrapper.update_params(model(torch.ones(1, 1)).sum())
     assert_same_tensors(list(model.parameters()), before)  # the failed step abandoned its window
     assert all(param.grad is None for param in model.parameters())
+
+
+def test_a_window_saved_by_two_ranks_continues_in_one_process_from_the_mean_of_their_sums():
+    """DDP averages the ranks' gradients when the window ends: the mean of the saved sums stands for them."""
+    batches = make_batches(6)
+    model = make_model()
+    wrapper = OptimWrapper(OPTIMIZERS["adamw"](model.parameters()), accumulative_counts=3)
+    run_wrapper(model, wrapper, batches[:1])
+    first = [param.grad.clone() for param in model.parameters()]
+    wrapper.zero_grad()
+    run_wrapper(model, wrapper, batches[1:2])  # the second rank's first micro-step, as if in another process
+    second = [param.grad.clone() for param in model.parameters()]
+    state = {key: value for key, value in wrapper.state_dict().items() if key != "accumulated_grads"}
+    state["rank_accumulated_grads"] = [first, second]
+    state["counters"] = {**state["counters"], "inner_count": 1}
+    fresh_model = make_model()
+    fresh = OptimWrapper(OPTIMIZERS["adamw"](fresh_model.parameters()), accumulative_counts=3)
+    fresh.load_state_dict(state)
+    for param, a, b in zip(fresh_model.parameters(), first, second, strict=True):
+        assert torch.equal(param.grad, (a + b) / 2)
+    with pytest.raises(
+        ValueError, match=r"saved mid-window with num_items by a run of 2 process\(es\), this run has 1"
+    ):
+        fresh.load_state_dict({**state, "rank_accumulated_items": [2, 3]})
+    with pytest.raises(
+        ValueError, match=r"'rank_accumulated_grads'\] must be a list of each rank's gradients, got \[\]"
+    ):
+        fresh.load_state_dict({**state, "rank_accumulated_grads": []})

@@ -23,6 +23,7 @@ from typing import Any
 from ignite.engine import Engine, Events
 from ignite.handlers import Checkpoint
 from ignite.handlers.checkpoint import BaseSaveHandler
+from torch import nn
 
 from ..engine.checkpoint_files import load_checkpoint, write_checkpoint
 from ..engine.run_directory import RunDirectory, RunDirectoryBusy, checkpoint_name
@@ -116,11 +117,20 @@ def attach_checkpoint(
 
     Returns:
         The attached ``DurableCheckpoint`` (an Ignite ``Checkpoint``).
+
+    Raises:
+        ValueError: A model of ``to_save`` is sharded (FSDP2): use ``attach_sharded_checkpoint``.
     """
     if every is not None:
         checks.positive_int("every", every)
     if n_saved is not None:
         checks.positive_int("n_saved", n_saved)
+    sharded = [name for name, obj in to_save.items() if isinstance(obj, nn.Module) and distributed.is_sharded(obj)]
+    if sharded:
+        raise ValueError(
+            f"to_save[{sharded[0]!r}] has parameters sharded across ranks (FSDP2's DTensors), and attach_checkpoint "
+            "writes one file of whole tensors from rank 0: use attach_sharded_checkpoint"
+        )
     directory = RunDirectory(directory_path(dirname))
     checkpoint = DurableCheckpoint(to_save, directory, n_saved)
     hold = DirectoryHold(directory)

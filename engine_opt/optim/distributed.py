@@ -133,6 +133,16 @@ def all_reduce_sum(value: int | torch.Tensor) -> torch.Tensor:
     return total
 
 
+def is_sharded(module: nn.Module) -> bool:
+    """Whether ``module`` has parameters sharded across ranks (``DTensor``s, as FSDP2's).
+
+    Example:
+        >>> is_sharded(torch.nn.Linear(2, 2))
+        False
+    """
+    return any(hasattr(param, "full_tensor") for param in module.parameters())
+
+
 def replicated_value(value: torch.Tensor) -> torch.Tensor:
     """A value every rank holds whole (a replicated ``DTensor``, as FSDP2's global gradient norm) as a plain tensor.
 
