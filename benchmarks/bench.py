@@ -277,14 +277,41 @@ def measure_memory(config: Config, device: torch.device, iterations: int) -> dic
 # ---------------------------------------------------------------------------------------------- gradient traffic
 
 
+TRAFFIC_RUNS: dict[str, tuple[str, int, bool, bool]] = {  # name: sharding, accumulation, avoid sync, each micro-step
+    "acc1": ("ddp", 1, True, False),
+    "acc4": ("ddp", 4, True, False),
+    "acc4, no no_sync": ("ddp", 4, False, False),
+    "acc4, sync_each_micro_step": ("ddp", 4, True, True),
+    "FSDP2 acc4": ("fsdp2", 4, True, False),
+    "FSDP2 acc4, sync_each_micro_step": ("fsdp2", 4, True, True),
+    "FSDP2 acc4, no flag": ("fsdp2", 4, False, False),
+    "HSDP acc4": ("hsdp", 4, True, False),
+    "HSDP acc4, sync_each_micro_step": ("hsdp", 4, True, True),
+    "HSDP acc4, no flag": ("hsdp", 4, False, False),
+}
+
+
+def _sharded(model: nn.Module, sharding: str) -> nn.Module:
+    """The model under DDP, FSDP2, or HSDP over 2 replicas of 1 shard."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    if sharding == "ddp":
+        return idist.auto_model(model)  # type: ignore[no-any-return]
+    mesh = init_device_mesh("cpu", (2, 1), mesh_dim_names=("replicate", "shard")) if sharding == "hsdp" else None
+    fully_shard(model, mesh=mesh)
+    return model
+
+
 def _traffic_rank(local_rank: int, out: str) -> None:
     torch.manual_seed(0)
     results = {}
     batches = make_batches("mlp", torch.device("cpu"))
-    for name, accumulate, avoid_sync in (("acc1", 1, True), ("acc4", 4, True), ("acc4, no no_sync", 4, False)):
-        model = idist.auto_model(make_model("mlp"))
+    for name, (sharding, accumulate, avoid_sync, each_micro_step) in TRAFFIC_RUNS.items():
+        model = _sharded(make_model("mlp"), sharding)
         traffic = GradientTraffic(model)
-        wrapper = OptimWrapper(torch.optim.AdamW(model.parameters(), lr=1e-3), accumulative_counts=accumulate)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        wrapper = OptimWrapper(optimizer, accumulative_counts=accumulate, sync_each_micro_step=each_micro_step)
         for x, y in [batches[i % len(batches)] for i in range(8)]:
             context = wrapper.optim_context(model) if avoid_sync else contextlib.nullcontext()
             with context:
@@ -296,7 +323,7 @@ def _traffic_rank(local_rank: int, out: str) -> None:
 
 
 def measure_traffic() -> dict[str, dict[str, int]]:
-    """A 2-process DDP run (gloo) of the mlp: gradient reductions and bytes per applied update."""
+    """2-process runs (gloo) of the mlp, DDP, FSDP2 and HSDP: gradient reductions and bytes per applied update."""
     with tempfile.TemporaryDirectory() as directory:
         out = Path(directory) / "traffic.json"
         subprocess.run([sys.executable, __file__, "--traffic", str(out)], check=True, capture_output=True, text=True)
@@ -366,8 +393,10 @@ def markdown(results: dict[str, Any]) -> str:
     if results["traffic"]:
         lines += [
             "",
-            "Gradient communication of a 2-process DDP run (gloo), mlp, 8 iterations (a reduction is one DDP bucket; "
-            "the mlp's gradients fill two buckets, one after the first iteration):",
+            "Gradient communication of 2-process runs (gloo), mlp, 8 iterations (DDP: a reduction is one bucket, and "
+            "the mlp's gradients fill two, one after the first iteration; FSDP2: one reduce-scatter of the whole "
+            "model; HSDP, 2 replicas of 1 shard: one all-reduce across the replicas, the reduce-scatter over a "
+            "shard group of one being skipped):",
             "",
         ]
         lines += ["| run | reductions | per applied update | MiB per applied update |", "|---|---|---|---|"]

@@ -122,22 +122,6 @@ def test_a_state_of_two_processes_continues_in_one_with_each_sample_once(positio
     assert sorted([*before, *(sample for batch in rest for sample in batch)]) == list(range(24))
 
 
-def test_a_state_of_one_process_continues_in_three_on_their_shares():
-    loader = distributed_loader(1, 0)
-    batches = iter(loader)
-    seen = [next(batches).tolist() for _ in range(2)]
-    state = loader.state_dict()
-    rest = []
-    for rank in range(3):
-        resumed = distributed_loader(3, rank)
-        resumed.load_state_dict(state)
-        rest.append([batch.tolist() for batch in resumed])
-    global_batches = [sorted(a + b + c) for a, b, c in zip(*rest, strict=True)]
-    uninterrupted = [sorted(batch.tolist()) for batch in distributed_loader(1, 0)]
-    assert global_batches == uninterrupted[2:]
-    assert sorted([*(s for b in seen for s in b), *(s for b in global_batches for s in b)]) == list(range(24))
-
-
 @pytest.mark.parametrize(
     ("make", "message"),
     [
@@ -158,4 +142,20 @@ def test_a_state_of_another_process_count_between_passes_is_accepted_whatever_th
     resumed = ResumableLoader(shuffled())
     resumed.load_state_dict(state)
     assert len([batch for batch in resumed]) == 4  # the next pass, whole
+    assert resumed.state_dict()["passes"] == 2
+
+
+@pytest.mark.parametrize(("saved_batch", "batch"), [(3, 12), (6, 3)])  # passes of 4 batches into 2, 2 into 8
+def test_a_pass_ended_by_another_process_count_is_followed_by_a_whole_pass_whatever_its_length(saved_batch, batch):
+    def make(processes, rank, batch_size=saved_batch):
+        sampler = DistributedSampler(torch.arange(24), num_replicas=processes, rank=rank, shuffle=True, seed=0)
+        return ResumableLoader(DataLoader(torch.arange(24), batch_size=batch_size, sampler=sampler))
+
+    state, _ = state_of_two_ranks(24 // 2 // saved_batch, make)  # each rank at the end of its first pass
+    resumed = make(1, 0, batch)
+    resumed.load_state_dict(state)
+    second_pass = [sample for batch in resumed for sample in batch.tolist()]
+    sampler = DistributedSampler(torch.arange(24), num_replicas=1, rank=0, shuffle=True, seed=0)
+    sampler.set_epoch(1)
+    assert second_pass == list(sampler)  # the next epoch's order, whole
     assert resumed.state_dict()["passes"] == 2

@@ -18,7 +18,7 @@ from ignite.engine import Events
 from torch.distributed.checkpoint import CheckpointException
 from torch.distributed.checkpoint.filesystem import FileSystemWriter
 
-from engine_opt import OptimWrapper, create_trainer
+from engine_opt import OptimWrapper, OptimWrapperDict, create_trainer
 from engine_opt.engine.run_directory import RunDirectory
 from engine_opt.handlers import (
     ResumableLoader,
@@ -35,9 +35,23 @@ BATCHES = 10
 ACCUMULATE = 2
 
 
-def build(directory, every=3, n_saved=2, async_save=False):
+class ShardedParameter(torch.nn.Parameter):
+    """A parameter that calls itself sharded, as FSDP2's DTensors do: its window's gradients are not the wrapper's."""
+
+    def full_tensor(self):
+        return self
+
+
+def shard(model):
+    for module in model.modules():
+        for name, param in list(module.named_parameters(recurse=False)):
+            setattr(module, name, ShardedParameter(param.detach().clone()))
+    return model
+
+
+def build(directory, every=3, n_saved=2, async_save=False, sharded=False):
     """A run of the trainer over the oracle's batches, resumed from ``directory``'s newest checkpoint if any."""
-    model = make_model()
+    model = shard(make_model()) if sharded else make_model()
     wrapper = OptimWrapper(OPTIMIZERS["adamw"](model.parameters()), accumulative_counts=ACCUMULATE)
     trainer = create_trainer(model, wrapper, loss_fn)
     data = ResumableLoader(make_batches(BATCHES))
@@ -64,18 +78,54 @@ def names(directory):
 
 
 @pytest.mark.parametrize("async_save", [False, True])
-def test_a_run_stopped_and_resumed_from_its_sharded_checkpoint_ends_bitwise_as_the_plain_loop(tmp_path, async_save):
+def test_a_run_stopped_mid_window_and_resumed_from_its_sharded_checkpoint_ends_bitwise_as_the_plain_loop(
+    tmp_path, async_save
+):
     trainer, data, _, checkpoint = build(tmp_path, async_save=async_save)
     stop_at(trainer, 7)
-    with pytest.warns(RuntimeWarning, match="part-way through an accumulation window.*newest is of iteration 6"):
-        trainer.run(data, max_epochs=1)
-    assert names(tmp_path) == ["checkpoint_4", "checkpoint_6"]  # asked at 3 and 6: the one at 3 waited for the window
-    assert checkpoint.last_checkpoint == tmp_path / "checkpoint_6"
+    trainer.run(data, max_epochs=1)
+    assert names(tmp_path) == ["checkpoint_6", "checkpoint_7"]  # 7: the run's end, mid-window
+    assert checkpoint.last_checkpoint == tmp_path / "checkpoint_7"
     trainer, data, model, _ = build(tmp_path, async_save=async_save)
-    assert trainer.state.iteration == 6
+    assert trainer.state.iteration == 7
     trainer.run(data, max_epochs=1)
     assert_same_tensors(list(model.parameters()), expected_params())
+    assert names(tmp_path) == ["checkpoint_10", "checkpoint_9"]
+
+
+def test_a_save_of_sharded_parameters_asked_mid_window_waits_for_the_windows_end(tmp_path):
+    trainer, data, _, _ = build(tmp_path, sharded=True)
+    stop_at(trainer, 7)
+    with pytest.warns(RuntimeWarning, match="part-way through an accumulation window.*the newest is of 6"):
+        trainer.run(data, max_epochs=1)
+    assert names(tmp_path) == ["checkpoint_4", "checkpoint_6"]  # asked at 3 and 6: the one at 3 waited for 4
+    trainer, data, model, _ = build(tmp_path, sharded=True)
+    assert trainer.state.iteration == 6
+    trainer.run(data, max_epochs=1)
+    assert_same_tensors([param.detach() for param in model.parameters()], expected_params())
     assert names(tmp_path) == ["checkpoint_10", "checkpoint_6"]  # asked at 9: waited for the window to end at 10
+
+
+def test_a_save_waiting_for_windows_that_never_end_together_says_so(tmp_path):
+    gan = {name: shard(make_model(seed)) for seed, name in enumerate(("gen", "disc"))}
+    wrappers = OptimWrapperDict(
+        **{
+            name: OptimWrapper(torch.optim.SGD(model.parameters(), lr=0.1), accumulative_counts=2)
+            for name, model in gan.items()
+        }
+    )
+
+    def train_step(engine, batch):  # the generator begins one iteration after the discriminator
+        for name, model in gan.items():
+            if name == "disc" or engine.state.iteration > 1:
+                wrappers[name].update_params(model(batch[0]).square().mean())
+
+    trainer = create_trainer(gan["gen"], wrappers, train_step=train_step)
+    attach_sharded_checkpoint(trainer, {**gan, "optim": wrappers}, tmp_path, every=2)
+    with pytest.warns(RuntimeWarning, match="asked for at iteration 2 still waits.*never end together") as caught:
+        trainer.run(make_batches(8), max_epochs=1)
+    assert names(tmp_path) == []
+    assert "none was written" in str(caught[-1].message)
 
 
 def test_an_asynchronous_save_holds_the_state_of_its_iteration_while_training_goes_on(tmp_path):

@@ -1111,3 +1111,18 @@ def test_a_window_saved_by_two_ranks_continues_in_one_process_from_the_mean_of_t
         ValueError, match=r"'rank_accumulated_grads'\] must be a list of each rank's gradients, got \[\]"
     ):
         fresh.load_state_dict({**state, "rank_accumulated_grads": []})
+
+
+def test_the_mean_of_the_ranks_sums_keeps_the_gradients_precision():
+    model = make_model(dtype=torch.float64)
+    wrapper = OptimWrapper(torch.optim.SGD(model.parameters(), lr=0.1), accumulative_counts=2)
+    state = wrapper.state_dict() | {
+        "counters": {"inner_count": 1, "max_counts": -1, "steps": 0, "accumulative_counts": 2}
+    }
+    sums = [[torch.full_like(param, value) for param in model.parameters()] for value in (0.1, 0.2 + 1e-12)]
+    wrapper.load_state_dict(state | {"rank_accumulated_grads": sums})
+    for param, a, b in zip(model.parameters(), *sums, strict=True):
+        assert param.grad.dtype == torch.float64 and torch.equal(param.grad, (a + b) / 2)
+    bad = [sums[0], [None, *sums[1][1:-1]]]
+    with pytest.raises(ValueError, match=r"state_dict\['rank_accumulated_grads'\]\[1\] must be a list of 6 tensors"):
+        wrapper.load_state_dict(state | {"rank_accumulated_grads": bad})

@@ -39,6 +39,7 @@ class RunOptions:
     epochs: int
     num_items: str = "off"
     spike_guard: str = "off"
+    data_order: str = "sampler"  # a DistributedSampler's, in one process too (before: one process's generator)
 
     def state_dict(self) -> dict[str, Any]:
         """The options, as plain values (they load with ``weights_only=True``)."""
@@ -66,6 +67,11 @@ class RunOptions:
             if saved.get(name, "off") != getattr(self, name):
                 flag = "--" + name.replace("_", "-")
                 differences.append(f"{flag} {getattr(self, name)}, the checkpoint's {saved.get(name, 'off')}")
+        if saved.get("data_order", "generator" if saved.get("processes") == 1 else "sampler") != self.data_order:
+            differences.append(
+                "the data order: the checkpoint's run of one process shuffled with its generator, as engine-opt did "
+                "before its order became the same at any process count; resume it with that release"
+            )
         if differences:
             raise ValueError(f"this run differs from the checkpoint's: {'; '.join(differences)}")
 

@@ -244,13 +244,15 @@ class ResumableLoader:
             value = state_dict.get(key, 0)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"state_dict[{key!r}] must be an int >= 0, got {value!r}")
-        self._check_position(state_dict["position"], self._length())
         ranks = state_dict.get("ranks")
         if ranks is not None and (not isinstance(ranks, list) or not ranks):
             raise ValueError(f"state_dict['ranks'] must be a list of each rank's generator states, got {ranks!r}")
         saved_world = 1 if ranks is None else len(ranks)
-        if saved_world != distributed.world_size():
+        if saved_world == distributed.world_size():
+            self._check_position(state_dict["position"], self._length())
+        elif not _between_passes(state_dict):
             self._check_same_order(state_dict, saved_world)
+            self._check_position(state_dict["position"], self._length())
         for where, streams in [("state_dict", state_dict)] + [
             (f"state_dict['ranks'][{rank}]", checks.mapping(f"state_dict['ranks'][{rank}]", states))
             for rank, states in enumerate(ranks or [])
@@ -261,9 +263,7 @@ class ResumableLoader:
 
     def _check_same_order(self, state_dict: Mapping[str, Any], saved_world: int) -> None:
         """A state of another number of processes: refused mid-pass unless the batches so far are the same samples."""
-        position, length = state_dict["position"], state_dict.get("length")
-        if position == 0 or position == length or state_dict["epoch_rng"] is None:
-            return  # between passes: nothing to skip
+        position = state_dict["position"]
         saved, order = state_dict.get("order"), _order(self.data)
         if saved is None or saved != order:
             raise ValueError(
@@ -281,7 +281,15 @@ class ResumableLoader:
         if saved_world == distributed.world_size():
             return state if ranks is None else {**state, **ranks[distributed.rank()]}
         now = rng_state(self._generator)
-        return {**state, "epoch_rng": None if state["epoch_rng"] is None else now, "rng": now}
+        if _between_passes(state):  # the next pass is whole, however long this run's passes are
+            return {**state, "position": 0, "epoch_rng": None, "rng": now}
+        return {**state, "epoch_rng": now, "rng": now}
+
+
+def _between_passes(state: Mapping[str, Any]) -> bool:
+    """Whether ``state`` was saved before a pass began or after it ended (by its own length)."""
+    position = state["position"]
+    return state["epoch_rng"] is None or position == 0 or position == state.get("length")
 
 
 def _order(data: Any) -> dict[str, Any] | None:

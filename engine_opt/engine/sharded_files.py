@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +40,7 @@ import torch
 from ignite.handlers import Checkpoint
 from torch import nn
 from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.filesystem import FileSystemReader
 from torch.distributed.checkpoint.state_dict import (
     get_model_state_dict,
     get_optimizer_state_dict,
@@ -51,6 +52,7 @@ from torch.distributed.checkpoint.state_dict_saver import async_save as dcp_asyn
 from torch.distributed.checkpoint.state_dict_saver import save as dcp_save
 
 from ..optim import OptimWrapper, OptimWrapperDict, checks, distributed
+from ..optim.state_checks import check_module_state
 from .checkpoint_files import check_entry, fsync_directory, read_checkpoint, write_checkpoint
 from .run_directory import SHARDED_METADATA, remove
 
@@ -76,25 +78,37 @@ class ShardedLayout:
     objects: dict[str, Any]
 
     @classmethod
-    def of(cls, to_save: Mapping[str, Any]) -> ShardedLayout:
-        """Split ``to_save``; a ``ValueError`` names an optimizer whose model is not among the entries."""
-        to_save = checks.mapping("to_save", to_save)
+    def of(cls, to_save: Mapping[str, Any], argument: str = "to_save") -> ShardedLayout:
+        """Split ``to_save`` (called ``argument`` in errors); a ``ValueError`` names an optimizer without its model."""
+        to_save = checks.mapping(argument, to_save)
         models = {name: obj for name, obj in to_save.items() if isinstance(obj, nn.Module)}
         optimizers = {}
         for key, optimizer in _optimizers(to_save).items():
             if distributed.state_holder(optimizer) is not optimizer:
                 raise ValueError(
-                    f"to_save[{key.split('.')[0]!r}] holds a ZeroRedundancyOptimizer, which sharded checkpoints do "
+                    f"{argument}[{key.split('.')[0]!r}] holds a ZeroRedundancyOptimizer, which sharded checkpoints do "
                     "not take: save it with attach_checkpoint (its state is consolidated), or shard the model "
                     "with FSDP2 (fully_shard) and use a plain optimizer"
                 )
-            optimizers[key] = (_model_of(key, optimizer, models), optimizer)
+            optimizers[key] = (_model_of(f"{argument}[{key!r}]", optimizer, models), optimizer)
         objects = {name: obj for name, obj in to_save.items() if name not in models}
         return cls(models, optimizers, objects)
 
     def in_window(self) -> bool:
-        """Whether a wrapper is part-way through an accumulation window."""
-        return any(getattr(obj, "in_window", False) is True for obj in self.objects.values())
+        """Whether a wrapper of sharded parameters is part-way through an accumulation window.
+
+        FSDP2 keeps such a window's unreduced gradients in its own buffers,
+        out of the wrapper's reach; other wrappers save theirs.
+        """
+        return any(_wrapper_in_window(obj) for obj in self.objects.values())
+
+
+def _wrapper_in_window(obj: Any) -> bool:
+    if isinstance(obj, OptimWrapperDict):
+        return any(_wrapper_in_window(wrapper) for wrapper in obj.values())
+    if not isinstance(obj, OptimWrapper) or not obj.in_window:
+        return False
+    return any(hasattr(param, "full_tensor") for group in obj.param_groups for param in group["params"])
 
 
 def _optimizers(to_save: Mapping[str, Any]) -> dict[str, torch.optim.Optimizer]:
@@ -109,15 +123,25 @@ def _optimizers(to_save: Mapping[str, Any]) -> dict[str, torch.optim.Optimizer]:
     return found
 
 
-def _model_of(key: str, optimizer: torch.optim.Optimizer, models: Mapping[str, nn.Module]) -> nn.Module:
+def _model_of(where: str, optimizer: torch.optim.Optimizer, models: Mapping[str, nn.Module]) -> nn.Module:
     """The first model holding every parameter of ``optimizer``."""
     wanted = {id(param) for group in optimizer.param_groups for param in group["params"]}
-    for model in models.values():
-        if wanted <= {id(param) for param in model.parameters()}:
+    holding = []
+    for name, model in models.items():
+        held = wanted & {id(param) for param in model.parameters()}
+        if held == wanted:
             return model
+        if held:
+            holding.append(name)
+    if holding:
+        raise ValueError(
+            f"the optimizer of {where} updates parameters of several models ({holding}); a sharded checkpoint "
+            "saves an optimizer's state by one model's parameter names: put those models in one module "
+            "(nn.ModuleDict) and save that"
+        )
     raise ValueError(
-        f"the optimizer of to_save[{key!r}] updates parameters of no model in to_save (models: {sorted(models)}); "
-        "a sharded checkpoint saves an optimizer's state by its model's parameter names: add its model"
+        f"the optimizer of {where} updates parameters of no model there (models: {sorted(models)}); a sharded "
+        "checkpoint saves an optimizer's state by its model's parameter names: add its model"
     )
 
 
@@ -126,7 +150,7 @@ def _objects_state(layout: ShardedLayout) -> dict[str, Any]:
     return {
         "objects": {name: _without_optimizer_state(obj, obj.state_dict()) for name, obj in layout.objects.items()},
         "models": sorted(layout.models),
-        "optimizers": sorted(layout.optimizers),
+        "optimizers": sorted(key for key, (_, optimizer) in layout.optimizers.items() if optimizer.state),
     }
 
 
@@ -138,12 +162,32 @@ def _without_optimizer_state(obj: Any, state: Any) -> Any:
     return state
 
 
-def _dcp_state(layout: ShardedLayout) -> dict[str, Any]:
-    """What DCP saves: each model's and each optimizer's state, by parameter names (sharded ``DTensor``s stay so)."""
+def _dcp_state(layout: ShardedLayout, optimizers: Iterable[str]) -> dict[str, Any]:
+    """What DCP saves: each model's state and the named optimizers', by parameter names (``DTensor``s stay sharded).
+
+    An optimizer without state is left out: DCP's form of its state
+    would be made by a step with zero gradients and learning rate, which
+    counts (Adam's ``step``) and calls the step hooks.
+    """
     return {
         "models": {name: get_model_state_dict(model) for name, model in layout.models.items()},
-        "optimizers": {key: get_optimizer_state_dict(model, opt) for key, (model, opt) in layout.optimizers.items()},
+        "optimizers": {key: _optimizer_state(*layout.optimizers[key]) for key in optimizers},
     }
+
+
+def _optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """``get_optimizer_state_dict``, whose template of an optimizer without state needs no gradients there."""
+    if optimizer.state:
+        return get_optimizer_state_dict(model, optimizer)
+    params = [param for group in optimizer.param_groups for param in group["params"]]
+    grads = [param.grad for param in params]
+    for param in params:
+        param.grad = None
+    try:
+        return get_optimizer_state_dict(model, optimizer)
+    finally:
+        for param, grad in zip(params, grads, strict=True):
+            param.grad = grad
 
 
 def save_sharded(
@@ -166,17 +210,17 @@ def save_sharded(
         The future of an asynchronous save, else None (the directory is complete).
 
     Raises:
-        ValueError: A wrapper is part-way through an accumulation window
-            (an FSDP2 model's accumulated gradients are not the wrapper's to
-            read): save between windows.
+        ValueError: A wrapper of sharded (FSDP2) parameters is part-way
+            through an accumulation window (FSDP2 holds the window's
+            gradients, not the wrapper): save between windows.
     """
     if layout.in_window():
         raise ValueError(
-            "a wrapper of the sharded checkpoint is part-way through an accumulation window: save between "
-            "windows (attach_sharded_checkpoint waits for the window's end)"
+            "a wrapper of sharded (FSDP2) parameters is part-way through an accumulation window, whose gradients "
+            "FSDP2 holds: save between windows (attach_sharded_checkpoint waits for the window's end)"
         )
     objects = _objects_state(layout)  # collective calls (the loader's generator states): every rank
-    state = _dcp_state(layout)
+    state = _dcp_state(layout, objects["optimizers"])
     if distributed.rank() == 0:
         directory.mkdir(parents=True, exist_ok=True)
         write_checkpoint(objects, directory / OBJECTS_FILE)
@@ -191,43 +235,67 @@ def save_sharded(
 def load_sharded_checkpoint(to_load: Mapping[str, Any], path: str | Path) -> None:
     """Load the sharded checkpoint directory ``path`` into the objects of ``to_load``: all of them, or none.
 
-    Every name must be in the checkpoint; models and optimizers are read by
-    parameter name into copies first, then ``objects.pt``'s entries are
-    checked as ``load_checkpoint`` checks a file's; only then is anything
-    loaded. DCP reshards: the checkpoint of a run of 2 processes loads into 1
-    or 3. On any mismatch a ``ValueError`` names the directory and what
-    differs, and the objects are left as they were.
+    Every name must be in the checkpoint, every model's keys, shapes and
+    dtypes must be the saved ones (read from DCP's metadata), and every other
+    entry is checked as ``load_checkpoint`` checks a file's; then the models
+    and optimizers are read into copies (twice their size in host memory, for
+    the moment of the load), and only then is anything loaded. DCP reshards:
+    the checkpoint of a run of 2 processes loads into 1 or 3. On any mismatch
+    a ``ValueError`` names the directory and what differs, and the objects are
+    left as they were.
 
-    DCP reads its ``.metadata`` with ``pickle``: load only sharded
-    checkpoints you trust (``objects.pt`` is read with ``weights_only=True``).
-    Every rank calls it (a collective call).
+    DCP reads its ``.metadata`` with ``pickle``, and its files carry no
+    checksum: load only sharded checkpoints you trust (``objects.pt`` is read
+    with ``weights_only=True`` and its checksums checked). Every rank calls it
+    (a collective call).
     """
     path = Path(path)
     if not (path / SHARDED_METADATA).is_file():
         raise ValueError(f"{path} is not a complete sharded checkpoint: it lacks {SHARDED_METADATA}")
     saved = read_checkpoint(path / OBJECTS_FILE)
-    layout = ShardedLayout.of(to_load)
+    layout = ShardedLayout.of(to_load, "to_load")
     _check_names(path, layout, saved)
-    for name, obj in layout.objects.items():
+    metadata = FileSystemReader(path).read_metadata()
+    checking: dict[str, tuple[Callable[[Any, Any], None], Any, Any]] = {
+        name: (check_module_state, model, _saved_model(metadata, name)) for name, model in layout.models.items()
+    }
+    checking |= {name: (check_entry, obj, saved["objects"][name]) for name, obj in layout.objects.items()}
+    for name, (check, obj, entry) in checking.items():
         try:
-            check_entry(obj, saved["objects"][name])
+            check(obj, entry)
         except (TypeError, ValueError, KeyError) as error:
             raise ValueError(f"{path}: {name!r} does not match this run: {error}") from None
-    state = _read_dcp(path, layout)
+    state = _read_dcp(path, layout, [key for key in saved["optimizers"] if key in layout.optimizers])
     Checkpoint.load_objects(dict(layout.objects), saved["objects"])  # the wrappers' optimizers' state is emptied...
     for name, model in layout.models.items():
         set_model_state_dict(model, state["models"][name])
-    for key, (model, optimizer) in layout.optimizers.items():  # ... and set here
-        set_optimizer_state_dict(model, optimizer, state["optimizers"][key])
+    for key, optimizer_state in state["optimizers"].items():  # ... and set here, where it was saved
+        set_optimizer_state_dict(*layout.optimizers[key], optimizer_state)
+
+
+def _saved_model(metadata: Any, name: str) -> dict[str, Any]:
+    """A model's saved state as DCP's metadata describes it: meta tensors of the saved shapes and dtypes."""
+    paths = getattr(metadata, "planner_data", None) or {}  # each flattened key's path: ("models", name, key)
+    saved: dict[str, Any] = {}
+    for flat, item in metadata.state_dict_metadata.items():
+        where = paths.get(flat)
+        if where is None or len(where) != 3 or tuple(where[:2]) != ("models", name):
+            continue
+        size, dtype = getattr(item, "size", None), getattr(getattr(item, "properties", None), "dtype", None)
+        saved[where[2]] = object() if size is None else torch.empty(size, dtype=dtype, device="meta")
+    return saved
 
 
 def _check_names(path: Path, layout: ShardedLayout, saved: Mapping[str, Any]) -> None:
     objects = saved.get("objects")
-    if not isinstance(objects, Mapping) or not isinstance(saved.get("models"), list):
+    if (
+        not isinstance(objects, Mapping)
+        or not isinstance(saved.get("models"), list)
+        or not isinstance(saved.get("optimizers"), list)
+    ):
         raise ValueError(f"{path / OBJECTS_FILE} is not the objects file of a sharded checkpoint")
     missing = [
         *(name for name in layout.models if name not in saved["models"]),
-        *(key for key in layout.optimizers if key not in saved.get("optimizers", [])),
         *(name for name in layout.objects if name not in objects),
     ]
     if missing:
@@ -235,8 +303,8 @@ def _check_names(path: Path, layout: ShardedLayout, saved: Mapping[str, Any]) ->
         raise ValueError(f"{path} lacks {missing}; it holds {held}: is it a checkpoint of this run?")
 
 
-def _read_dcp(path: Path, layout: ShardedLayout) -> dict[str, Any]:
-    """The checkpoint's model and optimizer states, read into copies: the objects themselves are untouched.
+def _read_dcp(path: Path, layout: ShardedLayout, optimizers: list[str]) -> dict[str, Any]:
+    """The models' states and the saved optimizers', read into copies: the objects themselves are untouched.
 
     Reading an optimizer's state in DCP's form initialises an optimizer that
     has none (a step with zero gradients and learning rate); that is undone
@@ -244,12 +312,15 @@ def _read_dcp(path: Path, layout: ShardedLayout) -> dict[str, Any]:
     """
     fresh = [optimizer for _, optimizer in layout.optimizers.values() if not optimizer.state]
     try:
-        state: dict[str, Any] = _copied(_dcp_state(layout))
+        state: dict[str, Any] = _copied(_dcp_state(layout, optimizers))
         dcp_load(state, checkpoint_id=path, no_dist=not distributed.initialized())
     except (Exception, CheckpointException) as error:  # DCP's exception is no Exception
         for optimizer in fresh:
             optimizer.state.clear()
-        raise ValueError(f"{path} does not match this run's models or optimizers: {_first_line(error)}") from None
+        raise ValueError(
+            f"{path}: reading its models and optimizers failed (this run's differ, or its files are damaged): "
+            f"{_cause(error)}"
+        ) from None
     return state
 
 
@@ -263,10 +334,10 @@ def _copied(state: Any) -> Any:
     return state
 
 
-def _first_line(error: BaseException) -> str:
-    """What went wrong, from an error or from the first rank's traceback that DCP's exception carries."""
+def _cause(error: BaseException) -> str:
+    """What went wrong: the error, or the first rank's that DCP's exception carries as text."""
     text = str(error).strip()
-    causes = re.findall(r"^\s*(\w+(?:Error|Exception): .*)$", text, flags=re.MULTILINE)
+    causes = re.findall(r"^\s*(\w+(?:Error|Exception|Interrupt)(?:: .*)?)$", text, flags=re.MULTILINE)
     if causes:
         return str(causes[0])
     return f"{type(error).__name__}: {text.splitlines()[0]}" if text else type(error).__name__
@@ -276,11 +347,22 @@ def publish(partial: Path, final: Path) -> bool:
     """Rename a complete sharded checkpoint into place, durably; False (``partial`` removed) if ``final`` exists.
 
     A checkpoint of the same iteration already there is kept: a run resumed
-    at its last iteration writes the state it loaded.
+    at its last iteration writes the state it loaded. The partial directory
+    is ``fsync``-ed first, so its entries survive a crash of the machine.
+
+    Raises:
+        FileExistsError: ``final`` is there and is no sharded checkpoint
+            (``partial`` removed: the newest checkpoint stays the last good one).
     """
-    if final.exists():
+    if os.path.lexists(final):
         remove(partial)
+        if not (final / SHARDED_METADATA).is_file():
+            raise FileExistsError(
+                f"cannot save the sharded checkpoint {final}: an entry of that name is there and is no checkpoint "
+                "(a directory without .metadata, a file or a link); move it away"
+            )
         return False
+    fsync_directory(partial)
     os.replace(partial, final)
     fsync_directory(final.parent)
     return True

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
@@ -26,7 +26,7 @@ from ignite.engine import Engine, Events
 from ..engine.run_directory import RunDirectory, checkpoint_name, partial_name
 from ..engine.sharded_files import ShardedLayout, publish, save_sharded
 from ..engine.trainer import Trainer
-from ..optim import checks, distributed
+from ..optim import OptimWrapper, OptimWrapperDict, checks, distributed
 from .checkpoint import DirectoryHold, directory_path
 
 
@@ -37,11 +37,14 @@ class ShardedCheckpoint:
     renamed once DCP's ``.metadata`` (written after every rank's shards) is
     there, so only complete checkpoints carry the run's names; only then are
     the run's checkpoints beyond ``n_saved`` removed. A save asked for while
-    a wrapper is part-way through an accumulation window waits for the
-    window's end (the window's gradients are FSDP2's, not the wrapper's, to
-    hold). With ``async_save`` each rank copies its state to host memory and
-    training goes on while a thread writes it; a save waits for the one
-    before it, and the run's end waits for the last.
+    a wrapper of sharded (FSDP2) parameters is part-way through an
+    accumulation window waits for the window's end (FSDP2 holds the
+    window's gradients, not the wrapper; a warning says when it has waited
+    a whole window). With ``async_save`` each rank copies its state to host
+    memory and training goes on while a thread writes it; a save waits for
+    the one before it, and the run's end waits for the last (a run of a
+    plain Ignite ``Engine`` that raises leaves its last background save
+    unpublished; ``create_trainer``'s trainer publishes it however the run ends).
 
     Args:
         to_save: Objects with ``state_dict``/``load_state_dict``, by name.
@@ -60,22 +63,33 @@ class ShardedCheckpoint:
         self._pid = distributed.gather_objects(os.getpid())[0]  # the partial directory's name, as rank 0 has it
         self._group = dist.new_group(backend="gloo") if async_save and distributed.initialized() else None
         self._pending: tuple[Future[Any], Path, Path] | None = None
-        self._deferred = False
+        self._deferred_since: int | None = None  # the iteration a save was asked for mid-window
+        self._longest_window = max(_windows(self.layout.objects.values()), default=1)
 
     def __call__(self, engine: Engine) -> None:
         """Save now, or at the end of the accumulation window in progress."""
-        if self.layout.in_window():
-            self._deferred = True
-        else:
+        if not self.layout.in_window():
             self.save(engine.state.iteration)
+        elif self._deferred_since is None:
+            self._deferred_since = engine.state.iteration
 
     def at_iteration_end(self, engine: Engine) -> None:
         """Publish a finished background save; take a deferred save once the window has ended."""
         if self._pending is not None and self._pending[0].done():
             self.wait()
-        if self._deferred and not self.layout.in_window():
-            self._deferred = False
+        if self._deferred_since is None:
+            return
+        if not self.layout.in_window():
+            self._deferred_since = None
             self.save(engine.state.iteration)
+        elif engine.state.iteration - self._deferred_since == self._longest_window:
+            warnings.warn(
+                f"a sharded checkpoint asked for at iteration {self._deferred_since} still waits for its "
+                f"wrappers' accumulation windows to end together ({self._longest_window} iterations later): "
+                "windows that never end together (members that begin at different iterations) are never saved",
+                RuntimeWarning,
+                stacklevel=2,
+            )
 
     def save(self, iteration: int) -> None:
         """Write the checkpoint of ``iteration`` (every rank calls it); with ``async_save``, begin writing it."""
@@ -100,15 +114,16 @@ class ShardedCheckpoint:
     def at_run_end(self, engine: Engine) -> None:
         """Save the final state (unless saved at this iteration), and wait for it to be written."""
         if self.layout.in_window():
+            newest = "none was written" if self.last_iteration is None else f"the newest is of {self.last_iteration}"
             warnings.warn(
-                f"the run ended part-way through an accumulation window (iteration {engine.state.iteration}); a "
-                f"sharded checkpoint is taken between windows, so the newest is of iteration {self.last_iteration}",
+                f"the run ended part-way through an accumulation window of sharded parameters (iteration "
+                f"{engine.state.iteration}); a sharded checkpoint of them is taken between windows: {newest}",
                 RuntimeWarning,
                 stacklevel=2,
             )
         elif self.last_iteration != engine.state.iteration:
             self.save(engine.state.iteration)
-        self._deferred = False
+        self._deferred_since = None
         self.wait()
 
     def _publish(self, partial: Path, final: Path) -> None:
@@ -172,6 +187,15 @@ def attach_sharded_checkpoint(
     trainer.add_event_handler(Events.COMPLETED, checkpoint.at_run_end)
     trainer.add_event_handler(Events.COMPLETED, hold.let_go)
     return checkpoint
+
+
+def _windows(objects: Iterable[Any]) -> Iterator[int]:
+    """The accumulation window of every wrapper among ``objects``."""
+    for obj in objects:
+        if isinstance(obj, OptimWrapperDict):
+            yield from _windows(obj.values())
+        elif isinstance(obj, OptimWrapper):
+            yield obj.accumulative_counts
 
 
 def _wait_at_run_end(engine: Engine, checkpoint: ShardedCheckpoint) -> None:

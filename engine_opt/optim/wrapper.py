@@ -106,11 +106,16 @@ def _accumulated_grads(state_dict: Mapping[str, Any]) -> Any:
 
 
 def _mean(grads: list[torch.Tensor | None]) -> torch.Tensor | None:
-    """The mean of the ranks' sums of one parameter (a rank without a gradient summed zero)."""
+    """The mean of the ranks' sums of one parameter (a rank without a gradient summed zero).
+
+    Summed in the gradients' dtype, at least float32's precision.
+    """
     present = [grad for grad in grads if grad is not None]
     if not present:
         return None
-    return torch.stack([grad.float() for grad in present]).sum(0).div(len(grads)).to(present[0].dtype)
+    dtype = present[0].dtype
+    total = torch.stack(present).to(torch.promote_types(dtype, torch.float32)).sum(0)
+    return total.div(len(grads)).to(dtype)
 
 
 def _accumulated_items(state_dict: Mapping[str, Any]) -> int | None:
@@ -902,20 +907,22 @@ class OptimWrapper(torch.optim.Optimizer):
                 "the same accumulation, or from a checkpoint between windows"
             )
         params = self._params()
-        for grads in [state_dict.get("accumulated_grads")] if by_rank is None else by_rank:
-            self._check_grads(grads, params)
+        if by_rank is None:
+            self._check_grads("state_dict['accumulated_grads']", state_dict.get("accumulated_grads"), params)
+        for rank, grads in enumerate(by_rank or []):
+            self._check_grads(f"state_dict['rank_accumulated_grads'][{rank}]", grads, params)
 
     @staticmethod
-    def _check_grads(grads: Any, params: list[torch.Tensor]) -> None:
+    def _check_grads(where: str, grads: Any, params: list[torch.Tensor]) -> None:
         if not isinstance(grads, list) or len(grads) != len(params):
-            raise ValueError(f"state_dict['accumulated_grads'] must be a list of {len(params)} tensors or None")
+            raise ValueError(
+                f"{where} must be a list of {len(params)} tensors or None (one per parameter), got "
+                f"{checks.describe(grads)}"
+            )
         for index, (grad, param) in enumerate(zip(grads, params, strict=True)):
             if grad is not None and (not isinstance(grad, torch.Tensor) or grad.shape != param.shape):
                 shape = tuple(grad.shape) if isinstance(grad, torch.Tensor) else type(grad).__name__
-                raise ValueError(
-                    f"state_dict['accumulated_grads'][{index}] has shape {shape}, "
-                    f"the parameter has shape {tuple(param.shape)}"
-                )
+                raise ValueError(f"{where}[{index}] has shape {shape}, the parameter has shape {tuple(param.shape)}")
 
     def _check_accumulated_items(self, state_dict: Mapping[str, Any]) -> None:
         """A window's item count (``num_items``) is saved mid-window only, beside its gradients."""

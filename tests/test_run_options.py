@@ -1,0 +1,37 @@
+"""RunOptions: what a resumed ``engine-opt train`` must share with its checkpoint, and what it need not."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from engine_opt.app.run_options import RunOptions
+
+
+def options(**changes):
+    base = RunOptions(
+        task="classifier",
+        batch_size=64,
+        seed=0,
+        processes=2,
+        wrapper={"type": "OptimWrapper"},
+        schedule="constant",
+        epochs=2,
+    )
+    return dataclasses.replace(base, **changes)
+
+
+@pytest.mark.parametrize("processes", [1, 3, 4])
+def test_another_process_count_is_no_difference(processes):
+    options(processes=processes).check_state_dict(options().state_dict())
+
+
+def test_a_single_process_checkpoint_from_before_the_sampler_order_is_refused_by_name():
+    saved = {key: value for key, value in options(processes=1).state_dict().items() if key != "data_order"}
+    with pytest.raises(
+        ValueError, match="the data order: the checkpoint's run of one process shuffled with its generator"
+    ):
+        options(processes=1).check_state_dict(saved)
+    older_of_two = {key: value for key, value in options().state_dict().items() if key != "data_order"}
+    options(processes=1).check_state_dict(older_of_two)  # two processes sampled with a DistributedSampler already
