@@ -117,3 +117,24 @@ def test_another_process_is_refused_while_the_holder_lives_and_not_after_it_is_k
     directory = RunDirectory(tmp_path)
     directory.acquire()  # the killed holder's lock went with its process
     directory.release()
+
+
+def test_removing_a_sharded_checkpoint_renames_it_to_a_partial_name_first_and_a_partial_one_in_place(tmp_path):
+    from unittest import mock
+
+    import engine_opt.engine.run_directory as run_directory
+
+    for name in ("checkpoint_3", ".checkpoint_5.12.partial"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / ".metadata").write_bytes(b"")
+    with mock.patch.object(run_directory.shutil, "rmtree", side_effect=OSError("crashed")), pytest.raises(OSError):
+        run_directory.remove(tmp_path / "checkpoint_3")
+    with mock.patch.object(run_directory.shutil, "rmtree", side_effect=OSError("crashed")), pytest.raises(OSError):
+        run_directory.remove(tmp_path / ".checkpoint_5.12.partial")
+    directory = RunDirectory(tmp_path)
+    assert directory.checkpoints() == []  # neither is a checkpoint any more
+    assert sorted(path.name for path in directory.prepare()) == [
+        f".checkpoint_3.{os.getpid()}.partial",
+        ".checkpoint_5.12.partial",
+    ]
+    assert os.listdir(tmp_path) == []

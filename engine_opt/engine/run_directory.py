@@ -64,8 +64,9 @@ def partial_name(final: Path, pid: int | None = None) -> Path:
 def remove(path: Path) -> None:
     """Remove a checkpoint file, or a sharded checkpoint's directory (renamed to a partial name first)."""
     if path.is_dir() and not path.is_symlink():
-        trash = partial_name(path)
-        os.replace(path, trash)  # from here on it is no checkpoint; prepare() finishes what a crash leaves
+        trash = path if PARTIAL_NAME.fullmatch(path.name) else partial_name(path)
+        if trash != path:
+            os.replace(path, trash)  # from here on it is no checkpoint; prepare() finishes what a crash leaves
         shutil.rmtree(trash, ignore_errors=True)
     else:
         path.unlink(missing_ok=True)

@@ -169,6 +169,19 @@ def attach_sharded_checkpoint(
     Raises:
         ValueError: An optimizer's model is not in ``to_save``, or an
             optimizer is a ``ZeroRedundancyOptimizer``.
+
+    Example:
+        >>> import tempfile, torch
+        >>> from engine_opt import OptimWrapper, create_trainer
+        >>> model = torch.nn.Linear(2, 1)
+        >>> wrapper = OptimWrapper(torch.optim.AdamW(model.parameters()))
+        >>> trainer = create_trainer(model, wrapper, torch.nn.functional.mse_loss)
+        >>> with tempfile.TemporaryDirectory() as directory:
+        ...     to_save = {"model": model, "optim_wrapper": wrapper, "trainer": trainer}
+        ...     _ = attach_sharded_checkpoint(trainer, to_save, directory, every=2, n_saved=1)
+        ...     _ = trainer.run([(torch.ones(3, 2), torch.ones(3, 1))] * 4)
+        ...     sorted(os.listdir(f"{directory}/checkpoint_4"))
+        ['.metadata', '__0_0.distcp', 'objects.pt']
     """
     if every is not None:
         checks.positive_int("every", every)
