@@ -159,3 +159,15 @@ def test_a_pass_ended_by_another_process_count_is_followed_by_a_whole_pass_whate
     sampler.set_epoch(1)
     assert second_pass == list(sampler)  # the next epoch's order, whole
     assert resumed.state_dict()["passes"] == 2
+
+
+@pytest.mark.parametrize("position", [2, 4])
+def test_a_state_of_another_process_count_from_an_earlier_release_is_refused_unless_at_a_passes_start(position):
+    state, _ = state_of_two_ranks(position)
+    older = {key: value for key, value in state.items() if key not in ("length", "order")}
+    with pytest.raises(
+        ValueError, match=f"by an earlier release.*whether its batch {position} ended the pass is unknown"
+    ):
+        distributed_loader(1, 0).load_state_dict(older)
+    fresh, _ = state_of_two_ranks(0)
+    distributed_loader(1, 0).load_state_dict({key: value for key, value in fresh.items() if key != "length"})

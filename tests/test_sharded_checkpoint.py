@@ -196,12 +196,32 @@ def test_rotation_keeps_n_saved_and_never_touches_other_entries(tmp_path):
         ({"n_saved": -1}, ValueError, "n_saved must be"),
         ({"async_save": "yes"}, TypeError, "async_save must be a bool, got 'yes'"),
         ({"dirname": 3}, TypeError, "dirname must be a str or a path, got 3 of type int"),
+        ({"trainer": None}, TypeError, "trainer must be an Ignite Engine .*got None"),
+        ({"to_save": {"x": 5}}, TypeError, r"to_save\['x'\] must have state_dict and load_state_dict methods, got 5"),
+        ({"to_save": [1]}, TypeError, "to_save must be a dict, got"),
     ],
 )
 def test_bad_arguments_are_refused_by_name(tmp_path, kwargs, error, message):
     model = make_model()
     wrapper = OptimWrapper(torch.optim.SGD(model.parameters(), lr=0.1))
-    trainer = create_trainer(model, wrapper, loss_fn)
-    arguments = {"dirname": tmp_path, **kwargs}
+    arguments = {
+        "trainer": create_trainer(model, wrapper, loss_fn),
+        "to_save": {"model": model, "optim_wrapper": wrapper},
+        "dirname": tmp_path,
+        **kwargs,
+    }
     with pytest.raises(error, match=message):
-        attach_sharded_checkpoint(trainer, {"model": model, "optim_wrapper": wrapper}, **arguments)
+        attach_sharded_checkpoint(**arguments)
+
+
+@pytest.mark.parametrize(
+    ("load", "message"),
+    [
+        (lambda path: load_sharded_checkpoint({"model": make_model()}, 5), "path must be a str or a path, got 5"),
+        (lambda path: load_sharded_checkpoint([make_model()], path), "to_load must be a dict"),
+        (lambda path: resume_from_latest([make_model()], path), "to_load must be a dict"),
+    ],
+)
+def test_bad_arguments_of_a_load_are_refused_by_name(tmp_path, load, message):
+    with pytest.raises(TypeError, match=message):
+        load(tmp_path)

@@ -202,3 +202,23 @@ def test_publishing_onto_an_entry_of_the_checkpoints_name_that_is_no_checkpoint_
     with pytest.raises(FileExistsError, match="checkpoint_4: an entry of that name is there and is no checkpoint"):
         publish(tmp_path / ".checkpoint_4.7.partial", final)
     assert sorted(os.listdir(tmp_path)) == ["checkpoint_4"] and os.path.lexists(final)  # theirs, untouched
+
+
+def two_branches(seed, stepped_branch=None):
+    """An Adam over two branches; stepped with gradients on one branch only, it holds state for that one."""
+    torch.manual_seed(seed)
+    model = torch.nn.ModuleDict({"used": torch.nn.Linear(3, 3), "unused": torch.nn.Linear(3, 3)})
+    wrapper = OptimWrapper(torch.optim.Adam(model.parameters(), lr=0.1))
+    if stepped_branch is not None:
+        wrapper.update_params(model[stepped_branch](torch.ones(2, 3)).sum())
+    return model, wrapper
+
+
+@pytest.mark.parametrize("fresh_branch", [None, "unused"])
+def test_an_optimizer_with_state_for_some_parameters_loads_exactly_that(tmp_path, fresh_branch):
+    model, wrapper = two_branches(0, "used")
+    save_sharded(ShardedLayout.of({"model": model, "optim": wrapper}), tmp_path)
+    fresh_model, fresh = two_branches(1, fresh_branch)  # no state, or state for the other branch
+    load_sharded_checkpoint({"model": fresh_model, "optim": fresh}, tmp_path)
+    assert len(fresh.optimizer.state) == 2
+    assert_same_tensors(fresh.state_dict(), wrapper.state_dict())

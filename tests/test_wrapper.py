@@ -1124,5 +1124,11 @@ def test_the_mean_of_the_ranks_sums_keeps_the_gradients_precision():
     for param, a, b in zip(model.parameters(), *sums, strict=True):
         assert param.grad.dtype == torch.float64 and torch.equal(param.grad, (a + b) / 2)
     bad = [sums[0], [None, *sums[1][1:-1]]]
-    with pytest.raises(ValueError, match=r"state_dict\['rank_accumulated_grads'\]\[1\] must be a list of 6 tensors"):
+    with pytest.raises(
+        ValueError,
+        match=r"\['rank_accumulated_grads'\]\[1\] must be a list with a tensor \(or None\) for each of the 6",
+    ):
         wrapper.load_state_dict(state | {"rank_accumulated_grads": bad})
+    integers = [sums[0], [grad.long() for grad in sums[1]]]
+    with pytest.raises(ValueError, match=r"\['rank_accumulated_grads'\]\[1\]\[0\] is a torch.int64 tensor"):
+        wrapper.load_state_dict(state | {"rank_accumulated_grads": integers})

@@ -128,7 +128,8 @@ def load_checkpoint(to_load: Mapping[str, Any], path: str | Path) -> None:
     their states. On any mismatch a ``ValueError`` names the file and what
     differs, and the objects are left as they were.
     """
-    path = Path(path)
+    to_load = checks.mapping("to_load", to_load)
+    path = checks.path("path", path)
     state = read_checkpoint(path)
     if len(to_load) == 1 and (name := next(iter(to_load))) not in state:
         state = {name: state}  # Ignite's Checkpoint saves a lone object's state dict as the whole file

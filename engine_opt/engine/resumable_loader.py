@@ -264,6 +264,12 @@ class ResumableLoader:
     def _check_same_order(self, state_dict: Mapping[str, Any], saved_world: int) -> None:
         """A state of another number of processes: refused mid-pass unless the batches so far are the same samples."""
         position = state_dict["position"]
+        if "length" not in state_dict:
+            raise ValueError(
+                f"the data state was saved by a run of {saved_world} process(es) by an earlier release, which "
+                f"recorded neither the length of its pass nor its sampler: whether its batch {position} ended the "
+                f"pass is unknown, so it resumes on {saved_world} process(es) only"
+            )
         saved, order = state_dict.get("order"), _order(self.data)
         if saved is None or saved != order:
             raise ValueError(

@@ -28,13 +28,14 @@ Example:
 
 from __future__ import annotations
 
+import collections
 import os
 import re
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from ignite.handlers import Checkpoint
@@ -42,6 +43,7 @@ from torch import nn
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.filesystem import FileSystemReader
 from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
     get_model_state_dict,
     get_optimizer_state_dict,
     set_model_state_dict,
@@ -91,7 +93,9 @@ class ShardedLayout:
                     "with FSDP2 (fully_shard) and use a plain optimizer"
                 )
             optimizers[key] = (_model_of(f"{argument}[{key!r}]", optimizer, models), optimizer)
-        objects = {name: obj for name, obj in to_save.items() if name not in models}
+        objects = {
+            name: checks.stateful(f"{argument}[{name!r}]", obj) for name, obj in to_save.items() if name not in models
+        }
         return cls(models, optimizers, objects)
 
     def in_window(self) -> bool:
@@ -165,29 +169,45 @@ def _without_optimizer_state(obj: Any, state: Any) -> Any:
 def _dcp_state(layout: ShardedLayout, optimizers: Iterable[str]) -> dict[str, Any]:
     """What DCP saves: each model's state and the named optimizers', by parameter names (``DTensor``s stay sharded).
 
-    An optimizer without state is left out: DCP's form of its state
-    would be made by a step with zero gradients and learning rate, which
-    counts (Adam's ``step``) and calls the step hooks.
+    Only optimizers with state are named: DCP's form of an optimizer
+    without state is made by a step with zero gradients and learning rate,
+    which counts (Adam's ``step``) and calls the step hooks.
     """
     return {
         "models": {name: get_model_state_dict(model) for name, model in layout.models.items()},
-        "optimizers": {key: _optimizer_state(*layout.optimizers[key]) for key in optimizers},
+        "optimizers": {key: get_optimizer_state_dict(*layout.optimizers[key]) for key in optimizers},
     }
 
 
-def _optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-    """``get_optimizer_state_dict``, whose template of an optimizer without state needs no gradients there."""
-    if optimizer.state:
-        return get_optimizer_state_dict(model, optimizer)
-    params = [param for group in optimizer.param_groups for param in group["params"]]
-    grads = [param.grad for param in params]
-    for param in params:
-        param.grad = None
-    try:
-        return get_optimizer_state_dict(model, optimizer)
-    finally:
-        for param, grad in zip(params, grads, strict=True):
-            param.grad = grad
+def _template(layout: ShardedLayout, optimizers: Iterable[str], saved_states: set[tuple[str, str]]) -> dict[str, Any]:
+    """Copies of the models' states and of the optimizers' to read into, with the saved parameters' states only.
+
+    An optimizer's template is DCP's form of a fresh one (every parameter's
+    state, from a step at zero learning rate with its gradients set aside),
+    cut to the parameters whose state was saved; the optimizer keeps its own
+    state and gradients.
+    """
+    template: dict[str, Any] = {
+        "models": {name: _copied(get_model_state_dict(model)) for name, model in layout.models.items()},
+        "optimizers": {},
+    }
+    for key in optimizers:
+        model, optimizer = layout.optimizers[key]
+        params = [param for group in optimizer.param_groups for param in group["params"]]
+        grads, state = [param.grad for param in params], optimizer.state
+        optimizer.state = collections.defaultdict(dict)
+        for param in params:
+            param.grad = None
+        try:
+            fresh = get_optimizer_state_dict(model, optimizer)  # tensors of the set-aside fresh state: no copy
+        finally:
+            optimizer.state = state
+            for param, grad in zip(params, grads, strict=True):
+                param.grad = grad
+        states = cast(dict[str, Any], fresh["state"])
+        fresh["state"] = {fqn: value for fqn, value in states.items() if (key, fqn) in saved_states}
+        template["optimizers"][key] = fresh
+    return template
 
 
 def save_sharded(
@@ -249,7 +269,8 @@ def load_sharded_checkpoint(to_load: Mapping[str, Any], path: str | Path) -> Non
     with ``weights_only=True`` and its checksums checked). Every rank calls it
     (a collective call).
     """
-    path = Path(path)
+    path = checks.path("path", path)
+    checks.mapping("to_load", to_load)
     if not (path / SHARDED_METADATA).is_file():
         raise ValueError(f"{path} is not a complete sharded checkpoint: it lacks {SHARDED_METADATA}")
     saved = read_checkpoint(path / OBJECTS_FILE)
@@ -265,12 +286,14 @@ def load_sharded_checkpoint(to_load: Mapping[str, Any], path: str | Path) -> Non
             check(obj, entry)
         except (TypeError, ValueError, KeyError) as error:
             raise ValueError(f"{path}: {name!r} does not match this run: {error}") from None
-    state = _read_dcp(path, layout, [key for key in saved["optimizers"] if key in layout.optimizers])
+    state = _read_dcp(path, layout, [key for key in saved["optimizers"] if key in layout.optimizers], metadata)
     Checkpoint.load_objects(dict(layout.objects), saved["objects"])  # the wrappers' optimizers' state is emptied...
     for name, model in layout.models.items():
         set_model_state_dict(model, state["models"][name])
     for key, optimizer_state in state["optimizers"].items():  # ... and set here, where it was saved
-        set_optimizer_state_dict(*layout.optimizers[key], optimizer_state)
+        set_optimizer_state_dict(  # not strict: a parameter without saved state gets none, as in a file's load
+            *layout.optimizers[key], optimizer_state, options=StateDictOptions(strict=False)
+        )
 
 
 def _saved_model(metadata: Any, name: str) -> dict[str, Any]:
@@ -303,20 +326,20 @@ def _check_names(path: Path, layout: ShardedLayout, saved: Mapping[str, Any]) ->
         raise ValueError(f"{path} lacks {missing}; it holds {held}: is it a checkpoint of this run?")
 
 
-def _read_dcp(path: Path, layout: ShardedLayout, optimizers: list[str]) -> dict[str, Any]:
-    """The models' states and the saved optimizers', read into copies: the objects themselves are untouched.
-
-    Reading an optimizer's state in DCP's form initialises an optimizer that
-    has none (a step with zero gradients and learning rate); that is undone
-    if the read fails.
-    """
-    fresh = [optimizer for _, optimizer in layout.optimizers.values() if not optimizer.state]
+def _read_dcp(path: Path, layout: ShardedLayout, optimizers: list[str], metadata: Any) -> dict[str, Any]:
+    """The models' states and the saved optimizers', read into copies: the objects themselves are untouched."""
+    paths = (
+        getattr(metadata, "planner_data", None) or {}
+    )  # each flattened key's path: ("optimizers", key, "state", ...)
+    saved_states = {
+        (where[1], where[3])
+        for where in paths.values()
+        if len(where) > 3 and where[0] == "optimizers" and where[2] == "state"
+    }
     try:
-        state: dict[str, Any] = _copied(_dcp_state(layout, optimizers))
+        state = _template(layout, optimizers, saved_states)
         dcp_load(state, checkpoint_id=path, no_dist=not distributed.initialized())
     except (Exception, CheckpointException) as error:  # DCP's exception is no Exception
-        for optimizer in fresh:
-            optimizer.state.clear()
         raise ValueError(
             f"{path}: reading its models and optimizers failed (this run's differ, or its files are damaged): "
             f"{_cause(error)}"

@@ -15,7 +15,6 @@ continues exactly::
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -121,6 +120,7 @@ def attach_checkpoint(
     Raises:
         ValueError: A model of ``to_save`` is sharded (FSDP2): use ``attach_sharded_checkpoint``.
     """
+    check_trainer(trainer)
     if every is not None:
         checks.positive_int("every", every)
     if n_saved is not None:
@@ -131,7 +131,7 @@ def attach_checkpoint(
             f"to_save[{sharded[0]!r}] has parameters sharded across ranks (FSDP2's DTensors), and attach_checkpoint "
             "writes one file of whole tensors from rank 0: use attach_sharded_checkpoint"
         )
-    directory = RunDirectory(directory_path(dirname))
+    directory = RunDirectory(checks.path("dirname", dirname))
     checkpoint = DurableCheckpoint(to_save, directory, n_saved)
     hold = DirectoryHold(directory)
     trainer.add_event_handler(Events.STARTED, hold.take)
@@ -142,11 +142,13 @@ def attach_checkpoint(
     return checkpoint
 
 
-def directory_path(dirname: Any) -> Path:
-    """``dirname`` as a path; a ``TypeError`` naming it if it is no str or path."""
-    if not isinstance(dirname, (str, os.PathLike)):
-        raise TypeError(f"dirname must be a str or a path, got {checks.describe(dirname)}")
-    return Path(dirname)
+def check_trainer(trainer: Any) -> Engine:
+    """``trainer`` if it is an Ignite ``Engine``; a ``TypeError`` naming it otherwise."""
+    if not isinstance(trainer, Engine):
+        raise TypeError(
+            f"trainer must be an Ignite Engine (what create_trainer returns), got {checks.describe(trainer)}"
+        )
+    return trainer
 
 
 class DirectoryHold:
@@ -219,7 +221,7 @@ def latest_checkpoint(dirname: str | Path) -> Path | None:
     Raises:
         ValueError: ``dirname`` is a file.
     """
-    path = directory_path(dirname)
+    path = checks.path("dirname", dirname)
     if path.exists() and not path.is_dir():
         raise ValueError(
             f"{path} is a file, not a directory of checkpoints: pass its directory, or load_checkpoint(to_load, path)"
@@ -234,6 +236,7 @@ def resume_from_latest(to_load: Mapping[str, Any], dirname: str | Path) -> Path 
     ``load_sharded_checkpoint`` (see them for what is checked). In a
     distributed run every rank calls it and reads the same checkpoint.
     """
+    checks.mapping("to_load", to_load)
     path = latest_checkpoint(dirname)
     if path is not None and path.is_dir():
         load_sharded_checkpoint(to_load, path)

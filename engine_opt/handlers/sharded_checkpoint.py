@@ -27,7 +27,7 @@ from ..engine.run_directory import RunDirectory, checkpoint_name, partial_name
 from ..engine.sharded_files import ShardedLayout, publish, save_sharded
 from ..engine.trainer import Trainer
 from ..optim import OptimWrapper, OptimWrapperDict, checks, distributed
-from .checkpoint import DirectoryHold, directory_path
+from .checkpoint import DirectoryHold, check_trainer
 
 
 class ShardedCheckpoint:
@@ -183,13 +183,14 @@ def attach_sharded_checkpoint(
         ...     sorted(os.listdir(f"{directory}/checkpoint_4"))
         ['.metadata', '__0_0.distcp', 'objects.pt']
     """
+    check_trainer(trainer)
     if every is not None:
         checks.positive_int("every", every)
     if n_saved is not None:
         checks.positive_int("n_saved", n_saved)
     if not isinstance(async_save, bool):
         raise TypeError(f"async_save must be a bool, got {checks.describe(async_save)}")
-    directory = RunDirectory(directory_path(dirname))
+    directory = RunDirectory(checks.path("dirname", dirname))
     checkpoint = ShardedCheckpoint(to_save, directory, n_saved, async_save)
     hold = DirectoryHold(directory)
     trainer.add_event_handler(Events.STARTED, hold.take)

@@ -14,7 +14,9 @@ Example:
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable, Mapping
+from pathlib import Path
 from typing import Any
 
 
@@ -49,6 +51,27 @@ def mapping(name: str, value: Any) -> Mapping[str, Any]:
     """Return ``value`` if it is a mapping, else raise ``TypeError`` naming ``name``."""
     if not isinstance(value, Mapping):
         raise TypeError(f"{name} must be a dict, got {describe(value)}")
+    return value
+
+
+def path(name: str, value: Any) -> Path:
+    """Return ``value`` as a ``Path`` if it is a str or a path, else raise ``TypeError`` naming ``name``.
+
+    Example:
+        >>> path("dirname", 3)
+        Traceback (most recent call last):
+        ...
+        TypeError: dirname must be a str or a path, got 3 of type int
+    """
+    if not isinstance(value, (str, os.PathLike)):
+        raise TypeError(f"{name} must be a str or a path, got {describe(value)}")
+    return Path(value)
+
+
+def stateful(name: str, value: Any) -> Any:
+    """Return ``value`` if it has ``state_dict`` and ``load_state_dict`` methods, else raise ``TypeError``."""
+    if not (callable(getattr(value, "state_dict", None)) and callable(getattr(value, "load_state_dict", None))):
+        raise TypeError(f"{name} must have state_dict and load_state_dict methods, got {describe(value)}")
     return value
 
 

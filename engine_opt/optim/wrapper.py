@@ -916,13 +916,18 @@ class OptimWrapper(torch.optim.Optimizer):
     def _check_grads(where: str, grads: Any, params: list[torch.Tensor]) -> None:
         if not isinstance(grads, list) or len(grads) != len(params):
             raise ValueError(
-                f"{where} must be a list of {len(params)} tensors or None (one per parameter), got "
+                f"{where} must be a list with a tensor (or None) for each of the {len(params)} parameters, got "
                 f"{checks.describe(grads)}"
             )
         for index, (grad, param) in enumerate(zip(grads, params, strict=True)):
             if grad is not None and (not isinstance(grad, torch.Tensor) or grad.shape != param.shape):
                 shape = tuple(grad.shape) if isinstance(grad, torch.Tensor) else type(grad).__name__
                 raise ValueError(f"{where}[{index}] has shape {shape}, the parameter has shape {tuple(param.shape)}")
+            if grad is not None and not (grad.is_complex() if param.is_complex() else grad.is_floating_point()):
+                raise ValueError(
+                    f"{where}[{index}] is a {grad.dtype} tensor, the parameter a {param.dtype} one: gradients are "
+                    "floating-point (complex for a complex parameter)"
+                )
 
     def _check_accumulated_items(self, state_dict: Mapping[str, Any]) -> None:
         """A window's item count (``num_items``) is saved mid-window only, beside its gradients."""
