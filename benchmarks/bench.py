@@ -278,10 +278,10 @@ def measure_memory(config: Config, device: torch.device, iterations: int) -> dic
 
 
 TRAFFIC_RUNS: dict[str, tuple[str, int, bool, bool]] = {  # name: sharding, accumulation, avoid sync, each micro-step
-    "acc1": ("ddp", 1, True, False),
-    "acc4": ("ddp", 4, True, False),
-    "acc4, no no_sync": ("ddp", 4, False, False),
-    "acc4, sync_each_micro_step": ("ddp", 4, True, True),
+    "DDP acc1": ("ddp", 1, True, False),
+    "DDP acc4": ("ddp", 4, True, False),
+    "DDP acc4, no no_sync": ("ddp", 4, False, False),
+    "DDP acc4, sync_each_micro_step": ("ddp", 4, True, True),
     "FSDP2 acc4": ("fsdp2", 4, True, False),
     "FSDP2 acc4, sync_each_micro_step": ("fsdp2", 4, True, True),
     "FSDP2 acc4, no flag": ("fsdp2", 4, False, False),
@@ -390,20 +390,23 @@ def markdown(results: dict[str, Any]) -> str:
             c, mem = row["config"], row["memory"]
             cells = [f"{mem[i]['peak_mib'] - mem[i]['base_mib']:,.1f}" if i in mem else "-" for i in IMPLS]
             lines.append(f"| {c['model']} | {c['precision']} | {' | '.join(cells)} |")
-    if results["traffic"]:
-        lines += [
-            "",
-            "Gradient communication of 2-process runs (gloo), mlp, 8 iterations (DDP: a reduction is one bucket, and "
-            "the mlp's gradients fill two, one after the first iteration; FSDP2: one reduce-scatter of the whole "
-            "model; HSDP, 2 replicas of 1 shard: one all-reduce across the replicas, the reduce-scatter over a "
-            "shard group of one being skipped):",
-            "",
-        ]
-        lines += ["| run | reductions | per applied update | MiB per applied update |", "|---|---|---|---|"]
-        for name, t in results["traffic"].items():
-            lines.append(
-                f"| {name} | {t['calls']} | {t['calls'] / t['updates']:.2f} | {t['bytes'] / t['updates'] / 2**20:.1f} |"
-            )
+    return "\n".join(lines) + "\n"
+
+
+def traffic_markdown(traffic: dict[str, dict[str, int]], measured: str) -> str:
+    """The gradient communication table of ``measure_traffic``'s runs, measured on the date ``measured``."""
+    lines = [
+        f"Measured {measured}: gradient communication of 2-process runs (gloo), mlp, 8 iterations "
+        "(DDP: a reduction is one bucket, and the mlp's gradients fill two, one after the first iteration; FSDP2: "
+        "one reduce-scatter of the whole model; HSDP, 2 replicas of 1 shard: one all-reduce across the replicas, "
+        "the reduce-scatter over a shard group of one being skipped); `python benchmarks/bench.py --traffic-docs`.",
+        "",
+        "| run | reductions | per applied update | MiB per applied update |",
+        "|---|---|---|---|",
+    ]
+    for name, t in traffic.items():
+        calls, updates, mib = t["calls"], t["updates"], t["bytes"] / t["updates"] / 2**20
+        lines.append(f"| {name} | {calls} | {calls / updates:.2f} | {mib:.1f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -436,11 +439,16 @@ def plot(results: dict[str, Any], path: Path) -> None:
 
 
 def write_docs(table: str, png: Path) -> None:
-    start, end = "<!-- results: rendered by benchmarks/bench.py --docs -->", "<!-- end of results -->"
+    write_block("results", f"{table}\n![ratios](benchmarks.png)")
+    (DOCS.parent / "benchmarks.png").write_bytes(png.read_bytes())
+
+
+def write_block(name: str, content: str) -> None:
+    """Replace the block ``name`` of docs/benchmarks.md (between its two markers) with ``content``."""
+    start, end = f"<!-- {name}: rendered by benchmarks/bench.py -->", f"<!-- end of {name} -->"
     text = DOCS.read_text()
     head, tail = text.split(start)[0], text.split(end)[1]
-    DOCS.write_text(f"{head}{start}\n{table}\n![ratios](benchmarks.png)\n{end}{tail}")
-    (DOCS.parent / "benchmarks.png").write_bytes(png.read_bytes())
+    DOCS.write_text(f"{head}{start}\n{content}\n{end}{tail}")
 
 
 def machine(device: torch.device) -> str:
@@ -463,6 +471,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-traffic", action="store_true")
     parser.add_argument("--render", type=Path, help="only render RESULTS.json again (table, plot, --docs)")
     parser.add_argument("--probe", help=argparse.SUPPRESS)
+    parser.add_argument("--traffic-docs", action="store_true", help="measure the gradient traffic alone, into the docs")
     parser.add_argument("--traffic", help=argparse.SUPPRESS)
     argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
@@ -470,6 +479,9 @@ def main(argv: list[str] | None = None) -> None:
     device = torch.device(args.device)
     if args.traffic:
         traffic_main(args.traffic)
+        return
+    if args.traffic_docs:
+        write_block("traffic", traffic_markdown(measure_traffic(), date.today().isoformat()))
         return
     if args.render:
         results = json.loads(args.render.read_text())
@@ -528,10 +540,13 @@ def report(results: dict[str, Any], out: Path, docs: bool) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(results, indent=1))
     table = markdown(results)
-    (out / "results.md").write_text(table)
+    traffic = traffic_markdown(results["traffic"], results["meta"]["date"]) if results["traffic"] else ""
+    (out / "results.md").write_text(f"{table}\n{traffic}")
     plot(results, out / "results.png")
     if docs:
         write_docs(table, out / "results.png")
+        if traffic:
+            write_block("traffic", traffic)
     print(f"\n{table}\nwrote {out}/results.md, results.json, results.png ({results['meta']['seconds']} s of measuring)")
 
 
