@@ -55,6 +55,7 @@ from torch.distributed.checkpoint.state_dict_saver import save as dcp_save
 
 from ..optim import OptimWrapper, OptimWrapperDict, checks, distributed
 from ..optim.state_checks import check_module_state
+from ..optim.wrapper_dict import members
 from .checkpoint_files import check_entry, fsync_directory, read_checkpoint, write_checkpoint
 from .run_directory import SHARDED_METADATA, remove
 
@@ -108,11 +109,13 @@ class ShardedLayout:
 
 
 def _wrapper_in_window(obj: Any) -> bool:
-    if isinstance(obj, OptimWrapperDict):
-        return any(_wrapper_in_window(wrapper) for wrapper in obj.values())
-    if not isinstance(obj, OptimWrapper) or not obj.in_window:
+    if not isinstance(obj, (OptimWrapper, OptimWrapperDict)):
         return False
-    return any(hasattr(param, "full_tensor") for group in obj.param_groups for param in group["params"])
+    return any(
+        wrapper.in_window
+        and any(hasattr(param, "full_tensor") for group in wrapper.param_groups for param in group["params"])
+        for _, wrapper in members(obj)
+    )
 
 
 def _optimizers(to_save: Mapping[str, Any]) -> dict[str, torch.optim.Optimizer]:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 import warnings
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Mapping
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
@@ -27,6 +27,7 @@ from ..engine.run_directory import RunDirectory, checkpoint_name, partial_name
 from ..engine.sharded_files import ShardedLayout, publish, save_sharded
 from ..engine.trainer import Trainer
 from ..optim import OptimWrapper, OptimWrapperDict, checks, distributed
+from ..optim.wrapper_dict import members
 from .checkpoint import DirectoryHold, check_trainer
 
 
@@ -64,7 +65,7 @@ class ShardedCheckpoint:
         self._group = dist.new_group(backend="gloo") if async_save and distributed.initialized() else None
         self._pending: tuple[Future[Any], Path, Path] | None = None
         self._deferred_since: int | None = None  # the iteration a save was asked for mid-window
-        self._longest_window = max(_windows(self.layout.objects.values()), default=1)
+        self._longest_window = _longest_window(self.layout.objects.values())
 
     def __call__(self, engine: Engine) -> None:
         """Save now, or at the end of the accumulation window in progress."""
@@ -203,13 +204,12 @@ def attach_sharded_checkpoint(
     return checkpoint
 
 
-def _windows(objects: Iterable[Any]) -> Iterator[int]:
-    """The accumulation window of every wrapper among ``objects``."""
-    for obj in objects:
-        if isinstance(obj, OptimWrapperDict):
-            yield from _windows(obj.values())
-        elif isinstance(obj, OptimWrapper):
-            yield obj.accumulative_counts
+def _longest_window(objects: Iterable[Any]) -> int:
+    """The longest accumulation window of the wrappers among ``objects`` (1 without any)."""
+    wrappers = [
+        member for obj in objects if isinstance(obj, (OptimWrapper, OptimWrapperDict)) for member in members(obj)
+    ]
+    return max((wrapper.accumulative_counts for _, wrapper in wrappers), default=1)
 
 
 def _wait_at_run_end(engine: Engine, checkpoint: ShardedCheckpoint) -> None:
