@@ -22,7 +22,7 @@ Example:
     ...     fresh = torch.nn.Linear(2, 1)
     ...     fresh_wrapper = OptimWrapper(torch.optim.AdamW(fresh.parameters()))
     ...     load_sharded_checkpoint({"model": fresh, "optim": fresh_wrapper}, directory)
-    >>> torch.equal(fresh.weight, model.weight), fresh_wrapper.state_dict()["counters"]["steps"]
+    >>> torch.equal(fresh.weight, model.weight), fresh_wrapper.step_count
     (True, 1)
 """
 
