@@ -113,7 +113,7 @@ def _wrapper_in_window(obj: Any) -> bool:
         return False
     return any(
         wrapper.in_window
-        and any(hasattr(param, "full_tensor") for group in wrapper.param_groups for param in group["params"])
+        and distributed.any_sharded(param for group in wrapper.param_groups for param in group["params"])
         for _, wrapper in members(obj)
     )
 

@@ -125,7 +125,11 @@ def attach_checkpoint(
         checks.positive_int("every", every)
     if n_saved is not None:
         checks.positive_int("n_saved", n_saved)
-    sharded = [name for name, obj in to_save.items() if isinstance(obj, nn.Module) and distributed.is_sharded(obj)]
+    sharded = [
+        name
+        for name, obj in to_save.items()
+        if isinstance(obj, nn.Module) and distributed.any_sharded(obj.parameters())
+    ]
     if sharded:
         raise ValueError(
             f"to_save[{sharded[0]!r}] has parameters sharded across ranks (FSDP2's DTensors), and attach_checkpoint "

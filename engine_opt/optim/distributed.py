@@ -21,6 +21,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -133,14 +134,14 @@ def all_reduce_sum(value: int | torch.Tensor) -> torch.Tensor:
     return total
 
 
-def is_sharded(module: nn.Module) -> bool:
-    """Whether ``module`` has parameters sharded across ranks (``DTensor``s, as FSDP2's).
+def any_sharded(params: Iterable[torch.Tensor]) -> bool:
+    """Whether any of ``params`` is sharded across ranks (a ``DTensor``, as FSDP2's parameters).
 
     Example:
-        >>> is_sharded(torch.nn.Linear(2, 2))
+        >>> any_sharded(torch.nn.Linear(2, 2).parameters())
         False
     """
-    return any(hasattr(param, "full_tensor") for param in module.parameters())
+    return any(hasattr(param, "full_tensor") for param in params)
 
 
 def replicated_value(value: torch.Tensor) -> torch.Tensor:
