@@ -1,7 +1,7 @@
 """engine_opt.optim.distributed, and the wrappers and trainer in real 2-process runs (gloo, CPU).
 
-tests/dist_worker.py runs the ranks; every scenario's result is compared
-with the plain single-process loop of tests/oracle.py over the same global
+tests/support/dist_worker.py runs the ranks; every scenario's result is compared
+with the plain single-process loop of tests/support/oracle.py over the same global
 batches, and the two ranks with each other.
 """
 
@@ -57,9 +57,9 @@ def run_python(args, cwd=None):
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
-    """Run every scenario of tests/dist_worker.py once, in 2 processes; the results of rank 0 and rank 1."""
+    """Run every scenario of tests/support/dist_worker.py once, in 2 processes; the results of rank 0 and rank 1."""
     out = tmp_path_factory.mktemp("ranks")
-    result = run_python([str(Path(__file__).with_name("dist_worker.py")), str(out)])
+    result = run_python([str(ROOT / "tests" / "support" / "dist_worker.py"), str(out)])
     assert result.returncode == 0, result.stderr[-3000:]
     return [torch.load(out / f"rank{rank}.pt", weights_only=True) for rank in (0, 1)]
 
@@ -445,7 +445,7 @@ def test_a_killed_rank_ends_the_launcher_with_one_line_naming_it_and_the_signal(
     assert re.match(r"engine-opt: rank [01] was killed by SIGKILL; the run stopped there", last), last
 
 
-RESHARD_WORKER = Path(__file__).with_name("reshard_worker.py")
+RESHARD_WORKER = ROOT / "tests" / "support" / "reshard_worker.py"
 
 
 def reshard_run(kind, processes, directory, out, stop=None):

@@ -53,6 +53,9 @@ from engine_opt.handlers import (
     rng_state,
 )
 
+if __name__ == "__main__":  # run as a script (the table's rewrite): pytest's conftest.py is not there to do it
+    sys.path.insert(0, str(Path(__file__).resolve().parent / "support"))
+
 from oracle import assert_same_tensors, make_model
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "hostile-input.md"

@@ -14,7 +14,7 @@
   same process would silently do nothing). The trainer drops it; where the
   attribute is missing there is nothing to drop.
 
-``tests/test_ignite_internals.py`` fails when Ignite changes either.
+``tests/engine/test_ignite_internals.py`` fails when Ignite changes either.
 
 Example:
     >>> from ignite.engine import Engine, Events

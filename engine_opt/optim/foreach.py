@@ -4,7 +4,7 @@
 list in batched kernels (on CUDA, a few launches for the whole list instead of
 one per tensor). It is private: where it is missing, or refuses the input,
 ``tensor_norms`` falls back to the public ``torch.linalg.vector_norm`` per
-tensor, which gives the same values (``tests/test_update_telemetry.py``
+tensor, which gives the same values (``tests/handlers/test_update_telemetry.py``
 fails when torch changes the name, its signature, or what it computes).
 
 Example:

@@ -14,7 +14,7 @@ import torch
 
 from engine_opt.engine.run_directory import RunDirectory, RunDirectoryBusy
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 OTHERS = [
     "best_checkpoint_30.pt",
     "pretrained_checkpoint_1.pt",

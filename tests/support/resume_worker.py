@@ -1,6 +1,6 @@
 """A training process for the resume tests: dropout, shuffled data, accumulation, a scheduler, checkpoints.
 
-    python tests/resume_worker.py CONFIG CHECKPOINT_DIR OUTPUT [KILL_AT] [--every N] [--epochs E] [--hidden H]
+    python tests/support/resume_worker.py CONFIG CHECKPOINT_DIR OUTPUT [KILL_AT] [--every N] [--epochs E] [--hidden H]
 
 Resumes from the newest checkpoint in CHECKPOINT_DIR, prints ``ready``,
 checkpoints every N iterations (2), and dies with SIGKILL-like abruptness

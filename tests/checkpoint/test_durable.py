@@ -28,8 +28,8 @@ from engine_opt.handlers.checkpoint import DurableCheckpoint
 
 from oracle import assert_same_tensors, loss_fn, make_batches, make_model
 
-ROOT = Path(__file__).resolve().parents[1]
-WORKER = Path(__file__).with_name("resume_worker.py")
+ROOT = Path(__file__).resolve().parents[2]
+WORKER = ROOT / "tests" / "support" / "resume_worker.py"
 
 
 def run_worker(config, checkpoint_dir, output, kill_at=None, extra=()):

@@ -3,7 +3,7 @@
 Each scenario trains ``oracle.make_gan`` on this rank's half of every global
 batch, the discriminator accumulating 2 micro-steps a window, the generator
 stepping in between; ``scenarios`` saves what each rank saw to
-``OUT/rank{r}.pt`` for tests/test_wrapper_dict.py to compare with the
+``OUT/rank{r}.pt`` for tests/optim/test_wrapper_dict.py to compare with the
 single-process oracle there.
 """
 

@@ -1,4 +1,4 @@
-"""OptimWrapper against the plain PyTorch loop of tests/oracle.py, bitwise in float32."""
+"""OptimWrapper against the plain PyTorch loop of tests/support/oracle.py, bitwise in float32."""
 
 from __future__ import annotations
 

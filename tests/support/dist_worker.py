@@ -1,8 +1,8 @@
 """The ranks of the distributed tests (2 processes, gloo), launched with ``ignite.distributed.Parallel``.
 
 Each scenario records what its rank saw in a dict; ``scenarios`` saves them
-to ``OUT/rank{r}.pt`` for tests/test_parallel.py to compare with the plain
-single-process loops of tests/oracle.py.
+to ``OUT/rank{r}.pt`` for tests/test_distributed.py to compare with the plain
+single-process loops of tests/support/oracle.py.
 """
 
 from __future__ import annotations

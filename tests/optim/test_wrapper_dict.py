@@ -334,7 +334,7 @@ def test_member_context_refuses_nesting_and_restores_the_outer_flags(inner):
 
 @pytest.mark.slow
 def test_member_context_under_ddp_and_fsdp2(tmp_path):
-    """2 gloo processes (tests/dist_gan_worker.py): each rank's result is the one-process oracle's."""
+    """2 gloo processes (tests/support/dist_gan_worker.py): each rank's result is the one-process oracle's."""
     import os
     import socket
     import subprocess
@@ -346,9 +346,9 @@ def test_member_context_under_ddp_and_fsdp2(tmp_path):
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
-    worker = Path(__file__).with_name("dist_gan_worker.py")
+    worker = root / "tests" / "support" / "dist_gan_worker.py"
     result = subprocess.run(
         [sys.executable, str(worker), str(tmp_path)],
         env={**env, "MASTER_PORT": str(port)},

@@ -20,7 +20,7 @@ from engine_opt.app.cli import main
 
 from oracle import assert_same_tensors
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def run(tmp_path, *args):
