@@ -80,7 +80,8 @@ class Case:
     names: str  # a fragment the message must hold: the argument, value or file it is about
 
 
-def sgd(model: torch.nn.Module | None = None) -> torch.optim.Optimizer:
+def plain_sgd(model: torch.nn.Module | None = None) -> torch.optim.Optimizer:
+    """A plain SGD (lr 0.1, no momentum) over the model's parameters, or a fresh model's."""
     return torch.optim.SGD((model or make_model()).parameters(), lr=0.1)
 
 
@@ -176,7 +177,7 @@ def other_model_optimizer_state() -> None:
 
 
 def run_trainer(model: torch.nn.Module, loss_fn: Callable[..., Any], batch: Any) -> None:
-    create_trainer(model, OptimWrapper(sgd(model)), loss_fn).run([batch])
+    create_trainer(model, OptimWrapper(plain_sgd(model)), loss_fn).run([batch])
 
 
 def command(*args: str) -> None:
@@ -301,12 +302,12 @@ def a_loss_under_no_grad() -> None:
     model = make_model()
     with torch.no_grad():
         loss = model(torch.ones(2, 4)).sum()
-    OptimWrapper(sgd(model)).update_params(loss)
+    OptimWrapper(plain_sgd(model)).update_params(loss)
 
 
 def attached_twice() -> None:
     model = make_model()
-    trainer = create_trainer(model, OptimWrapper(sgd(model)), F.mse_loss)
+    trainer = create_trainer(model, OptimWrapper(plain_sgd(model)), F.mse_loss)
     guard = SpikeGuard()
     guard.attach(trainer)
     guard.attach(trainer)
@@ -314,7 +315,7 @@ def attached_twice() -> None:
 
 def cancel_when_a_float() -> None:
     model = make_model()
-    wrapper = OptimWrapper(sgd(model))
+    wrapper = OptimWrapper(plain_sgd(model))
     wrapper.register_step_hook(lambda w, e, loss: w.cancel_step(when=1.0), [StepEvent.BEFORE_OPTIM_STEP])
     wrapper.update_params(model(torch.ones(1, 4)).sum())
 
@@ -365,9 +366,9 @@ def another_schedulers_state(path: str) -> None:
 
 def a_mid_window_state_into_another_accumulation() -> None:
     model = make_model()
-    wrapper = OptimWrapper(sgd(model), accumulative_counts=4)
+    wrapper = OptimWrapper(plain_sgd(model), accumulative_counts=4)
     trained(model, wrapper)  # one micro-step of a window of 4
-    other = OptimWrapper(sgd(model), accumulative_counts=2)
+    other = OptimWrapper(plain_sgd(model), accumulative_counts=2)
     unchanged_after({"optim_wrapper": other}, lambda: other.load_state_dict(wrapper.state_dict()))
 
 
@@ -427,17 +428,17 @@ def a_num_items_window_of_two_processes_into_one() -> None:
 # fmt: off
 CASES = [
     Case("constructor", "`OptimWrapper(model)` (a module, not an optimizer)", lambda: OptimWrapper(make_model()), "Sequential"),
-    Case("constructor", "`OptimWrapper(opt, accumulative_counts=0)`", lambda: OptimWrapper(sgd(), accumulative_counts=0), "accumulative_counts"),
-    Case("constructor", "`OptimWrapper(opt, sync_each_micro_step='yes')`", lambda: OptimWrapper(sgd(), sync_each_micro_step="yes"), "sync_each_micro_step"),
-    Case("constructor", "`OptimWrapper(opt, accumulative_counts=2.5)`", lambda: OptimWrapper(sgd(), accumulative_counts=2.5), "2.5"),
-    Case("constructor", "`OptimWrapper(opt, clip_grad={'max_norm': 1, 'typ': 'norm'})`", lambda: OptimWrapper(sgd(), clip_grad={"max_norm": 1, "typ": "norm"}), "typ"),
-    Case("constructor", "`OptimWrapper(opt, clip_grad={'type': 'value'})`", lambda: OptimWrapper(sgd(), clip_grad={"type": "value"}), "clip_value"),
-    Case("constructor", "`AmpOptimWrapper(opt)` (optimizer passed positionally)", lambda: AmpOptimWrapper(sgd()), "optimizer="),
-    Case("constructor", "`AmpOptimWrapper(optimizer=opt, dtype='int8')`", lambda: AmpOptimWrapper(optimizer=sgd(), dtype="int8"), "int8"),
-    Case("constructor", "`AmpOptimWrapper(optimizer=opt, loss_scale=-1)`", lambda: AmpOptimWrapper(optimizer=sgd(), loss_scale=-1), "-1"),
-    Case("constructor", "`AmpOptimWrapper(optimizer=opt, loss_scale={'growth_factor': 0.5})`", lambda: AmpOptimWrapper(optimizer=sgd(), loss_scale={"growth_factor": 0.5}), "growth_factor"),
-    Case("constructor", "`OptimWrapperDict(gen=optimizer)` (not a wrapper)", lambda: OptimWrapperDict(gen=sgd()), "gen"),
-    Case("constructor", "`wrappers['generator']` (no such member)", lambda: OptimWrapperDict(gen=OptimWrapper(sgd()))["generator"], "generator"),
+    Case("constructor", "`OptimWrapper(opt, accumulative_counts=0)`", lambda: OptimWrapper(plain_sgd(), accumulative_counts=0), "accumulative_counts"),
+    Case("constructor", "`OptimWrapper(opt, sync_each_micro_step='yes')`", lambda: OptimWrapper(plain_sgd(), sync_each_micro_step="yes"), "sync_each_micro_step"),
+    Case("constructor", "`OptimWrapper(opt, accumulative_counts=2.5)`", lambda: OptimWrapper(plain_sgd(), accumulative_counts=2.5), "2.5"),
+    Case("constructor", "`OptimWrapper(opt, clip_grad={'max_norm': 1, 'typ': 'norm'})`", lambda: OptimWrapper(plain_sgd(), clip_grad={"max_norm": 1, "typ": "norm"}), "typ"),
+    Case("constructor", "`OptimWrapper(opt, clip_grad={'type': 'value'})`", lambda: OptimWrapper(plain_sgd(), clip_grad={"type": "value"}), "clip_value"),
+    Case("constructor", "`AmpOptimWrapper(opt)` (optimizer passed positionally)", lambda: AmpOptimWrapper(plain_sgd()), "optimizer="),
+    Case("constructor", "`AmpOptimWrapper(optimizer=opt, dtype='int8')`", lambda: AmpOptimWrapper(optimizer=plain_sgd(), dtype="int8"), "int8"),
+    Case("constructor", "`AmpOptimWrapper(optimizer=opt, loss_scale=-1)`", lambda: AmpOptimWrapper(optimizer=plain_sgd(), loss_scale=-1), "-1"),
+    Case("constructor", "`AmpOptimWrapper(optimizer=opt, loss_scale={'growth_factor': 0.5})`", lambda: AmpOptimWrapper(optimizer=plain_sgd(), loss_scale={"growth_factor": 0.5}), "growth_factor"),
+    Case("constructor", "`OptimWrapperDict(gen=optimizer)` (not a wrapper)", lambda: OptimWrapperDict(gen=plain_sgd()), "gen"),
+    Case("constructor", "`wrappers['generator']` (no such member)", lambda: OptimWrapperDict(gen=OptimWrapper(plain_sgd()))["generator"], "generator"),
     Case("constructor", "`NonFiniteGuard('explode')`", lambda: NonFiniteGuard("explode"), "explode"),
     Case("constructor", "`SpikeGuard(z=0)`", lambda: SpikeGuard(z=0), "z must be"),
     Case("constructor", "`SpikeGuard(k=0)`", lambda: SpikeGuard(k=0), "k must be"),
@@ -447,23 +448,23 @@ CASES = [
     Case("constructor", "`SpikeGuard(members=[])`", lambda: SpikeGuard(members=[]), "members must name"),
     Case("constructor", "`guard.attach(trainer)` a second time", attached_twice, "attached already"),
     Case("constructor", "`wrapper.cancel_step(when=1.0)` in a `BEFORE_OPTIM_STEP` hook", cancel_when_a_float, "when must be"),
-    Case("constructor", "`SchedulerHandler(optimizer)` (not a scheduler)", lambda: SchedulerHandler(sgd()), "SGD"),
-    Case("constructor", "`attach_checkpoint(trainer, to_save, 'ckpt', every=0)`", lambda: attach_checkpoint(create_trainer(make_model(), OptimWrapper(sgd()), F.mse_loss), {}, "ckpt", every=0), "every"),
+    Case("constructor", "`SchedulerHandler(optimizer)` (not a scheduler)", lambda: SchedulerHandler(plain_sgd()), "SGD"),
+    Case("constructor", "`attach_checkpoint(trainer, to_save, 'ckpt', every=0)`", lambda: attach_checkpoint(create_trainer(make_model(), OptimWrapper(plain_sgd()), F.mse_loss), {}, "ckpt", every=0), "every"),
     Case("constructor", "`ResumableLoader(iter(loader))` (an iterator: cannot be replayed)", lambda: ResumableLoader(iter([1, 2])), "re-iterable"),
-    Case("constructor", "`OptimWrapper(opt, clip_grad={'max_norm': -1})`", lambda: OptimWrapper(sgd(), clip_grad={"max_norm": -1}), "max_norm"),
-    Case("constructor", "`OptimWrapper(opt, clip_grad={'type': 'value', 'clip_value': -0.5})`", lambda: OptimWrapper(sgd(), clip_grad={"type": "value", "clip_value": -0.5}), "clip_value"),
-    Case("constructor", "`OptimWrapper(opt, clip_grad={'max_norm': 'big'})`", lambda: OptimWrapper(sgd(), clip_grad={"max_norm": "big"}), "'big'"),
-    Case("constructor", "`AmpOptimWrapper(optimizer=opt, loss_scale={'init_scale': 1e300})`", lambda: AmpOptimWrapper(optimizer=sgd(), loss_scale={"init_scale": 1e300}), "init_scale"),
-    Case("constructor", "`AmpOptimWrapper(optimizer=opt, loss_scale=1e-50)` (0 as a float32)", lambda: AmpOptimWrapper(optimizer=sgd(), loss_scale=1e-50), "1e-50"),
+    Case("constructor", "`OptimWrapper(opt, clip_grad={'max_norm': -1})`", lambda: OptimWrapper(plain_sgd(), clip_grad={"max_norm": -1}), "max_norm"),
+    Case("constructor", "`OptimWrapper(opt, clip_grad={'type': 'value', 'clip_value': -0.5})`", lambda: OptimWrapper(plain_sgd(), clip_grad={"type": "value", "clip_value": -0.5}), "clip_value"),
+    Case("constructor", "`OptimWrapper(opt, clip_grad={'max_norm': 'big'})`", lambda: OptimWrapper(plain_sgd(), clip_grad={"max_norm": "big"}), "'big'"),
+    Case("constructor", "`AmpOptimWrapper(optimizer=opt, loss_scale={'init_scale': 1e300})`", lambda: AmpOptimWrapper(optimizer=plain_sgd(), loss_scale={"init_scale": 1e300}), "init_scale"),
+    Case("constructor", "`AmpOptimWrapper(optimizer=opt, loss_scale=1e-50)` (0 as a float32)", lambda: AmpOptimWrapper(optimizer=plain_sgd(), loss_scale=1e-50), "1e-50"),
     Case("constructor", "`OptimWrapper(LBFGS(params))`", lambda: OptimWrapper(torch.optim.LBFGS(make_model().parameters())), "LBFGS"),
-    Case("constructor", "`OptimWrapperDict(gen=w, disc=w)` (one wrapper twice)", lambda: (lambda w: OptimWrapperDict(gen=w, disc=w))(OptimWrapper(sgd())), "'gen' and 'disc'"),
-    Case("constructor", "`OptimWrapperDict` whose members share a parameter", lambda: (lambda m: OptimWrapperDict(gen=OptimWrapper(sgd(m)), disc=OptimWrapper(sgd(m))))(make_model()), "both optimize one parameter"),
-    Case("constructor", "`OptimWrapper(opt, clip_grad={'max_norm': 1, 'error_if_nonfinite': 'no'})`", lambda: OptimWrapper(sgd(), clip_grad={"max_norm": 1, "error_if_nonfinite": "no"}), "error_if_nonfinite"),
-    Case("constructor", "`AmpOptimWrapper(optimizer=opt, dtype='fp16')` over a `.half()` model", lambda: AmpOptimWrapper(optimizer=sgd(make_model().half()), dtype="fp16"), "float16 parameters"),
+    Case("constructor", "`OptimWrapperDict(gen=w, disc=w)` (one wrapper twice)", lambda: (lambda w: OptimWrapperDict(gen=w, disc=w))(OptimWrapper(plain_sgd())), "'gen' and 'disc'"),
+    Case("constructor", "`OptimWrapperDict` whose members share a parameter", lambda: (lambda m: OptimWrapperDict(gen=OptimWrapper(plain_sgd(m)), disc=OptimWrapper(plain_sgd(m))))(make_model()), "both optimize one parameter"),
+    Case("constructor", "`OptimWrapper(opt, clip_grad={'max_norm': 1, 'error_if_nonfinite': 'no'})`", lambda: OptimWrapper(plain_sgd(), clip_grad={"max_norm": 1, "error_if_nonfinite": "no"}), "error_if_nonfinite"),
+    Case("constructor", "`AmpOptimWrapper(optimizer=opt, dtype='fp16')` over a `.half()` model", lambda: AmpOptimWrapper(optimizer=plain_sgd(make_model().half()), dtype="fp16"), "float16 parameters"),
     Case("constructor", "`OptimWrapper(SGD([{'params': ..., 'lr': float('inf')}], lr=0.1))`", lambda: OptimWrapper(torch.optim.SGD([{"params": make_model().parameters(), "lr": float("inf")}], lr=0.1)), "'lr'"),
     Case("constructor", "`ResumableLoader('abc')` (a string)", lambda: ResumableLoader("abc"), "re-iterable"),
     Case("constructor", "`attach_sharded_checkpoint(trainer, {'optim_wrapper': w}, 'ckpt')` (its model not saved)", a_sharded_checkpoint_of_a_wrapper_without_its_model, "no model there"),
-    Case("constructor", "`attach_sharded_checkpoint(trainer, to_save, 'ckpt', async_save='yes')`", lambda: attach_sharded_checkpoint(create_trainer(make_model(), OptimWrapper(sgd()), F.mse_loss), {}, "ckpt", async_save="yes"), "async_save"),
+    Case("constructor", "`attach_sharded_checkpoint(trainer, to_save, 'ckpt', async_save='yes')`", lambda: attach_sharded_checkpoint(create_trainer(make_model(), OptimWrapper(plain_sgd()), F.mse_loss), {}, "ckpt", async_save="yes"), "async_save"),
     Case("config", "`build_optim_wrapper(model, {'type': 'FastWrapper', ...})`", lambda: build_optim_wrapper(make_model(), {"type": "FastWrapper", "optimizer": {"type": "SGD", "lr": 0.1}}), "FastWrapper"),
     Case("config", "`build_optim_wrapper(model, {'optimizer': {'type': 'Adamm'}})`", lambda: build_optim_wrapper(make_model(), {"optimizer": {"type": "Adamm", "lr": 0.1}}), "Adamm"),
     Case("config", "`build_optim_wrapper(model, {'optimizer': {'lr': 0.1}})` (no type)", lambda: build_optim_wrapper(make_model(), {"optimizer": {"lr": 0.1}}), "type"),
@@ -478,33 +479,33 @@ CASES = [
     Case("config", "`paramwise_cfg={'norm_decay_mult': 0}` for an optimizer without weight decay", lambda: build_optim_wrapper(make_model(), {"optimizer": {"type": "Adafactor", "lr": 0.1, "weight_decay": None}, "paramwise_cfg": {"norm_decay_mult": 0.0}}), "no 'weight_decay'"),
     Case("config", "`{'optimizer': {'type': 'mypkg.optim.Lion'}}` (nothing to import)", lambda: build_optim_wrapper(make_model(), {"optimizer": {"type": "mypkg.optim.Lion"}}), "dotted import path"),
     Case("config", "`{'optimizer': {'type': 'ZeroRedundancyOptimizer', 'lr': 0.1}}` (no optimizer_type)", lambda: build_optim_wrapper(make_model(), {"optimizer": {"type": "ZeroRedundancyOptimizer", "lr": 0.1}}), "optimizer_type"),
-    Case("trainer", "`create_trainer(model, optimizer, loss_fn)` (optimizer not wrapped)", lambda: create_trainer(make_model(), sgd(), F.mse_loss), "OptimWrapper"),
-    Case("trainer", "`create_trainer(model, wrapper)` (no loss_fn, no train_step)", lambda: create_trainer(make_model(), OptimWrapper(sgd()), None), "loss_fn"),
-    Case("trainer", "`create_trainer(model, wrapper_dict, loss_fn)`", lambda: create_trainer(make_model(), OptimWrapperDict(gen=OptimWrapper(sgd())), F.mse_loss), "train_step"),
-    Case("trainer", "`create_trainer(model, wrapper, lambda y_pred: ...)` (wrong arity)", lambda: create_trainer(make_model(), OptimWrapper(sgd()), lambda y_pred: y_pred.sum()), "loss_fn"),
-    Case("trainer", "`create_trainer(model, wrapper, loss_fn, device=3.5)`", lambda: create_trainer(make_model(), OptimWrapper(sgd()), F.mse_loss, device=3.5), "device"),
-    Case("trainer", "`create_trainer(model, wrapper, loss_fn, device='gpu')`", lambda: create_trainer(make_model(), OptimWrapper(sgd()), F.mse_loss, device="gpu"), "'gpu'"),
-    Case("trainer", "`wrapper.update_params(loss.item())` (a float)", lambda: OptimWrapper(sgd()).update_params(0.5), "loss must be a tensor"),
+    Case("trainer", "`create_trainer(model, optimizer, loss_fn)` (optimizer not wrapped)", lambda: create_trainer(make_model(), plain_sgd(), F.mse_loss), "OptimWrapper"),
+    Case("trainer", "`create_trainer(model, wrapper)` (no loss_fn, no train_step)", lambda: create_trainer(make_model(), OptimWrapper(plain_sgd()), None), "loss_fn"),
+    Case("trainer", "`create_trainer(model, wrapper_dict, loss_fn)`", lambda: create_trainer(make_model(), OptimWrapperDict(gen=OptimWrapper(plain_sgd())), F.mse_loss), "train_step"),
+    Case("trainer", "`create_trainer(model, wrapper, lambda y_pred: ...)` (wrong arity)", lambda: create_trainer(make_model(), OptimWrapper(plain_sgd()), lambda y_pred: y_pred.sum()), "loss_fn"),
+    Case("trainer", "`create_trainer(model, wrapper, loss_fn, device=3.5)`", lambda: create_trainer(make_model(), OptimWrapper(plain_sgd()), F.mse_loss, device=3.5), "device"),
+    Case("trainer", "`create_trainer(model, wrapper, loss_fn, device='gpu')`", lambda: create_trainer(make_model(), OptimWrapper(plain_sgd()), F.mse_loss, device="gpu"), "'gpu'"),
+    Case("trainer", "`wrapper.update_params(loss.item())` (a float)", lambda: OptimWrapper(plain_sgd()).update_params(0.5), "loss must be a tensor"),
     Case("trainer", "`wrapper.update_params(loss)` of a loss made under `no_grad`", a_loss_under_no_grad, "does not require grad"),
-    Case("trainer", "`wrapper.update_params(loss)` of a loss that is not a scalar", lambda: (lambda m: OptimWrapper(sgd(m)).update_params(m(torch.ones(2, 4))))(make_model()), "scalar"),
-    Case("trainer", "`create_trainer(model, wrapper, train_step=step, model_fn=f)` (model_fn never reached)", lambda: create_trainer(make_model(), OptimWrapper(sgd()), train_step=lambda engine, batch: None, model_fn=lambda model, x: model(x)), "model_fn"),
+    Case("trainer", "`wrapper.update_params(loss)` of a loss that is not a scalar", lambda: (lambda m: OptimWrapper(plain_sgd(m)).update_params(m(torch.ones(2, 4))))(make_model()), "scalar"),
+    Case("trainer", "`create_trainer(model, wrapper, train_step=step, model_fn=f)` (model_fn never reached)", lambda: create_trainer(make_model(), OptimWrapper(plain_sgd()), train_step=lambda engine, batch: None, model_fn=lambda model, x: model(x)), "model_fn"),
     Case("trainer", "`member_filter('gen', every=0)`", lambda: member_filter("gen", every=0), "every"),
-    Case("trainer", "`create_trainer(model, wrapper, loss_fn, device='mps')` without MPS", lambda: create_trainer(make_model(), OptimWrapper(sgd()), F.mse_loss, device="mps"), "'mps'"),
+    Case("trainer", "`create_trainer(model, wrapper, loss_fn, device='mps')` without MPS", lambda: create_trainer(make_model(), OptimWrapper(plain_sgd()), F.mse_loss, device="mps"), "'mps'"),
     Case("trainer", "`attach_checkpoint(None, to_save, 'ckpt')` (no trainer)", lambda: attach_checkpoint(None, {}, "ckpt"), "trainer must be"),
-    Case("trainer", "`attach_sharded_checkpoint(trainer, {'step': 5}, 'ckpt')` (no state_dict)", lambda: attach_sharded_checkpoint(create_trainer(make_model(), OptimWrapper(sgd()), F.mse_loss), {"step": 5}, "ckpt"), "to_save['step']"),
+    Case("trainer", "`attach_sharded_checkpoint(trainer, {'step': 5}, 'ckpt')` (no state_dict)", lambda: attach_sharded_checkpoint(create_trainer(make_model(), OptimWrapper(plain_sgd()), F.mse_loss), {"step": 5}, "ckpt"), "to_save['step']"),
     Case("checkpoint file", "`load_checkpoint(to_load, 5)` (a number as the path)", lambda: load_checkpoint({"model": make_model()}, 5), "path must be"),
-    Case("trainer", "`attach_checkpoint(trainer, to_save, None)`", lambda: attach_checkpoint(create_trainer(make_model(), OptimWrapper(sgd()), F.mse_loss), {}, None), "dirname"),
+    Case("trainer", "`attach_checkpoint(trainer, to_save, None)`", lambda: attach_checkpoint(create_trainer(make_model(), OptimWrapper(plain_sgd()), F.mse_loss), {}, None), "dirname"),
     Case("data", "a batch that is one tensor of 3 rows, not `(x, y)`", lambda: run_trainer(make_model(), F.mse_loss, torch.ones(3, 4)), "(x, y)"),
     Case("data", "`x` with 3 features for a model taking 4", lambda: run_trainer(make_model(), F.mse_loss, (torch.ones(2, 3), torch.ones(2, 2))), "float32 tensor (2, 3)"),
     Case("data", "float targets for `cross_entropy` over 2 classes, wrong shape", lambda: run_trainer(make_model(), F.cross_entropy, (torch.ones(2, 4), torch.ones(2, 3))), "y = float32 tensor (2, 3)"),
     Case("data", "a loss that is not a scalar (`loss_fn=lambda p, y: p - y`)", lambda: run_trainer(make_model(), lambda p, y: p - y, (torch.ones(2, 4), torch.ones(2, 2))), "scalar"),
-    Case("state dict", "`wrapper.load_state_dict({'lr': 0.1})`", lambda: OptimWrapper(sgd()).load_state_dict({"lr": 0.1}), "param_groups"),
-    Case("state dict", "a wrapper state dict with two param groups into one", lambda: OptimWrapper(sgd()).load_state_dict( OptimWrapper( torch.optim.SGD( [ {"params": [torch.zeros(1, requires_grad=True)]}, {"params": [torch.zeros(1, requires_grad=True)]}, ], lr=0.1, ) ).state_dict() ), "2 param group"),
+    Case("state dict", "`wrapper.load_state_dict({'lr': 0.1})`", lambda: OptimWrapper(plain_sgd()).load_state_dict({"lr": 0.1}), "param_groups"),
+    Case("state dict", "a wrapper state dict with two param groups into one", lambda: OptimWrapper(plain_sgd()).load_state_dict( OptimWrapper( torch.optim.SGD( [ {"params": [torch.zeros(1, requires_grad=True)]}, {"params": [torch.zeros(1, requires_grad=True)]}, ], lr=0.1, ) ).state_dict() ), "2 param group"),
     Case("state dict", "an AdamW state of a model with other shapes (same parameter count)", other_model_optimizer_state, "exp_avg"),
-    Case("state dict", "`counters` holding a string", lambda: OptimWrapper(sgd()).load_state_dict({**sgd().state_dict(), "counters": {"steps": "7"}}), "'steps'"),
+    Case("state dict", "`counters` holding a string", lambda: OptimWrapper(plain_sgd()).load_state_dict({**plain_sgd().state_dict(), "counters": {"steps": "7"}}), "'steps'"),
     Case("state dict", "an AdamW state into an SGD wrapper", adamw_state_into_sgd, "momentum"),
     Case("state dict", "a member of an `OptimWrapperDict` whose lr is nan (the other members stay as they were)", a_bad_member_of_a_wrapper_dict, "'lr'"),
-    Case("state dict", "`counters` with more skipped steps than steps", lambda: OptimWrapper(sgd()).load_state_dict({**sgd().state_dict(), "counters": {"steps": 2, "skipped_steps": 5}}), "skipped steps"),
+    Case("state dict", "`counters` with more skipped steps than steps", lambda: OptimWrapper(plain_sgd()).load_state_dict({**plain_sgd().state_dict(), "counters": {"steps": 2, "skipped_steps": 5}}), "skipped steps"),
     Case("state dict", "a state saved mid-window with `accumulative_counts=4` into a wrapper of 2", a_mid_window_state_into_another_accumulation, "accumulative_counts=4"),
     Case("state dict", "a data position after batch 5 of data of 3 batches", a_data_position_past_the_datas_end, "only 3 batches"),
     Case("state dict", "a data position saved mid-pass by 2 processes, into 1 without a `DistributedSampler`", a_mid_pass_position_of_two_processes_into_one, "mid-pass"),

@@ -15,7 +15,6 @@ from pathlib import Path
 import filelock
 import pytest
 import torch
-from crashes import RENAMED, STAGES, Crash, crash_at
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from ignite.engine import Engine, Events
@@ -26,6 +25,7 @@ from engine_opt.engine.run_directory import RunDirectory, RunDirectoryBusy
 from engine_opt.handlers import ResumableLoader, attach_checkpoint, latest_checkpoint, resume_from_latest
 from engine_opt.handlers.checkpoint import DurableCheckpoint
 
+from crashes import RENAMED, STAGES, Crash, crash_at
 from oracle import assert_same_tensors, loss_fn, make_batches, make_model
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -13,7 +13,6 @@ from unittest import mock
 
 import pytest
 import torch
-from crashes import Crash
 from ignite.engine import Events
 from torch.distributed.checkpoint import CheckpointException
 from torch.distributed.checkpoint.filesystem import FileSystemWriter
@@ -28,6 +27,7 @@ from engine_opt.handlers import (
     resume_from_latest,
 )
 
+from crashes import Crash
 from oracle import OPTIMIZERS, Plan, assert_same_tensors, loss_fn, make_batches, make_model, plain_loop
 
 pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled:UserWarning")

@@ -150,41 +150,64 @@ def test_a_plain_engine_event_handler_still_sees_ignite_events():
     assert iterations == [1, 2, 3, 4]
 
 
-def sgd(model):
+def sgd_wrapper(model):
+    """An OptimWrapper around a plain SGD (lr 0.1) over the model's parameters."""
     return OptimWrapper(torch.optim.SGD(model.parameters(), lr=0.1))
 
 
 @pytest.mark.parametrize(
     ("call", "error", "pattern"),
     [
-        (lambda m: create_trainer("model", sgd(m), loss_fn), TypeError, "model must be a torch.nn.Module, got 'model'"),
+        (
+            lambda m: create_trainer("model", sgd_wrapper(m), loss_fn),
+            TypeError,
+            "model must be a torch.nn.Module, got 'model'",
+        ),
         (
             lambda m: create_trainer(m, torch.optim.SGD(m.parameters(), lr=0.1), loss_fn),
             TypeError,
             r"(?s)optim_wrapper must be an OptimWrapper or an OptimWrapperDict, got SGD.*OptimWrapper\(SGD",
         ),
-        (lambda m: create_trainer(m, sgd(m)), ValueError, "needs loss_fn, or train_step.*Sequential has none"),
-        (lambda m: create_trainer(m, sgd(m), loss_fn, train_step=lambda e, b: None), ValueError, "not both"),
+        (lambda m: create_trainer(m, sgd_wrapper(m)), ValueError, "needs loss_fn, or train_step.*Sequential has none"),
+        (lambda m: create_trainer(m, sgd_wrapper(m), loss_fn, train_step=lambda e, b: None), ValueError, "not both"),
         (
-            lambda m: create_trainer(m, sgd(m), train_step=lambda e, b: None, model_fn=lambda model, x: model(x)),
+            lambda m: create_trainer(
+                m, sgd_wrapper(m), train_step=lambda e, b: None, model_fn=lambda model, x: model(x)
+            ),
             ValueError,
             "model_fn is for the default process function, which train_step replaces, and would be ignored",
         ),
         (
-            lambda m: create_trainer(m, sgd(m), train_step=lambda e, b: None, device="cpu", prepare_batch=tuple),
+            lambda m: create_trainer(
+                m, sgd_wrapper(m), train_step=lambda e, b: None, device="cpu", prepare_batch=tuple
+            ),
             ValueError,
             "^device, prepare_batch are for",
         ),
         (
-            lambda m: create_trainer(MMEngineStyleModel(), sgd(m), output_transform=lambda x, y, y_pred, loss: loss),
+            lambda m: create_trainer(
+                MMEngineStyleModel(), sgd_wrapper(m), output_transform=lambda x, y, y_pred, loss: loss
+            ),
             ValueError,
             "output_transform is for the default process function, which MMEngineStyleModel.train_step replaces",
         ),
-        (lambda m: create_trainer(m, sgd(m), "mse"), TypeError, r"loss_fn must be callable as loss_fn\(y_pred, y\)"),
-        (lambda m: create_trainer(m, sgd(m), lambda y_pred: y_pred), TypeError, "loss_fn must accept 2 positional"),
-        (lambda m: create_trainer(m, sgd(m), train_step=lambda batch: None), TypeError, r"train_step\(engine, batch\)"),
         (
-            lambda m: create_trainer(m, sgd(m), loss_fn, output_transform=lambda loss: loss),
+            lambda m: create_trainer(m, sgd_wrapper(m), "mse"),
+            TypeError,
+            r"loss_fn must be callable as loss_fn\(y_pred, y\)",
+        ),
+        (
+            lambda m: create_trainer(m, sgd_wrapper(m), lambda y_pred: y_pred),
+            TypeError,
+            "loss_fn must accept 2 positional",
+        ),
+        (
+            lambda m: create_trainer(m, sgd_wrapper(m), train_step=lambda batch: None),
+            TypeError,
+            r"train_step\(engine, batch\)",
+        ),
+        (
+            lambda m: create_trainer(m, sgd_wrapper(m), loss_fn, output_transform=lambda loss: loss),
             TypeError,
             "output_transform must accept 4",
         ),

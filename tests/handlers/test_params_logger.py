@@ -6,7 +6,6 @@ import pytest
 import torch
 from ignite.engine import Events
 from ignite.handlers.tensorboard_logger import TensorboardLogger
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from engine_opt import AmpOptimWrapper, OptimEvents, OptimWrapper, build_optim_wrapper, create_trainer
 from engine_opt.handlers import OptimParamsHandler, SchedulerHandler, optim_scalars
@@ -14,16 +13,7 @@ from engine_opt.handlers import OptimParamsHandler, SchedulerHandler, optim_scal
 from helpers import gan_step, make_amp_gan_wrappers
 from oracle import loss_fn, make_batches, make_gan, make_model
 from recording_logger import RecordingLogger
-
-
-def read_scalars(log_dir):
-    accumulator = EventAccumulator(str(log_dir))
-    accumulator.Reload()
-    return {tag: [(e.step, e.value) for e in accumulator.Scalars(tag)] for tag in accumulator.Tags()["scalars"]}
-
-
-def f32(value):
-    return torch.tensor(value, dtype=torch.float32).item()
+from scalars import f32, read_scalars
 
 
 def test_logs_the_values_each_update_used(tmp_path):

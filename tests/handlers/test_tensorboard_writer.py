@@ -5,17 +5,12 @@ from __future__ import annotations
 import builtins
 
 import pytest
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
 from torch.utils.tensorboard import SummaryWriter
 
 from engine_opt.handlers.tensorboard_writer import write_scalars
 
-
-def read_scalars(log_dir):
-    accumulator = EventAccumulator(str(log_dir))
-    accumulator.Reload()
-    return {tag: [(e.step, e.value) for e in accumulator.Scalars(tag)] for tag in accumulator.Tags()["scalars"]}
+from scalars import f32, read_scalars
 
 
 def values_per_event(log_dir):
@@ -60,9 +55,7 @@ def test_without_tensorboards_records_it_writes_one_event_per_scalar(tmp_path, m
 
 @pytest.mark.parametrize("value", [0.1, 1e-8, 3e4])
 def test_values_are_stored_as_float32(tmp_path, value):
-    import torch
-
     writer = SummaryWriter(str(tmp_path))
     write_scalars(writer, {"x": value}, step=0)
     writer.close()
-    assert read_scalars(tmp_path)["x"] == [(0, torch.tensor(value, dtype=torch.float32).item())]
+    assert read_scalars(tmp_path)["x"] == [(0, f32(value))]

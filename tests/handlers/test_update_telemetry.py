@@ -13,7 +13,6 @@ import pytest
 import torch
 from ignite.engine import Events
 from ignite.handlers.tensorboard_logger import TensorboardLogger
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from engine_opt import AmpOptimWrapper, OptimWrapper, StepEvent, create_trainer
 from engine_opt.handlers import UpdateTelemetryHandler, update_telemetry
@@ -21,18 +20,9 @@ from engine_opt.optim.foreach import fallback_norms, tensor_norms
 
 from helpers import gan_step, make_amp_gan_wrappers
 from oracle import loss_fn, make_batches, make_gan, make_model
+from scalars import f32, read_scalars
 
 MAX_NORM = 1.28  # fires on some measured updates of make_model/make_batches, not on all
-
-
-def read_scalars(log_dir):
-    accumulator = EventAccumulator(str(log_dir))
-    accumulator.Reload()
-    return {tag: [(e.step, e.value) for e in accumulator.Scalars(tag)] for tag in accumulator.Tags()["scalars"]}
-
-
-def f32(value):
-    return torch.tensor(value, dtype=torch.float32).item()
 
 
 def grouped_sgd(model):

@@ -1,4 +1,5 @@
-"""The training side of the comparisons: the loop every wrapper test runs, and a checkpoint round trip."""
+"""The training side of the comparisons: the loop every wrapper test runs, a checkpoint round trip, and the
+plain optimizers and recorders that several test files share."""
 
 from __future__ import annotations
 
@@ -26,6 +27,18 @@ def roundtrip(obj: Any) -> Any:
     torch.save(obj, buffer)
     buffer.seek(0)
     return torch.load(buffer, weights_only=True)
+
+
+def momentum_sgd(model: torch.nn.Module) -> torch.optim.SGD:
+    """A plain SGD with momentum (lr 0.1, momentum 0.9) over the model's parameters."""
+    return torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+
+
+def record_lrs(optimizer: torch.optim.Optimizer) -> list[float]:
+    """The lr each optimizer step used, read by a step pre-hook of the plain optimizer."""
+    lrs: list[float] = []
+    optimizer.register_step_pre_hook(lambda opt, args, kwargs: lrs.append(opt.param_groups[0]["lr"]))
+    return lrs
 
 
 def make_amp_gan_wrappers(gan: torch.nn.ModuleDict, **gen_kwargs: Any) -> OptimWrapperDict:
