@@ -24,7 +24,18 @@ def options(**changes):
 
 @pytest.mark.parametrize("processes", [1, 3, 4])
 def test_another_process_count_is_no_difference(processes):
-    options(processes=processes).check_state_dict(options().state_dict())
+    saved = options().state_dict()  # a run of 2 processes
+    resumed = options(processes=processes)
+    resumed.load_state_dict(saved)  # accepted; the options stay this run's
+    assert resumed == options(processes=processes)
+
+    def refusal(run):
+        with pytest.raises(ValueError, match="this run differs from the checkpoint's") as info:
+            run.check_state_dict(saved)
+        return str(info.value)
+
+    # a real difference lists the same differences as at the checkpoint's own process count: none for the count
+    assert refusal(options(processes=processes, seed=1)) == refusal(options(seed=1))
 
 
 def test_a_single_process_checkpoint_from_before_the_sampler_order_is_refused_by_name():

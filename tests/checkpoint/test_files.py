@@ -53,7 +53,10 @@ def test_validation_builds_no_throwaway_wrapper_or_engine(tmp_path, monkeypatch)
     optimizer = torch.optim.SGD(make_model().parameters(), lr=0.1)
     plain_engine = Engine(lambda engine, batch: None)
 
-    def refuse(*args, **kwargs):
+    built = []
+
+    def refuse(self, *args, **kwargs):
+        built.append(type(self).__name__)  # seen even if the error below were caught on the way
         raise AssertionError("a throwaway object was built to validate a checkpoint")
 
     monkeypatch.setattr(OptimWrapper, "__init__", refuse)
@@ -64,6 +67,11 @@ def test_validation_builds_no_throwaway_wrapper_or_engine(tmp_path, monkeypatch)
     check_entry(plain_engine, state["trainer"])
     check_entry(optimizer, torch.optim.SGD(make_model(seed=1).parameters(), lr=0.1).state_dict())
     load_checkpoint(objects, tmp_path / "checkpoint_4.pt")
+    monkeypatch.undo()
+    assert built == []
+    for name in ("model", "optim_wrapper", "data"):  # validated, then loaded: each object holds what was saved
+        assert_same_tensors(objects[name].state_dict(), state[name], name)
+    assert objects["trainer"].state_dict() == state["trainer"]
 
 
 class Asked:

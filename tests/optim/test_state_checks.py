@@ -88,7 +88,16 @@ def test_module_states_must_have_the_same_keys_and_shapes():
 
 def test_a_data_parallel_module_is_checked_as_the_module_it_wraps():
     model = make_model()
-    check_module_state(nn.DataParallel(model), make_model(seed=2).state_dict())
+    saved = make_model(seed=2).state_dict()  # the wrapped module's keys (as Ignite's Checkpoint saves them)
+    check_module_state(nn.DataParallel(model), saved)
+    model.load_state_dict(saved)  # torch's own load of the module it wraps takes what the check accepted
+    assert_same_tensors(model.state_dict(), saved)
+    wide = nn.Sequential(nn.Linear(4, 9), nn.LayerNorm(9), nn.ReLU(), nn.Linear(9, 2))
+    with pytest.raises(ValueError, match=r"shapes differ: 0.weight: saved \(9, 4\), model \(8, 4\)"):
+        check_module_state(nn.DataParallel(model), wide.state_dict())
+    with pytest.raises(ValueError, match=r"the model lacks \['module.0.bias'"):  # the DataParallel's own keys
+        check_module_state(nn.DataParallel(model), nn.DataParallel(make_model()).state_dict())
+    assert_same_tensors(model.state_dict(), saved)  # the refusals changed nothing
 
 
 def test_a_state_saved_before_a_schedule_was_added_loads():
