@@ -14,6 +14,7 @@ SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.sh"
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="with a GPU the script runs for minutes: run it by hand")
+@pytest.mark.slow  # runs the script, which starts Python
 def test_without_a_gpu_it_refuses_with_a_message_and_writes_only_the_machine(tmp_path):
     env = {
         **os.environ,

@@ -588,23 +588,43 @@ def render(outcomes: list[str]) -> str:
     return "\n".join(rows)
 
 
+class Outcomes:
+    """Each case's outcome, got on first use (in the order asked), all in one directory."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.got: dict[int, str] = {}
+
+    def __getitem__(self, index: int) -> str:
+        if index not in self.got:
+            cwd = os.getcwd()
+            os.chdir(self.directory)  # relative paths: the messages do not depend on where the tests run
+            try:
+                self.got[index] = outcome(CASES[index])
+            finally:
+                os.chdir(cwd)
+        return self.got[index]
+
+
 def all_outcomes(directory: Path) -> list[str]:
-    cwd = os.getcwd()
-    os.chdir(directory)  # relative paths: the messages do not depend on where the tests run
-    try:
-        return [outcome(case) for case in CASES]
-    finally:
-        os.chdir(cwd)
+    outcomes = Outcomes(directory)
+    return [outcomes[index] for index in range(len(CASES))]
 
 
 @pytest.fixture(scope="module")
 def outcomes(tmp_path_factory):
     if torch.cuda.is_available():
         pytest.skip("the table records a machine without a GPU (the --device cuda and nccl rows)")
-    return all_outcomes(tmp_path_factory.mktemp("hostile"))
+    return Outcomes(tmp_path_factory.mktemp("hostile"))
 
 
-@pytest.mark.parametrize("index", range(len(CASES)), ids=[f"{case.area}: {case.given}" for case in CASES])
+def case_param(index: int) -> Any:
+    """The command's cases run ``engine-opt train`` in-process: slow."""
+    marks = [pytest.mark.slow] if CASES[index].area == "command" else []
+    return pytest.param(index, marks=marks, id=f"{CASES[index].area}: {CASES[index].given}")
+
+
+@pytest.mark.parametrize("index", [case_param(index) for index in range(len(CASES))])
 def test_each_bad_input_gets_a_clear_error_naming_what_was_wrong(outcomes, index):
     got, case = outcomes[index], CASES[index]
     assert got.startswith(
@@ -622,11 +642,13 @@ def without_torch_words(table: str) -> list[str]:
     return rows
 
 
+@pytest.mark.slow  # every row, the command's included
 def test_the_docs_table_shows_what_users_get(outcomes):
     text = DOC.read_text()
     table = text[text.index(TABLE_START) + len(TABLE_START) : text.index(TABLE_END)].strip()
     stale = "docs/hostile-input.md is stale: run `python tests/test_hostile_input.py`"
-    assert without_torch_words(table) == without_torch_words(render(outcomes)), stale
+    got = [outcomes[index] for index in range(len(CASES))]
+    assert without_torch_words(table) == without_torch_words(render(got)), stale
 
 
 def test_torch_words_are_masked_and_nothing_else():

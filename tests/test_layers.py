@@ -53,6 +53,7 @@ def test_each_module_imports_only_its_own_layer_and_those_below(path):
     assert not forbidden, f"{path.relative_to(PACKAGE)} ({layer}) imports {sorted(forbidden)}"
 
 
+@pytest.mark.slow  # a fresh interpreter
 def test_the_core_loads_no_framework_in_a_fresh_interpreter():
     code = (
         "import sys, engine_opt, engine_opt.optim, engine_opt.testing\n"

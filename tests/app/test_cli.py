@@ -22,6 +22,9 @@ from oracle import assert_same_tensors
 
 ROOT = Path(__file__).resolve().parents[2]
 
+# every test here runs the command, in-process (main, build) or as a process of its own
+pytestmark = pytest.mark.slow
+
 
 def run(tmp_path, *args):
     return main(["train", "--no-progress", "--log-dir", str(tmp_path / "logs"), *args])
@@ -139,7 +142,6 @@ def test_cuda_without_a_gpu(tmp_path, capsys):
     assert "no CUDA device is available here; use --device cpu" in capsys.readouterr().err
 
 
-@pytest.mark.slow
 def test_python_dash_m():
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     result = subprocess.run(
@@ -193,7 +195,6 @@ def command(cwd, *args):
     return subprocess.Popen(argv, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize(("signal_number", "status"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_a_signal_stops_the_command_with_a_checkpoint_it_resumes_from_exactly(tmp_path, signal_number, status):
     epochs, checkpoints = "20", tmp_path / "runs" / "classifier" / "checkpoints"

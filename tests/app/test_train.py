@@ -16,6 +16,7 @@ def options(tmp_path, *extra):
     return build_parser().parse_args(["train", "--no-progress", "--log-dir", str(tmp_path / "logs"), *extra])
 
 
+@pytest.mark.slow  # builds the whole run: the task, its data, the wrappers, the trainer and its handlers
 def test_build_makes_every_object_a_checkpoint_holds(tmp_path):
     run = build(options(tmp_path, "--task", "gan", "--schedule", "cosine", "--accumulate", "2"))
     assert isinstance(run.trainer, Trainer) and sorted(run.optim_wrapper) == ["disc", "gen"]
@@ -25,6 +26,7 @@ def test_build_makes_every_object_a_checkpoint_holds(tmp_path):
     assert run.checkpoint_dir == tmp_path / "logs" / "checkpoints"
 
 
+@pytest.mark.slow  # trains a whole run, then builds three more
 def test_a_run_resumes_only_where_it_fits(tmp_path):
     first = train(options(tmp_path, "--epochs", "1"))
     assert (first.iterations, first.resumed_from) == (64, None)

@@ -164,6 +164,7 @@ def test_named_param_groups_name_their_tags():
     ]
 
 
+@pytest.mark.slow  # MLflow starts processes (git, uname) as it logs a run
 def test_another_ignite_logger_gets_the_same_values_read_back_by_its_own_reader(tmp_path, monkeypatch):
     """MLflow to a local file store, read back with MLflow's client: the values TensorBoard gets."""
     mlflow = pytest.importorskip("mlflow")

@@ -333,6 +333,7 @@ def test_a_bad_state_dict_is_refused_and_nothing_changes():
     assert_same_tensors(guard.state_dict(), good)
 
 
+@pytest.mark.slow  # the command, three times
 def test_the_command_with_spike_guard_checkpoints_the_guard_and_resumes_exactly(tmp_path, capsys):
     from engine_opt.app.cli import build_parser, main
     from engine_opt.app.train import build

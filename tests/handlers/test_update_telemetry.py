@@ -237,6 +237,7 @@ def test_a_dict_logs_each_member_with_its_prefix_and_the_scale(tmp_path):
     assert "disc.loss_scale" not in scalars and "gen.clipped" not in scalars
 
 
+@pytest.mark.slow  # MLflow starts processes (git, uname) as it logs a run
 def test_another_ignite_logger_gets_the_same_values(tmp_path, monkeypatch):
     """MLflow to a local file store, read back with MLflow's client: the values TensorBoard gets."""
     mlflow = pytest.importorskip("mlflow")
@@ -306,6 +307,7 @@ def test_bad_arguments_name_the_argument_the_value_and_what_is_accepted():
 # --------------------------------------------------------------------------- the command
 
 
+@pytest.mark.slow  # the command
 def test_the_command_logs_the_telemetry_to_the_runs_tensorboard_directory(tmp_path):
     from engine_opt.app.cli import main
 
