@@ -241,9 +241,7 @@ class ResumableLoader:
         if missing:
             raise ValueError(f"state_dict lacks {missing}; pass what ResumableLoader.state_dict() returned")
         for key in ("position", "passes"):
-            value = state_dict.get(key, 0)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ValueError(f"state_dict[{key!r}] must be an int >= 0, got {value!r}")
+            checks.saved_int(f"state_dict[{key!r}]", state_dict.get(key, 0), 0)
         ranks = state_dict.get("ranks")
         if ranks is not None and (not isinstance(ranks, list) or not ranks):
             raise ValueError(f"state_dict['ranks'] must be a list of each rank's generator states, got {ranks!r}")

@@ -139,7 +139,7 @@ def check_engine_state(engine: Engine, state_dict: Any) -> None:
 
 
 def _count(where: str, key: str, value: Any, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+    if not checks.is_int(value) or value < minimum:
         got = value if isinstance(value, int) else checks.describe(value, 40)
         raise ValueError(f"{where}'s {key!r} must be an int >= {minimum}, got {got}")
     return value

@@ -1,7 +1,9 @@
-"""Argument checks shared by the wrappers and the builder.
+"""Argument checks, for every layer: the one home of "an int that is not a bool" and its kin.
 
 Every check raises ``TypeError`` or ``ValueError`` with a message that names the
-argument, shows the value received and says what is accepted.
+argument, shows the value received and says what is accepted. The checks of a
+saved state (``saved_int``) raise ``ValueError`` whatever is wrong: the value
+was read from a file, not typed by the caller.
 
 Example:
     >>> positive_int("accumulative_counts", 2)
@@ -14,10 +16,11 @@ Example:
 
 from __future__ import annotations
 
+import math
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 
 
 def describe(value: Any, limit: int = 80) -> str:
@@ -33,6 +36,21 @@ def describe(value: Any, limit: int = 80) -> str:
     return f"{text} of type {type(value).__name__}"
 
 
+def is_int(value: Any) -> TypeGuard[int]:
+    """Whether ``value`` is an ``int`` and not a ``bool`` (``True`` is an int to Python, never a count here).
+
+    Example:
+        >>> is_int(3), is_int(True), is_int(3.0)
+        (True, False, False)
+    """
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_real(value: Any) -> TypeGuard[int | float]:
+    """Whether ``value`` is an ``int`` or a ``float`` and not a ``bool``."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def positive_int(name: str, value: Any) -> int:
     """Return ``value`` if it is an ``int`` of at least 1 (``bool`` is refused).
 
@@ -40,10 +58,87 @@ def positive_int(name: str, value: Any) -> int:
         TypeError: ``value`` is not an int.
         ValueError: ``value`` is below 1.
     """
-    if isinstance(value, bool) or not isinstance(value, int):
+    if not is_int(value):
         raise TypeError(f"{name} must be a positive int, got {describe(value)}")
     if value < 1:
         raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return value
+
+
+def int_at_least(name: str, value: Any, minimum: int) -> int:
+    """Return ``value`` if it is an ``int`` of at least ``minimum`` (``bool`` is refused).
+
+    Example:
+        >>> int_at_least("warmup", -1, 0)
+        Traceback (most recent call last):
+        ...
+        ValueError: warmup must be an int >= 0, got -1
+    """
+    if not is_int(value):
+        raise TypeError(f"{name} must be an int >= {minimum}, got {describe(value)}")
+    if value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+    return value
+
+
+def saved_int(name: str, value: Any, minimum: int) -> int:
+    """``int_at_least`` for a value read from a saved state: a ``ValueError`` whatever is wrong.
+
+    Example:
+        >>> saved_int("state_dict['position']", "3", 0)
+        Traceback (most recent call last):
+        ...
+        ValueError: state_dict['position'] must be an int >= 0, got '3'
+    """
+    if not is_int(value) or value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+    return value
+
+
+def real(name: str, value: Any) -> float:
+    """Return ``value`` if it is a finite real number (``bool`` refused).
+
+    Example:
+        >>> real("gamma", float("nan"))
+        Traceback (most recent call last):
+        ...
+        ValueError: gamma must be a finite number, got nan
+    """
+    if not is_real(value):
+        raise TypeError(f"{name} must be a number, got {describe(value)}")
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    return value
+
+
+def number(name: str, value: Any, accepted: str = "a number") -> float:
+    """Return ``value`` if it is a real number (``bool`` refused); else a ``TypeError``: ``name`` must be ``accepted``.
+
+    The range is the caller's to check, in its own words.
+    """
+    if not is_real(value):
+        raise TypeError(f"{name} must be {accepted}, got {describe(value)}")
+    return value
+
+
+def number_in(name: str, value: Any, accepted: str, within: Callable[[float], bool]) -> float:
+    """Return ``value`` as a float if it is a finite real number for which ``within`` holds.
+
+    Example:
+        >>> number_in("decay", 1.0, "a number in [0, 1)", lambda value: 0 <= value < 1)
+        Traceback (most recent call last):
+        ...
+        ValueError: decay must be a number in [0, 1), got 1.0
+    """
+    if not (math.isfinite(number(name, value, accepted)) and within(value)):
+        raise ValueError(f"{name} must be {accepted}, got {value!r}")
+    return float(value)
+
+
+def flag(name: str, value: Any) -> bool:
+    """Return ``value`` if it is ``True`` or ``False`` (``1`` and ``'yes'`` are refused)."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, got {describe(value)}")
     return value
 
 

@@ -31,8 +31,7 @@ _CLIP_ARGS = {
 
 def _positive(name: str, value: Any, allow_inf: bool) -> None:
     """A number > 0 (a negative max_norm would flip every gradient; a negative clip_value, set them all)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a number > 0, got {checks.describe(value)}")
+    checks.number(name, value, "a number > 0")
     if not (value > 0 and (allow_inf or math.isfinite(value))):
         accepted = "a number > 0 (inf to measure the norm without clipping)" if allow_inf else "a finite number > 0"
         raise ValueError(f"{name} must be {accepted}, got {value!r}")
@@ -70,9 +69,10 @@ class GradClipper:
         _positive("clip_grad['clip_value']", kwargs.get("clip_value", 1.0), allow_inf=False)
         if kwargs.get("norm_type", 2.0) not in ("inf", "-inf"):
             _positive("clip_grad['norm_type']", kwargs.get("norm_type", 2.0), allow_inf=True)
-        for flag, types in (("error_if_nonfinite", (bool,)), ("foreach", (bool, type(None)))):
-            if flag in kwargs and not isinstance(kwargs[flag], types):
-                raise TypeError(f"clip_grad[{flag!r}] must be True or False, got {checks.describe(kwargs[flag])}")
+        if "error_if_nonfinite" in kwargs:
+            checks.flag("clip_grad['error_if_nonfinite']", kwargs["error_if_nonfinite"])
+        if kwargs.get("foreach") is not None:
+            checks.flag("clip_grad['foreach']", kwargs["foreach"])
         return cls(clip_type, kwargs)
 
     def clip(self, params: list[torch.Tensor]) -> torch.Tensor | None:

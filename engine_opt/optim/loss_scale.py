@@ -24,16 +24,9 @@ from . import checks
 SCALER_ARGS = ("init_scale", "growth_factor", "backoff_factor", "growth_interval", "enabled")
 
 
-def number(name: str, value: Any) -> float:
-    """``value`` as a float if it is an int or float (not a bool); else a ``TypeError`` naming ``name``."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a number, got {checks.describe(value)}")
-    return float(value)
-
-
 def scale(name: str, value: Any) -> float:
     """``value`` if it is a number that stays finite and above 0 as a float32."""
-    as_float32 = float(torch.tensor(number(name, value), dtype=torch.float32))
+    as_float32 = float(torch.tensor(float(checks.number(name, value)), dtype=torch.float32))
     if not (math.isfinite(as_float32) and as_float32 > 0):
         raise ValueError(f"{name} must be > 0 and finite as a float32 (the scale's dtype), got {value!r}")
     return float(value)
@@ -48,7 +41,7 @@ def check_loss_scale(loss_scale: Any) -> None:
         )
     if isinstance(loss_scale, str) and loss_scale == "dynamic":
         return
-    if isinstance(loss_scale, (int, float)) and not isinstance(loss_scale, bool):
+    if checks.is_real(loss_scale):
         scale("loss_scale", loss_scale)
         return
     if isinstance(loss_scale, Mapping):
@@ -70,14 +63,12 @@ def check_scaler_state(where: str, state: Mapping[str, Any], expected_keys: set[
     scale(f"{where}['scale']", state["scale"])
     _check_factors(where, state)
     checks.positive_int(f"{where}['growth_interval']", state["growth_interval"])
-    tracker = state["_growth_tracker"]
-    if isinstance(tracker, bool) or not isinstance(tracker, int) or tracker < 0:
-        raise ValueError(f"{where}['_growth_tracker'] must be an int >= 0, got {tracker!r}")
+    checks.saved_int(f"{where}['_growth_tracker']", state["_growth_tracker"], 0)
 
 
 def _check_factors(where: str, values: Mapping[str, Any]) -> None:
-    growth = number(f"{where}['growth_factor']", values["growth_factor"])
-    backoff = number(f"{where}['backoff_factor']", values["backoff_factor"])
+    growth = float(checks.number(f"{where}['growth_factor']", values["growth_factor"]))
+    backoff = float(checks.number(f"{where}['backoff_factor']", values["backoff_factor"]))
     if not (math.isfinite(growth) and growth > 1):
         raise ValueError(f"{where}['growth_factor'] must be > 1, got {growth!r}")
     if not 0 < backoff < 1:

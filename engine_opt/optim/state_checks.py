@@ -119,7 +119,7 @@ def lists_param_ids(group: Any) -> bool:
     """A saved param group with a list of parameter ids (ints), as ``Optimizer.state_dict()`` writes them."""
     if not isinstance(group, Mapping) or not isinstance(group.get("params"), (list, tuple)):
         return False
-    return all(isinstance(index, int) and not isinstance(index, bool) for index in group["params"])
+    return all(checks.is_int(index) for index in group["params"])
 
 
 def _scheduled_or_built(key: str) -> bool:
@@ -134,9 +134,7 @@ def _is_number(value: Any, allow_nonfinite: bool = False) -> bool:
     if isinstance(value, torch.Tensor):
         real = value.dtype != torch.bool and not value.dtype.is_complex
         return real and (allow_nonfinite or bool(torch.isfinite(value).all()))
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return False
-    return allow_nonfinite or math.isfinite(value)
+    return checks.is_real(value) and (allow_nonfinite or math.isfinite(value))
 
 
 _NON_NEGATIVE = ("lr", "weight_decay", "momentum", "dampening", "eps")
