@@ -18,8 +18,9 @@ import torch.distributed as dist
 from ignite.engine import Engine, Events
 
 from ..engine.events import OptimEvents
+from ..engine.resumable_loader import ResumableLoader
 from ..engine.state import optim_state
-from ..optim import checks
+from ..optim import checks, window_state
 from ..optim.distributed import collective_device, replicated_value, world_size
 from ..optim.wrapper import OptimWrapper
 from ..optim.wrapper_dict import OptimWrapperDict
@@ -31,14 +32,6 @@ _SIGNALS = ("loss", "grad_norm")
 _FIELDS = ("count", "loss_mean", "loss_var", "norm_mean", "norm_var", "streak", "spikes", "tripped")
 _STATE_KEYS = ("members", "window_losses", "windows", "next_check", "rollbacks", "snapshot")
 Stats = torch.Tensor
-
-
-def _number(name: str, value: Any, accepted: str, ok: bool) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be {accepted}, got {checks.describe(value)}")
-    if not ok or not math.isfinite(value):
-        raise ValueError(f"{name} must be {accepted}, got {value!r}")
-    return float(value)
 
 
 def _clone_tree(value: Any) -> Any:
@@ -150,23 +143,15 @@ class SpikeGuard:
         if not isinstance(mode, str) or mode not in _MODES:
             raise ValueError(f"mode must be one of {list(_MODES)}, got {mode!r}")
         self.mode = mode
-        self.z = _number("z", z, "a finite number > 0", isinstance(z, (int, float)) and z > 0)
-        self.decay = _number("decay", decay, "a number in [0, 1)", isinstance(decay, (int, float)) and 0 <= decay < 1)
-        if isinstance(warmup, bool) or not isinstance(warmup, int):
-            raise TypeError(f"warmup must be an int >= 0, got {checks.describe(warmup)}")
-        if warmup < 0:
-            raise ValueError(f"warmup must be an int >= 0, got {warmup!r}")
-        self.warmup = warmup
+        self.z = checks.number_in("z", z, "a finite number > 0", lambda value: value > 0)
+        self.decay = checks.number_in("decay", decay, "a number in [0, 1)", lambda value: 0 <= value < 1)
+        self.warmup = checks.int_at_least("warmup", warmup, 0)
         watched = [watch] if isinstance(watch, str) else list(watch) if isinstance(watch, Iterable) else None
         if not watched or any(name not in _SIGNALS for name in watched):
             raise ValueError(f"watch must be one or both of {list(_SIGNALS)}, got {watch!r}")
         self.watch = tuple(name for name in _SIGNALS if name in watched)
         self.k = checks.positive_int("k", k)
-        if isinstance(max_rollbacks, bool) or not isinstance(max_rollbacks, int):
-            raise TypeError(f"max_rollbacks must be an int >= 0, got {checks.describe(max_rollbacks)}")
-        if max_rollbacks < 0:
-            raise ValueError(f"max_rollbacks must be an int >= 0, got {max_rollbacks!r}")
-        self.max_rollbacks = max_rollbacks
+        self.max_rollbacks = checks.int_at_least("max_rollbacks", max_rollbacks, 0)
         self.check_every = checks.positive_int("check_every", check_every)
         self.snapshot_every = checks.positive_int("snapshot_every", snapshot_every)
         if self.snapshot_every % self.check_every:
@@ -201,7 +186,7 @@ class SpikeGuard:
             return {}
         restore = checks.mapping("restore", restore)
         for name, obj in restore.items():
-            if isinstance(obj, (Engine, OptimWrapper, OptimWrapperDict)) or type(obj).__name__ == "ResumableLoader":
+            if isinstance(obj, (Engine, OptimWrapper, OptimWrapperDict, ResumableLoader)):
                 raise TypeError(
                     f"restore[{name!r}] must not be the trainer, a wrapper or the data, got {type(obj).__name__}: "
                     "the guard restores the wrappers itself, and the trainer and the data go on"
@@ -339,18 +324,14 @@ class SpikeGuard:
             )
         snapshot = self._snapshot
         for name, wrapper in optim_state(engine).members.items():
-            saved = dict(snapshot["wrappers"][str(name)])
-            window = ("accumulated_grads", "accumulated_items", "rank_accumulated_grads", "rank_accumulated_items")
-            for key in window:  # the snapshot's open window is past; a member in a window now keeps that one
-                saved.pop(key, None)
-            if wrapper.inner_count % wrapper.accumulative_counts and wrapper.inner_count != wrapper.max_counts:
-                current = wrapper.state_dict()
-                saved.update({key: current[key] for key in window if key in current})
-            saved["counters"] = {
-                **saved["counters"],
-                "inner_count": wrapper.inner_count,
-                "max_counts": wrapper.max_counts,
-            }
+            # the snapshot's open window is past; a member in a window now keeps that one
+            window = window_state.window_of(wrapper.state_dict()) if wrapper.in_window else {}
+            saved = window_state.at_position(
+                snapshot["wrappers"][str(name)],
+                inner_count=wrapper.inner_count,
+                max_counts=wrapper.max_counts,
+                window=window,
+            )
             wrapper.load_state_dict(_clone_tree(saved))
         for name, obj in self.restore.items():
             obj.load_state_dict(_clone_tree(snapshot["objects"][name]))
@@ -405,9 +386,7 @@ class SpikeGuard:
         if missing:
             raise ValueError(f"state_dict lacks {missing}; pass what SpikeGuard.state_dict() returned")
         for key in ("windows", "next_check", "rollbacks"):
-            value = state_dict[key]
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ValueError(f"state_dict[{key!r}] must be an int >= 0, got {value!r}")
+            checks.saved_int(f"state_dict[{key!r}]", state_dict[key], 0)
         entries = state_dict["members"]
         if not isinstance(entries, list):
             raise TypeError(f"state_dict['members'] must be a list, got {checks.describe(entries)}")

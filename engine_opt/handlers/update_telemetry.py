@@ -123,8 +123,17 @@ def _over_ranks(local: torch.Tensor, replicas: torch.Tensor | None, how: str = "
 class _Member:
     """One member's measurement: fixed layout, and the hooks of the one update being measured."""
 
-    def __init__(self, owner: UpdateTelemetryHandler, name: str | None, wrapper: OptimWrapper, layers: list[str]):
-        self.owner = owner
+    def __init__(
+        self,
+        name: str | None,
+        wrapper: OptimWrapper,
+        layers: list[str],
+        param_names: dict[int, str],
+        every: int,
+        results: list[tuple[_Member, torch.Tensor]],
+    ):
+        self.every = every
+        self.results = results  # where each measured update's stacked values wait for the handler's next read
         self.wrapper = wrapper
         self.prefix = member_prefix(name)
         groups = wrapper.param_groups
@@ -150,9 +159,8 @@ class _Member:
         for label, group in zip(group_labels(wrapper), groups, strict=True):
             rows.append(("", label, [position[first + k] for k in range(len(group["params"]))]))
             first += len(group["params"])
-        names = owner.param_names
         for layer in layers:
-            chosen = [position[i] for i, param in enumerate(ordered) if _under(names.get(id(param), ""), layer)]
+            chosen = [position[i] for i, param in enumerate(ordered) if _under(param_names.get(id(param), ""), layer)]
             if chosen:
                 rows.append(("layer_", layer, chosen))
         self.rows = [
@@ -189,12 +197,12 @@ class _Member:
                 self.armed.pop().remove()
         delta, self.seen = count - self.seen, count
         per_check, self.delta = max(1, delta, self.delta), delta  # the most steps of the last two intervals
-        if not self.armed and self.owner.every - count % self.owner.every <= per_check:
+        if not self.armed and self.every - count % self.every <= per_check:
             self.armed.append(self.wrapper.register_step_hook(self.before_step, [StepEvent.BEFORE_OPTIM_STEP]))
 
     def before_step(self, wrapper: OptimWrapper, event: StepEvent, loss: torch.Tensor | None) -> None:
         """The gradients are complete and unscaled: their norms, and a snapshot of the parameters."""
-        if wrapper.step_count % self.owner.every:  # armed early: checks come less often than steps
+        if wrapper.step_count % self.every:  # armed early: checks come less often than steps
             return
         self.armed.pop().remove()
         self.window, self.measuring = wrapper.inner_count, wrapper.step_count
@@ -235,7 +243,7 @@ class _Member:
             values.append(torch.linalg.vector_norm(grads))
             if self.clip is not None:
                 values.append(self._clip_flag(wrapper).to(self.device, grads.dtype))
-            self.owner._pending.append((self, torch.stack(values)))
+            self.results.append((self, torch.stack(values)))
 
     def _clip_flag(self, wrapper: OptimWrapper) -> torch.Tensor:
         """Whether clipping changed the gradients, decided on the device as torch's clipping does."""
@@ -334,7 +342,10 @@ class UpdateTelemetryHandler(BaseHandler):
         self.tag = tag
         self.global_step_transform = global_step_transform
         self._pending: list[tuple[_Member, torch.Tensor]] = []
-        self._members = [_Member(self, name, wrapper, prefixes) for name, wrapper in members(optim_wrapper)]
+        self._members = [
+            _Member(name, wrapper, prefixes, self.param_names, self.every, self._pending)
+            for name, wrapper in members(optim_wrapper)
+        ]
         measured = {label for member in self._members for kind, label in member.labels if kind}
         missing = [prefix for prefix in prefixes if prefix not in measured]
         if missing and model is not None:
@@ -373,7 +384,8 @@ class UpdateTelemetryHandler(BaseHandler):
         self._arm()
         if not self._pending:
             return {}
-        pending, self._pending = self._pending, []
+        pending = list(self._pending)
+        self._pending.clear()  # the members append to this very list
         device = pending[0][1].device
         values = torch.cat([stacked.to(device) for _, stacked in pending]).tolist()  # the one host read
         scalars: dict[str, float] = {}

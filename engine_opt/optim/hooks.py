@@ -59,6 +59,8 @@ class StepHooks:
 
     def __init__(self) -> None:
         self._by_event: dict[StepEvent, OrderedDict[int, StepHook]] = {event: OrderedDict() for event in StepEvent}
+        # what BEFORE_OPTIM_STEP hooks said of the step: None outside them, True (skip), a device flag, or False
+        self._veto: bool | torch.Tensor | None = None
 
     def add(self, hook: StepHook, events: Iterable[StepEvent] | None = None) -> RemovableHandle:
         """Call ``hook`` at each of ``events`` (all of them by default); the handle's ``remove()`` undoes it."""
@@ -82,3 +84,35 @@ class StepHooks:
         """Call the hooks of ``event`` in the order they were added."""
         for hook in tuple(self._by_event[event].values()):
             hook(wrapper, event, loss)
+
+    def call_before_step(self, wrapper: OptimWrapper) -> bool | torch.Tensor:
+        """Call the ``BEFORE_OPTIM_STEP`` hooks; whether they vetoed the step (a device flag if they said so)."""
+        self._veto = False
+        try:
+            self.call(wrapper, StepEvent.BEFORE_OPTIM_STEP, None)
+            return self._veto
+        finally:
+            self._veto = None
+
+    def veto(self, when: torch.Tensor | None = None) -> None:
+        """Skip the step whose ``BEFORE_OPTIM_STEP`` hooks are being called: always, or where ``when`` is true.
+
+        ``OptimWrapper.cancel_step`` says what skipping means. Several vetoes:
+        skipped if any says so (device flags are or-ed on the device).
+
+        Raises:
+            RuntimeError: Outside ``call_before_step``.
+            TypeError: ``when`` is not a one-element boolean tensor.
+        """
+        if self._veto is None:
+            raise RuntimeError("cancel_step() can only be called from a step hook handling StepEvent.BEFORE_OPTIM_STEP")
+        if when is None:
+            self._veto = True
+            return
+        if not isinstance(when, torch.Tensor) or when.dtype != torch.bool or when.numel() != 1:
+            raise TypeError(f"when must be a one-element bool tensor (e.g. norm > limit), got {checks.describe(when)}")
+        flag = when.detach().reshape(())
+        if self._veto is False:
+            self._veto = flag
+        elif self._veto is not True:
+            self._veto = self._veto | flag.to(self._veto.device)

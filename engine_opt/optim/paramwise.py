@@ -134,7 +134,7 @@ class LayerDecay:
         result = []
         for name in names:
             layer = self.layer_id(name, num_layers)
-            if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer <= num_layers + 1:
+            if not checks.is_int(layer) or not 0 <= layer <= num_layers + 1:
                 raise ValueError(
                     f"paramwise_cfg['layer_id'] must give an int in [0, {num_layers + 1}], got "
                     f"{checks.describe(layer)} for parameter {name!r}"
@@ -190,13 +190,13 @@ class ParamwiseRules:
 
     def _check_bases(self) -> None:
         uses_lr = any(key.endswith("lr_mult") for key in self.multipliers) or bool(self.custom_keys)
-        if uses_lr and self.layer_decay is None and not _is_number(self.lr):
+        if uses_lr and self.layer_decay is None and not checks.is_real(self.lr):
             raise ValueError(f"paramwise_cfg sets an lr_mult but the optimizer config has no 'lr' (got {self.lr!r})")
-        if self.layer_decay is not None and not _is_number(self.lr):
+        if self.layer_decay is not None and not checks.is_real(self.lr):
             raise ValueError(f"paramwise_cfg['layer_decay_rate'] needs the optimizer's 'lr', got {self.lr!r}")
         decays = [key for key in _DECAY_MULTIPLIERS if key in self.multipliers]
         decays += [f"custom_keys[{key!r}]" for key, options in self.custom_keys.items() if "decay_mult" in options]
-        if decays and not _is_number(self.weight_decay):
+        if decays and not checks.is_real(self.weight_decay):
             raise ValueError(f"paramwise_cfg sets {decays} but the optimizer has no 'weight_decay' to multiply")
 
     def param_groups(self, model: nn.Module) -> list[dict[str, Any]]:
@@ -305,7 +305,7 @@ def _walk(model: nn.Module) -> list[tuple[str, nn.Module, bool]]:
     return result
 
 
-def _first(item: tuple[str, Any]) -> str:
+def _first(item: tuple[Any, Any]) -> Any:
     return item[0]
 
 
@@ -320,12 +320,8 @@ def _frozen(value: Any) -> Any:
     return value
 
 
-def _is_number(value: Any) -> bool:
-    return not isinstance(value, bool) and isinstance(value, (int, float))
-
-
 def _multiplier(name: str, value: Any) -> float:
-    if not _is_number(value):
+    if not checks.is_real(value):
         raise TypeError(f"{name} must be a number >= 0, got {checks.describe(value)}")
     if not (math.isfinite(value) and value >= 0):
         raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
@@ -352,7 +348,7 @@ def _layer_decay(cfg: Mapping[str, Any]) -> LayerDecay | None:
             raise ValueError(f"paramwise_cfg sets {unused} but no 'layer_decay_rate' for them to serve")
         return None
     rate = cfg["layer_decay_rate"]
-    if not _is_number(rate) or not 0 < rate <= 1:
+    if not checks.is_real(rate) or not 0 < rate <= 1:
         raise ValueError(f"paramwise_cfg['layer_decay_rate'] must be a number in (0, 1], got {checks.describe(rate)}")
     num_layers = cfg.get("num_layers")
     if num_layers is not None:
@@ -363,3 +359,21 @@ def _layer_decay(cfg: Mapping[str, Any]) -> LayerDecay | None:
             f"paramwise_cfg['layer_id'] must be a callable (name, num_layers) -> int, got {checks.describe(layer_id)}"
         )
     return LayerDecay(float(rate), num_layers, layer_id)
+
+
+def params_in_model_order(groups: list[dict[str, Any]]) -> list[torch.Tensor]:
+    """The groups' parameters in the model's order where the build recorded it (``model_order``), else group order.
+
+    A total gradient norm sums its parts in this order: the model's order
+    is MMEngine's, so a clipped update equals its bitwise.
+
+    Example:
+        >>> first, second = torch.zeros(1), torch.zeros(2)
+        >>> groups = [{"params": [second], MODEL_ORDER: [1]}, {"params": [first], MODEL_ORDER: [0]}]
+        >>> params_in_model_order(groups)[0] is first
+        True
+    """
+    if MODEL_ORDER not in groups[0] or not all(MODEL_ORDER in group for group in groups):
+        return [param for group in groups for param in group["params"]]  # nothing was built from a paramwise_cfg
+    placed = [pair for group in groups for pair in zip(group[MODEL_ORDER], group["params"], strict=True)]
+    return [param for _, param in sorted(placed, key=_first)]

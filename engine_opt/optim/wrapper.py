@@ -27,7 +27,6 @@ Example:
 from __future__ import annotations
 
 import contextlib
-from collections import OrderedDict
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -35,25 +34,15 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from . import checks, distributed
+from . import checks, distributed, window_state
 from .clipping import GradClipper
 from .hooks import StepEvent, StepHook, StepHooks
+from .num_items import check_num_items, divide_by_items
+from .optimizer_view import OptimizerView
 from .param_layout import regrouped
-from .paramwise import MODEL_ORDER
+from .paramwise import params_in_model_order
 from .state_checks import check_hyperparameters, check_optimizer_state
 from .step_undo import StepUndo
-
-_COUNTER_KEYS = ("inner_count", "max_counts", "steps", "skipped_steps", "accumulative_counts")
-# torch.optim.Optimizer's hook tables: the wrapper shares the wrapped optimizer's, so a hook registered on either
-# runs around (or with) the wrapped optimizer's own step, state_dict and load_state_dict.
-_OPTIMIZER_HOOK_TABLES = (
-    "_optimizer_step_pre_hooks",
-    "_optimizer_step_post_hooks",
-    "_optimizer_state_dict_pre_hooks",
-    "_optimizer_state_dict_post_hooks",
-    "_optimizer_load_state_dict_pre_hooks",
-    "_optimizer_load_state_dict_post_hooks",
-)
 
 
 def _check_loss(loss: Any, backward_kwargs: Mapping[str, Any]) -> None:
@@ -72,117 +61,16 @@ def _check_loss(loss: Any, backward_kwargs: Mapping[str, Any]) -> None:
         )
 
 
-def _check_counters(counters: Mapping[str, Any]) -> None:
-    """Ints that a run could have reached: none negative, no more skipped steps than steps."""
-    checks.known_keys("state_dict['counters']", counters, _COUNTER_KEYS)
-    for key, value in counters.items():
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise TypeError(f"state_dict['counters'][{key!r}] must be an int, got {value!r}")
-        minimum = 1 if key in ("max_counts", "accumulative_counts") else 0
-        if value < minimum and not (key == "max_counts" and value == -1):
-            accepted = "-1 (unknown) or >= 1" if key == "max_counts" else f">= {minimum}"
-            raise ValueError(f"state_dict['counters'][{key!r}] must be {accepted}, got {value}")
-    if counters.get("skipped_steps", 0) > counters.get("steps", counters.get("skipped_steps", 0)):
-        raise ValueError(
-            f"state_dict['counters'] has more skipped steps ({counters['skipped_steps']}) than steps "
-            f"({counters['steps']})"
-        )
-
-
-def _accumulated_grads(state_dict: Mapping[str, Any]) -> Any:
-    """The gradients summed so far in the saved window, for this rank.
-
-    Saved by as many processes: this rank's. Saved by another number: the
-    mean of the saved ranks' sums, on every rank, since DDP and FSDP2
-    average the ranks' gradients when the window ends (and the rest of the
-    window's global batches average alike at any number of processes).
-    """
-    by_rank = state_dict.get("rank_accumulated_grads")
-    if by_rank is None:
-        return state_dict.get("accumulated_grads")
-    if len(by_rank) == distributed.world_size():
-        return by_rank[distributed.rank()]
-    return [_mean([grads[index] for grads in by_rank]) for index in range(len(by_rank[0]))]
-
-
-def _mean(grads: list[torch.Tensor | None]) -> torch.Tensor | None:
-    """The mean of the ranks' sums of one parameter (a rank without a gradient summed zero).
-
-    Summed in the gradients' dtype, at least float32's precision.
-    """
-    present = [grad for grad in grads if grad is not None]
-    if not present:
-        return None
-    dtype = present[0].dtype
-    total = torch.stack(present).to(torch.promote_types(dtype, torch.float32)).sum(0)
-    return total.div(len(grads)).to(dtype)
-
-
-def _accumulated_items(state_dict: Mapping[str, Any]) -> int | None:
-    """The items counted so far in the saved window (``num_items``), this rank's in a distributed run."""
-    by_rank = state_dict.get("rank_accumulated_items")
-    return state_dict.get("accumulated_items") if by_rank is None else by_rank[distributed.rank()]
-
-
-def _check_num_items(num_items: Any, device: torch.device) -> int | torch.Tensor:
-    """``num_items`` as a positive int, or a 0-d integer tensor on ``device`` (as int64; its value is not read).
-
-    Example:
-        >>> _check_num_items(0, torch.device("cpu"))
-        Traceback (most recent call last):
-        ...
-        ValueError: num_items must be a positive int (the number of items the loss sums over), got 0
-    """
-    accepted = "a positive int or a 0-d integer tensor on the gradients' device"
-    if isinstance(num_items, torch.Tensor):
-        if (
-            num_items.dim() != 0
-            or num_items.is_floating_point()
-            or num_items.is_complex()
-            or num_items.dtype == torch.bool
-        ):
-            raise TypeError(
-                f"num_items must be {accepted}, got a {str(num_items.dtype).removeprefix('torch.')} tensor of "
-                f"shape {tuple(num_items.shape)}; count with an integer result, e.g. (labels != ignore_index).sum()"
-            )
-        if num_items.device != device:
-            raise ValueError(
-                f"num_items must be {accepted} ({device}), got a tensor on {num_items.device}; "
-                f"count on {device}, or pass an int"
-            )
-        return num_items.detach().to(torch.int64, copy=True)  # the caller may reuse its tensor
-    if isinstance(num_items, bool) or not isinstance(num_items, int):
-        raise TypeError(f"num_items must be {accepted}, got {checks.describe(num_items)}")
-    if num_items <= 0:
-        raise ValueError(f"num_items must be a positive int (the number of items the loss sums over), got {num_items}")
-    return num_items
-
-
-def _check_items_state(key: str, value: Any) -> None:
-    """A saved item count: a positive int."""
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"{key} must be a positive int (the items counted so far in the window), got {value!r}")
-
-
-def _initial_value(value: Any) -> Any:
-    """``value`` as it is now: a tensor learning rate is copied (schedulers fill it in place)."""
-    return value.detach().clone() if isinstance(value, torch.Tensor) else value
-
-
-def _first(pair: tuple[int, torch.Tensor]) -> int:
-    return pair[0]
-
-
-class OptimWrapper(torch.optim.Optimizer):
+class OptimWrapper(OptimizerView):
     """Wrap a ``torch.optim.Optimizer`` with gradient accumulation and clipping.
 
     The wrapper is itself a ``torch.optim.Optimizer`` (as accelerate's
-    ``AcceleratedOptimizer`` is): ``Optimizer.__init__`` is not run, and
-    ``param_groups``, ``defaults`` and ``state`` are live views of the wrapped
-    optimizer's. So torch's and MMEngine's LR schedulers, Ignite's
-    ``LRScheduler``/``ParamScheduler``s and ``FastaiLRFinder`` take the wrapper
-    itself; what they save and restore goes through the wrapper's
-    ``state_dict``, counters and a window's gradients included. ``step``,
+    ``AcceleratedOptimizer`` is; see ``OptimizerView``): ``param_groups``,
+    ``defaults`` and ``state`` are live views of the wrapped optimizer's. So
+    torch's and MMEngine's LR schedulers, Ignite's ``LRScheduler``/``ParamScheduler``s
+    and ``FastaiLRFinder`` take the wrapper itself; what they save and restore
+    goes through the wrapper's ``state_dict``, counters and a window's
+    gradients included (see ``window_state``). ``step``,
     ``zero_grad``, ``state_dict``, ``load_state_dict`` keep MMEngine's meaning
     (``step`` clips and steps one window); torch's ``register_step_pre_hook``
     and the other ``Optimizer`` hooks register on the wrapped optimizer.
@@ -210,6 +98,7 @@ class OptimWrapper(torch.optim.Optimizer):
             when not clipping, as in MMEngine).
         loss_scaler: The float16 grad scaler: always ``None`` here (see
             ``AmpOptimWrapper``).
+        sync_each_micro_step: As given (``False`` for a wrapper pickled before the option existed).
 
     Example:
         >>> import torch
@@ -229,6 +118,8 @@ class OptimWrapper(torch.optim.Optimizer):
         (True, {'lr': [0.05]})
     """
 
+    sync_each_micro_step: bool = False
+
     def __init__(
         self,
         optimizer: torch.optim.Optimizer,
@@ -237,7 +128,6 @@ class OptimWrapper(torch.optim.Optimizer):
         *,
         sync_each_micro_step: bool = False,
     ) -> None:
-        # torch.optim.Optimizer.__init__ is deliberately not run: the wrapper holds no parameters of its own.
         if isinstance(optimizer, OptimWrapper):
             raise TypeError(
                 f"optimizer must be a torch.optim.Optimizer, got the wrapper {type(optimizer).__name__}; "
@@ -254,18 +144,12 @@ class OptimWrapper(torch.optim.Optimizer):
                 "update_params cannot give; use it in a loop of your own, or choose another optimizer"
             )
         check_hyperparameters(optimizer)
-        self.optimizer = optimizer
+        super().__init__(optimizer)
         self.loss_scaler: torch.amp.GradScaler | None = None
         self._accumulative_counts = checks.positive_int("accumulative_counts", accumulative_counts)
-        if not isinstance(sync_each_micro_step, bool):
-            raise TypeError(f"sync_each_micro_step must be True or False, got {checks.describe(sync_each_micro_step)}")
-        self.sync_each_micro_step = sync_each_micro_step
+        self.sync_each_micro_step = checks.flag("sync_each_micro_step", sync_each_micro_step)
         self._clipper = GradClipper.parse(clip_grad)
         self.clip_grad_kwargs: dict[str, Any] | None = None if self._clipper is None else dict(self._clipper.kwargs)
-        # each group's lr before any schedule, for get_lr()'s base_lr where no scheduler recorded 'initial_lr'
-        self._initial_lrs = [_initial_value(group.get("lr")) for group in optimizer.param_groups]
-        for table in _OPTIMIZER_HOOK_TABLES:
-            setattr(self, table, getattr(optimizer, table) if hasattr(optimizer, table) else OrderedDict())
         self._inner_count = 0
         self._max_counts = -1
         self._steps = 0  # windows stepped, applied or skipped
@@ -284,7 +168,6 @@ class OptimWrapper(torch.optim.Optimizer):
             self._hooks.table(StepEvent.OPTIM_STEP_COMPLETED),
             self._hooks.table(StepEvent.OPTIM_STEP_SKIPPED),
         )
-        self._cancel: bool | torch.Tensor | None = None  # None outside BEFORE_OPTIM_STEP hooks; a tensor: on device
 
     # ------------------------------------------------------------------ counting
 
@@ -310,7 +193,7 @@ class OptimWrapper(torch.optim.Optimizer):
             >>> wrapper.in_window
             True
         """
-        return self._in_window()
+        return self._inner_count % self._accumulative_counts != 0 and self._inner_count != self._max_counts
 
     @property
     def window_items(self) -> int | torch.Tensor | None:
@@ -334,7 +217,7 @@ class OptimWrapper(torch.optim.Optimizer):
             max_counts: Total micro-steps of the run, or -1 if unknown.
         """
         for name, value in (("init_counts", init_counts), ("max_counts", max_counts)):
-            if isinstance(value, bool) or not isinstance(value, int):
+            if not checks.is_int(value):
                 raise TypeError(f"{name} must be an int, got {checks.describe(value)}")
         if init_counts < 0:
             raise ValueError(f"init_counts must be >= 0, got {init_counts}")
@@ -421,35 +304,16 @@ class OptimWrapper(torch.optim.Optimizer):
                 "num_items is None, but this accumulation window's earlier micro-steps gave num_items: pass "
                 "num_items on every micro-step of a window, or on none"
             )
-        items = _check_num_items(num_items, self._params()[0].device)
+        items = check_num_items(num_items, self._params()[0].device)
         if self._window_items is not None:
             return self._window_items + items
-        if self._in_window():
+        if self.in_window:
             raise ValueError(
                 f"num_items={num_items!r} given, but this accumulation window's earlier micro-steps gave none "
                 "(their losses were divided by the window size): pass num_items on every micro-step of a window, "
                 "or on none"
             )
         return items
-
-    def _divide_by_items(self) -> None:
-        """Divide the window's gradients by its item count, summed over the ranks (one all-reduce).
-
-        In a distributed run the gradients are the ranks' mean (DDP's and
-        FSDP2's reduction), so the sum over ranks is the mean times the world
-        size: the gradients are divided by ``total / world_size``.
-        """
-        items, self._window_items = self._window_items, None
-        if items is None:
-            return
-        world = distributed.world_size()
-        total = items if world == 1 else distributed.all_reduce_sum(items)
-        if isinstance(total, torch.Tensor):  # a window of no items (all padding) has zero gradients: keep them zero
-            total = total.clamp_min(1)
-        divisor = total if world == 1 else total / world
-        for param in self._params():
-            if param.grad is not None:
-                param.grad.div_(divisor)
 
     def step(self, **kwargs: Any) -> None:  # type: ignore[override]  # MMEngine's: no closure
         """Step the optimizer on the window's gradients, clipped if configured.
@@ -475,16 +339,18 @@ class OptimWrapper(torch.optim.Optimizer):
             raise
 
     def _step(self, kwargs: dict[str, Any]) -> None:
-        if self._window_items is not None:  # num_items: before unscaling, hooks and clipping
-            self._divide_by_items()
+        items = self._window_items
+        if items is not None:  # num_items: before unscaling, hooks and clipping
+            self._window_items = None
+            divide_by_items(self._params(), items)
         self._stepping = True
         grad_norm = None
         try:
             if self._clipper is not None or self._on_before_step:
                 self.unscale_grads()  # to clip, or for hooks that read the gradients
-            cancel = self._before_step() if self._on_before_step else False
+            cancel = self._hooks.call_before_step(self) if self._on_before_step else False
             if self._clipper is not None and cancel is not True:
-                grad_norm = self._clipper.clip(self._params_in_model_order())
+                grad_norm = self._clipper.clip(params_in_model_order(self.optimizer.param_groups))
             found_inf = self._optimizer_step(kwargs) if cancel is False else self._cancelled_step(cancel, kwargs)
         finally:
             self._stepping = False
@@ -502,15 +368,6 @@ class OptimWrapper(torch.optim.Optimizer):
         """Drop the window's gradients (an update failed half-way must not leave them for the next one)."""
         self.optimizer.zero_grad(set_to_none=True)
         self._window_items = None
-
-    def _before_step(self) -> bool | torch.Tensor:
-        """Call the ``BEFORE_OPTIM_STEP`` hooks; whether they cancelled the step (a device flag if they said so)."""
-        self._cancel = False
-        try:
-            self._hooks.call(self, StepEvent.BEFORE_OPTIM_STEP, None)
-            return self._cancel
-        finally:
-            self._cancel = None
 
     def _report_outcome(self, cancelled: bool, found_inf: torch.Tensor | None) -> None:
         """Call the hooks of ``OPTIM_STEP_SKIPPED`` or ``OPTIM_STEP_COMPLETED``, reading the outcome on the host."""
@@ -551,18 +408,7 @@ class OptimWrapper(torch.optim.Optimizer):
             >>> param.item(), wrapper.skipped_steps, wrapper.applied_steps
             (0.0, 1, 1)
         """
-        if self._cancel is None:
-            raise RuntimeError("cancel_step() can only be called from a step hook handling StepEvent.BEFORE_OPTIM_STEP")
-        if when is None:
-            self._cancel = True
-            return
-        if not isinstance(when, torch.Tensor) or when.dtype != torch.bool or when.numel() != 1:
-            raise TypeError(f"when must be a one-element bool tensor (e.g. norm > limit), got {checks.describe(when)}")
-        flag = when.detach().reshape(())
-        if self._cancel is False:
-            self._cancel = flag
-        elif self._cancel is not True:
-            self._cancel = self._cancel | flag.to(self._cancel.device)
+        self._hooks.veto(when)
 
     def register_step_hook(self, hook: StepHook, events: Iterable[StepEvent] | None = None) -> RemovableHandle:
         """Call ``hook(wrapper, event, loss)`` at each of ``events`` (every ``StepEvent`` by default).
@@ -587,10 +433,6 @@ class OptimWrapper(torch.optim.Optimizer):
             >>> handle.remove()
         """
         return self._hooks.add(hook, events)
-
-    def zero_grad(self, *args: Any, **kwargs: Any) -> None:
-        """Run ``optimizer.zero_grad(*args, **kwargs)``: ``set_to_none`` by keyword, or by position as in torch."""
-        self.optimizer.zero_grad(*args, **kwargs)
 
     def update_params(
         self,
@@ -641,21 +483,6 @@ class OptimWrapper(torch.optim.Optimizer):
         The step does it before clipping, and before ``BEFORE_OPTIM_STEP``
         hooks. Calling it again before the step does nothing.
         """
-
-    def _params(self) -> list[torch.Tensor]:
-        return [param for group in self.optimizer.param_groups for param in group["params"]]
-
-    def _params_in_model_order(self) -> list[torch.Tensor]:
-        """The parameters in the model's order where the build recorded it (``model_order``), else group order.
-
-        A total gradient norm sums its parts in this order: the model's order
-        is MMEngine's, so a clipped update equals its bitwise.
-        """
-        groups = self.optimizer.param_groups
-        if MODEL_ORDER not in groups[0] or not all(MODEL_ORDER in group for group in groups):
-            return self._params()  # the first test alone where nothing was built from a paramwise_cfg
-        placed = [pair for group in groups for pair in zip(group[MODEL_ORDER], group["params"], strict=True)]
-        return [param for _, param in sorted(placed, key=_first)]
 
     def _optimizer_step(self, kwargs: dict[str, Any]) -> torch.Tensor | None:
         """Step the optimizer; return a found-inf tensor when the step may have been skipped."""
@@ -727,105 +554,10 @@ class OptimWrapper(torch.optim.Optimizer):
         """
         return self._grad_norm
 
-    # ------------------------------------------------------------------ optimizer views
-
-    @property
-    def param_groups(self) -> list[dict[str, Any]]:
-        """The optimizer's own, live list of parameter groups (what a scheduler on the wrapper sets)."""
-        return self.optimizer.param_groups
-
-    @param_groups.setter
-    def param_groups(self, value: list[dict[str, Any]]) -> None:
-        self.optimizer.param_groups = value
-
-    @property
-    def defaults(self) -> dict[str, Any]:
-        """The optimizer's default hyperparameters."""
-        return self.optimizer.defaults
-
-    @defaults.setter
-    def defaults(self, value: dict[str, Any]) -> None:
-        self.optimizer.defaults = value
-
-    @property
-    def state(self) -> Any:
-        """The optimizer's own, live per-parameter state (``torch.optim.Optimizer.state``)."""
-        return self.optimizer.state
-
-    @state.setter
-    def state(self, value: Any) -> None:
-        self.optimizer.state = value
-
-    def add_param_group(self, param_group: dict[str, Any]) -> None:
-        """Run ``optimizer.add_param_group(param_group)`` (the wrapped optimizer's own, e.g. ZeRO's)."""
-        self.optimizer.add_param_group(param_group)
-
-    def get_lr(self) -> dict[str, list[Any]]:
-        """Learning rate of each param group: ``{'lr': [...]}``.
-
-        With several groups, ``'base_lr'`` comes first, as in MMEngine: the lr
-        of a group that started at the optimizer's default lr and followed the
-        schedule. MMEngine keeps such a group in its ``param_groups``; here it
-        is derived from the real groups: the lr of the first group that
-        started at the default lr (the same under any schedule), else the
-        default times the first group's lr over its initial lr (the same for
-        schedules that scale every group alike). Without a schedule it is
-        the default lr.
-
-        Example:
-            >>> import torch
-            >>> model = torch.nn.Linear(1, 1)
-            >>> optimizer = torch.optim.SGD([{"params": [model.weight]}, {"params": [model.bias], "lr": 0.2}], lr=0.1)
-            >>> wrapper = OptimWrapper(optimizer)
-            >>> scheduler = torch.optim.lr_scheduler.ExponentialLR(wrapper, gamma=0.5)
-            >>> wrapper.update_params(model(torch.ones(1, 1)).sum())
-            >>> scheduler.step()
-            >>> wrapper.get_lr()
-            {'base_lr': [0.05], 'lr': [0.05, 0.1]}
-        """
-        groups = self.optimizer.param_groups
-        result: dict[str, list[Any]] = {}
-        if len(groups) > 1 and "lr" in self.optimizer.defaults:
-            result["base_lr"] = [self._base_lr(groups)]
-        result["lr"] = [group["lr"] for group in groups]
-        return result
-
-    def _base_lr(self, groups: list[dict[str, Any]]) -> Any:
-        """The default lr, moved as the schedule moved the groups from their initial lrs."""
-        default = self.optimizer.defaults["lr"]
-        scaled: tuple[Any, Any] | None = None  # (lr, initial lr) of the first group that can give a ratio
-        for index, group in enumerate(groups):
-            known = self._initial_lrs[index] if index < len(self._initial_lrs) else None
-            initial = group.get("initial_lr", known)
-            if initial is None or "lr" not in group:
-                continue
-            if bool(initial == default):
-                return group["lr"]
-            if scaled is None and bool(initial != 0):
-                scaled = (group["lr"], initial)
-        if scaled is None or bool(scaled[0] == scaled[1]):
-            return default
-        return default * scaled[0] / scaled[1]
-
-    def get_momentum(self) -> dict[str, list[Any]]:
-        """Momentum of each param group: ``momentum``, else ``betas[0]``, else 0."""
-        momentum = []
-        for group in self.optimizer.param_groups:
-            if "momentum" in group:
-                momentum.append(group["momentum"])
-            elif "betas" in group:
-                momentum.append(group["betas"][0])
-            else:
-                momentum.append(0)
-        return {"momentum": momentum}
-
     # ------------------------------------------------------------------ state
 
-    def _in_window(self) -> bool:
-        return self._inner_count % self._accumulative_counts != 0 and self._inner_count != self._max_counts
-
     def state_dict(self) -> dict[str, Any]:
-        """The optimizer's state dict plus the wrapper's counters.
+        """The optimizer's state dict plus the wrapper's counters, and mid-window the window's gradients.
 
         The optimizer's keys stay at the top level, so the result also loads
         into a plain optimizer. ``'counters'`` holds the micro-step and update
@@ -834,7 +566,7 @@ class OptimWrapper(torch.optim.Optimizer):
         (in a distributed run, ``'rank_accumulated_grads'`` holds each rank's,
         gathered by a collective call), and ``'accumulated_items'``
         (``'rank_accumulated_items'``) the items counted so far when the
-        window's micro-steps gave ``num_items``.
+        window's micro-steps gave ``num_items`` (the format: ``window_state``).
         A ``ZeroRedundancyOptimizer`` is consolidated first: every rank must
         call this, and each gets the whole state.
         """
@@ -846,19 +578,10 @@ class OptimWrapper(torch.optim.Optimizer):
             "skipped_steps": self.skipped_steps,
             "accumulative_counts": self._accumulative_counts,
         }
-        if self._in_window():
+        if self.in_window:
             grads = [None if param.grad is None else param.grad.detach().clone() for param in self._params()]
             items = None if self._window_items is None else int(self._window_items)  # num_items: the count so far
-            if distributed.world_size() == 1:
-                state["accumulated_grads"] = grads
-                if items is not None:
-                    state["accumulated_items"] = items
-            else:  # not yet reduced: each rank's own sums (a collective call)
-                cpu_grads = [None if grad is None else grad.cpu() for grad in grads]
-                gathered = distributed.gather_objects((cpu_grads, items))
-                state["rank_accumulated_grads"] = [rank_grads for rank_grads, _ in gathered]
-                if items is not None:
-                    state["rank_accumulated_items"] = [rank_items for _, rank_items in gathered]
+            state.update(window_state.window_entries(grads, items))
         return state
 
     def check_state_dict(self, state_dict: Any) -> None:
@@ -873,79 +596,11 @@ class OptimWrapper(torch.optim.Optimizer):
             ValueError: state_dict lacks the optimizer key(s) ['state', 'param_groups']; got keys ['lr']. ...
         """
         check_optimizer_state(self.optimizer, self._in_layout(state_dict))
-        if "counters" in state_dict:
-            _check_counters(checks.mapping("state_dict['counters']", state_dict["counters"]))
-        self._check_accumulated_grads(state_dict)
-        self._check_accumulated_items(state_dict)
+        window_state.check(state_dict, self._params(), self._accumulative_counts)
 
     def _in_layout(self, state_dict: Any) -> Any:
         """``state_dict`` in this optimizer's param groups, where MMEngine saved it one group per parameter."""
         return regrouped(self.optimizer, state_dict) if isinstance(state_dict, Mapping) else state_dict
-
-    def _check_accumulated_grads(self, state_dict: Mapping[str, Any]) -> None:
-        by_rank = state_dict.get("rank_accumulated_grads")
-        if by_rank is not None and (not isinstance(by_rank, list) or not by_rank):
-            raise ValueError(
-                f"state_dict['rank_accumulated_grads'] must be a list of each rank's gradients, got "
-                f"{checks.describe(by_rank)}"
-            )
-        if "accumulated_grads" not in state_dict and by_rank is None:
-            return
-        world = distributed.world_size()
-        saved_world = 1 if by_rank is None else len(by_rank)
-        if saved_world != world and ("accumulated_items" in state_dict or "rank_accumulated_items" in state_dict):
-            raise ValueError(
-                f"state_dict was saved mid-window with num_items by a run of {saved_world} process(es), this run "
-                f"has {world}: the window's item counts belong to the ranks that saved them; resume it with as "
-                "many processes, or from a checkpoint between windows"
-            )
-        saved_window = state_dict.get("counters", {}).get("accumulative_counts", self._accumulative_counts)
-        if saved_window != self._accumulative_counts:
-            raise ValueError(
-                f"state_dict was saved mid-window with accumulative_counts={saved_window}, this wrapper has "
-                f"{self._accumulative_counts}: the window's gradients were divided by the other size; resume with "
-                "the same accumulation, or from a checkpoint between windows"
-            )
-        params = self._params()
-        if by_rank is None:
-            self._check_grads("state_dict['accumulated_grads']", state_dict.get("accumulated_grads"), params)
-        for rank, grads in enumerate(by_rank or []):
-            self._check_grads(f"state_dict['rank_accumulated_grads'][{rank}]", grads, params)
-
-    @staticmethod
-    def _check_grads(where: str, grads: Any, params: list[torch.Tensor]) -> None:
-        if not isinstance(grads, list) or len(grads) != len(params):
-            raise ValueError(
-                f"{where} must be a list with a tensor (or None) for each of the {len(params)} parameters, got "
-                f"{checks.describe(grads)}"
-            )
-        for index, (grad, param) in enumerate(zip(grads, params, strict=True)):
-            if grad is not None and (not isinstance(grad, torch.Tensor) or grad.shape != param.shape):
-                shape = tuple(grad.shape) if isinstance(grad, torch.Tensor) else type(grad).__name__
-                raise ValueError(f"{where}[{index}] has shape {shape}, the parameter has shape {tuple(param.shape)}")
-            if grad is not None and not (grad.is_complex() if param.is_complex() else grad.is_floating_point()):
-                raise ValueError(
-                    f"{where}[{index}] is a {grad.dtype} tensor, the parameter a {param.dtype} one: gradients are "
-                    "floating-point (complex for a complex parameter)"
-                )
-
-    def _check_accumulated_items(self, state_dict: Mapping[str, Any]) -> None:
-        """A window's item count (``num_items``) is saved mid-window only, beside its gradients."""
-        for key, grads_key in (
-            ("accumulated_items", "accumulated_grads"),
-            ("rank_accumulated_items", "rank_accumulated_grads"),
-        ):
-            if key in state_dict and grads_key not in state_dict:
-                raise ValueError(f"state_dict[{key!r}] is saved mid-window only, beside {grads_key!r}, which it lacks")
-        by_rank = state_dict.get("rank_accumulated_items")
-        if by_rank is not None:
-            world = distributed.world_size()
-            if not isinstance(by_rank, list) or len(by_rank) != world:
-                raise ValueError(f"state_dict['rank_accumulated_items'] must be a list of {world} positive ints")
-            for index, items in enumerate(by_rank):
-                _check_items_state(f"state_dict['rank_accumulated_items'][{index}]", items)
-        elif "accumulated_items" in state_dict:
-            _check_items_state("state_dict['accumulated_items']", state_dict["accumulated_items"])
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
         """Load what ``state_dict()`` returned, or a plain optimizer's state dict.
@@ -970,40 +625,20 @@ class OptimWrapper(torch.optim.Optimizer):
             self._skipped_loaded = counters.get("skipped_steps", self.skipped_steps)
             self._skipped_on_device = None
             self._last_found_inf = None
-        self._window_items = _accumulated_items(state_dict)  # None: no window, or one without num_items
-        grads = _accumulated_grads(state_dict)
+        self._window_items = window_state.saved_items(state_dict)  # None: no window, or one without num_items
+        grads = window_state.saved_grads(state_dict)
         for index, param in enumerate(self._params()):  # between windows, a state has no gradients: none stay
             grad = None if grads is None else grads[index]
             param.grad = None if grad is None else grad.detach().to(param.device, param.dtype, copy=True)
 
-    def __getstate__(self) -> dict[str, Any]:
-        """The wrapper's whole state for ``copy``/``pickle`` (``Optimizer.__getstate__`` keeps only three keys).
-
-        A ``step`` that an LR scheduler patched onto this instance is left
-        out, as ``Optimizer.__getstate__`` leaves it out: it calls the
-        original through a weak reference, and would step the original
-        from a copy.
-        """
-        return {key: value for key, value in self.__dict__.items() if key != "step"}
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        """Restore the copy, sharing its optimizer's hook tables (the copied optimizer has fresh ones, as torch's)."""
-        self.__dict__.update(state)
-        self.__dict__.setdefault("sync_each_micro_step", False)  # pickled before the option existed
-        for table in _OPTIMIZER_HOOK_TABLES:
-            if hasattr(self.optimizer, table):
-                setattr(self, table, getattr(self.optimizer, table))
-
     def __repr__(self) -> str:
         clip = None if self._clipper is None else dict(self._clipper.as_config())
         optimizer = repr(self.optimizer).replace("\n", "\n  ")
+        sync = "  sync_each_micro_step=True,\n" if self.sync_each_micro_step else ""
         return (
             f"{type(self).__name__}(\n  accumulative_counts={self._accumulative_counts},\n"
-            f"  clip_grad={clip},\n{self._sync_repr()}{self._extra_repr()}  optimizer={optimizer},\n)"
+            f"  clip_grad={clip},\n{sync}{self._extra_repr()}  optimizer={optimizer},\n)"
         )
-
-    def _sync_repr(self) -> str:
-        return "  sync_each_micro_step=True,\n" if self.sync_each_micro_step else ""
 
     def _extra_repr(self) -> str:
         return ""
