@@ -59,7 +59,7 @@ def test_the_core_loads_no_framework_in_a_fresh_interpreter():
         "import sys, engine_opt, engine_opt.optim, engine_opt.testing\n"
         "from engine_opt import AmpOptimWrapper, OptimWrapper, OptimWrapperDict, build_optim_wrapper\n"
         "for module in ('amp', 'build', 'checks', 'clipping', 'distributed', 'finite', 'grad_scaler', 'hooks',\n"
-        "               'param_scheduler', 'state_checks', 'wrapper', 'wrapper_dict'):\n"
+        "               'schedulers', 'state_checks', 'wrapper', 'wrapper_dict'):\n"
         "    __import__(f'engine_opt.optim.{module}')\n"
         "print(sorted({name.split('.')[0] for name in sys.modules} & {'ignite', 'tensorboard'}))\n"
         "engine_opt.create_trainer\n"

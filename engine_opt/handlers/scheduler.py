@@ -20,7 +20,7 @@ from ignite.handlers.param_scheduler import ParamScheduler
 from ..engine.events import OptimEvents
 from ..engine.state import optim_state
 from ..optim import checks
-from ..optim.param_scheduler import ParamScheduler as MMParamScheduler
+from ..optim.schedulers import ParamScheduler as MMParamScheduler
 
 Scheduler = torch.optim.lr_scheduler.LRScheduler | ParamScheduler | MMParamScheduler
 Schedulers = Scheduler | Sequence[Scheduler] | Mapping[str, Sequence[Scheduler]]
@@ -76,7 +76,7 @@ class SchedulerHandler:
 
         MMEngine's configs, by update and by epoch:
 
-        >>> from engine_opt.optim.param_scheduler import build_param_scheduler
+        >>> from engine_opt.optim.schedulers import build_param_scheduler
         >>> wrapper = OptimWrapper(torch.optim.SGD(model.parameters(), lr=1.0), accumulative_counts=2)
         >>> schedulers = build_param_scheduler(wrapper, [
         ...     dict(type="LinearLR", start_factor=0.5, end=2, by_epoch=False),    # 2 updates of warmup

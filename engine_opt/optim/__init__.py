@@ -7,7 +7,7 @@ nothing here imports a training framework or a logger.
 from .amp import AmpOptimWrapper
 from .build import build_optim_wrapper
 from .hooks import StepEvent
-from .param_scheduler import build_param_scheduler
+from .schedulers import build_param_scheduler
 from .wrapper import OptimWrapper
 from .wrapper_dict import OptimWrapperDict
 

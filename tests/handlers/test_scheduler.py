@@ -12,7 +12,7 @@ from ignite.handlers import PiecewiseLinear
 
 from engine_opt import AmpOptimWrapper, OptimEvents, OptimWrapper, create_trainer
 from engine_opt.handlers import SchedulerHandler
-from engine_opt.optim.param_scheduler import build_param_scheduler
+from engine_opt.optim.schedulers import build_param_scheduler
 
 from helpers import gan_step, make_amp_gan_wrappers
 from oracle import assert_same_model, assert_same_tensors, loss_fn, make_batches, make_gan, make_model

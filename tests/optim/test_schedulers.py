@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from engine_opt import OptimWrapper, OptimWrapperDict
-from engine_opt.optim.param_scheduler import (
+from engine_opt.optim.schedulers import (
     INF,
     SCHEDULERS,
     CosineAnnealingLR,

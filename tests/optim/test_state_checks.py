@@ -101,7 +101,7 @@ def test_a_data_parallel_module_is_checked_as_the_module_it_wraps():
 
 
 def test_a_state_saved_before_a_schedule_was_added_loads():
-    from engine_opt.optim.param_scheduler import build_param_scheduler
+    from engine_opt.optim.schedulers import build_param_scheduler
 
     model = torch.nn.Linear(2, 2)
     saved = OptimWrapper(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)).state_dict()
