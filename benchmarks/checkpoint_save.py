@@ -33,7 +33,7 @@ from torch import nn
 from torch.distributed.fsdp import fully_shard
 
 from engine_opt import OptimWrapper, create_trainer
-from engine_opt.handlers import attach_sharded_checkpoint
+from engine_opt.checkpoint import attach_sharded_checkpoint
 
 MODES = ("none", "sync", "async")
 

@@ -20,7 +20,8 @@ import torch.nn.functional as F
 from torch.utils.data import TensorDataset
 
 from engine_opt import OptimWrapper, create_trainer
-from engine_opt.handlers import ResumableLoader, attach_checkpoint, resume_from_latest
+from engine_opt.checkpoint import attach_checkpoint, resume_from_latest
+from engine_opt.engine import ResumableLoader
 from engine_opt.testing import GradientTraffic
 
 

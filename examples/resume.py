@@ -15,7 +15,9 @@ from ignite.engine import Events
 from torch.utils.data import DataLoader, TensorDataset
 
 from engine_opt import OptimWrapper, create_trainer
-from engine_opt.handlers import ResumableLoader, SchedulerHandler, attach_checkpoint, resume_from_latest
+from engine_opt.checkpoint import attach_checkpoint, resume_from_latest
+from engine_opt.engine import ResumableLoader
+from engine_opt.handlers import SchedulerHandler
 
 parser = argparse.ArgumentParser(description="Stop a run, then resume it exactly.")
 parser.add_argument("checkpoint_dir", help="where the checkpoints go (required: the second run resumes from it)")

@@ -13,14 +13,9 @@ from ignite.handlers.tensorboard_logger import TensorboardLogger
 from torch.utils.data import DataLoader, TensorDataset
 
 from engine_opt import OptimEvents, build_optim_wrapper, create_trainer
-from engine_opt.handlers import (
-    NonFiniteGuard,
-    OptimParamsHandler,
-    ResumableLoader,
-    SchedulerHandler,
-    attach_checkpoint,
-    attach_progress_bar,
-)
+from engine_opt.checkpoint import attach_checkpoint
+from engine_opt.engine import ResumableLoader
+from engine_opt.handlers import NonFiniteGuard, OptimParamsHandler, SchedulerHandler, attach_progress_bar
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("log_dir", nargs="?", help="where logs and checkpoints go (default: a new temporary directory)")

@@ -39,19 +39,16 @@ from engine_opt import (
     member_filter,
 )
 from engine_opt.app import cli
-from engine_opt.engine.sharded_files import ShardedLayout, save_sharded
-from engine_opt.handlers import (
-    NonFiniteGuard,
-    ResumableLoader,
-    SchedulerHandler,
-    SpikeGuard,
+from engine_opt.checkpoint import (
     attach_checkpoint,
     attach_sharded_checkpoint,
     load_checkpoint,
     load_sharded_checkpoint,
     resume_from_latest,
-    rng_state,
 )
+from engine_opt.checkpoint.sharded_files import ShardedLayout, save_sharded
+from engine_opt.engine import ResumableLoader, rng_state
+from engine_opt.handlers import NonFiniteGuard, SchedulerHandler, SpikeGuard
 
 if __name__ == "__main__":  # run as a script (the table's rewrite): pytest's conftest.py is not there to do it
     sys.path.insert(0, str(Path(__file__).resolve().parent / "support"))

@@ -36,7 +36,7 @@ from ignite.distributed.launcher import Parallel
 from torch.multiprocessing.spawn import ProcessExitedException
 
 from .. import __version__
-from ..engine.run_directory import RunDirectoryBusy
+from ..checkpoint import RunDirectoryBusy
 from ..optim.distributed import rank, world_size
 from .config import UsageError
 from .launcher import FromLauncher, RankLink, launch_ranks

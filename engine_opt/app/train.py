@@ -27,9 +27,9 @@ from ignite.engine import Engine, Events
 from ignite.handlers import Checkpoint
 from ignite.handlers.tensorboard_logger import OutputHandler, TensorboardLogger
 
+from ..checkpoint import RunDirectory, attach_checkpoint, latest_checkpoint, resume_from_latest
 from ..engine.events import OptimEvents, member_filter
 from ..engine.resumable_loader import ResumableLoader
-from ..engine.run_directory import RunDirectory
 from ..engine.trainer import Trainer, create_trainer
 from ..handlers import (
     NonFiniteGuard,
@@ -37,10 +37,7 @@ from ..handlers import (
     SchedulerHandler,
     SpikeGuard,
     UpdateTelemetryHandler,
-    attach_checkpoint,
     attach_progress_bar,
-    latest_checkpoint,
-    resume_from_latest,
 )
 from ..optim import build_optim_wrapper
 from ..optim.distributed import rank, world_size

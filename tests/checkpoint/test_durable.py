@@ -21,9 +21,10 @@ from ignite.engine import Engine, Events
 from resume_worker import build
 
 from engine_opt import OptimWrapper, create_trainer
-from engine_opt.engine.run_directory import RunDirectory, RunDirectoryBusy
-from engine_opt.handlers import ResumableLoader, attach_checkpoint, latest_checkpoint, resume_from_latest
-from engine_opt.handlers.checkpoint import DurableCheckpoint
+from engine_opt.checkpoint import attach_checkpoint, latest_checkpoint, resume_from_latest
+from engine_opt.checkpoint.durable import DurableCheckpoint
+from engine_opt.checkpoint.run_directory import RunDirectory, RunDirectoryBusy
+from engine_opt.engine import ResumableLoader
 
 from crashes import RENAMED, STAGES, Crash, crash_at
 from oracle import assert_same_tensors, loss_fn, make_batches, make_model

@@ -10,8 +10,8 @@ from ignite.engine import Engine
 from ignite.handlers import Checkpoint, DiskSaver
 
 from engine_opt import OptimWrapper, create_trainer
-from engine_opt.engine.checkpoint_files import check_entry, load_checkpoint, write_checkpoint
-from engine_opt.handlers import ResumableLoader
+from engine_opt.checkpoint.files import check_entry, load_checkpoint, write_checkpoint
+from engine_opt.engine import ResumableLoader
 
 from oracle import assert_same_tensors, loss_fn, make_batches, make_model
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine_opt.engine.run_directory import RunDirectory, RunDirectoryBusy
+from engine_opt.checkpoint.run_directory import RunDirectory, RunDirectoryBusy
 
 ROOT = Path(__file__).resolve().parents[2]
 OTHERS = [
@@ -93,7 +93,7 @@ def test_the_lock_is_reentrant_in_one_process(tmp_path):
 
 HOLDER = """
 import sys, time
-from engine_opt.engine.run_directory import RunDirectory
+from engine_opt.checkpoint.run_directory import RunDirectory
 directory = RunDirectory(sys.argv[1])  # held while referenced: the lock goes with its object, or its process
 directory.acquire()
 print("holding", flush=True)
@@ -122,7 +122,7 @@ def test_another_process_is_refused_while_the_holder_lives_and_not_after_it_is_k
 def test_removing_a_sharded_checkpoint_renames_it_to_a_partial_name_first_and_a_partial_one_in_place(tmp_path):
     from unittest import mock
 
-    import engine_opt.engine.run_directory as run_directory
+    import engine_opt.checkpoint.run_directory as run_directory
 
     for name in ("checkpoint_3", ".checkpoint_5.12.partial"):
         (tmp_path / name).mkdir()

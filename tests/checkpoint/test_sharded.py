@@ -18,14 +18,14 @@ from torch.distributed.checkpoint import CheckpointException
 from torch.distributed.checkpoint.filesystem import FileSystemWriter
 
 from engine_opt import OptimWrapper, OptimWrapperDict, create_trainer
-from engine_opt.engine.run_directory import RunDirectory
-from engine_opt.handlers import (
-    ResumableLoader,
+from engine_opt.checkpoint import (
     attach_sharded_checkpoint,
     latest_checkpoint,
     load_sharded_checkpoint,
     resume_from_latest,
 )
+from engine_opt.checkpoint.run_directory import RunDirectory
+from engine_opt.engine import ResumableLoader
 
 from crashes import Crash
 from oracle import OPTIMIZERS, Plan, assert_same_tensors, loss_fn, make_batches, make_model, plain_loop

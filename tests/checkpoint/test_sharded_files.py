@@ -1,4 +1,4 @@
-"""engine_opt.engine.sharded_files in one process: what goes where, loads of every object or none."""
+"""engine_opt.checkpoint.sharded_files in one process: what goes where, loads of every object or none."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import torch
 from ignite.engine import Engine
 
 from engine_opt import AmpOptimWrapper, OptimWrapper, OptimWrapperDict, create_trainer
-from engine_opt.engine.sharded_files import (
+from engine_opt.checkpoint.sharded_files import (
     OBJECTS_FILE,
     ShardedLayout,
     load_sharded_checkpoint,

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
-from engine_opt.handlers import ResumableLoader, rng_state, set_rng_state
+from engine_opt.engine import ResumableLoader, rng_state, set_rng_state
 
 
 def shuffled(generator=None):

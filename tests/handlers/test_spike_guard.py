@@ -8,7 +8,9 @@ import torch.nn.functional as F
 from ignite.engine import Events
 
 from engine_opt import AmpOptimWrapper, OptimEvents, OptimWrapper, OptimWrapperDict, create_trainer
-from engine_opt.handlers import ResumableLoader, SchedulerHandler, SpikeGuard, attach_checkpoint, load_checkpoint
+from engine_opt.checkpoint import attach_checkpoint, load_checkpoint
+from engine_opt.engine import ResumableLoader
+from engine_opt.handlers import SchedulerHandler, SpikeGuard
 
 from helpers import gan_step, make_amp_gan_wrappers
 from oracle import (

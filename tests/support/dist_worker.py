@@ -21,14 +21,8 @@ from torch.distributed.optim import ZeroRedundancyOptimizer
 from torch.nn.parallel import DistributedDataParallel
 
 from engine_opt import OptimWrapper, create_trainer
-from engine_opt.handlers import (
-    NonFiniteGuard,
-    SpikeGuard,
-    UpdateTelemetryHandler,
-    attach_checkpoint,
-    latest_checkpoint,
-    load_checkpoint,
-)
+from engine_opt.checkpoint import attach_checkpoint, latest_checkpoint, load_checkpoint
+from engine_opt.handlers import NonFiniteGuard, SpikeGuard, UpdateTelemetryHandler
 from engine_opt.testing import GradientTraffic
 
 from oracle import OPTIMIZERS, item_loss_sum, loss_fn, make_batches, make_model

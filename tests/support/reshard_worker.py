@@ -29,7 +29,8 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 from engine_opt import OptimWrapper, create_trainer
-from engine_opt.handlers import ResumableLoader, attach_checkpoint, attach_sharded_checkpoint, resume_from_latest
+from engine_opt.checkpoint import attach_checkpoint, attach_sharded_checkpoint, resume_from_latest
+from engine_opt.engine import ResumableLoader
 from engine_opt.optim.distributed import gather_objects
 
 from oracle import loss_fn, make_model

@@ -22,7 +22,9 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from engine_opt import AmpOptimWrapper, OptimWrapper, create_trainer
-from engine_opt.handlers import ResumableLoader, SchedulerHandler, attach_checkpoint, resume_from_latest
+from engine_opt.checkpoint import attach_checkpoint, resume_from_latest
+from engine_opt.engine import ResumableLoader
+from engine_opt.handlers import SchedulerHandler
 
 CONFIGS = {
     "fp32": lambda opt: OptimWrapper(opt, accumulative_counts=3, clip_grad={"max_norm": 1.0}),

@@ -23,12 +23,12 @@ from typing import Any
 import torch.distributed as dist
 from ignite.engine import Engine, Events
 
-from ..engine.run_directory import RunDirectory, checkpoint_name, partial_name
-from ..engine.sharded_files import ShardedLayout, publish, save_sharded
 from ..engine.trainer import Trainer
 from ..optim import OptimWrapper, OptimWrapperDict, checks, distributed
 from ..optim.wrapper_dict import members
-from .checkpoint import DirectoryHold, check_trainer
+from .periodic import attach_periodic, run_directory
+from .run_directory import RunDirectory, checkpoint_name, partial_name
+from .sharded_files import ShardedLayout, publish, save_sharded
 
 
 class ShardedCheckpoint:
@@ -184,23 +184,14 @@ def attach_sharded_checkpoint(
         ...     sorted(os.listdir(f"{directory}/checkpoint_4"))
         ['.metadata', '__0_0.distcp', 'objects.pt']
     """
-    check_trainer(trainer)
-    if every is not None:
-        checks.positive_int("every", every)
-    if n_saved is not None:
-        checks.positive_int("n_saved", n_saved)
+    directory = run_directory(trainer, dirname, every, n_saved)
     if not isinstance(async_save, bool):
         raise TypeError(f"async_save must be a bool, got {checks.describe(async_save)}")
-    directory = RunDirectory(checks.path("dirname", dirname))
     checkpoint = ShardedCheckpoint(to_save, directory, n_saved, async_save)
-    hold = DirectoryHold(directory)
-    trainer.add_event_handler(Events.STARTED, hold.take)
+    attach_periodic(trainer, checkpoint, directory, every)
+    # after the directory's hold: a run's end waits for its background save, then lets the directory go
     trainer.add_event_handler(Events.STARTED, _wait_at_run_end, checkpoint)
-    event = Events.EPOCH_COMPLETED if every is None else Events.ITERATION_COMPLETED(every=every)
-    trainer.add_event_handler(event, checkpoint)
     trainer.add_event_handler(Events.ITERATION_COMPLETED, checkpoint.at_iteration_end)
-    trainer.add_event_handler(Events.COMPLETED, checkpoint.at_run_end)
-    trainer.add_event_handler(Events.COMPLETED, hold.let_go)
     return checkpoint
 
 

@@ -56,7 +56,7 @@ from torch.distributed.checkpoint.state_dict_saver import save as dcp_save
 from ..optim import OptimWrapper, OptimWrapperDict, checks, distributed
 from ..optim.state_checks import check_module_state
 from ..optim.wrapper_dict import members
-from .checkpoint_files import check_entry, fsync_directory, read_checkpoint, write_checkpoint
+from .files import check_entry, fsync_directory, read_checkpoint, write_checkpoint
 from .run_directory import SHARDED_METADATA, remove
 
 OBJECTS_FILE = "objects.pt"
@@ -119,12 +119,12 @@ def _wrapper_in_window(obj: Any) -> bool:
 
 
 def _optimizers(to_save: Mapping[str, Any]) -> dict[str, torch.optim.Optimizer]:
+    """Every optimizer of ``to_save`` by ``name`` (a wrapper's, a plain one), or ``name.member`` (a dict's)."""
     found: dict[str, torch.optim.Optimizer] = {}
     for name, obj in to_save.items():
-        if isinstance(obj, OptimWrapperDict):
-            found.update({f"{name}.{member}": wrapper.optimizer for member, wrapper in obj.items()})
-        elif isinstance(obj, OptimWrapper):
-            found[name] = obj.optimizer
+        if isinstance(obj, (OptimWrapper, OptimWrapperDict)):
+            for member, wrapper in members(obj):
+                found[name if member is None else f"{name}.{member}"] = wrapper.optimizer
         elif isinstance(obj, torch.optim.Optimizer):
             found[name] = obj
     return found
@@ -155,18 +155,20 @@ def _model_of(where: str, optimizer: torch.optim.Optimizer, models: Mapping[str,
 def _objects_state(layout: ShardedLayout) -> dict[str, Any]:
     """``objects.pt``'s content: the entries' states, an optimizer's per-parameter state left to DCP."""
     return {
-        "objects": {name: _without_optimizer_state(obj, obj.state_dict()) for name, obj in layout.objects.items()},
+        "objects": {name: _without_optimizer_state(obj) for name, obj in layout.objects.items()},
         "models": sorted(layout.models),
         "optimizers": sorted(key for key, (_, optimizer) in layout.optimizers.items() if optimizer.state),
     }
 
 
-def _without_optimizer_state(obj: Any, state: Any) -> Any:
-    if isinstance(obj, OptimWrapperDict):
-        return {member: _without_optimizer_state(wrapper, state[member]) for member, wrapper in obj.items()}
-    if isinstance(obj, (OptimWrapper, torch.optim.Optimizer)):
-        return {**state, "state": {}}
-    return state
+def _without_optimizer_state(obj: Any) -> Any:
+    """``obj``'s state, where it is an optimizer's or a wrapper's (each member's) without the per-parameter state."""
+    if isinstance(obj, (OptimWrapper, OptimWrapperDict)):
+        states = {member: {**wrapper.state_dict(), "state": {}} for member, wrapper in members(obj)}
+        return states.pop(None) if None in states else states  # a dict's state is its members' by name
+    if isinstance(obj, torch.optim.Optimizer):
+        return {**obj.state_dict(), "state": {}}
+    return obj.state_dict()
 
 
 def _dcp_state(layout: ShardedLayout, optimizers: Iterable[str]) -> dict[str, Any]:

@@ -22,10 +22,10 @@ from ignite.handlers import Checkpoint
 from ignite.handlers.param_scheduler import ParamScheduler
 from torch import nn
 
+from ..engine.state import check_engine_state
 from ..optim import checks
 from ..optim.state_checks import check_module_state, check_optimizer_state, check_structure
 from .run_directory import partial_name
-from .state import check_engine_state
 
 
 def write_checkpoint(checkpoint: Any, path: str | Path) -> None:
