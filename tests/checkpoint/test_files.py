@@ -13,7 +13,16 @@ from engine_opt import OptimWrapper, create_trainer
 from engine_opt.checkpoint.files import check_entry, load_checkpoint, write_checkpoint
 from engine_opt.engine import ResumableLoader
 
-from oracle import assert_same_tensors, loss_fn, make_batches, make_model
+from helpers import make_amp_gan_wrappers, train_some
+from oracle import (
+    assert_same_model,
+    assert_same_tensors,
+    loss_fn,
+    make_batches,
+    make_gan,
+    make_model,
+    plain_gan_loop,
+)
 
 
 def saved_run(path):
@@ -141,3 +150,27 @@ def test_a_full_disk_names_the_path_leaves_no_partial_file_and_the_previous_file
     assert caught.value.errno == errno.ENOSPC
     assert sorted(path.name for path in tmp_path.iterdir()) == ["checkpoint_1.pt"]
     assert torch.load(previous, weights_only=True)["step"].item() == 1
+
+
+def test_checkpoints_as_one_object_through_ignite(tmp_path):
+    batches = [x for x, _ in make_batches(6)]
+    expected = make_gan()
+    gen_opt, disc_opt, scaler = plain_gan_loop(expected, batches)
+
+    gan = make_gan()
+    wrappers = make_amp_gan_wrappers(gan, loss_scale={"init_scale": 64.0, "growth_interval": 1})
+    train_some(gan, wrappers, batches[:3])
+    trainer = Engine(lambda engine, batch: None)
+    checkpoint = Checkpoint({"model": gan, "optim_wrapper": wrappers}, DiskSaver(str(tmp_path), require_empty=False))
+    trainer.state.iteration = 3
+    checkpoint(trainer)
+
+    resumed_gan = make_gan(seed=7)
+    resumed = make_amp_gan_wrappers(resumed_gan)
+    Checkpoint.load_objects({"model": resumed_gan, "optim_wrapper": resumed}, tmp_path / checkpoint.last_checkpoint)
+    assert resumed["gen"].loss_scaler.get_scale() == 64.0 * 2**3  # three applied steps, growth_interval 1
+    train_some(resumed_gan, resumed, batches[3:])
+    assert_same_model(resumed_gan, expected)
+    assert_same_tensors(resumed["gen"].optimizer.state_dict(), gen_opt.state_dict())
+    assert_same_tensors(resumed["disc"].optimizer.state_dict(), disc_opt.state_dict())
+    assert resumed["gen"].loss_scaler.state_dict() == scaler.state_dict()

@@ -286,3 +286,15 @@ def test_a_logger_without_an_output_handler_is_refused(tmp_path):
     trainer = create_trainer(model, wrapper, loss_fn)
     with pytest.raises(TypeError, match="Bare comes with no Ignite OutputHandler"):
         OptimParamsHandler(wrapper)(trainer, Bare(), Events.ITERATION_COMPLETED)
+
+
+def test_groups_made_from_paramwise_cfg_are_logged_under_their_names():
+    model = make_model()  # Linear, LayerNorm, ReLU, Linear
+    wrapper = build_optim_wrapper(
+        model,
+        dict(
+            optimizer=dict(type="AdamW", lr=0.01, weight_decay=0.1),
+            paramwise_cfg=dict(bias_decay_mult=0.0, norm_decay_mult=0.0, custom_keys={"3.": dict(lr_mult=0.5)}),
+        ),
+    )
+    assert {key for key in optim_scalars(wrapper) if key.startswith("lr/")} == {"lr/default", "lr/bias-norm", "lr/3."}

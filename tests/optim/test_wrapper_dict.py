@@ -6,14 +6,12 @@ import copy
 
 import pytest
 import torch
-from ignite.engine import Engine
-from ignite.handlers import Checkpoint, DiskSaver
 from torch import nn
 
 from engine_opt import OptimWrapper, OptimWrapperDict
 
-from helpers import make_amp_gan_wrappers, train_some
-from oracle import assert_same_model, assert_same_tensors, gan_losses, make_batches, make_gan, plain_gan_loop
+from helpers import train_some
+from oracle import assert_same_model, assert_same_tensors, gan_losses, make_batches, make_gan
 
 
 def make_wrappers(gan):
@@ -135,30 +133,6 @@ def test_state_round_trip_and_mismatches_load_nothing():
         other.load_state_dict([state])
     other.load_state_dict(state)
     assert_same_tensors(other.state_dict(), state)
-
-
-def test_checkpoints_as_one_object_through_ignite(tmp_path):
-    batches = [x for x, _ in make_batches(6)]
-    expected = make_gan()
-    gen_opt, disc_opt, scaler = plain_gan_loop(expected, batches)
-
-    gan = make_gan()
-    wrappers = make_amp_gan_wrappers(gan, loss_scale={"init_scale": 64.0, "growth_interval": 1})
-    train_some(gan, wrappers, batches[:3])
-    trainer = Engine(lambda engine, batch: None)
-    checkpoint = Checkpoint({"model": gan, "optim_wrapper": wrappers}, DiskSaver(str(tmp_path), require_empty=False))
-    trainer.state.iteration = 3
-    checkpoint(trainer)
-
-    resumed_gan = make_gan(seed=7)
-    resumed = make_amp_gan_wrappers(resumed_gan)
-    Checkpoint.load_objects({"model": resumed_gan, "optim_wrapper": resumed}, tmp_path / checkpoint.last_checkpoint)
-    assert resumed["gen"].loss_scaler.get_scale() == 64.0 * 2**3  # three applied steps, growth_interval 1
-    train_some(resumed_gan, resumed, batches[3:])
-    assert_same_model(resumed_gan, expected)
-    assert_same_tensors(resumed["gen"].optimizer.state_dict(), gen_opt.state_dict())
-    assert_same_tensors(resumed["disc"].optimizer.state_dict(), disc_opt.state_dict())
-    assert resumed["gen"].loss_scaler.state_dict() == scaler.state_dict()
 
 
 @pytest.mark.parametrize(
