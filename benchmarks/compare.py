@@ -13,7 +13,8 @@ time per iteration of each and the ratio ``this / base`` (below 1: faster),
 and the ratio of the fastest repeats (less sensitive to a noisy machine).
 ``--calls`` counts the Python function calls per iteration instead (with
 ``cProfile``): deterministic, so it shows a change of a few microseconds that
-a noisy machine's timings cannot.
+a noisy machine's timings cannot. Runs of two lengths tell what each
+iteration costs from what a trainer's run costs once (its last column).
 """
 
 from __future__ import annotations
@@ -127,18 +128,28 @@ def compare(base: ModuleType, config: bench.Config, repeats: int, target_s: floa
     }
 
 
-def count_calls(base: ModuleType, config: bench.Config, logdir: Path) -> dict[Any, float]:
-    """Python function calls per iteration of each tree's wrapper loop and trainer (after a warm-up)."""
-    batches = bench.make_batches(config.model, torch.device("cpu"), pool=8) * 5
+def count_calls(base: ModuleType, config: bench.Config, logdir: Path) -> dict[Any, tuple[float, float]]:
+    """Python function calls of each tree's wrapper loop and trainer: per iteration, and once per run.
+
+    Each is profiled (after a warm-up) on a run of ``n`` iterations and on one of ``2n``: the difference is
+    ``n`` iterations' calls, so what a run costs once (a trainer's start and end) is told apart from what each
+    iteration costs.
+    """
+    pool = bench.make_batches(config.model, torch.device("cpu"), pool=8)
+    short, long = pool * 5, pool * 10
     loggers: list[TensorboardLogger] = []
-    counts: dict[Any, float] = {}
+    counts: dict[Any, tuple[float, float]] = {}
     for tree, package in (("this", engine_opt), ("base", base)):
         for impl, run in runners(package, config, logdir / f"{config.label()}-{tree}-calls", loggers).items():
-            run(batches[:8])
-            profile = cProfile.Profile()
-            profile.runcall(run, batches)
-            stats = pstats.Stats(profile, stream=io.StringIO()).stats  # type: ignore[attr-defined]
-            counts[(tree, impl)] = sum(entry[1] for entry in stats.values()) / len(batches)
+            run(pool)
+            calls = []
+            for batches in (short, long):
+                profile = cProfile.Profile()
+                profile.runcall(run, batches)
+                stats = pstats.Stats(profile, stream=io.StringIO()).stats  # type: ignore[attr-defined]
+                calls.append(sum(entry[1] for entry in stats.values()))
+            per_iteration = (calls[1] - calls[0]) / (len(long) - len(short))
+            counts[(tree, impl)] = (per_iteration, calls[0] - per_iteration * len(short))
     for logger in loggers:
         logger.close()
     return counts
@@ -157,10 +168,11 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     logdir = Path(tempfile.mkdtemp(prefix="engine-opt-compare-"))
     if args.calls:
-        print(f"this tree against {args.base}: Python function calls per iteration (cProfile)")
+        print(f"this tree against {args.base}: Python function calls per iteration, and per trainer run (cProfile)")
+        print(f"{'row':<24} {'wrapper':>36} {'trainer':>36} {'per run':>9}")
     else:
         print(f"this tree against {args.base}, {args.repeats} interleaved repeats, median time per iteration")
-    print(f"{'row':<24} {'wrapper':>36} {'trainer':>36}")
+        print(f"{'row':<24} {'wrapper':>36} {'trainer':>36}")
     try:
         with base_package(args.base) as base:
             for model, precision, accumulate, clip in itertools.product(
@@ -170,11 +182,12 @@ def main() -> None:
                 if args.calls:
                     calls = count_calls(base, config, logdir)
                     cells = [
-                        f"{calls[('this', impl)]:7.1f} / {calls[('base', impl)]:7.1f} calls "
-                        f"{calls[('this', impl)] - calls[('base', impl)]:+6.1f}"
+                        f"{calls[('this', impl)][0]:7.1f} / {calls[('base', impl)][0]:7.1f} calls "
+                        f"{calls[('this', impl)][0] - calls[('base', impl)][0]:+6.1f}"
                         for impl in ("wrapper", "trainer")
                     ]
-                    print(f"{config.label():<24} {cells[0]:>36} {cells[1]:>36}", flush=True)
+                    per_run = calls[("this", "trainer")][1] - calls[("base", "trainer")][1]
+                    print(f"{config.label():<24} {cells[0]:>36} {cells[1]:>36} {per_run:+9.0f}", flush=True)
                     continue
                 medians = compare(base, config, args.repeats, args.block_seconds, logdir)
                 cells = [
