@@ -48,6 +48,17 @@ EXPORTED_BEFORE = {
 }
 
 
+# Modules that moved, at their old path, with names users imported from them.
+OLD_MODULES = {
+    "engine_opt.optim.param_scheduler": "INF LinearLR ParamScheduler SCHEDULERS build_param_scheduler",
+    "engine_opt.engine.checkpoint_files": "check_entry load_checkpoint read_checkpoint write_checkpoint",
+    "engine_opt.engine.run_directory": "RunDirectory RunDirectoryBusy checkpoint_name",
+    "engine_opt.engine.sharded_files": "ShardedLayout load_sharded_checkpoint save_sharded",
+    "engine_opt.handlers.checkpoint": "DurableCheckpoint attach_checkpoint latest_checkpoint resume_from_latest",
+    "engine_opt.handlers.sharded_checkpoint": "ShardedCheckpoint attach_sharded_checkpoint",
+}
+
+
 def layer_of(path: Path) -> str:
     return path.relative_to(PACKAGE).parts[0]
 
@@ -157,6 +168,19 @@ def test_every_name_a_package_exported_still_imports_from_there(package):
         assert caught[0].filename == "<string>"  # the warning points at the importing line, not at engine_opt
     with pytest.raises(AttributeError, match="has no attribute 'attach_chekpoint'"):
         module.attach_chekpoint  # noqa: B018
+
+
+@pytest.mark.parametrize("old", sorted(OLD_MODULES))
+def test_a_module_that_moved_still_imports_from_its_old_path(old):
+    module = importlib.import_module(old)
+    for name in OLD_MODULES[old].split():
+        with pytest.warns(DeprecationWarning, match=rf"{old}\.{name} moved to engine_opt\.[\w.]+\.{name}") as caught:
+            exec(f"from {old} import {name} as found", namespace := {})
+        home = str(caught[0].message).split(" moved to ")[1].split(":")[0].rsplit(".", 1)[0]
+        assert home.startswith(("engine_opt.optim.schedulers", "engine_opt.checkpoint")), home
+        assert namespace["found"] is getattr(importlib.import_module(home), name)
+    with pytest.raises(AttributeError, match=f"module '{old}' has no attribute 'nothing_here'"):
+        module.nothing_here  # noqa: B018
 
 
 def architecture_rows() -> list[str]:

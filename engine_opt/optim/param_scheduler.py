@@ -1,0 +1,15 @@
+"""The old path of ``engine_opt.optim.schedulers``: its names, with a ``DeprecationWarning``.
+
+MMEngine's schedulers were here before they had a package of their own.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..moved import find_moved
+
+
+def __getattr__(name: str) -> Any:
+    """A name of ``engine_opt.optim.schedulers``, where this module moved (``engine_opt.moved``)."""
+    return find_moved(__name__, name, "engine_opt.optim.schedulers")
