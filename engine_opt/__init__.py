@@ -4,12 +4,13 @@ Single precision, mixed precision (fp16 with loss scaling, bf16), gradient
 accumulation and clipping, one optimizer or several, with the same training
 code whatever the strategy.
 
-Three layers, each importing only those below (``docs/architecture.md``):
-``engine_opt.optim`` (the wrappers; torch only), ``engine_opt.engine`` and
-``engine_opt.handlers`` (the Ignite trainer, events and handlers), and
-``engine_opt.app`` (the ``engine-opt`` command). The wrappers import no
-training framework: ``create_trainer``, ``OptimEvents`` and ``member_filter``
-load Ignite when first used.
+Five layers, each importing only those below (``docs/architecture.md``):
+``engine_opt.optim`` (the wrappers and their schedules; torch only),
+``engine_opt.engine`` (the Ignite trainer, its events, the data position),
+``engine_opt.checkpoint`` (checkpoints and resuming), ``engine_opt.handlers``
+(logging, schedules, guards) and ``engine_opt.app`` (the ``engine-opt``
+command). The wrappers import no training framework: ``create_trainer``,
+``OptimEvents`` and ``member_filter`` load Ignite when first used.
 
 Example:
     >>> import torch

@@ -11,9 +11,9 @@ from ignite.handlers import Checkpoint
 from ignite.handlers.checkpoint import BaseSaveHandler
 from torch import nn
 
-from ..optim import distributed
+from ..optim import checks, distributed
 from .files import write_checkpoint
-from .periodic import attach_periodic, run_directory
+from .periodic import attach_periodic, check_period
 from .run_directory import RunDirectory, checkpoint_name
 
 
@@ -112,7 +112,7 @@ def attach_checkpoint(
     Raises:
         ValueError: A model of ``to_save`` is sharded (FSDP2): use ``attach_sharded_checkpoint``.
     """
-    directory = run_directory(trainer, dirname, every, n_saved)
+    check_period(trainer, every, n_saved)
     sharded = [
         name
         for name, obj in to_save.items()
@@ -123,6 +123,7 @@ def attach_checkpoint(
             f"to_save[{sharded[0]!r}] has parameters sharded across ranks (FSDP2's DTensors), and attach_checkpoint "
             "writes one file of whole tensors from rank 0: use attach_sharded_checkpoint"
         )
+    directory = RunDirectory(checks.path("dirname", dirname))
     checkpoint = DurableCheckpoint(to_save, directory, n_saved)
     attach_periodic(trainer, checkpoint, directory, every)
     return checkpoint

@@ -37,14 +37,13 @@ def check_trainer(trainer: Any) -> Engine:
     return trainer
 
 
-def run_directory(trainer: Any, dirname: Any, every: Any, n_saved: Any) -> RunDirectory:
-    """The run directory of ``dirname``, once the arguments every periodic checkpoint takes are checked."""
+def check_period(trainer: Any, every: Any, n_saved: Any) -> None:
+    """Check the arguments every periodic checkpoint takes (its ``dirname`` is checked after its own)."""
     check_trainer(trainer)
     if every is not None:
         checks.positive_int("every", every)
     if n_saved is not None:
         checks.positive_int("n_saved", n_saved)
-    return RunDirectory(checks.path("dirname", dirname))
 
 
 def attach_periodic(trainer: Engine, save: PeriodicSave, directory: RunDirectory, every: int | None) -> None:

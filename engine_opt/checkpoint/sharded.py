@@ -26,7 +26,7 @@ from ignite.engine import Engine, Events
 from ..engine.trainer import Trainer
 from ..optim import OptimWrapper, OptimWrapperDict, checks, distributed
 from ..optim.wrapper_dict import members
-from .periodic import attach_periodic, run_directory
+from .periodic import attach_periodic, check_period
 from .run_directory import RunDirectory, checkpoint_name, partial_name
 from .sharded_files import ShardedLayout, publish, save_sharded
 
@@ -184,9 +184,10 @@ def attach_sharded_checkpoint(
         ...     sorted(os.listdir(f"{directory}/checkpoint_4"))
         ['.metadata', '__0_0.distcp', 'objects.pt']
     """
-    directory = run_directory(trainer, dirname, every, n_saved)
+    check_period(trainer, every, n_saved)
     if not isinstance(async_save, bool):
         raise TypeError(f"async_save must be a bool, got {checks.describe(async_save)}")
+    directory = RunDirectory(checks.path("dirname", dirname))
     checkpoint = ShardedCheckpoint(to_save, directory, n_saved, async_save)
     attach_periodic(trainer, checkpoint, directory, every)
     # after the directory's hold: a run's end waits for its background save, then lets the directory go

@@ -331,7 +331,7 @@ class UpdateTelemetryHandler(BaseHandler):
             raise TypeError(
                 f"optim_wrapper must be an OptimWrapper or an OptimWrapperDict, got {checks.describe(optim_wrapper)}"
             )
-        self.every = checks.positive_int("every", every)
+        self._every = checks.positive_int("every", every)
         if tag is not None and not isinstance(tag, str):
             raise TypeError(f"tag must be a str or None, got {checks.describe(tag)}")
         if global_step_transform is not None and not callable(global_step_transform):
@@ -343,7 +343,7 @@ class UpdateTelemetryHandler(BaseHandler):
         self.global_step_transform = global_step_transform
         self._pending: list[tuple[_Member, torch.Tensor]] = []
         self._members = [
-            _Member(name, wrapper, prefixes, self.param_names, self.every, self._pending)
+            _Member(name, wrapper, prefixes, self.param_names, self._every, self._pending)
             for name, wrapper in members(optim_wrapper)
         ]
         measured = {label for member in self._members for kind, label in member.labels if kind}
@@ -355,6 +355,17 @@ class UpdateTelemetryHandler(BaseHandler):
             )
         self._arm()
         self._writer = ScalarWriter(default_tag="telemetry")
+
+    @property
+    def every(self) -> int:
+        """Measure each member's ``every``-th update; set it to change the period from the next check on."""
+        return self._every
+
+    @every.setter
+    def every(self, value: int) -> None:
+        self._every = checks.positive_int("every", value)
+        for member in self._members:
+            member.every = self._every
 
     @staticmethod
     def _layers(model: nn.Module | None, layers: Sequence[str] | None, depth: int | None) -> list[str]:

@@ -57,10 +57,12 @@ class StepHooks:
         False
     """
 
+    # What BEFORE_OPTIM_STEP hooks said of the step: None outside them, True (skip), a device flag, or False.
+    # A class default too: a wrapper pickled before the veto lived here unpickles hooks without it.
+    _veto: bool | torch.Tensor | None = None
+
     def __init__(self) -> None:
         self._by_event: dict[StepEvent, OrderedDict[int, StepHook]] = {event: OrderedDict() for event in StepEvent}
-        # what BEFORE_OPTIM_STEP hooks said of the step: None outside them, True (skip), a device flag, or False
-        self._veto: bool | torch.Tensor | None = None
 
     def add(self, hook: StepHook, events: Iterable[StepEvent] | None = None) -> RemovableHandle:
         """Call ``hook`` at each of ``events`` (all of them by default); the handle's ``remove()`` undoes it."""

@@ -199,6 +199,7 @@ def test_rotation_keeps_n_saved_and_never_touches_other_entries(tmp_path):
         ({"trainer": None}, TypeError, "trainer must be an Ignite Engine .*got None"),
         ({"to_save": {"x": 5}}, TypeError, r"to_save\['x'\] must have state_dict and load_state_dict methods, got 5"),
         ({"to_save": [1]}, TypeError, "to_save must be a dict, got"),
+        ({"async_save": 1, "dirname": 3}, TypeError, "async_save must be a bool, got 1"),  # in the order of before
     ],
 )
 def test_bad_arguments_are_refused_by_name(tmp_path, kwargs, error, message):

@@ -346,6 +346,23 @@ def test_reads_less_often_than_updates_still_measure_every_measured_update():
     assert not any(wrapper._hooks.table(event) for event in StepEvent)
 
 
+def test_every_set_after_construction_is_the_period_from_then_on():
+    model = make_model()
+    wrapper = OptimWrapper(torch.optim.SGD(model.parameters(), lr=0.1))
+    telemetry = UpdateTelemetryHandler(wrapper, every=4)
+    telemetry.every = 1
+    measured = []
+    for i, (x, y) in enumerate(make_batches(5), 1):
+        wrapper.update_params(loss_fn(model(x), y))
+        if telemetry.read():
+            measured.append(i)
+    assert telemetry.every == 1
+    assert measured == [2, 3, 4, 5]  # update 1 was not hooked: the read that set its hook came with the first update
+    with pytest.raises(ValueError, match=r"every must be a positive int, got 0"):
+        telemetry.every = 0
+    telemetry.close()
+
+
 def test_clipping_by_value_fired_when_a_gradient_was_beyond_the_value():
     model, reference = make_model(), make_model()
     wrapper = OptimWrapper(torch.optim.SGD(model.parameters(), lr=0.1), clip_grad={"type": "value", "clip_value": 0.5})

@@ -231,3 +231,13 @@ def test_a_window_whose_outcome_hook_raised_keeps_its_update_and_leaves_no_gradi
             wrapper.update_params(loss_fn(model(x), y))
     assert_same_model(model, expected)
     assert (wrapper.applied_steps, wrapper.step_count) == (5, 5)
+
+
+def test_hooks_unpickled_from_before_the_veto_lived_there_refuse_cancel_step_outside_a_hook_as_documented():
+    from engine_opt.optim.hooks import StepHooks
+
+    saved = {key: value for key, value in vars(StepHooks()).items() if key != "_veto"}  # as pickled before
+    restored = StepHooks.__new__(StepHooks)
+    restored.__dict__.update(saved)
+    with pytest.raises(RuntimeError, match=r"cancel_step\(\) can only be called from a step hook"):
+        restored.veto()
