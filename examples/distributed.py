@@ -34,7 +34,7 @@ def training(local_rank: int, checkpoint_dir: str) -> None:
     data = ResumableLoader(idist.auto_dataloader(dataset, batch_size=32, shuffle=True))  # 32 over all ranks
     trainer = create_trainer(model, optim_wrapper, F.mse_loss, device=idist.device())
     to_save = {"model": model, "optim_wrapper": optim_wrapper, "trainer": trainer, "data": data}
-    resume_from_latest(to_save, checkpoint_dir)
+    resume_from_latest(to_save, checkpoint_dir, kind="file")
     attach_checkpoint(trainer, to_save, checkpoint_dir, every=8)
     state = trainer.run(data, max_epochs=2)
     if idist.get_rank() == 0:

@@ -34,7 +34,7 @@ data = ResumableLoader(DataLoader(TensorDataset(x, y), batch_size=16, shuffle=Tr
 trainer = create_trainer(model, optim_wrapper, F.mse_loss)
 SchedulerHandler(scheduler).attach(trainer)
 to_save = {"model": model, "optim_wrapper": optim_wrapper, "trainer": trainer, "data": data, "scheduler": scheduler}
-resumed = resume_from_latest(to_save, args.checkpoint_dir)
+resumed = resume_from_latest(to_save, args.checkpoint_dir, kind="file")
 print(f"resumed from {resumed} at iteration {trainer.state.iteration}" if resumed else "new run")
 attach_checkpoint(trainer, to_save, args.checkpoint_dir, every=4)
 if args.stop_at:

@@ -42,10 +42,12 @@ from engine_opt.app import cli
 from engine_opt.checkpoint import (
     attach_checkpoint,
     attach_sharded_checkpoint,
+    latest_checkpoint,
     load_checkpoint,
     load_sharded_checkpoint,
     resume_from_latest,
 )
+from engine_opt.checkpoint.manifest import write_manifest
 from engine_opt.checkpoint.sharded_files import ShardedLayout, save_sharded
 from engine_opt.engine import ResumableLoader, rng_state
 from engine_opt.handlers import NonFiniteGuard, SchedulerHandler, SpikeGuard
@@ -400,6 +402,22 @@ def a_sharded_checkpoint_without_its_metadata() -> None:
     load_sharded_into("sharded/checkpoint_4", make_model())
 
 
+def a_sharded_checkpoint_whose_metadata_runs_code() -> None:
+    sharded_run("sharded/checkpoint_5")
+    Path("sharded/checkpoint_5/.metadata").write_bytes(pickle.dumps(Exploit(), protocol=2))
+    write_manifest(Path("sharded/checkpoint_5"))  # a planted checkpoint can come with a manifest of its own
+    load_sharded_into("sharded/checkpoint_5", make_model())
+
+
+def a_sharded_checkpoint_with_a_bit_flipped_in_a_shard() -> None:
+    sharded_run("sharded/checkpoint_6")
+    shard = next(Path("sharded/checkpoint_6").glob("*.distcp"))
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 1
+    shard.write_bytes(bytes(data))
+    load_sharded_into("sharded/checkpoint_6", make_model())
+
+
 def a_sharded_checkpoint_of_a_wrapper_without_its_model() -> None:
     model = make_model()
     wrapper = wrapper_of(model)
@@ -528,6 +546,9 @@ CASES = [
     Case("checkpoint file", "`resume_from_latest(to_load, 'ckpt/checkpoint_3.pt')` (a file, not its directory)", lambda: (saved_run("ckpt/checkpoint_3.pt"), resume_from_latest({"model": make_model()}, "ckpt/checkpoint_3.pt")), "is a file"),
     Case("checkpoint file", "a sharded checkpoint of a model with other layer sizes", a_sharded_checkpoint_of_other_layer_sizes, "shapes differ"),
     Case("checkpoint file", "a sharded checkpoint directory without DCP's `.metadata`", a_sharded_checkpoint_without_its_metadata, "not a complete sharded checkpoint"),
+    Case("checkpoint file", "a sharded checkpoint whose `.metadata` would run a shell command when read", a_sharded_checkpoint_whose_metadata_runs_code, "could run code"),
+    Case("checkpoint file", "a sharded checkpoint with one bit flipped in a shard", a_sharded_checkpoint_with_a_bit_flipped_in_a_shard, "__0_0.distcp is damaged"),
+    Case("checkpoint file", "`latest_checkpoint('ckpt', kind='files')`", lambda: latest_checkpoint("ckpt", kind="files"), "kind must be one of"),
     Case("checkpoint file", "a path that does not exist", lambda: load_into_fresh("ckpt/checkpoint_9.pt"), "ckpt/checkpoint_9.pt"),
     Case("command", "`engine-opt train --epochs 0`", lambda: command("--epochs", "0"), "--epochs"),
     Case("command", "`engine-opt train --dtype fp16 --wrapper OptimWrapper`", lambda: command("--dtype", "fp16", "--wrapper", "OptimWrapper"), "--dtype fp16"),

@@ -182,7 +182,7 @@ def check_batch_size(batch_size: int, processes: int) -> None:
 
 def check_run_directories(args: argparse.Namespace, log_dir: Path, checkpoint_dir: Path) -> None:
     """A new run, with ``--resume`` or not, writes neither into an earlier run's checkpoints nor its curves."""
-    if latest_checkpoint(checkpoint_dir) is not None:
+    if latest_checkpoint(checkpoint_dir, kind="file") is not None:
         if args.resume:
             return
         raise UsageError(
@@ -207,7 +207,7 @@ def resume(run: Run, args: argparse.Namespace) -> Path | None:
     if not args.resume:
         return None
     try:
-        resumed = resume_from_latest(run.to_save(), run.checkpoint_dir)
+        resumed = resume_from_latest(run.to_save(), run.checkpoint_dir, kind="file")
     except (ValueError, RuntimeError) as error:
         raise UsageError(f"--resume: {error}; resume with the options of the interrupted run") from None
     if resumed is None:

@@ -11,16 +11,21 @@ Imports the Ignite layer (``engine_opt.engine``), the core and Ignite.
   the background; ``load_sharded_checkpoint`` loads one, in any number of
   processes.
 - ``latest_checkpoint``, ``resume_from_latest``: the newest checkpoint of a
-  directory, file or sharded, and loading it.
+  directory, of the kind the run writes (``kind='file'`` or ``'sharded'``),
+  and loading it.
 - ``RunDirectory``: a checkpoint directory as one run owns it (its exactly
-  named checkpoints, its lock, what interrupted saves left).
+  named checkpoints of its kind, its lock, what interrupted saves left).
+
+A sharded checkpoint is verified against its manifest (``manifest``) before
+anything is read, and DCP's ``.metadata`` is read without running code
+(``dcp_metadata``).
 
 With ``ResumableLoader`` (``engine_opt.engine``) among the saved objects, a
 run resumed mid-epoch, in a new process, continues exactly::
 
     data = ResumableLoader(DataLoader(dataset, batch_size=32, shuffle=True))
     to_save = {"model": model, "optim_wrapper": wrapper, "trainer": trainer, "data": data}
-    resume_from_latest(to_save, "checkpoints")          # None on a fresh start
+    resume_from_latest(to_save, "checkpoints", kind="file")     # None on a fresh start
     attach_checkpoint(trainer, to_save, "checkpoints", every=100)
     trainer.run(data, max_epochs=10)
 """

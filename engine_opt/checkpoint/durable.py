@@ -123,7 +123,7 @@ def attach_checkpoint(
             f"to_save[{sharded[0]!r}] has parameters sharded across ranks (FSDP2's DTensors), and attach_checkpoint "
             "writes one file of whole tensors from rank 0: use attach_sharded_checkpoint"
         )
-    directory = RunDirectory(checks.path("dirname", dirname))
+    directory = RunDirectory(checks.path("dirname", dirname), "file")
     checkpoint = DurableCheckpoint(to_save, directory, n_saved)
     attach_periodic(trainer, checkpoint, directory, every)
     return checkpoint

@@ -37,14 +37,22 @@ import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Literal
 
 import filelock
+
+from ..optim import checks
 
 CHECKPOINT_NAME = re.compile(r"checkpoint_(0|[1-9][0-9]*)(\.pt)?")  # as checkpoint_name writes it: ASCII, no leading 0
 PARTIAL_NAME = re.compile(r"\.checkpoint_(0|[1-9][0-9]*)(\.pt)?\.[0-9]+\.partial")
 SHARDED_METADATA = ".metadata"  # what torch.distributed.checkpoint writes last, once every rank has written
 _LOCK = ".engine_opt.lock"
 _OWNER = ".engine_opt.lock.owner"
+
+
+Kind = Literal["file", "sharded", "any"]
+"""Which checkpoints a run considers: its files, its sharded directories, or both."""
+KINDS: tuple[Kind, ...] = ("file", "sharded", "any")
 
 
 class RunDirectoryBusy(RuntimeError):
@@ -77,16 +85,25 @@ class RunDirectory:
 
     Args:
         path: The directory (it need not exist yet).
+        kind: The checkpoints the run writes and considers its own: ``'file'``,
+            ``'sharded'`` or ``'any'``; those of the other kind are never listed,
+            taken for the newest or rotated.
+
+    Raises:
+        ValueError: ``kind`` is none of the three.
     """
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, kind: Kind = "any") -> None:
+        if kind not in KINDS:
+            raise ValueError(f"kind must be one of {list(KINDS)}, got {checks.describe(kind)}")
         self.path = Path(path)
+        self.kind = kind
         self._lock = filelock.FileLock(self.path / _LOCK, timeout=0, is_singleton=True)
 
     def checkpoints(self) -> list[tuple[int, Path]]:
-        """``(iteration, path)`` of the run's checkpoints, oldest first (``[]`` without a directory).
+        """``(iteration, path)`` of the run's checkpoints (of its kind), oldest first (``[]`` without a directory).
 
-        A file and a sharded checkpoint of one iteration are both listed, the file first.
+        With ``kind='any'``, a file and a sharded checkpoint of one iteration are both listed, the file first.
         """
         if not self.path.is_dir():
             return []
@@ -95,7 +112,10 @@ class RunDirectory:
             match = CHECKPOINT_NAME.fullmatch(entry.name)
             if match is None:
                 continue
-            problem = _kind_problem(entry, sharded=match.group(2) is None)
+            sharded = match.group(2) is None
+            if self.kind != "any" and sharded != (self.kind == "sharded"):
+                continue
+            problem = _kind_problem(entry, sharded)
             if problem is not None:
                 warnings.warn(f"{entry} is {problem}, not a checkpoint: skipped", RuntimeWarning, stacklevel=2)
                 continue
@@ -103,9 +123,9 @@ class RunDirectory:
         return sorted(found, key=lambda item: (item[0], item[1].is_dir()))
 
     def newest(self) -> Path | None:
-        """The checkpoint of the highest iteration (a file, or a sharded checkpoint's directory), or None."""
-        files = self.checkpoints()
-        return files[-1][1] if files else None
+        """The run's checkpoint of the highest iteration, or None."""
+        found = self.checkpoints()
+        return found[-1][1] if found else None
 
     def prepare(self) -> list[Path]:
         """Make sure the run can write here, then remove what interrupted saves left; return those files.
@@ -189,9 +209,9 @@ class RunDirectory:
 
 
 def _kind_problem(entry: Path, sharded: bool) -> str | None:
-    """Why an entry with a checkpoint's name is no checkpoint (None if it is one)."""
-    if entry.is_symlink() and not entry.exists():
-        return "a link to nothing"
+    """Why an entry with a checkpoint's name is no checkpoint (None if it is one): a link is none either."""
+    if entry.is_symlink():
+        return f"a link to {os.readlink(entry)}" if entry.exists() else "a link to nothing"
     if not sharded:
         return None if entry.is_file() else "a directory" if entry.is_dir() else "not a file"
     if not entry.is_dir():

@@ -182,12 +182,12 @@ def attach_sharded_checkpoint(
         ...     _ = attach_sharded_checkpoint(trainer, to_save, directory, every=2, n_saved=1)
         ...     _ = trainer.run([(torch.ones(3, 2), torch.ones(3, 1))] * 4)
         ...     sorted(os.listdir(f"{directory}/checkpoint_4"))
-        ['.metadata', '__0_0.distcp', 'objects.pt']
+        ['.metadata', '__0_0.distcp', 'manifest.json', 'objects.pt']
     """
     check_period(trainer, every, n_saved)
     if not isinstance(async_save, bool):
         raise TypeError(f"async_save must be a bool, got {checks.describe(async_save)}")
-    directory = RunDirectory(checks.path("dirname", dirname))
+    directory = RunDirectory(checks.path("dirname", dirname), "sharded")
     checkpoint = ShardedCheckpoint(to_save, directory, n_saved, async_save)
     attach_periodic(trainer, checkpoint, directory, every)
     # after the directory's hold: a run's end waits for its background save, then lets the directory go

@@ -31,6 +31,7 @@ from __future__ import annotations
 import collections
 import os
 import re
+import warnings
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -41,7 +42,6 @@ import torch
 from ignite.handlers import Checkpoint
 from torch import nn
 from torch.distributed.checkpoint.api import CheckpointException
-from torch.distributed.checkpoint.filesystem import FileSystemReader
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -56,7 +56,9 @@ from torch.distributed.checkpoint.state_dict_saver import save as dcp_save
 from ..optim import OptimWrapper, OptimWrapperDict, checks, distributed
 from ..optim.state_checks import check_module_state
 from ..optim.wrapper_dict import members
+from .dcp_metadata import SafeReader
 from .files import check_entry, fsync_directory, read_checkpoint, write_checkpoint
+from .manifest import MANIFEST_FILE, has_manifest, verify, write_manifest
 from .run_directory import SHARDED_METADATA, remove
 
 OBJECTS_FILE = "objects.pt"
@@ -226,8 +228,10 @@ def save_sharded(
 
     The objects' states are read now; with ``async_save`` DCP copies the
     tensors to host memory and writes them in a thread, and the returned
-    future is done when every rank has written (DCP's ``.metadata`` last).
-    ``process_group`` is the group DCP's own collectives use (an
+    future is done when every rank has written (DCP's ``.metadata`` last)
+    and, on rank 0, the manifest of every file's digest after them
+    (``manifest``; written in the same thread). ``process_group`` is the
+    group DCP's own collectives use (an
     asynchronous save needs one of its own, so they cannot interleave with
     training's).
 
@@ -252,9 +256,34 @@ def save_sharded(
     alone = not distributed.initialized()
     if async_save:
         future = dcp_async_save(state, checkpoint_id=directory, process_group=process_group, no_dist=alone)
-        return future  # type: ignore[return-value]
+        if distributed.rank() != 0:
+            return future  # type: ignore[return-value]
+        return _then(future, lambda: write_manifest(directory))  # type: ignore[arg-type]
     dcp_save(state, checkpoint_id=directory, process_group=process_group, no_dist=alone)
+    if distributed.rank() == 0:
+        write_manifest(directory)
     return None
+
+
+def _then(future: Future[Any], after: Callable[[], None]) -> Future[Any]:
+    """A future done when ``future`` is and ``after()`` has run (in the thread that finished ``future``).
+
+    DCP's future of rank 0 is done when every rank has written and its
+    ``.metadata`` is there: the manifest is written then, in the background.
+    """
+    chained: Future[Any] = Future()
+
+    def finish(done: Future[Any]) -> None:
+        try:
+            result = done.result()
+            after()
+        except BaseException as error:  # the save's own failure, or the manifest's: raised by result()
+            chained.set_exception(error)
+        else:
+            chained.set_result(result)
+
+    future.add_done_callback(finish)
+    return chained
 
 
 def load_sharded_checkpoint(to_load: Mapping[str, Any], path: str | Path) -> None:
@@ -269,19 +298,22 @@ def load_sharded_checkpoint(to_load: Mapping[str, Any], path: str | Path) -> Non
     a ``ValueError`` names the directory and what differs, and the objects are
     left as they were.
 
-    DCP reads its ``.metadata`` with ``pickle``, and its files carry no
-    checksum: load only sharded checkpoints you trust (``objects.pt`` is read
-    with ``weights_only=True`` and its checksums checked). Every rank calls it
-    (a collective call).
+    Before anything is read, every file is checked against the checkpoint's
+    manifest (its size and SHA-256, ``manifest``: a damaged file, one missing
+    or not listed, a link, are refused); one of an earlier release, without a
+    manifest, loads with a warning. DCP's ``.metadata`` is read without
+    running code (``dcp_metadata``), ``objects.pt`` with ``weights_only=True``.
+    Every rank calls it (a collective call).
     """
     path = checks.path("path", path)
     checks.mapping("to_load", to_load)
     if not (path / SHARDED_METADATA).is_file():
         raise ValueError(f"{path} is not a complete sharded checkpoint: it lacks {SHARDED_METADATA}")
+    _verify(path)
     saved = read_checkpoint(path / OBJECTS_FILE)
     layout = ShardedLayout.of(to_load, "to_load")
     _check_names(path, layout, saved)
-    metadata = FileSystemReader(path).read_metadata()
+    metadata = SafeReader(path).read_metadata()
     checking: dict[str, tuple[Callable[[Any, Any], None], Any, Any]] = {
         name: (check_module_state, model, _saved_model(metadata, name)) for name, model in layout.models.items()
     }
@@ -299,6 +331,27 @@ def load_sharded_checkpoint(to_load: Mapping[str, Any], path: str | Path) -> Non
         set_optimizer_state_dict(  # not strict: a parameter without saved state gets none, as in a file's load
             *layout.optimizers[key], optimizer_state, options=StateDictOptions(strict=False)
         )
+
+
+def _verify(path: Path) -> None:
+    """Every file against the manifest, on rank 0, before anything is read; every rank raises what it found."""
+    if not has_manifest(path):
+        warnings.warn(
+            f"{path} has no {MANIFEST_FILE} (a sharded checkpoint of an earlier release): its files are not "
+            "checked against their digests",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        return
+    problem = None
+    if distributed.rank() == 0:
+        try:
+            verify(path)
+        except ValueError as error:
+            problem = str(error)
+    problem = distributed.gather_objects(problem)[0]
+    if problem is not None:
+        raise ValueError(problem)
 
 
 def _saved_model(metadata: Any, name: str) -> dict[str, Any]:
@@ -343,7 +396,7 @@ def _read_dcp(path: Path, layout: ShardedLayout, optimizers: list[str], metadata
     }
     try:
         state = _template(layout, optimizers, saved_states)
-        dcp_load(state, checkpoint_id=path, no_dist=not distributed.initialized())
+        dcp_load(state, storage_reader=SafeReader(path), no_dist=not distributed.initialized())
     except (Exception, CheckpointException) as error:  # DCP's exception is no Exception
         raise ValueError(
             f"{path}: reading its models and optimizers failed (this run's differ, or its files are damaged): "

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import pickle
 import re
 import signal
 import subprocess
@@ -49,6 +50,26 @@ def test_resuming_continues_the_run_exactly(tmp_path):
     actual = torch.load(split / "logs" / "checkpoints" / "checkpoint_192.pt", weights_only=True)
     assert_same_tensors(actual["model"], expected["model"])
     assert_same_tensors(actual["optim_wrapper"], expected["optim_wrapper"])
+
+
+def test_a_sharded_checkpoint_planted_in_the_runs_directory_runs_nothing_on_resume(tmp_path, capsys):
+    marker = tmp_path / "payload-ran"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    assert run(tmp_path, "--epochs", "1") == 0
+    checkpoints = tmp_path / "logs" / "checkpoints"
+    names = list(torch.load(checkpoints / "checkpoint_64.pt", weights_only=True))
+    planted = checkpoints / "checkpoint_999"
+    planted.mkdir()
+    objects = {"objects": {name: {} for name in names if name != "model"}, "models": ["model"], "optimizers": []}
+    torch.save(objects, planted / "objects.pt")  # every name of the run's, so a load gets to the metadata
+    (planted / ".metadata").write_bytes(pickle.dumps(Payload()))  # DCP would read it with pickle.load
+    assert run(tmp_path, "--epochs", "2", "--resume") == 0  # the command writes files: it resumes from its own
+    assert not marker.exists()
+    assert "resumed from" in capsys.readouterr().out
 
 
 def test_gan_with_a_config_file(tmp_path, capsys):

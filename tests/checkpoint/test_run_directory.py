@@ -55,6 +55,26 @@ def test_a_directory_or_a_dangling_link_named_like_a_checkpoint_is_skipped_with_
     ]
 
 
+def test_a_link_to_an_older_checkpoint_is_never_taken_for_the_newest(tmp_path):
+    populate(tmp_path, steps=(2, 4))
+    (tmp_path / "checkpoint_3").mkdir()
+    (tmp_path / "checkpoint_3" / ".metadata").write_bytes(b"")
+    (tmp_path / "checkpoint_9.pt").symlink_to(tmp_path / "checkpoint_2.pt")
+    (tmp_path / "checkpoint_11").symlink_to(tmp_path / "checkpoint_3")
+    with pytest.warns(RuntimeWarning) as warned:
+        found = RunDirectory(tmp_path).checkpoints()
+    assert [path.name for _, path in found] == ["checkpoint_2.pt", "checkpoint_3", "checkpoint_4.pt"]
+    assert sorted(str(warning.message) for warning in warned) == [
+        f"{tmp_path / 'checkpoint_11'} is a link to {tmp_path / 'checkpoint_3'}, not a checkpoint: skipped",
+        f"{tmp_path / 'checkpoint_9.pt'} is a link to {tmp_path / 'checkpoint_2.pt'}, not a checkpoint: skipped",
+    ]
+    with pytest.warns(RuntimeWarning):
+        assert RunDirectory(tmp_path, "sharded").newest() == tmp_path / "checkpoint_3"
+    with pytest.warns(RuntimeWarning, match="checkpoint_9.pt is a link") as warned:  # the sharded link: not looked at
+        assert RunDirectory(tmp_path, "file").newest() == tmp_path / "checkpoint_4.pt"
+    assert len(warned) == 1
+
+
 def test_prepare_creates_the_directory_and_removes_only_partial_files(tmp_path):
     directory = RunDirectory(tmp_path / "new" / "run")
     assert directory.prepare() == []
