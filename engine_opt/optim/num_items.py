@@ -64,13 +64,22 @@ def divide_by_items(params: Sequence[torch.Tensor], items: int | torch.Tensor) -
 
     In a distributed run the gradients are the ranks' mean (DDP's and
     FSDP2's reduction), so the sum over ranks is the mean times the world
-    size: the gradients are divided by ``total / world_size``.
+    size: the gradients are divided by ``total / world_size``, computed in
+    their dtype (float64 gradients by a float64 divisor).
     """
     world = distributed.world_size()
     total = items if world == 1 else distributed.all_reduce_sum(items)
     if isinstance(total, torch.Tensor):  # a window of no items (all padding) has zero gradients: keep them zero
         total = total.clamp_min(1)
-    divisor = total if world == 1 else total / world
+    divisors: dict[torch.dtype, Any] = {}  # total / world in each gradient dtype, at least float32's precision
     for param in params:
-        if param.grad is not None:
-            param.grad.div_(divisor)
+        grad = param.grad
+        if grad is None:
+            continue
+        if world == 1:
+            grad.div_(total)
+            continue
+        dtype = torch.promote_types(grad.dtype, torch.float32)
+        if dtype not in divisors:
+            divisors[dtype] = torch.as_tensor(total).to(dtype) / world
+        grad.div_(divisors[dtype])

@@ -280,3 +280,20 @@ def test_a_window_of_no_items_leaves_the_weights_finite():
     wrapper.update_params(loss, num_items=(labels != -100).sum())
     for param, old in zip(model.parameters(), before, strict=True):
         assert torch.equal(param, old)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_the_ranks_mean_count_divides_in_the_gradients_dtype(monkeypatch, dtype):
+    from engine_opt.optim import distributed, num_items
+
+    monkeypatch.setattr(distributed, "world_size", lambda: 3)
+    monkeypatch.setattr(distributed, "all_reduce_sum", lambda items: torch.tensor(7))  # 7 items over 3 ranks
+    grad = torch.randn(5, dtype=torch.float64, generator=torch.Generator().manual_seed(0)).to(dtype)
+    param = torch.nn.Parameter(torch.zeros(5, dtype=dtype))
+    param.grad = grad.clone()
+    num_items.divide_by_items([param], 2)
+    # the oracle: the mean over the ranks' gradients divided by the items per rank, 7 / 3, in the gradients' own
+    # precision (at least float32's, as for every other division of a window's gradients)
+    precision = torch.promote_types(dtype, torch.float32)
+    expected = grad / (torch.tensor(7, dtype=precision) / 3)
+    assert torch.equal(param.grad, expected.to(dtype))
