@@ -84,6 +84,12 @@ def plain_sgd(model: torch.nn.Module | None = None) -> torch.optim.Optimizer:
     return torch.optim.SGD((model or make_model()).parameters(), lr=0.1)
 
 
+def a_trainer() -> Any:
+    """A trainer of a fresh model, by its own wrapper (to attach checkpoints to)."""
+    model = make_model()
+    return create_trainer(model, OptimWrapper(plain_sgd(model)), F.mse_loss)
+
+
 def wrapper_of(model: torch.nn.Module) -> OptimWrapper:
     return OptimWrapper(torch.optim.AdamW(model.parameters(), lr=0.01))
 
@@ -464,7 +470,7 @@ CASES = [
     Case("constructor", "`guard.attach(trainer)` a second time", attached_twice, "attached already"),
     Case("constructor", "`wrapper.cancel_step(when=1.0)` in a `BEFORE_OPTIM_STEP` hook", cancel_when_a_float, "when must be"),
     Case("constructor", "`SchedulerHandler(optimizer)` (not a scheduler)", lambda: SchedulerHandler(plain_sgd()), "SGD"),
-    Case("constructor", "`attach_checkpoint(trainer, to_save, 'ckpt', every=0)`", lambda: attach_checkpoint(create_trainer(make_model(), OptimWrapper(plain_sgd()), F.mse_loss), {}, "ckpt", every=0), "every"),
+    Case("constructor", "`attach_checkpoint(trainer, to_save, 'ckpt', every=0)`", lambda: attach_checkpoint(a_trainer(), {}, "ckpt", every=0), "every"),
     Case("constructor", "`ResumableLoader(iter(loader))` (an iterator: cannot be replayed)", lambda: ResumableLoader(iter([1, 2])), "re-iterable"),
     Case("constructor", "`OptimWrapper(opt, clip_grad={'max_norm': -1})`", lambda: OptimWrapper(plain_sgd(), clip_grad={"max_norm": -1}), "max_norm"),
     Case("constructor", "`OptimWrapper(opt, clip_grad={'type': 'value', 'clip_value': -0.5})`", lambda: OptimWrapper(plain_sgd(), clip_grad={"type": "value", "clip_value": -0.5}), "clip_value"),
@@ -479,7 +485,7 @@ CASES = [
     Case("constructor", "`OptimWrapper(SGD([{'params': ..., 'lr': float('inf')}], lr=0.1))`", lambda: OptimWrapper(torch.optim.SGD([{"params": make_model().parameters(), "lr": float("inf")}], lr=0.1)), "'lr'"),
     Case("constructor", "`ResumableLoader('abc')` (a string)", lambda: ResumableLoader("abc"), "re-iterable"),
     Case("constructor", "`attach_sharded_checkpoint(trainer, {'optim_wrapper': w}, 'ckpt')` (its model not saved)", a_sharded_checkpoint_of_a_wrapper_without_its_model, "no model there"),
-    Case("constructor", "`attach_sharded_checkpoint(trainer, to_save, 'ckpt', async_save='yes')`", lambda: attach_sharded_checkpoint(create_trainer(make_model(), OptimWrapper(plain_sgd()), F.mse_loss), {}, "ckpt", async_save="yes"), "async_save"),
+    Case("constructor", "`attach_sharded_checkpoint(trainer, to_save, 'ckpt', async_save='yes')`", lambda: attach_sharded_checkpoint(a_trainer(), {}, "ckpt", async_save="yes"), "async_save"),
     Case("config", "`build_optim_wrapper(model, {'type': 'FastWrapper', ...})`", lambda: build_optim_wrapper(make_model(), {"type": "FastWrapper", "optimizer": {"type": "SGD", "lr": 0.1}}), "FastWrapper"),
     Case("config", "`build_optim_wrapper(model, {'optimizer': {'type': 'Adamm'}})`", lambda: build_optim_wrapper(make_model(), {"optimizer": {"type": "Adamm", "lr": 0.1}}), "Adamm"),
     Case("config", "`build_optim_wrapper(model, {'optimizer': {'lr': 0.1}})` (no type)", lambda: build_optim_wrapper(make_model(), {"optimizer": {"lr": 0.1}}), "type"),
@@ -495,6 +501,7 @@ CASES = [
     Case("config", "`{'optimizer': {'type': 'mypkg.optim.Lion'}}` (nothing to import)", lambda: build_optim_wrapper(make_model(), {"optimizer": {"type": "mypkg.optim.Lion"}}), "dotted import path"),
     Case("config", "`{'optimizer': {'type': 'ZeroRedundancyOptimizer', 'lr': 0.1}}` (no optimizer_type)", lambda: build_optim_wrapper(make_model(), {"optimizer": {"type": "ZeroRedundancyOptimizer", "lr": 0.1}}), "optimizer_type"),
     Case("trainer", "`create_trainer(model, optimizer, loss_fn)` (optimizer not wrapped)", lambda: create_trainer(make_model(), plain_sgd(), F.mse_loss), "OptimWrapper"),
+    Case("trainer", "`create_trainer(model, OptimWrapper(SGD(other_model.parameters())), loss_fn)`", lambda: create_trainer(make_model(), OptimWrapper(plain_sgd()), F.mse_loss), "updates none of the model's parameters"),
     Case("trainer", "`create_trainer(model, wrapper)` (no loss_fn, no train_step)", lambda: create_trainer(make_model(), OptimWrapper(plain_sgd()), None), "loss_fn"),
     Case("trainer", "`create_trainer(model, wrapper_dict, loss_fn)`", lambda: create_trainer(make_model(), OptimWrapperDict(gen=OptimWrapper(plain_sgd())), F.mse_loss), "train_step"),
     Case("trainer", "`create_trainer(model, wrapper, lambda y_pred: ...)` (wrong arity)", lambda: create_trainer(make_model(), OptimWrapper(plain_sgd()), lambda y_pred: y_pred.sum()), "loss_fn"),
@@ -507,9 +514,9 @@ CASES = [
     Case("trainer", "`member_filter('gen', every=0)`", lambda: member_filter("gen", every=0), "every"),
     Case("trainer", "`create_trainer(model, wrapper, loss_fn, device='mps')` without MPS", lambda: create_trainer(make_model(), OptimWrapper(plain_sgd()), F.mse_loss, device="mps"), "'mps'"),
     Case("trainer", "`attach_checkpoint(None, to_save, 'ckpt')` (no trainer)", lambda: attach_checkpoint(None, {}, "ckpt"), "trainer must be"),
-    Case("trainer", "`attach_sharded_checkpoint(trainer, {'step': 5}, 'ckpt')` (no state_dict)", lambda: attach_sharded_checkpoint(create_trainer(make_model(), OptimWrapper(plain_sgd()), F.mse_loss), {"step": 5}, "ckpt"), "to_save['step']"),
+    Case("trainer", "`attach_sharded_checkpoint(trainer, {'step': 5}, 'ckpt')` (no state_dict)", lambda: attach_sharded_checkpoint(a_trainer(), {"step": 5}, "ckpt"), "to_save['step']"),
     Case("checkpoint file", "`load_checkpoint(to_load, 5)` (a number as the path)", lambda: load_checkpoint({"model": make_model()}, 5), "path must be"),
-    Case("trainer", "`attach_checkpoint(trainer, to_save, None)`", lambda: attach_checkpoint(create_trainer(make_model(), OptimWrapper(plain_sgd()), F.mse_loss), {}, None), "dirname"),
+    Case("trainer", "`attach_checkpoint(trainer, to_save, None)`", lambda: attach_checkpoint(a_trainer(), {}, None), "dirname"),
     Case("data", "a batch that is one tensor of 3 rows, not `(x, y)`", lambda: run_trainer(make_model(), F.mse_loss, torch.ones(3, 4)), "(x, y)"),
     Case("data", "`x` with 3 features for a model taking 4", lambda: run_trainer(make_model(), F.mse_loss, (torch.ones(2, 3), torch.ones(2, 2))), "float32 tensor (2, 3)"),
     Case("data", "float targets for `cross_entropy` over 2 classes, wrong shape", lambda: run_trainer(make_model(), F.cross_entropy, (torch.ones(2, 4), torch.ones(2, 3))), "y = float32 tensor (2, 3)"),

@@ -273,6 +273,20 @@ def _check_arguments(model: Any, optim_wrapper: Any, loss_fn: Any, train_step: A
         )
 
 
+def _check_the_wrapper_trains_the_model(model: nn.Module, optim_wrapper: OptimWrapper | OptimWrapperDict) -> None:
+    """Refuse a wrapper that updates none of the model's parameters: every update would change nothing."""
+    own = {id(param) for param in model.parameters()}
+    updated = [
+        param for _, wrapper in members(optim_wrapper) for group in wrapper.param_groups for param in group["params"]
+    ]
+    if updated and own.isdisjoint(map(id, updated)):
+        raise ValueError(
+            f"optim_wrapper updates none of the model's parameters ({len(updated)} in its param groups, "
+            f"{len(own)} in {type(model).__name__}): every update would leave the model as it is; build the "
+            "optimizer from this model's parameters (after moving or wrapping it, e.g. DDP(model).parameters())"
+        )
+
+
 def create_trainer(
     model: nn.Module,
     optim_wrapper: OptimWrapper | OptimWrapperDict,
@@ -370,6 +384,7 @@ def create_trainer(
         train_step = supervised_step(model, wrapper, how)
     elif train_step is None:
         train_step = mmengine_step(model, optim_wrapper)
+    _check_the_wrapper_trains_the_model(model, optim_wrapper)  # last: the errors of the arguments come first
     trainer = Trainer(train_step, optim_wrapper)
     trainer.add_event_handler(Events.STARTED, _start_run, model)
     return trainer

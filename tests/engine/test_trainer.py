@@ -448,3 +448,16 @@ def test_num_items_trainer_option_is_checked():
         create_trainer(model, wrapper, nn.functional.mse_loss, num_items=lambda batch: 4)
     with pytest.raises(ValueError, match="num_items is for the default process function"):
         create_trainer(model, wrapper, train_step=lambda engine, batch: None, num_items=lambda x, y: 4)
+
+
+def test_a_wrapper_of_another_models_parameters_is_refused_at_construction():
+    model, other = make_model(), make_model(seed=1)
+    wrapper = OptimWrapper(torch.optim.SGD(other.parameters(), lr=0.1))
+    with pytest.raises(ValueError, match=r"updates none of the model's parameters \(6 in its param groups, 6 in Seq"):
+        create_trainer(model, wrapper, loss_fn)
+    head_only = OptimWrapper(torch.optim.SGD(model[3].parameters(), lr=0.1))  # some of them (a frozen body): fine
+    before = [param.clone() for param in model[3].parameters()]
+    create_trainer(model, head_only, loss_fn).run(make_batches(1))
+    assert not any(torch.equal(now, then) for now, then in zip(model[3].parameters(), before, strict=True))
+    gan = make_gan()  # a dict's members, each over a part of the model
+    create_trainer(gan, make_amp_gan_wrappers(gan), train_step=lambda engine, batch: None)
