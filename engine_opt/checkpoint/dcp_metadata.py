@@ -5,8 +5,10 @@
 planted file asks for. Here it is read by an unpickler that builds only what
 DCP's metadata holds (``torch.distributed.checkpoint.metadata``'s records,
 the file system's storage records, torch's sizes, dtypes and layouts, paths)
-and refuses anything else before it is built: ``SafeReader`` is DCP's own
-``FileSystemReader`` with that one read replaced, for checks and loads alike.
+and refuses anything else before it is built; a storage record that names a
+file outside the checkpoint's directory (``../``, an absolute path) is
+refused too. ``SafeReader`` is DCP's own ``FileSystemReader`` with that one
+read replaced, for checks and loads alike.
 
 Example:
     >>> import io, pickle
@@ -85,7 +87,21 @@ def read_metadata(file: IO[bytes], checkpoint: str | Path) -> Metadata:
         raise ValueError(f"{where} is damaged: it is not DCP's metadata ({type(error).__name__}: {error})") from None
     if not isinstance(metadata, Metadata):
         raise ValueError(f"{where} is damaged: it holds a {type(metadata).__name__}, not DCP's Metadata")
+    outside = sorted(
+        {
+            str(relative)
+            for record in (metadata.storage_data or {}).values()
+            if not _in_directory(relative := getattr(record, "relative_path", None))
+        }
+    )
+    if outside:
+        raise ValueError(f"{where} points at files outside its checkpoint ({outside}): the checkpoint is refused")
     return metadata
+
+
+def _in_directory(relative: Any) -> bool:
+    """Whether a storage record names a file of the checkpoint's own directory (a bare file name)."""
+    return isinstance(relative, str) and relative not in ("", ".", "..") and Path(relative).name == relative
 
 
 class SafeReader(FileSystemReader):

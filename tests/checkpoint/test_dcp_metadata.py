@@ -139,3 +139,26 @@ def test_read_metadata_refuses_a_global_of_an_allowed_module_under_another_name(
     for planted in (pickle.dumps(torch.load), pickle.dumps(Path.unlink), pickle.dumps(shutil.rmtree)):
         with pytest.raises(ValueError, match="which DCP's metadata never does"):
             read_metadata(io.BytesIO(planted), "ckpt/checkpoint_1")
+
+
+@pytest.mark.parametrize("where", ["../outside.distcp", "{tmp_path}/outside.distcp", "sub/__0_0.distcp"])
+def test_a_metadata_pointing_at_files_outside_its_checkpoint_is_refused(tmp_path, where):
+    checkpoint = tmp_path / "checkpoint_3"
+    real_checkpoint(checkpoint)
+    where = where.format(tmp_path=tmp_path)
+    shard = next(checkpoint.glob("*.distcp"))
+    for copy_of_the_shard in (tmp_path / "outside.distcp", checkpoint / "sub" / "__0_0.distcp"):
+        copy_of_the_shard.parent.mkdir(exist_ok=True)
+        copy_of_the_shard.write_bytes(shard.read_bytes())  # the same bytes there: DCP would load them silently
+    with open(checkpoint / ".metadata", "rb") as file:
+        metadata = pickle.load(file)  # written by this test: safe to read the unrestricted way
+    for record in metadata.storage_data.values():
+        record.relative_path = where  # DCP would read the tensors from there
+    (checkpoint / ".metadata").write_bytes(pickle.dumps(metadata))
+    write_manifest(checkpoint)
+    to_load = objects()
+    before = {name: copy.deepcopy(obj.state_dict()) for name, obj in to_load.items()}
+    with pytest.raises(ValueError, match=r"checkpoint_3/\.metadata points at files outside its checkpoint"):
+        load_sharded_checkpoint(to_load, checkpoint)
+    for name, obj in to_load.items():
+        assert_same_tensors(obj.state_dict(), before[name], name)
