@@ -103,6 +103,8 @@ class StopOnSignal:
             codes = torch.tensor([list(EXIT_STATUS).index(received) + 1 if received else 0])
             dist.all_reduce(codes, op=dist.ReduceOp.MAX, group=self._group)
             received = list(EXIT_STATUS)[int(codes) - 1] if int(codes) else None
+            if received is None:  # a signal noted while the ranks agreed is kept: they agree on it next time
+                return
             self.received = received
         if received is not None:
             engine.terminate()
