@@ -31,6 +31,7 @@ import argparse
 import multiprocessing
 import os
 import signal
+import socket
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -97,17 +98,36 @@ class FromLauncher:
 Worker = Callable[[int, argparse.Namespace, RankLink | None], None]
 
 
+def rendezvous_port() -> int:
+    """Where the ranks meet: ``MASTER_PORT`` if the environment sets it, else a port free on this machine now.
+
+    Ignite's default is one fixed port, so two runs started at once on one
+    machine collided on it (the second failed with ``EADDRINUSE``).
+
+    Example:
+        >>> 0 < rendezvous_port() < 65536
+        True
+    """
+    if os.environ.get("MASTER_PORT"):
+        return int(os.environ["MASTER_PORT"])
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+    return port
+
+
 def launch_ranks(worker: Worker, args: argparse.Namespace, backend: str, processes: int) -> int:
     """Run ``worker(local_rank, args, link)`` in ``processes`` spawned ranks; the status they left in ``link``.
 
     A rank's failure comes as Ignite's launch raises it (``ProcessExitedException``).
     """
     link = RankLink.create()
+    port = rendezvous_port()
     errors: list[BaseException] = []
 
     def launch() -> None:
         try:
-            with Parallel(backend=backend, nproc_per_node=processes) as parallel:
+            with Parallel(backend=backend, nproc_per_node=processes, master_port=port) as parallel:
                 parallel.run(worker, args, link)
         except BaseException as error:  # handed to the main thread, which raises it
             errors.append(error)

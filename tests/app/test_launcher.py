@@ -6,6 +6,7 @@ import argparse
 import multiprocessing
 import os
 import signal
+import socket
 import time
 
 import pytest
@@ -87,3 +88,30 @@ def test_a_failing_rank_is_raised_in_the_caller(tmp_path):
     with pytest.raises(ProcessExitedException) as failure:
         launch_ranks(fail, argparse.Namespace(), "gloo", 2)
     assert failure.value.exit_code in (3, 4)
+
+
+def record_the_rendezvous(local_rank: int, args: argparse.Namespace, link: RankLink) -> None:
+    import torch.distributed as dist
+
+    (args.out / f"rank{local_rank}").write_text(f"{os.environ['MASTER_PORT']} {dist.get_world_size()}")
+
+
+@pytest.mark.slow
+def test_ranks_meet_on_a_free_port_when_ignites_default_one_is_taken(tmp_path, monkeypatch):
+    monkeypatch.delenv("MASTER_PORT", raising=False)
+    with socket.socket() as other_program:  # another run's ranks (or anything) on Ignite's default port
+        other_program.bind(("127.0.0.1", 2222))
+        other_program.listen()
+        assert launch_ranks(record_the_rendezvous, argparse.Namespace(out=tmp_path), "gloo", 2) == 0
+    seen = {(tmp_path / f"rank{rank}").read_text() for rank in (0, 1)}
+    assert len(seen) == 1 and seen.pop().split()[1] == "2"
+    chosen = free_port()
+    monkeypatch.setenv("MASTER_PORT", str(chosen))  # the user's port is kept
+    assert launch_ranks(record_the_rendezvous, argparse.Namespace(out=tmp_path), "gloo", 2) == 0
+    assert (tmp_path / "rank0").read_text() == f"{chosen} 2"
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
