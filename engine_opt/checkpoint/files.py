@@ -33,9 +33,10 @@ def write_checkpoint(checkpoint: Any, path: str | Path) -> None:
 
     Written to a partial file beside it, flushed and ``fsync``-ed, renamed
     over ``path``, and the directory ``fsync``-ed, so the new file survives a
-    crash of the machine too. A write that fails (a full disk) removes the
-    partial file and raises an ``OSError`` naming ``path``; files already
-    there are untouched.
+    crash of the machine too. A write that fails (a full disk, which torch's
+    zip writer reports as a ``RuntimeError`` of its own) removes the partial
+    file and raises an ``OSError`` naming ``path``; files already there are
+    untouched. Any other failure removes the partial file too.
 
     Example:
         >>> import tempfile
@@ -51,9 +52,13 @@ def write_checkpoint(checkpoint: Any, path: str | Path) -> None:
             torch.save(checkpoint, file)
             file.flush()
             os.fsync(file.fileno())
-    except OSError as error:
+    except BaseException as error:
         partial.unlink(missing_ok=True)
-        raise type(error)(error.errno, f"cannot write checkpoint {path}: {error.strerror or error}") from error
+        # torch's zip writer raises a RuntimeError of its own when the file's write fails (a full disk)
+        disk = error if isinstance(error, OSError) else error.__context__
+        if isinstance(disk, OSError):
+            raise type(disk)(disk.errno, f"cannot write checkpoint {path}: {disk.strerror or disk}") from error
+        raise
     os.replace(partial, path)
     fsync_directory(path.parent)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+from pathlib import Path
 
 import pytest
 import torch
@@ -150,6 +151,48 @@ def test_a_full_disk_names_the_path_leaves_no_partial_file_and_the_previous_file
     assert caught.value.errno == errno.ENOSPC
     assert sorted(path.name for path in tmp_path.iterdir()) == ["checkpoint_1.pt"]
     assert torch.load(previous, weights_only=True)["step"].item() == 1
+
+
+class FillingDisk:
+    """A file whose disk fills up after ``room`` bytes: its writes then fail as a full disk's do."""
+
+    def __init__(self, file, room):
+        self.file, self.room = file, room
+
+    def write(self, data):
+        self.room -= len(data)
+        if self.room < 0:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return self.file.write(data)
+
+    def __getattr__(self, name):
+        return getattr(self.file, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.file.close()
+
+
+@pytest.mark.parametrize("room", [0, 100, 5000])
+def test_a_disk_filling_up_inside_torchs_writer_is_an_os_error_naming_the_path(tmp_path, monkeypatch, room):
+    previous = tmp_path / "checkpoint_1.pt"
+    write_checkpoint({"step": torch.tensor(1)}, previous)
+    real_open = Path.open
+    monkeypatch.setattr(Path, "open", lambda self, *args, **kwargs: FillingDisk(real_open(self, *args, **kwargs), room))
+    with pytest.raises(OSError, match=r"cannot write checkpoint .*checkpoint_2.pt: No space left on device") as caught:
+        write_checkpoint({"weights": torch.ones(4096)}, tmp_path / "checkpoint_2.pt")  # torch.save itself
+    monkeypatch.setattr(Path, "open", real_open)
+    assert caught.value.errno == errno.ENOSPC
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["checkpoint_1.pt"]
+    assert torch.load(previous, weights_only=True)["step"].item() == 1
+
+
+def test_any_other_failure_of_a_save_leaves_no_partial_file(tmp_path):
+    with pytest.raises(Exception, match=r"[Pp]ickle"):
+        write_checkpoint({"not saveable": lambda: None}, tmp_path / "checkpoint_2.pt")
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_checkpoints_as_one_object_through_ignite(tmp_path):
