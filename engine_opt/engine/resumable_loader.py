@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import random
 import sys
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -21,11 +21,16 @@ from ..optim import checks, distributed
 _STATE_KEYS = ("epoch_rng", "position", "rng")
 
 
-def rng_state(generator: torch.Generator | None = None) -> dict[str, Any]:
+Generators = torch.Generator | Sequence[torch.Generator] | None
+"""A generator of the user's (a ``DataLoader``'s, a sampler's), several, or none."""
+
+
+def rng_state(generator: Generators = None) -> dict[str, Any]:
     """The states of torch's (CPU and initialised CUDA), Python's and NumPy's global generators.
 
-    With ``generator``, that generator's state is included too. Holds only
-    tensors, numbers and tuples, so it loads with ``weights_only=True``.
+    With ``generator``, that generator's state is included too (with a
+    sequence of them, each one's, in order). Holds only tensors, numbers and
+    tuples, so it loads with ``weights_only=True``.
 
     Example:
         >>> state = rng_state()
@@ -40,8 +45,10 @@ def rng_state(generator: torch.Generator | None = None) -> dict[str, Any]:
     if numpy is not None:
         kind, keys, pos, has_gauss, gauss = numpy.random.get_state()
         state["numpy"] = (kind, torch.from_numpy(keys.astype("int64")), pos, has_gauss, gauss)
-    if generator is not None:
+    if isinstance(generator, torch.Generator):
         state["generator"] = generator.get_state()
+    elif generator is not None:
+        state["generators"] = [each.get_state() for each in generator]
     return state
 
 
@@ -60,7 +67,11 @@ def check_rng_state(where: str, state: Any) -> None:
     if missing:
         raise ValueError(f"{where} must be what rng_state() returned: it lacks {missing}")
     python = state["python"]
+    generators = state.get("generators", [])
+    if not isinstance(generators, list):
+        raise ValueError(f"{where} must be what rng_state() returned: its generators are no list")
     byte_states = [state["torch"], *state.get("cuda", []), *([state["generator"]] if "generator" in state else [])]
+    byte_states += generators
     numpy = state.get("numpy", (None, torch.zeros(1, dtype=torch.int64), 0, 0, 0.0))
     well_formed = (
         all(isinstance(value, torch.Tensor) and value.dtype == torch.uint8 for value in byte_states)
@@ -75,8 +86,12 @@ def check_rng_state(where: str, state: Any) -> None:
         raise ValueError(f"{where} must be what rng_state() returned: its generator states are malformed")
 
 
-def set_rng_state(state: Mapping[str, Any], generator: torch.Generator | None = None) -> None:
-    """Restore what ``rng_state`` returned."""
+def set_rng_state(state: Mapping[str, Any], generator: Generators = None) -> None:
+    """Restore what ``rng_state`` returned (``generator`` as given to it).
+
+    A state of one generator (``rng_state(loader.generator)``, or an earlier
+    release's) restores the first of a sequence.
+    """
     torch.set_rng_state(state["torch"])
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():
@@ -86,8 +101,19 @@ def set_rng_state(state: Mapping[str, Any], generator: torch.Generator | None = 
 
         kind, keys, pos, has_gauss, gauss = state["numpy"]
         numpy.random.set_state((kind, keys.numpy().astype("uint32"), pos, has_gauss, gauss))
-    if generator is not None and "generator" in state:
-        generator.set_state(state["generator"])
+    generators = [generator] if isinstance(generator, torch.Generator) else list(generator or ())
+    saved = state["generators"] if "generators" in state else [state["generator"]] if "generator" in state else []
+    for each, each_state in zip(generators, saved, strict=False):
+        each.set_state(each_state)
+
+
+def _generators_of(data: Any) -> tuple[torch.Generator, ...]:
+    """The generators a ``DataLoader``'s order comes from: its own, its sampler's, its batch sampler's sampler's."""
+    sampler = getattr(data, "sampler", None)
+    inner = getattr(getattr(data, "batch_sampler", None), "sampler", None)
+    found = [getattr(owner, "generator", None) for owner in (data, sampler, inner)]
+    distinct = {id(generator): generator for generator in found if isinstance(generator, torch.Generator)}
+    return tuple(distinct.values())
 
 
 class ResumableLoader:
@@ -111,8 +137,10 @@ class ResumableLoader:
     the new run has no saved counterpart).
 
     Args:
-        data: A ``DataLoader`` or any re-iterable of batches. A ``DataLoader``
-            with its own ``generator`` has that generator saved too.
+        data: A ``DataLoader`` or any re-iterable of batches. The generators
+            of a ``DataLoader``, its sampler's and its batch sampler's
+            sampler's (``RandomSampler(dataset, generator=g)``, a common way
+            to seed the order) are saved too.
 
     Example:
         >>> loader = ResumableLoader(torch.utils.data.DataLoader(torch.arange(6), batch_size=2, shuffle=True))
@@ -132,7 +160,7 @@ class ResumableLoader:
                 f"data must be a re-iterable collection of batches such as a DataLoader, got {checks.describe(data)}"
             )
         self.data = data
-        self._generator: torch.Generator | None = getattr(data, "generator", None)
+        self._generators = _generators_of(data)
         sampler = getattr(data, "sampler", None)
         self._set_epoch: Callable[[int], None] | None = getattr(sampler, "set_epoch", None)
         self._epoch_rng: dict[str, Any] | None = None
@@ -150,20 +178,20 @@ class ResumableLoader:
             self._passes = pending.get("passes", self._passes)
         if pending is not None and pending["epoch_rng"] is not None and not self._at_end(pending["position"]):
             self._begin_pass(self._passes - 1)
-            set_rng_state(pending["epoch_rng"], self._generator)
+            set_rng_state(pending["epoch_rng"], self._generators)
             batches = iter(self.data)
             skipped = sum(1 for _ in zip(range(pending["position"]), batches, strict=False))
             self._check_position(pending["position"], skipped)
-            set_rng_state(pending["rng"], self._generator)
+            set_rng_state(pending["rng"], self._generators)
             self._epoch_rng = pending["epoch_rng"]
             self._position = skipped
             return self._counted(batches)
         if pending is not None:
             self._check_position(pending["position"], self._length())
-            set_rng_state(pending["rng"], self._generator)
+            set_rng_state(pending["rng"], self._generators)
         self._begin_pass(self._passes)
         self._passes += 1
-        self._epoch_rng = rng_state(self._generator)
+        self._epoch_rng = rng_state(self._generators)
         self._position = 0
         return self._counted(iter(self.data))
 
@@ -219,7 +247,7 @@ class ResumableLoader:
         state: dict[str, Any] = {
             "epoch_rng": self._epoch_rng,
             "position": self._position,
-            "rng": rng_state(self._generator),
+            "rng": rng_state(self._generators),
             "passes": self._passes,
             "length": self._length(),
             "order": _order(self.data),
@@ -255,9 +283,20 @@ class ResumableLoader:
             (f"state_dict['ranks'][{rank}]", checks.mapping(f"state_dict['ranks'][{rank}]", states))
             for rank, states in enumerate(ranks or [])
         ]:
-            if streams.get("epoch_rng") is not None:
-                check_rng_state(f"{where}['epoch_rng']", streams["epoch_rng"])
-            check_rng_state(f"{where}['rng']", streams.get("rng"))
+            for key in ("epoch_rng", "rng"):
+                if key == "rng" or streams.get(key) is not None:
+                    check_rng_state(f"{where}[{key!r}]", streams.get(key))
+                    self._check_generator_count(f"{where}[{key!r}]", streams[key])
+
+    def _check_generator_count(self, where: str, state: Mapping[str, Any]) -> None:
+        """A state of as many data generators as this loader has (its DataLoader's, its samplers')."""
+        saved = len(state.get("generators", []))
+        if "generators" in state and saved != len(self._generators):
+            raise ValueError(
+                f"{where} holds the states of {saved} data generator(s), this loader's data has "
+                f"{len(self._generators)} (a DataLoader's own and its sampler's): resume with the data the run "
+                "was checkpointed with"
+            )
 
     def _check_same_order(self, state_dict: Mapping[str, Any], saved_world: int) -> None:
         """A state of another number of processes: refused mid-pass unless the batches so far are the same samples."""
@@ -284,7 +323,7 @@ class ResumableLoader:
         saved_world = 1 if ranks is None else len(ranks)
         if saved_world == distributed.world_size():
             return state if ranks is None else {**state, **ranks[distributed.rank()]}
-        now = rng_state(self._generator)
+        now = rng_state(self._generators)
         if _between_passes(state):  # the next pass is whole, however long this run's passes are
             return {**state, "position": 0, "epoch_rng": None, "rng": now}
         return {**state, "epoch_rng": now, "rng": now}

@@ -7,7 +7,7 @@ import random
 
 import pytest
 import torch
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, RandomSampler
 
 from engine_opt.engine import ResumableLoader, rng_state, set_rng_state
 
@@ -51,6 +51,39 @@ def test_a_loader_generator_is_saved_too():
     resumed = ResumableLoader(shuffled(torch.Generator().manual_seed(99)))
     resumed.load_state_dict(state)
     assert [batch.tolist() for batch in resumed] == rest
+
+
+def seeded_by_its_sampler(seed=5, batch_sampler=False):
+    """A DataLoader whose order comes from its sampler's own generator, as a new process builds it."""
+    sampler = RandomSampler(range(12), generator=torch.Generator().manual_seed(seed))
+    if batch_sampler:
+        return DataLoader(torch.arange(12), batch_sampler=BatchSampler(sampler, batch_size=3, drop_last=False))
+    return DataLoader(torch.arange(12), batch_size=3, sampler=sampler)
+
+
+@pytest.mark.parametrize("batch_sampler", [False, True], ids=["sampler", "batch sampler"])
+@pytest.mark.parametrize("stop", [(0, 2), (2, 1), (2, 3)], ids=lambda stop: f"pass {stop[0]} batch {stop[1]}")
+def test_a_samplers_own_generator_is_saved_so_a_new_process_continues_the_same_order(stop, batch_sampler):
+    passes, batch = stop
+    uninterrupted = ResumableLoader(seeded_by_its_sampler(batch_sampler=batch_sampler))
+    expected = [batch.tolist() for _ in range(passes + 2) for batch in uninterrupted]
+    loader = ResumableLoader(seeded_by_its_sampler(batch_sampler=batch_sampler))
+    seen = [batch.tolist() for _ in range(passes) for batch in loader]
+    batches = iter(loader)
+    seen += [next(batches).tolist() for _ in range(batch)]
+    state = loader.state_dict()
+    resumed = ResumableLoader(seeded_by_its_sampler(batch_sampler=batch_sampler))  # its generator anew, at seed 5
+    resumed.load_state_dict(state)
+    rest = [batch.tolist() for _ in range(2) for batch in resumed]
+    assert seen + rest == expected
+    one_pass = [sample for batch in expected[4 * passes : 4 * passes + 4] for sample in batch]
+    assert sorted(one_pass) == list(range(12))  # each sample once a pass
+
+
+def test_a_state_of_other_data_generators_is_refused_by_name():
+    state = ResumableLoader(seeded_by_its_sampler()).state_dict()
+    with pytest.raises(ValueError, match=r"state_dict\['rng'\] holds the states of 1 data generator\(s\), this loader"):
+        ResumableLoader(shuffled()).load_state_dict(state)
 
 
 def test_rng_state_round_trip_covers_python_and_numpy():
