@@ -235,6 +235,14 @@ def checkpoint_with(path: str, **changes: Callable[[dict[str, Any]], Any]) -> st
     return path
 
 
+def a_disabled_scalers_state_into_an_enabled_one() -> None:
+    saved_run("ckpt/checkpoint_4.pt")
+    state = torch.load("ckpt/checkpoint_4.pt", weights_only=True)
+    state["scaler"] = torch.amp.GradScaler("cpu", enabled=False).state_dict()  # torch's own, as plain AMP saves it
+    torch.save(state, "ckpt/checkpoint_4.pt")
+    load_into_fresh("ckpt/checkpoint_4.pt", extra={"scaler": torch.amp.GradScaler("cpu")})
+
+
 def set_in(mapping: dict[str, Any], path: tuple[Any, ...], value: Any) -> dict[str, Any]:
     changed = copy.deepcopy(mapping)
     target = changed
@@ -542,6 +550,7 @@ CASES = [
     Case("checkpoint file", "a checkpoint of a model with other layer sizes", lambda: ( saved_run("ckpt/checkpoint_3.pt"), load_into_fresh( "ckpt/checkpoint_3.pt", torch.nn.Sequential( torch.nn.Linear(4, 9), torch.nn.LayerNorm(9), torch.nn.ReLU(), torch.nn.Linear(9, 2) ), ), ), "shapes differ"),
     Case("checkpoint file", "a checkpoint without the `data` entry being resumed", lambda: ( saved_run("ckpt/checkpoint_3.pt"), load_into_fresh("ckpt/checkpoint_3.pt", extra={"data": ResumableLoader([1])}), ), "lacks ['data']"),
     Case("checkpoint file", "`attach_checkpoint` of a new run to a directory holding `checkpoint_8.pt`", new_run_behind_the_checkpoints_there, "checkpoint_8.pt"),
+    Case("checkpoint file", "torch's `GradScaler` beside the model, saved disabled, loaded into an enabled one", a_disabled_scalers_state_into_an_enabled_one, "'scaler'"),
     Case("checkpoint file", "a checkpoint whose grad scaler scale is nan", lambda: a_nan_loss_scale("ckpt/checkpoint_4.pt"), "scale"),
     Case("checkpoint file", "a checkpoint whose trainer is at iteration -1", lambda: load_full_run(checkpoint_with("ckpt/checkpoint_5.pt", trainer=lambda state: {**state, "iteration": -1})), "'iteration'"),
     Case("checkpoint file", "a checkpoint whose scheduler entry is the number 5", lambda: scheduler_entry_of_a_number("ckpt/checkpoint_6.pt"), "'scheduler'"),

@@ -9,6 +9,7 @@ Ignite's ``Checkpoint``), asks every object whether its entry fits
 
 from __future__ import annotations
 
+import copy
 import os
 import pickle
 import zipfile
@@ -24,6 +25,7 @@ from torch import nn
 
 from ..engine.state import check_engine_state
 from ..optim import checks
+from ..optim.loss_scale import check_scaler_state
 from ..optim.state_checks import check_module_state, check_optimizer_state, check_structure
 from .run_directory import partial_name
 
@@ -98,9 +100,12 @@ def check_entry(obj: Any, saved: Any) -> None:
 
     An object with a ``check_state_dict`` method (the wrappers, the wrapper
     dict, ``ResumableLoader``, the trainer) checks its own entry; torch
-    modules, optimizers and schedulers, Ignite engines and parameter
-    schedulers are checked here (a scheduler's entry must have the shape of
-    its own state). Other objects are loaded unchecked.
+    modules, optimizers, schedulers and grad scalers, Ignite engines and
+    parameter schedulers are checked here (a scheduler's entry must have the
+    shape of its own state). Any other object gets its entry loaded into a
+    copy of it first; one that cannot be copied is loaded unchecked, before
+    the checked ones (``load_objects``), so that its failure changes nothing
+    else.
 
     Example:
         >>> check_entry(torch.nn.Linear(2, 1), {"weight": torch.ones(1, 2)})
@@ -121,6 +126,47 @@ def check_entry(obj: Any, saved: Any) -> None:
         _check_torch_scheduler(obj, saved)
     elif isinstance(obj, ParamScheduler):
         check_structure(obj.state_dict(), saved, "the saved scheduler state", require_keys=True)
+    elif isinstance(obj, torch.amp.GradScaler):
+        _check_grad_scaler(obj, saved)
+    else:
+        _load_into_a_copy(obj, saved)
+
+
+def _known(obj: Any) -> bool:
+    """Whether ``check_entry`` checks ``obj``'s entry itself, rather than by loading it into a copy."""
+    known = (nn.Module, torch.optim.Optimizer, Engine, ParamScheduler, torch.amp.GradScaler)
+    schedulers = (torch.optim.lr_scheduler.LRScheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
+    return callable(getattr(obj, "check_state_dict", None)) or isinstance(obj, (*known, *schedulers))
+
+
+def _check_grad_scaler(scaler: torch.amp.GradScaler, saved: Any) -> None:
+    """A grad scaler's entry: what a scaler saves (a disabled one loads nothing, and saves ``{}``)."""
+    current = scaler.state_dict()
+    if current:
+        where = "the saved grad scaler state"
+        check_scaler_state(where, checks.mapping(where, saved), set(current))
+
+
+def _load_into_a_copy(obj: Any, saved: Any) -> None:
+    """An object the checks do not know: its entry loaded into a copy of it (one that cannot be copied: not tried)."""
+    try:
+        trial = copy.deepcopy(obj)
+    except Exception:  # a lock, a file, a stream: loaded first by load_objects, unchecked
+        return
+    try:
+        trial.load_state_dict(copy.deepcopy(saved))
+    except Exception as error:
+        raise ValueError(f"loading it into a copy of the object failed: {type(error).__name__}: {error}") from None
+
+
+def load_objects(to_load: Mapping[str, Any], state: Mapping[str, Any]) -> None:
+    """Ignite's ``Checkpoint.load_objects``, the objects ``check_entry`` could only try first.
+
+    An object that fails to load after the checks is one that could not be
+    tried: loading those first leaves every checked object as it was.
+    """
+    ordered = sorted(to_load, key=lambda name: _known(to_load[name]))  # stable: the unknown first, in order
+    Checkpoint.load_objects({name: to_load[name] for name in ordered}, state)
 
 
 def load_checkpoint(to_load: Mapping[str, Any], path: str | Path) -> None:
@@ -147,7 +193,7 @@ def load_checkpoint(to_load: Mapping[str, Any], path: str | Path) -> None:
     missing = [name for name in to_load if name not in state]
     if missing:
         raise ValueError(f"{path} lacks {missing}; it holds {sorted(state)}: is it a checkpoint of this run?")
-    Checkpoint.load_objects(dict(to_load), state)
+    load_objects(to_load, state)
 
 
 def read_checkpoint(path: Path) -> Mapping[str, Any]:

@@ -39,7 +39,6 @@ from pathlib import Path
 from typing import Any, cast
 
 import torch
-from ignite.handlers import Checkpoint
 from torch import nn
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (
@@ -57,7 +56,7 @@ from ..optim import OptimWrapper, OptimWrapperDict, checks, distributed
 from ..optim.state_checks import check_module_state
 from ..optim.wrapper_dict import members
 from .dcp_metadata import SafeReader
-from .files import check_entry, fsync_directory, read_checkpoint, write_checkpoint
+from .files import check_entry, fsync_directory, load_objects, read_checkpoint, write_checkpoint
 from .manifest import MANIFEST_FILE, has_manifest, verify, write_manifest
 from .run_directory import SHARDED_METADATA, remove
 
@@ -324,7 +323,7 @@ def load_sharded_checkpoint(to_load: Mapping[str, Any], path: str | Path) -> Non
         except (TypeError, ValueError, KeyError) as error:
             raise ValueError(f"{path}: {name!r} does not match this run: {error}") from None
     state = _read_dcp(path, layout, [key for key in saved["optimizers"] if key in layout.optimizers], metadata)
-    Checkpoint.load_objects(dict(layout.objects), saved["objects"])  # the wrappers' optimizers' state is emptied...
+    load_objects(layout.objects, saved["objects"])  # the wrappers' optimizers' state is emptied...
     for name, model in layout.models.items():
         set_model_state_dict(model, state["models"][name])
     for key, optimizer_state in state["optimizers"].items():  # ... and set here, where it was saved

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import copy
 import errno
+import threading
 from pathlib import Path
 
 import pytest
@@ -217,3 +219,53 @@ def test_checkpoints_as_one_object_through_ignite(tmp_path):
     assert_same_tensors(resumed["gen"].optimizer.state_dict(), gen_opt.state_dict())
     assert_same_tensors(resumed["disc"].optimizer.state_dict(), disc_opt.state_dict())
     assert resumed["gen"].loss_scaler.state_dict() == scaler.state_dict()
+
+
+class Counter:
+    """A stateful object the checks do not know: its load_state_dict refuses what it cannot take."""
+
+    def __init__(self, lock=False):
+        self.count = 0
+        self.lock = threading.Lock() if lock else None  # a lock: no copy of it can be made
+
+    def state_dict(self):
+        return {"count": self.count}
+
+    def load_state_dict(self, state):
+        self.count = int(state["count"])
+
+
+def model_and(extra, path, extra_state):
+    model = make_model()
+    torch.save({"model": make_model(seed=9).state_dict(), "extra": extra_state}, path)
+    before = copy.deepcopy(model.state_dict())
+    return {"model": model, "extra": extra}, before
+
+
+@pytest.mark.parametrize(
+    ("extra", "saved", "message"),
+    [
+        (torch.amp.GradScaler("cpu"), {}, r"the saved grad scaler state must have the keys"),  # a disabled one's
+        (torch.amp.GradScaler("cpu"), {**torch.amp.GradScaler("cpu").state_dict(), "scale": float("nan")}, "scale"),
+        (Counter(), {"total": 3}, r"loading it into a copy of the object failed: KeyError: 'count'"),
+    ],
+    ids=["a disabled scaler's state", "a nan scale", "an object the checks do not know"],
+)
+def test_an_entry_no_object_can_take_is_refused_before_any_object_changes(tmp_path, extra, saved, message):
+    to_load, before = model_and(extra, tmp_path / "checkpoint_1.pt", saved)
+    extra_before = copy.deepcopy(extra.state_dict())
+    with pytest.raises(ValueError, match=rf"'extra' does not match this run: .*{message}"):
+        load_checkpoint(to_load, tmp_path / "checkpoint_1.pt")
+    assert_same_tensors(to_load["model"].state_dict(), before)
+    assert extra.state_dict() == extra_before
+
+
+def test_an_object_that_cannot_be_tried_on_a_copy_is_loaded_before_the_checked_ones(tmp_path):
+    to_load, before = model_and(Counter(lock=True), tmp_path / "checkpoint_1.pt", {"total": 3})
+    with pytest.raises(KeyError, match="count"):  # its own error, raised before the model was loaded
+        load_checkpoint(to_load, tmp_path / "checkpoint_1.pt")
+    assert_same_tensors(to_load["model"].state_dict(), before)
+    to_load, _ = model_and(Counter(lock=True), tmp_path / "checkpoint_2.pt", {"count": 3})
+    load_checkpoint(to_load, tmp_path / "checkpoint_2.pt")
+    assert to_load["extra"].count == 3
+    assert_same_tensors(to_load["model"].state_dict(), make_model(seed=9).state_dict())
