@@ -70,6 +70,7 @@ class ShardedCheckpoint:
     def __call__(self, engine: Engine) -> None:
         """Save now, or at the end of the accumulation window in progress."""
         if not self.layout.in_window():
+            self._deferred_since = None  # a save asked for earlier in the window: this one is it
             self.save(engine.state.iteration)
         elif self._deferred_since is None:
             self._deferred_since = engine.state.iteration

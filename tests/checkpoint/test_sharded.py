@@ -23,6 +23,7 @@ from engine_opt.checkpoint import (
     latest_checkpoint,
     load_sharded_checkpoint,
     resume_from_latest,
+    sharded,
 )
 from engine_opt.checkpoint.run_directory import RunDirectory
 from engine_opt.engine import ResumableLoader
@@ -104,6 +105,23 @@ def test_a_save_of_sharded_parameters_asked_mid_window_waits_for_the_windows_end
     trainer.run(data, max_epochs=1)
     assert_same_tensors([param.detach() for param in model.parameters()], expected_params())
     assert names(tmp_path) == ["checkpoint_10", "checkpoint_6"]  # asked at 9: waited for the window to end at 10
+
+
+def test_saves_asked_at_every_iteration_of_sharded_parameters_write_each_windows_end_once(tmp_path, monkeypatch):
+    written = []
+    real_save = sharded.save_sharded
+
+    def counted(layout, directory, **kwargs):
+        written.append(int(directory.name.split(".")[1].removeprefix("checkpoint_")))  # .checkpoint_4.{pid}.partial
+        return real_save(layout, directory, **kwargs)
+
+    monkeypatch.setattr(sharded, "save_sharded", counted)
+    trainer, data, model, _ = build(tmp_path, every=1, n_saved=None, sharded=True)
+    trainer.run(data, max_epochs=1)
+    assert written == list(
+        range(ACCUMULATE, BATCHES + 1, ACCUMULATE)
+    )  # asked at every iteration, written once a window
+    assert_same_tensors([param.detach() for param in model.parameters()], expected_params())
 
 
 def test_a_save_waiting_for_windows_that_never_end_together_says_so(tmp_path):
