@@ -235,6 +235,14 @@ def checkpoint_with(path: str, **changes: Callable[[dict[str, Any]], Any]) -> st
     return path
 
 
+def an_adamw_state_into_an_adam_wrapper() -> None:
+    model = make_model()
+    adamw = OptimWrapper(torch.optim.AdamW(model.parameters(), lr=0.01))
+    trained(model, adamw)
+    adam = OptimWrapper(torch.optim.Adam(model.parameters(), lr=0.01))
+    unchanged_after({"optim_wrapper": adam}, lambda: adam.load_state_dict(adamw.state_dict()))
+
+
 def a_disabled_scalers_state_into_an_enabled_one() -> None:
     saved_run("ckpt/checkpoint_4.pt")
     state = torch.load("ckpt/checkpoint_4.pt", weights_only=True)
@@ -267,7 +275,7 @@ def adamw_state_into_sgd() -> None:
     adamw = wrapper_of(model)
     trained(model, adamw)
     wrapper = OptimWrapper(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9))
-    unchanged_after({"optim_wrapper": wrapper}, lambda: wrapper.load_state_dict(adamw.state_dict()))
+    unchanged_after({"optim_wrapper": wrapper}, lambda: wrapper.load_state_dict(adamw.optimizer.state_dict()))
 
 
 def scheduler_entry_of_a_number(path: str) -> None:
@@ -533,7 +541,7 @@ CASES = [
     Case("state dict", "a wrapper state dict with two param groups into one", lambda: OptimWrapper(plain_sgd()).load_state_dict( OptimWrapper( torch.optim.SGD( [ {"params": [torch.zeros(1, requires_grad=True)]}, {"params": [torch.zeros(1, requires_grad=True)]}, ], lr=0.1, ) ).state_dict() ), "2 param group"),
     Case("state dict", "an AdamW state of a model with other shapes (same parameter count)", other_model_optimizer_state, "exp_avg"),
     Case("state dict", "`counters` holding a string", lambda: OptimWrapper(plain_sgd()).load_state_dict({**plain_sgd().state_dict(), "counters": {"steps": "7"}}), "'steps'"),
-    Case("state dict", "an AdamW state into an SGD wrapper", adamw_state_into_sgd, "momentum"),
+    Case("state dict", "a plain AdamW optimizer's state into an SGD wrapper", adamw_state_into_sgd, "momentum"),
     Case("state dict", "a member of an `OptimWrapperDict` whose lr is nan (the other members stay as they were)", a_bad_member_of_a_wrapper_dict, "'lr'"),
     Case("state dict", "`counters` with more skipped steps than steps", lambda: OptimWrapper(plain_sgd()).load_state_dict({**plain_sgd().state_dict(), "counters": {"steps": 2, "skipped_steps": 5}}), "skipped steps"),
     Case("state dict", "a state saved mid-window with `accumulative_counts=4` into a wrapper of 2", a_mid_window_state_into_another_accumulation, "accumulative_counts=4"),
@@ -550,6 +558,7 @@ CASES = [
     Case("checkpoint file", "a checkpoint of a model with other layer sizes", lambda: ( saved_run("ckpt/checkpoint_3.pt"), load_into_fresh( "ckpt/checkpoint_3.pt", torch.nn.Sequential( torch.nn.Linear(4, 9), torch.nn.LayerNorm(9), torch.nn.ReLU(), torch.nn.Linear(9, 2) ), ), ), "shapes differ"),
     Case("checkpoint file", "a checkpoint without the `data` entry being resumed", lambda: ( saved_run("ckpt/checkpoint_3.pt"), load_into_fresh("ckpt/checkpoint_3.pt", extra={"data": ResumableLoader([1])}), ), "lacks ['data']"),
     Case("checkpoint file", "`attach_checkpoint` of a new run to a directory holding `checkpoint_8.pt`", new_run_behind_the_checkpoints_there, "checkpoint_8.pt"),
+    Case("state dict", "an `AdamW` wrapper's state into an `Adam` wrapper", an_adamw_state_into_an_adam_wrapper, "AdamW"),
     Case("checkpoint file", "torch's `GradScaler` beside the model, saved disabled, loaded into an enabled one", a_disabled_scalers_state_into_an_enabled_one, "'scaler'"),
     Case("checkpoint file", "a checkpoint whose grad scaler scale is nan", lambda: a_nan_loss_scale("ckpt/checkpoint_4.pt"), "scale"),
     Case("checkpoint file", "a checkpoint whose trainer is at iteration -1", lambda: load_full_run(checkpoint_with("ckpt/checkpoint_5.pt", trainer=lambda state: {**state, "iteration": -1})), "'iteration'"),

@@ -113,6 +113,14 @@ def _check_hyperparameters(where: str, saved: Mapping[str, Any], group: Mapping[
     for key in numeric:
         if not _is_number(saved[key]):
             raise ValueError(f"{where}[{key!r}] must be a finite number, got {checks.describe(saved[key], 40)}")
+    # Adam and AdamW hold the same keys: this flag is what tells their states (and steps) apart
+    flag = "decoupled_weight_decay"
+    if flag in saved and flag in group and bool(saved[flag]) != bool(group[flag]):
+        raise ValueError(
+            f"{where} has {flag}={saved[flag]}, {optimizer}'s group {group[flag]}: the state comes from another "
+            f"optimizer ({'AdamW' if saved[flag] else 'Adam'}'s, for Adam and AdamW), whose steps this one would "
+            "take; resume it with that optimizer"
+        )
 
 
 def lists_param_ids(group: Any) -> bool:

@@ -6,6 +6,8 @@ top level, so it also loads into a plain optimizer) plus these entries:
 ============================== ===============================================================
 ``'counters'``                 ``inner_count``, ``max_counts``, ``steps``, ``skipped_steps``,
                                ``accumulative_counts`` (``COUNTER_KEYS``)
+``'optimizer_type'``           the optimizer's class name (``'AdamW'``): a state loads into that
+                               optimizer's wrapper only
 ``'accumulated_grads'``        mid-window, one process: the gradients summed so far, one per
                                parameter in group order (``None`` for a parameter without one)
 ``'rank_accumulated_grads'``   mid-window, several processes: each rank's such list
@@ -127,6 +129,33 @@ def saved_items(state_dict: Mapping[str, Any]) -> int | None:
     """The items counted so far in the saved window (``num_items``), this rank's in a distributed run."""
     by_rank = state_dict.get("rank_accumulated_items")
     return state_dict.get("accumulated_items") if by_rank is None else by_rank[distributed.rank()]
+
+
+def optimizer_type(optimizer: torch.optim.Optimizer) -> str:
+    """What ``'optimizer_type'`` records: the optimizer's class name."""
+    return type(optimizer).__name__
+
+
+def check_optimizer_type(state_dict: Mapping[str, Any], optimizer: torch.optim.Optimizer) -> None:
+    """Raise a ``ValueError`` if ``state_dict`` is the state of another class of optimizer than ``optimizer``.
+
+    A state without ``'optimizer_type'`` (a plain optimizer's, an earlier
+    release's) passes: its param groups are checked instead.
+
+    Example:
+        >>> import torch
+        >>> adam = torch.optim.Adam([torch.zeros(1, requires_grad=True)])
+        >>> check_optimizer_type({"optimizer_type": "AdamW"}, adam)
+        Traceback (most recent call last):
+        ...
+        ValueError: state_dict is the state of the optimizer AdamW, this wrapper's is Adam: ...
+    """
+    saved, current = state_dict.get("optimizer_type"), optimizer_type(optimizer)
+    if saved is not None and saved != current:
+        raise ValueError(
+            f"state_dict is the state of the optimizer {saved!s:.40}, this wrapper's is {current}: one optimizer's "
+            f"state would step another wrongly; resume it with {saved!s:.40}, or start anew"
+        )
 
 
 def check(state_dict: Mapping[str, Any], params: Sequence[torch.Tensor], accumulative_counts: int) -> None:

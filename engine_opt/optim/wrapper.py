@@ -571,6 +571,7 @@ class OptimWrapper(OptimizerView):
         call this, and each gets the whole state.
         """
         state = distributed.optimizer_state_dict(self.optimizer)
+        state["optimizer_type"] = window_state.optimizer_type(self.optimizer)
         state["counters"] = {
             "inner_count": self._inner_count,
             "max_counts": self._max_counts,
@@ -595,6 +596,8 @@ class OptimWrapper(OptimizerView):
             ...
             ValueError: state_dict lacks the optimizer key(s) ['state', 'param_groups']; got keys ['lr']. ...
         """
+        if isinstance(state_dict, Mapping):
+            window_state.check_optimizer_type(state_dict, self.optimizer)
         check_optimizer_state(self.optimizer, self._in_layout(state_dict))
         window_state.check(state_dict, self._params(), self._accumulative_counts)
 

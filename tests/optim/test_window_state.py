@@ -219,3 +219,24 @@ def test_the_mean_of_the_ranks_sums_keeps_the_gradients_precision():
     integers = [sums[0], [grad.long() for grad in sums[1]]]
     with pytest.raises(ValueError, match=r"\['rank_accumulated_grads'\]\[1\]\[0\] is a torch.int64 tensor"):
         wrapper.load_state_dict(state | {"rank_accumulated_grads": integers})
+
+
+@pytest.mark.parametrize(("saved", "loaded"), [("AdamW", "Adam"), ("Adam", "AdamW")])
+def test_another_optimizers_state_is_refused_by_name_the_wrappers_and_a_plain_ones(saved, loaded):
+    model = make_model()
+    make = {"Adam": torch.optim.Adam, "AdamW": torch.optim.AdamW}
+    source = OptimWrapper(make[saved](model.parameters(), lr=0.01, weight_decay=0.1))
+    source.update_params(loss_fn(model(torch.ones(2, 4)), torch.zeros(2, 2)))
+    target = OptimWrapper(make[loaded](model.parameters(), lr=0.01, weight_decay=0.1))
+    before = copy.deepcopy(target.state_dict())
+    with pytest.raises(
+        ValueError, match=rf"state_dict is the state of the optimizer {saved}, this wrapper's is {loaded}"
+    ):
+        target.load_state_dict(source.state_dict())
+    plain = {key: value for key, value in source.state_dict().items() if key in ("state", "param_groups")}
+    with pytest.raises(ValueError, match=r"has decoupled_weight_decay=.*the state comes from another optimizer"):
+        target.load_state_dict(plain)  # a plain optimizer's state says it by its flag
+    assert_same_tensors(target.state_dict(), before)
+    same = OptimWrapper(make[saved](model.parameters(), lr=0.01, weight_decay=0.1))
+    same.load_state_dict(source.state_dict())
+    assert_same_tensors(same.state_dict(), source.state_dict())
