@@ -205,6 +205,28 @@ def new_run_behind_the_checkpoints_there() -> None:
     unchanged_after({"model": model}, lambda: trainer.run([(torch.ones(2, 4), torch.ones(2, 2))]))
 
 
+def a_directory_named_like_a_checkpoint_there() -> None:
+    Path("impostor/checkpoint_1.pt").mkdir(parents=True)
+    model = make_model()
+    trainer = create_trainer(model, wrapper_of(model), F.mse_loss)
+    attach_checkpoint(trainer, {"model": model}, "impostor", every=1)
+    unchanged_after({"model": model}, lambda: trainer.run([(torch.ones(2, 4), torch.ones(2, 2))]))
+
+
+def resume_from_a_damaged_newest() -> None:
+    command("--log-dir", "runs/damaged", "--checkpoint-every", "32")
+    newest = Path("runs/damaged/checkpoints/checkpoint_64.pt")
+    data = bytearray(newest.read_bytes())
+    data[len(data) // 2] ^= 1
+    newest.write_bytes(data)
+    command("--log-dir", "runs/damaged", "--resume", "--epochs", "2")
+
+
+def a_command_into_a_directory_named_like_a_checkpoint() -> None:
+    Path("runs/impostor/checkpoints/checkpoint_64.pt").mkdir(parents=True)
+    command("--log-dir", "runs/impostor")
+
+
 def with_checkpoints_of_another_run() -> None:
     command("--checkpoint-every", "1000")
     command()
@@ -558,6 +580,7 @@ CASES = [
     Case("checkpoint file", "a checkpoint of a model with other layer sizes", lambda: ( saved_run("ckpt/checkpoint_3.pt"), load_into_fresh( "ckpt/checkpoint_3.pt", torch.nn.Sequential( torch.nn.Linear(4, 9), torch.nn.LayerNorm(9), torch.nn.ReLU(), torch.nn.Linear(9, 2) ), ), ), "shapes differ"),
     Case("checkpoint file", "a checkpoint without the `data` entry being resumed", lambda: ( saved_run("ckpt/checkpoint_3.pt"), load_into_fresh("ckpt/checkpoint_3.pt", extra={"data": ResumableLoader([1])}), ), "lacks ['data']"),
     Case("checkpoint file", "`attach_checkpoint` of a new run to a directory holding `checkpoint_8.pt`", new_run_behind_the_checkpoints_there, "checkpoint_8.pt"),
+    Case("checkpoint file", "`attach_checkpoint` to a directory holding a directory `checkpoint_1.pt`", a_directory_named_like_a_checkpoint_there, "checkpoint_1.pt (a directory)"),
     Case("state dict", "an `AdamW` wrapper's state into an `Adam` wrapper", an_adamw_state_into_an_adam_wrapper, "AdamW"),
     Case("checkpoint file", "torch's `GradScaler` beside the model, saved disabled, loaded into an enabled one", a_disabled_scalers_state_into_an_enabled_one, "'scaler'"),
     Case("checkpoint file", "a checkpoint whose grad scaler scale is nan", lambda: a_nan_loss_scale("ckpt/checkpoint_4.pt"), "scale"),
@@ -593,6 +616,8 @@ CASES = [
     Case("command", "`engine-opt train --lr inf`", lambda: command("--log-dir", "runs/inf", "--lr", "inf"), "--lr"),
     Case("command", "`engine-opt train --device cuda` without a GPU", lambda: command("--device", "cuda"), "--device cuda"),
     Case("command", "`engine-opt train --resume --checkpoint-dir elsewhere` into an earlier run's logs, no checkpoint there", resume_from_nowhere_over_earlier_logs, "--checkpoint-dir"),
+    Case("command", "`engine-opt train --resume` whose newest checkpoint has a flipped bit", resume_from_a_damaged_newest, "checkpoint_32.pt is the newest that reads whole"),
+    Case("command", "`engine-opt train` into a checkpoint directory holding a directory `checkpoint_64.pt`", a_command_into_a_directory_named_like_a_checkpoint, "checkpoint_64.pt (a directory)"),
     Case("command", "`engine-opt train --nproc-per-node 3 --batch-size 64`", lambda: command("--nproc-per-node", "3", "--batch-size", "64"), "--batch-size 64"),
     Case("command", "`engine-opt train --nproc-per-node 2 --backend nccl` without GPUs", lambda: command("--nproc-per-node", "2", "--backend", "nccl"), "--backend nccl"),
 ]
@@ -670,9 +695,8 @@ def case_param(index: int) -> Any:
 @pytest.mark.parametrize("index", [case_param(index) for index in range(len(CASES))])
 def test_each_bad_input_gets_a_clear_error_naming_what_was_wrong(outcomes, index):
     got, case = outcomes[index], CASES[index]
-    assert got.startswith(
-        ("ValueError", "TypeError", "KeyError", "exit 2: ", "RuntimeError", "RunDirectoryBusy", "OSError")
-    ), got
+    clear = ("ValueError", "TypeError", "KeyError", "exit 2: ", "RuntimeError", "OSError", "RunDirectoryBusy")
+    assert got.startswith((*clear, "RunDirectoryConflict", "DamagedCheckpoint")), got  # the last two: ValueErrors
     if got.startswith("RuntimeError"):  # torch's own error, kept, with the note saying which batch it came from
         assert "[note: engine_opt: iteration" in got, got
     assert case.names in got, f"{case.given}: {got!r} does not mention {case.names!r}"

@@ -9,7 +9,11 @@
     torchrun --nproc-per-node 2 -m engine_opt train    # the same, launched by torchrun (or across machines)
 
 It shows a progress bar, logs to TensorBoard, checkpoints, and ends with a
-summary. Bad options end with a message and exit status 2.
+summary. Exit status: 0 done; 2 bad options (a message says which); 1 an
+error (an unwritable or full disk, a busy checkpoint directory) or a run a
+guard stopped (``--nonfinite stop``; ``--spike-guard rollback`` after its
+last rollback, which saves the last good state first); 130 or 143 stopped
+by SIGINT or SIGTERM, with a checkpoint to ``--resume`` from.
 
 Distributed runs go through ``ignite.distributed``: ``idist.Parallel``
 spawns the processes (or joins those ``torchrun`` started), ``auto_model``
@@ -36,7 +40,8 @@ from ignite.distributed.launcher import Parallel
 from torch.multiprocessing.spawn import ProcessExitedException
 
 from .. import __version__
-from ..checkpoint import RunDirectoryBusy
+from ..checkpoint import RunDirectoryBusy, RunDirectoryConflict
+from ..handlers import SpikesPersist
 from ..optim.distributed import rank, world_size
 from .config import UsageError
 from .launcher import FromLauncher, RankLink, launch_ranks
@@ -244,16 +249,21 @@ def _worker(local_rank: int, args: argparse.Namespace, link: RankLink | None) ->
 def _quiet_unless_verbose(args: argparse.Namespace) -> Iterator[None]:
     """While the command runs: Ignite's and torch's INFO messages on stderr with ``--verbose``, else none.
 
-    Without it, INFO messages (Ignite's multi-line launcher dumps) are off. With
+    Without it, INFO messages (Ignite's multi-line launcher dumps) are off, and
+    so are Ignite's own logs of the errors the command reports. With
     it, a handler on the ``ignite`` and ``torch`` loggers prints them; both are
     put back as they were when the command ends.
     """
     if not args.verbose:
+        # Ignite logs the error that ends a run before it reaches the command, which prints its own line
+        quiet = logging.NullHandler()
+        logging.getLogger("ignite").addHandler(quiet)
         logging.disable(logging.INFO)
         try:
             yield
         finally:
             logging.disable(logging.NOTSET)
+            logging.getLogger("ignite").removeHandler(quiet)
         return
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s: %(message)s"))
@@ -280,9 +290,9 @@ def _run(args: argparse.Namespace, stop: StopRequest | None = None) -> int:
         return _fail(status, f"{name}: interrupted by SIGINT outside the training loop; nothing was saved for it")
     except UsageError as error:
         return _fail(2, f"{name}: error: {error}")
-    except FloatingPointError as error:
+    except (FloatingPointError, SpikesPersist) as error:  # a guard stopped the run
         return _fail(1, f"{name}: training stopped: {error}")
-    except (OSError, RunDirectoryBusy) as error:  # an unwritable or busy directory, a full disk
+    except (OSError, RunDirectoryBusy, RunDirectoryConflict) as error:  # unwritable, busy, a full disk...
         return _fail(1, f"{name}: error: {error}")
     if rank() == 0:
         print(summary(result), file=sys.stderr if result.stopped_by else sys.stdout)

@@ -27,7 +27,8 @@ from ignite.engine import Engine, Events
 from ignite.handlers import Checkpoint
 from ignite.handlers.tensorboard_logger import OutputHandler, TensorboardLogger
 
-from ..checkpoint import RunDirectory, attach_checkpoint, latest_checkpoint, resume_from_latest
+from ..checkpoint import DamagedCheckpoint, RunDirectory, attach_checkpoint, latest_checkpoint, resume_from_latest
+from ..checkpoint.files import read_checkpoint
 from ..engine.events import OptimEvents, member_filter
 from ..engine.resumable_loader import ResumableLoader
 from ..engine.trainer import Trainer, create_trainer
@@ -36,11 +37,12 @@ from ..handlers import (
     OptimParamsHandler,
     SchedulerHandler,
     SpikeGuard,
+    SpikesPersist,
     UpdateTelemetryHandler,
     attach_progress_bar,
 )
 from ..optim import build_optim_wrapper
-from ..optim.distributed import rank, world_size
+from ..optim.distributed import gather_objects, rank, world_size
 from ..optim.wrapper import OptimWrapper
 from ..optim.wrapper_dict import OptimWrapperDict, members
 from .config import UsageError, wrapper_config
@@ -100,10 +102,17 @@ def train(args: argparse.Namespace, stop: StopRequest | None = None) -> Result:
     launcher of spawned ranks on SIGINT, stops the run as the signal would.
     """
     run = build(args)
-    with RunDirectory(run.checkpoint_dir).lock() if rank() == 0 else contextlib.nullcontext():
-        check_run_directories(args, run.log_dir, run.checkpoint_dir)
-        resumed = resume(run, args)
-        return execute(run, args, resumed, stop)
+    used_before = gather_objects(run.checkpoint_dir.is_dir())[0]  # as rank 0 sees it, before it takes it
+    directory = RunDirectory(run.checkpoint_dir)
+    try:
+        with directory.lock() if rank() == 0 else contextlib.nullcontext():
+            check_run_directories(args, run.log_dir, run.checkpoint_dir, used_before)
+            resumed = resume(run, args)
+            return execute(run, args, resumed, stop)
+    except UsageError:
+        if not used_before and rank() == 0:  # a refused run leaves no directory that says a run was there
+            directory.discard_if_unused()
+        raise
 
 
 def run_paths(args: argparse.Namespace) -> tuple[Path, Path]:
@@ -119,6 +128,9 @@ def execute(run: Run, args: argparse.Namespace, resumed: Path | None, stop: Stop
     try:
         with StopOnSignal(run.trainer, stop) as signals:
             state = run.trainer.run(run.data, max_epochs=args.epochs)
+    except SpikesPersist as error:  # the guard rolled the run back to its last good state: keep that
+        checkpoint(run.trainer)
+        raise SpikesPersist(f"{error}; its last good state is saved in {checkpoint.last_checkpoint}") from None
     finally:
         if tb_logger is not None:
             tb_logger.close()
@@ -180,8 +192,18 @@ def check_batch_size(batch_size: int, processes: int) -> None:
         )
 
 
-def check_run_directories(args: argparse.Namespace, log_dir: Path, checkpoint_dir: Path) -> None:
-    """A new run, with ``--resume`` or not, writes neither into an earlier run's checkpoints nor its curves."""
+def check_run_directories(args: argparse.Namespace, log_dir: Path, checkpoint_dir: Path, used_before: bool) -> None:
+    """A new run, with ``--resume`` or not, writes neither into an earlier run's checkpoints nor its curves.
+
+    ``used_before``: the checkpoint directory was there before this run took
+    it (an earlier run took it, checkpoints or not).
+    """
+    impostors = RunDirectory(checkpoint_dir, "file").impostors()
+    if impostors:
+        raise UsageError(
+            f"{checkpoint_dir} holds entries named like checkpoints that are none ({', '.join(impostors)}): "
+            "move them away, or pass another --checkpoint-dir"
+        )
     if latest_checkpoint(checkpoint_dir, kind="file") is not None:
         if args.resume:
             return
@@ -191,6 +213,13 @@ def check_run_directories(args: argparse.Namespace, log_dir: Path, checkpoint_di
         )
     if not any(log_dir.glob("events.out.tfevents.*")):
         return
+    if used_before:  # the earlier run held it, and stopped before its first checkpoint
+        if args.resume:
+            return  # started over: its curves are drawn again from iteration 1
+        raise UsageError(
+            f"{log_dir} holds the TensorBoard logs of an earlier run that stopped before its first checkpoint "
+            f"(none in {checkpoint_dir}); pass --resume to start that run over, or --log-dir for a new run"
+        )
     if args.resume:
         raise UsageError(
             f"--resume: no checkpoint in {checkpoint_dir}, but {log_dir} holds the TensorBoard logs of an earlier "
@@ -208,10 +237,12 @@ def resume(run: Run, args: argparse.Namespace) -> Path | None:
         return None
     try:
         resumed = resume_from_latest(run.to_save(), run.checkpoint_dir, kind="file")
+    except DamagedCheckpoint as error:
+        raise UsageError(f"--resume: {error}; {_way_past_damage(run.checkpoint_dir)}") from None
     except (ValueError, RuntimeError) as error:
         raise UsageError(f"--resume: {error}; resume with the options of the interrupted run") from None
     if resumed is None:
-        print(f"engine-opt: no checkpoint in {run.checkpoint_dir}; starting a new run", file=sys.stderr)
+        print(f"engine-opt: no checkpoint in {run.checkpoint_dir}; starting the run from the start", file=sys.stderr)
         return None
     state = run.trainer.state
     if state.max_epochs is not None and args.epochs < state.max_epochs:
@@ -222,6 +253,21 @@ def resume(run: Run, args: argparse.Namespace) -> Path | None:
             f"pass --epochs above {state.epoch} to train it further"
         )
     return resumed
+
+
+def _way_past_damage(checkpoint_dir: Path) -> str:
+    """What to do when the newest checkpoint is damaged: the newest that reads whole, if one does."""
+    found = RunDirectory(checkpoint_dir, "file").checkpoints()
+    for _, path in reversed(found[:-1]):
+        try:
+            read_checkpoint(path)
+        except DamagedCheckpoint:
+            continue
+        return (
+            f"{path.name} is the newest that reads whole: move {found[-1][1].name} out of {checkpoint_dir} "
+            "(nothing was deleted) and --resume continues from it"
+        )
+    return f"no other checkpoint in {checkpoint_dir} reads whole: start a new run with another --log-dir"
 
 
 def attach_handlers(run: Run, args: argparse.Namespace) -> tuple[LossTracker, Checkpoint, TensorboardLogger | None]:

@@ -33,14 +33,16 @@ run resumed mid-epoch, in a new process, continues exactly::
 from .durable import DurableCheckpoint, attach_checkpoint
 from .files import check_entry, load_checkpoint, write_checkpoint
 from .resume import latest_checkpoint, resume_from_latest
-from .run_directory import RunDirectory, RunDirectoryBusy
+from .run_directory import DamagedCheckpoint, RunDirectory, RunDirectoryBusy, RunDirectoryConflict
 from .sharded import ShardedCheckpoint, attach_sharded_checkpoint
 from .sharded_files import load_sharded_checkpoint
 
 __all__ = [
+    "DamagedCheckpoint",
     "DurableCheckpoint",
     "RunDirectory",
     "RunDirectoryBusy",
+    "RunDirectoryConflict",
     "ShardedCheckpoint",
     "attach_checkpoint",
     "attach_sharded_checkpoint",

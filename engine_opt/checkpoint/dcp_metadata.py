@@ -13,10 +13,11 @@ read replaced, for checks and loads alike.
 Example:
     >>> import io, pickle
     >>> planted = io.BytesIO(pickle.dumps(print))  # a payload would call something less harmless
-    >>> read_metadata(planted, "ckpt/checkpoint_3")
-    Traceback (most recent call last):
-    ...
-    ValueError: ckpt/checkpoint_3/.metadata holds builtins.print, which DCP's metadata never does: ...
+    >>> try:
+    ...     read_metadata(planted, "ckpt/checkpoint_3")
+    ... except DamagedCheckpoint as refusal:
+    ...     print(refusal)
+    ckpt/checkpoint_3/.metadata holds builtins.print, which DCP's metadata never does: ...
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import torch
 from torch.distributed.checkpoint.filesystem import FileSystemReader
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 
-from .run_directory import SHARDED_METADATA
+from .run_directory import SHARDED_METADATA, DamagedCheckpoint
 
 # The records DCP's metadata is made of, by module. Two are private names of torch (the storage record of a
 # file and the layout lookup that torch's own weights_only unpickler allows too): a release that renames them
@@ -72,21 +73,23 @@ def read_metadata(file: IO[bytes], checkpoint: str | Path) -> Metadata:
     """The ``Metadata`` in ``file``, the ``.metadata`` of ``checkpoint``, built only from DCP's own records.
 
     Raises:
-        ValueError: It holds anything else (loading it could run code), or it is damaged; the message
+        DamagedCheckpoint: It holds anything else (loading it could run code), or it is damaged; the message
             names the file.
     """
     where = f"{checkpoint}/{SHARDED_METADATA}"
     try:
         metadata = _MetadataUnpickler(file).load()
     except _Refused as refused:
-        raise ValueError(
+        raise DamagedCheckpoint(
             f"{where} holds {refused}, which DCP's metadata never does: loading it could run code, so the "
             "checkpoint is refused (sharded checkpoints written by attach_sharded_checkpoint hold none)"
         ) from None
     except Exception as error:  # a damaged pickle surfaces as UnpicklingError, EOFError, ValueError, ...
-        raise ValueError(f"{where} is damaged: it is not DCP's metadata ({type(error).__name__}: {error})") from None
+        raise DamagedCheckpoint(
+            f"{where} is damaged: it is not DCP's metadata ({type(error).__name__}: {error})"
+        ) from None
     if not isinstance(metadata, Metadata):
-        raise ValueError(f"{where} is damaged: it holds a {type(metadata).__name__}, not DCP's Metadata")
+        raise DamagedCheckpoint(f"{where} is damaged: it holds a {type(metadata).__name__}, not DCP's Metadata")
     outside = sorted(
         {
             str(relative)
@@ -95,7 +98,9 @@ def read_metadata(file: IO[bytes], checkpoint: str | Path) -> Metadata:
         }
     )
     if outside:
-        raise ValueError(f"{where} points at files outside its checkpoint ({outside}): the checkpoint is refused")
+        raise DamagedCheckpoint(
+            f"{where} points at files outside its checkpoint ({outside}): the checkpoint is refused"
+        )
     return metadata
 
 

@@ -93,7 +93,9 @@ def attach_checkpoint(
     ``RunDirectoryBusy`` naming the holder; the lock goes when the run
     completes or its process ends), partial files of interrupted saves are
     removed, and a run that starts behind the newest file there is refused
-    with a ``ValueError`` (its files would rank below another run's). In a
+    with a ``RunDirectoryConflict`` (a ``ValueError``: its files would rank
+    below another run's), as is a directory holding an entry named like a
+    checkpoint that is none (a save would fail on it or replace it). In a
     distributed run rank 0 does all of that and writes the files; every rank
     must attach it, since saving gathers state from all ranks, and every rank
     raises the same error.

@@ -27,7 +27,7 @@ from ..engine.state import check_engine_state
 from ..optim import checks
 from ..optim.loss_scale import check_scaler_state
 from ..optim.state_checks import check_module_state, check_optimizer_state, check_structure
-from .run_directory import partial_name
+from .run_directory import DamagedCheckpoint, partial_name
 
 
 def write_checkpoint(checkpoint: Any, path: str | Path) -> None:
@@ -209,22 +209,22 @@ def read_checkpoint(path: Path) -> Mapping[str, Any]:
         state = None if damaged else torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
         if "weights_only" in str(error).lower() or "unsupported global" in str(error).lower():
-            raise ValueError(
+            raise DamagedCheckpoint(
                 f"{path} holds objects other than tensors and plain containers; loading it could run code, "
                 "so it is refused (checkpoints written by attach_checkpoint hold none)"
             ) from None
-        raise ValueError(f"{path} is not a readable checkpoint: {_first_line(error)}") from None
+        raise DamagedCheckpoint(f"{path} is not a readable checkpoint: {_first_line(error)}") from None
     except PermissionError as error:
-        raise ValueError(f"cannot read checkpoint {path}: {error.strerror}") from None
+        raise DamagedCheckpoint(f"cannot read checkpoint {path}: {error.strerror}") from None
     except Exception as error:  # truncated or damaged files surface as RuntimeError, EOFError, OSError, ...
-        raise ValueError(
+        raise DamagedCheckpoint(
             f"{path} is not a readable checkpoint: truncated, damaged, or not written by torch.save "
             f"({_first_line(error)})"
         ) from None
     if damaged:
-        raise ValueError(f"{path} is damaged: its record {damaged!r} fails its CRC check")
+        raise DamagedCheckpoint(f"{path} is damaged: its record {damaged!r} fails its CRC check")
     if not isinstance(state, Mapping):
-        raise ValueError(f"{path} does not hold a checkpoint dict, got {checks.describe(state)}")
+        raise DamagedCheckpoint(f"{path} does not hold a checkpoint dict, got {checks.describe(state)}")
     return state
 
 

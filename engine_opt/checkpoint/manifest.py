@@ -13,10 +13,11 @@ Example:
     ...     _ = (Path(directory) / "__0_0.distcp").write_bytes(b"shard")
     ...     write_manifest(Path(directory))
     ...     _ = (Path(directory) / "__0_0.distcp").write_bytes(b"sharD")
-    ...     verify(Path(directory))
-    Traceback (most recent call last):
-    ...
-    ValueError: .../__0_0.distcp is damaged: its SHA-256 is not the one its manifest.json recorded
+    ...     try:
+    ...         verify(Path(directory))
+    ...     except DamagedCheckpoint as refusal:
+    ...         print(refusal)
+    /.../__0_0.distcp is damaged: its SHA-256 is not the one its manifest.json recorded
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ import json
 import os
 from pathlib import Path
 from typing import Any
+
+from .run_directory import DamagedCheckpoint
 
 MANIFEST_FILE = "manifest.json"
 _FORMAT = 1
@@ -66,7 +69,7 @@ def verify(directory: Path) -> None:
     """
     links = sorted(entry.name for entry in directory.rglob("*") if entry.is_symlink())
     if links:
-        raise ValueError(f"{directory} holds links ({', '.join(links)}): a checkpoint's files are its own")
+        raise DamagedCheckpoint(f"{directory} holds links ({', '.join(links)}): a checkpoint's files are its own")
     files = _listed(directory)
     unlisted = sorted(
         entry.relative_to(directory).as_posix()
@@ -74,16 +77,16 @@ def verify(directory: Path) -> None:
         if entry.is_file() and entry.name != MANIFEST_FILE and entry.relative_to(directory).as_posix() not in files
     )
     if unlisted:
-        raise ValueError(f"{directory} holds files its {MANIFEST_FILE} does not list: {unlisted}")
+        raise DamagedCheckpoint(f"{directory} holds files its {MANIFEST_FILE} does not list: {unlisted}")
     for name, record in files.items():
         path = directory / name
         if not path.is_file():
-            raise ValueError(f"{path} is missing: {directory}/{MANIFEST_FILE} lists it")
+            raise DamagedCheckpoint(f"{path} is missing: {directory}/{MANIFEST_FILE} lists it")
         size = path.stat().st_size
         if size != record["size"]:
-            raise ValueError(f"{path} is damaged: {size} bytes, its {MANIFEST_FILE} recorded {record['size']}")
+            raise DamagedCheckpoint(f"{path} is damaged: {size} bytes, its {MANIFEST_FILE} recorded {record['size']}")
         if _sha256(path) != record["sha256"]:
-            raise ValueError(f"{path} is damaged: its SHA-256 is not the one its {MANIFEST_FILE} recorded")
+            raise DamagedCheckpoint(f"{path} is damaged: its SHA-256 is not the one its {MANIFEST_FILE} recorded")
 
 
 def _listed(directory: Path) -> dict[str, Any]:
@@ -102,8 +105,8 @@ def _listed(directory: Path) -> dict[str, Any]:
             for name, record in files.items()
         )
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
-        raise ValueError(f"{path} is damaged: it is no manifest ({type(error).__name__})") from None
+        raise DamagedCheckpoint(f"{path} is damaged: it is no manifest ({type(error).__name__})") from None
     if not well_formed:
-        raise ValueError(f"{path} is damaged: it is no manifest of format {_FORMAT}")
+        raise DamagedCheckpoint(f"{path} is damaged: it is no manifest of format {_FORMAT}")
     result: dict[str, Any] = files
     return result

@@ -15,7 +15,7 @@ from ignite.engine import Engine, Events
 
 from ..engine.trainer import Trainer
 from ..optim import checks, distributed
-from .run_directory import RunDirectory, RunDirectoryBusy
+from .run_directory import RunDirectory, RunDirectoryBusy, RunDirectoryConflict
 
 
 class PeriodicSave(Protocol):
@@ -97,10 +97,17 @@ class DirectoryHold:
         except OSError as error:
             self.let_go()
             return OSError(str(error))
+        impostors = directory.impostors()
+        if impostors:
+            self.let_go()
+            return RunDirectoryConflict(
+                f"{directory.path} holds entries named like this run's checkpoints that are none "
+                f"({', '.join(impostors)}); a save of that name would fail or replace them: move them away"
+            )
         later = [path.name for step, path in directory.checkpoints() if step > iteration]
         if later:
             self.let_go()
-            return ValueError(
+            return RunDirectoryConflict(
                 f"{directory.path} holds checkpoints of later iterations than this run's {iteration} "
                 f"({', '.join(later)}): resume from the newest (resume_from_latest), or save to another directory"
             )

@@ -59,6 +59,16 @@ class RunDirectoryBusy(RuntimeError):
     """Another process holds the directory's lock: a second run may not write there."""
 
 
+class DamagedCheckpoint(ValueError):
+    """A checkpoint that cannot be read as it was written: truncated, flipped bits, missing files, not a
+    checkpoint at all; unlike a checkpoint of another run (a plain ``ValueError``), an older one may load."""
+
+
+class RunDirectoryConflict(ValueError):
+    """The directory holds what a run starting there would overwrite or rank below: checkpoints of later
+    iterations, or entries named like its checkpoints that are none."""
+
+
 def checkpoint_name(iteration: int, sharded: bool = False) -> str:
     """The name of the run's checkpoint at ``iteration``: a file, or a sharded checkpoint's directory."""
     return f"checkpoint_{iteration}" if sharded else f"checkpoint_{iteration}.pt"
@@ -103,11 +113,35 @@ class RunDirectory:
     def checkpoints(self) -> list[tuple[int, Path]]:
         """``(iteration, path)`` of the run's checkpoints (of its kind), oldest first (``[]`` without a directory).
 
-        With ``kind='any'``, a file and a sharded checkpoint of one iteration are both listed, the file first.
+        With ``kind='any'``, a file and a sharded checkpoint of one iteration are
+        both listed, the file first. An entry named like one that is none
+        (``impostors``) is skipped with a warning.
         """
-        if not self.path.is_dir():
-            return []
         found = []
+        for iteration, entry, problem in self._named_entries():
+            if problem is not None:
+                warnings.warn(f"{entry} is {problem}, not a checkpoint: skipped", RuntimeWarning, stacklevel=2)
+                continue
+            found.append((iteration, entry))
+        return sorted(found, key=lambda item: (item[0], item[1].is_dir()))
+
+    def impostors(self) -> list[str]:
+        """The entries named like the run's checkpoints that are none, each said with what it is instead.
+
+        Example:
+            >>> import tempfile
+            >>> with tempfile.TemporaryDirectory() as path:
+            ...     os.makedirs(f"{path}/checkpoint_3.pt")
+            ...     RunDirectory(path, "file").impostors()
+            ['checkpoint_3.pt (a directory)']
+        """
+        found = [(entry.name, problem) for _, entry, problem in self._named_entries() if problem is not None]
+        return [f"{name} ({problem})" for name, problem in sorted(found)]
+
+    def _named_entries(self) -> Iterator[tuple[int, Path, str | None]]:
+        """Each entry named like a checkpoint of the run's kind: its iteration, path, and why it is none (or None)."""
+        if not self.path.is_dir():
+            return
         for entry in self.path.iterdir():
             match = CHECKPOINT_NAME.fullmatch(entry.name)
             if match is None:
@@ -115,12 +149,7 @@ class RunDirectory:
             sharded = match.group(2) is None
             if self.kind != "any" and sharded != (self.kind == "sharded"):
                 continue
-            problem = _kind_problem(entry, sharded)
-            if problem is not None:
-                warnings.warn(f"{entry} is {problem}, not a checkpoint: skipped", RuntimeWarning, stacklevel=2)
-                continue
-            found.append((int(match.group(1)), entry))
-        return sorted(found, key=lambda item: (item[0], item[1].is_dir()))
+            yield int(match.group(1)), entry, _kind_problem(entry, sharded)
 
     def newest(self) -> Path | None:
         """The run's checkpoint of the highest iteration, or None."""
@@ -190,6 +219,17 @@ class RunDirectory:
             if self._lock.lock_counter == 1:
                 (self.path / _OWNER).unlink(missing_ok=True)
             self._lock.release()
+
+    def discard_if_unused(self) -> bool:
+        """Remove the directory if it holds nothing but its lock (a run refused before it wrote); whether it did."""
+        if self._lock.is_locked or not self.path.is_dir():
+            return False
+        if any(entry.name not in (_LOCK, _OWNER) for entry in self.path.iterdir()):
+            return False
+        for name in (_OWNER, _LOCK):
+            (self.path / name).unlink(missing_ok=True)
+        self.path.rmdir()
+        return True
 
     @contextmanager
     def lock(self) -> Iterator[RunDirectory]:

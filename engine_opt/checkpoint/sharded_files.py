@@ -58,7 +58,7 @@ from ..optim.wrapper_dict import members
 from .dcp_metadata import SafeReader
 from .files import check_entry, fsync_directory, load_objects, read_checkpoint, write_checkpoint
 from .manifest import MANIFEST_FILE, has_manifest, verify, write_manifest
-from .run_directory import SHARDED_METADATA, remove
+from .run_directory import SHARDED_METADATA, DamagedCheckpoint, remove
 
 OBJECTS_FILE = "objects.pt"
 
@@ -307,7 +307,7 @@ def load_sharded_checkpoint(to_load: Mapping[str, Any], path: str | Path) -> Non
     path = checks.path("path", path)
     checks.mapping("to_load", to_load)
     if not (path / SHARDED_METADATA).is_file():
-        raise ValueError(f"{path} is not a complete sharded checkpoint: it lacks {SHARDED_METADATA}")
+        raise DamagedCheckpoint(f"{path} is not a complete sharded checkpoint: it lacks {SHARDED_METADATA}")
     _verify(path)
     saved = read_checkpoint(path / OBJECTS_FILE)
     layout = ShardedLayout.of(to_load, "to_load")
@@ -350,7 +350,7 @@ def _verify(path: Path) -> None:
             problem = str(error)
     problem = distributed.gather_objects(problem)[0]
     if problem is not None:
-        raise ValueError(problem)
+        raise DamagedCheckpoint(problem)
 
 
 def _saved_model(metadata: Any, name: str) -> dict[str, Any]:

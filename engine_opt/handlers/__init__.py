@@ -22,7 +22,7 @@ from .nonfinite import NonFiniteGuard
 from .params_logger import OptimParamsHandler, optim_scalars
 from .progress import attach_progress_bar, progress_values
 from .scheduler import SchedulerHandler
-from .spike_guard import SpikeGuard
+from .spike_guard import SpikeGuard, SpikesPersist
 from .update_telemetry import UpdateTelemetryHandler
 
 __all__ = [
@@ -30,6 +30,7 @@ __all__ = [
     "OptimParamsHandler",
     "SchedulerHandler",
     "SpikeGuard",
+    "SpikesPersist",
     "UpdateTelemetryHandler",
     "attach_progress_bar",
     "optim_scalars",

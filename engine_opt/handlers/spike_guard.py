@@ -57,6 +57,14 @@ def _mean_over_ranks(window_loss: torch.Tensor, items: int | torch.Tensor | None
     return pair[0] / pair[1]
 
 
+class SpikesPersist(RuntimeError):
+    """Raised by a ``SpikeGuard`` that trips after ``max_rollbacks`` rollbacks, once it has rolled back again.
+
+    The wrappers and the ``restore`` objects then hold the last good state
+    (the newest snapshot): a checkpoint saved now keeps it.
+    """
+
+
 class SpikeGuard:
     """Cancel updates whose loss or gradient norm lies beyond ``mean + z * std``; roll back after ``k`` in a row.
 
@@ -84,8 +92,12 @@ class SpikeGuard:
     ``snapshot_every`` updates (and when the run starts) at a check with the
     guard not tripped. The data is not rewound, so the batches since the
     snapshot are skipped; the trainer's iteration goes on, and the wrappers
-    keep their micro-step count. After ``max_rollbacks`` rollbacks, the next
-    trip raises ``RuntimeError`` and the run stops.
+    keep their counts (micro-steps, updates applied and skipped: an applied
+    update a rollback undid stays counted) and the guard its statistics
+    (the spikes were never folded in), so it judges on after a rollback with
+    no new warm-up. After ``max_rollbacks`` rollbacks, the next trip rolls
+    back once more and raises ``SpikesPersist`` (a ``RuntimeError``): the run
+    stops at its last good state.
 
     ``state_dict`` holds the statistics, the counts and the snapshot: put the
     guard in the checkpoint and a resumed run makes the decisions of the run
@@ -311,42 +323,35 @@ class SpikeGuard:
     def _take_snapshot(self, engine: Engine) -> dict[str, Any]:
         wrappers = {str(name): wrapper.state_dict() for name, wrapper in optim_state(engine).members.items()}
         objects = {name: obj.state_dict() for name, obj in self.restore.items()}
-        snapshot: dict[str, Any] = _clone_tree({"wrappers": wrappers, "objects": objects, "guard": self._guard_state()})
+        snapshot: dict[str, Any] = _clone_tree({"wrappers": wrappers, "objects": objects})
         return snapshot
 
     def _roll_back(self, engine: Engine) -> None:
-        iteration = engine.state.iteration
-        if self.rollbacks >= self.max_rollbacks or self._snapshot is None:
-            raise RuntimeError(
-                f"SpikeGuard: {self.k} loss/gradient spikes in a row again at iteration {iteration}, after "
-                f"{self.rollbacks} rollback(s) (max_rollbacks={self.max_rollbacks}); the run is stopped: lower the "
-                "learning rate, clip the gradients, or look at the data around this iteration"
-            )
         snapshot = self._snapshot
-        for name, wrapper in optim_state(engine).members.items():
-            # the snapshot's open window is past; a member in a window now keeps that one
-            window = window_state.window_of(wrapper.state_dict()) if wrapper.in_window else {}
-            saved = window_state.at_position(
-                snapshot["wrappers"][str(name)],
-                inner_count=wrapper.inner_count,
-                max_counts=wrapper.max_counts,
-                window=window,
+        if snapshot is None:  # taken when the run starts
+            raise RuntimeError("SpikeGuard: tripped before the run started")
+        self._restore(engine, snapshot)
+        if self.rollbacks >= self.max_rollbacks:
+            raise SpikesPersist(
+                f"SpikeGuard: {self.k} loss/gradient spikes in a row again at iteration {engine.state.iteration}, "
+                f"after {self.rollbacks} rollback(s) (max_rollbacks={self.max_rollbacks}); the run is stopped, "
+                "rolled back to its last good state: lower the learning rate, clip the gradients, or look at the "
+                "data around this iteration"
             )
-            wrapper.load_state_dict(_clone_tree(saved))
-        for name, obj in self.restore.items():
-            obj.load_state_dict(_clone_tree(snapshot["objects"][name]))
-        spikes = {name: stats[_FIELDS.index("spikes")] for name, stats in self._stats.items()}
-        self._load_guard_state(snapshot["guard"])
-        for name, stats in self._stats.items():  # the streak is over; the spikes stay counted
+        for name, stats in self._stats.items():  # the streak is over; statistics and counts go on
             stats = stats.clone()
             stats[_FIELDS.index("streak")] = 0
             stats[_FIELDS.index("tripped")] = 0
-            if name in spikes:
-                stats[_FIELDS.index("spikes")] = spikes[name].to(stats.device)
             self._stats[name] = stats
         self.rollbacks += 1
-        self._window_loss.clear()
-        self._window_items.clear()
+
+    def _restore(self, engine: Engine, snapshot: Mapping[str, Any]) -> None:
+        """The snapshot's weights, optimizer states and ``restore`` objects; the counts and open windows of now."""
+        for name, wrapper in optim_state(engine).members.items():
+            saved = window_state.at_position(snapshot["wrappers"][str(name)], wrapper.state_dict())
+            wrapper.load_state_dict(_clone_tree(saved))
+        for name, obj in self.restore.items():
+            obj.load_state_dict(_clone_tree(snapshot["objects"][name]))
 
     # ------------------------------------------------------------------ what happened, and state
 
@@ -414,9 +419,7 @@ class SpikeGuard:
         ):
             raise ValueError("state_dict['window_losses'] must be a list of [name, a one-element tensor]")
         snapshot = state_dict["snapshot"]
-        if snapshot is not None and not (
-            isinstance(snapshot, Mapping) and {"wrappers", "objects", "guard"} <= set(snapshot)
-        ):
+        if snapshot is not None and not (isinstance(snapshot, Mapping) and {"wrappers", "objects"} <= set(snapshot)):
             raise ValueError("state_dict['snapshot'] must be None or a snapshot the guard took")
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
@@ -427,4 +430,4 @@ class SpikeGuard:
         self._snapshot = None if state_dict["snapshot"] is None else _clone_tree(state_dict["snapshot"])
 
 
-__all__ = ["SpikeGuard"]
+__all__ = ["SpikeGuard", "SpikesPersist"]

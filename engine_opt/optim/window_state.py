@@ -17,8 +17,8 @@ top level, so it also loads into a plain optimizer) plus these entries:
 
 The last four are the window's entries (``WINDOW_KEYS``). This module writes,
 checks and reads them: the wrapper calls it, and so does anything that takes
-a wrapper's state apart (``SpikeGuard``'s rollback keeps the window open now
-over an earlier snapshot's, with ``at_position``).
+a wrapper's state apart (``SpikeGuard``'s rollback loads an earlier
+snapshot's optimizer with the counts and the window of now, ``at_position``).
 
 Example:
     >>> import torch
@@ -73,24 +73,23 @@ def window_of(state_dict: Mapping[str, Any]) -> dict[str, Any]:
     return {key: state_dict[key] for key in WINDOW_KEYS if key in state_dict}
 
 
-def at_position(
-    state_dict: Mapping[str, Any], *, inner_count: int, max_counts: int, window: Mapping[str, Any]
-) -> dict[str, Any]:
-    """``state_dict`` (saved earlier) at another position: micro-step count, run length and open window replaced.
+def at_position(earlier: Mapping[str, Any], now: Mapping[str, Any]) -> dict[str, Any]:
+    """The optimizer of ``earlier`` (a state saved before) at the position of ``now`` (the state saved now).
 
-    The optimizer's state, the step counts and the configuration stay the
-    saved ones; ``window`` is ``window_of`` a state saved now (``{}``
-    between windows). A copy: ``state_dict`` is not changed.
+    The optimizer's state and param groups are ``earlier``'s; the counters
+    (micro-steps, steps, skipped steps, run length) and the open window are
+    ``now``'s: what a rollback loads, so that the counts go on. A copy:
+    neither argument is changed.
 
     Example:
         >>> earlier = {"state": {}, "param_groups": [], "counters": {"inner_count": 4, "steps": 2},
         ...            "accumulated_grads": [None]}
-        >>> at_position(earlier, inner_count=9, max_counts=-1, window={})
-        {'state': {}, 'param_groups': [], 'counters': {'inner_count': 9, 'steps': 2, 'max_counts': -1}}
+        >>> at_position(earlier, {"state": {}, "param_groups": [], "counters": {"inner_count": 9, "steps": 7}})
+        {'state': {}, 'param_groups': [], 'counters': {'inner_count': 9, 'steps': 7}}
     """
-    moved = {key: value for key, value in state_dict.items() if key not in WINDOW_KEYS}
-    moved["counters"] = {**state_dict.get("counters", {}), "inner_count": inner_count, "max_counts": max_counts}
-    moved.update(window)
+    moved = {key: value for key, value in earlier.items() if key not in WINDOW_KEYS}
+    moved["counters"] = dict(now.get("counters", {}))
+    moved.update(window_of(now))
     return moved
 
 

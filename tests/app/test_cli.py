@@ -306,6 +306,70 @@ def test_a_new_run_is_refused_an_earlier_runs_log_directory(tmp_path, capsys):
     assert sorted((tmp_path / "logs").glob("events.out.tfevents.*")) == events
 
 
+def test_a_run_killed_before_its_first_checkpoint_is_started_over_by_resume(tmp_path, capsys):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    assert run(tmp_path, "--epochs", "1") == 0
+    for checkpoint in (tmp_path / "logs" / "checkpoints").glob("checkpoint_*.pt"):
+        checkpoint.unlink()  # as a run SIGKILLed before its first checkpoint leaves it: its logs, no checkpoint
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        run(tmp_path, "--epochs", "1")
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "stopped before its first checkpoint" in err
+    assert "pass --resume to start that run over" in err
+    assert run(tmp_path, "--epochs", "1", "--resume") == 0
+    captured = capsys.readouterr()
+    assert "starting the run from the start" in captured.err and "trained classifier to epoch 1" in captured.out
+    accumulator = EventAccumulator(str(tmp_path / "logs"))
+    accumulator.Reload()
+    assert [event.step for event in accumulator.Scalars("train/loss")] == list(range(10, 65, 10))  # drawn once
+
+
+def test_a_damaged_newest_checkpoint_names_the_newest_that_reads_whole(tmp_path, capsys):
+    assert run(tmp_path, "--epochs", "1", "--checkpoint-every", "16") == 0
+    checkpoints = tmp_path / "logs" / "checkpoints"
+    damaged = bytearray((checkpoints / "checkpoint_64.pt").read_bytes())
+    damaged[len(damaged) // 2] ^= 1
+    (checkpoints / "checkpoint_64.pt").write_bytes(damaged)
+    before = sorted(path.name for path in checkpoints.iterdir())
+    with pytest.raises(SystemExit) as exit_info:
+        run(tmp_path, "--epochs", "2", "--resume")
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "checkpoint_64.pt is damaged" in err
+    assert "checkpoint_48.pt is the newest that reads whole: move checkpoint_64.pt out of" in err
+    assert "options of the interrupted run" not in err  # nothing about options: they were not the problem
+    assert sorted(path.name for path in checkpoints.iterdir()) == before  # nothing deleted
+    (checkpoints / "checkpoint_64.pt").rename(tmp_path / "checkpoint_64.pt")
+    assert run(tmp_path, "--epochs", "2", "--resume") == 0
+    assert f"resumed from:     {checkpoints / 'checkpoint_48.pt'}" in capsys.readouterr().out
+
+
+def test_an_entry_named_like_a_checkpoint_is_refused_before_the_run_starts(tmp_path, capsys):
+    (tmp_path / "logs" / "checkpoints" / "checkpoint_64.pt").mkdir(parents=True)
+    with pytest.raises(SystemExit) as exit_info:
+        run(tmp_path, "--epochs", "1")
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2
+    assert "holds entries named like checkpoints that are none (checkpoint_64.pt (a directory))" in err
+    assert [path.name for path in (tmp_path / "logs" / "checkpoints").glob("*checkpoint*")] == ["checkpoint_64.pt"]
+    assert not list((tmp_path / "logs").glob("events.out.tfevents.*"))
+
+
+def test_a_checkpoint_directory_ahead_of_the_run_is_one_line_not_a_traceback(tmp_path):
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    argv = [sys.executable, "-m", "engine_opt", "train", "--no-progress", "--log-dir", "logs", "--epochs"]
+    assert subprocess.run([*argv, "1"], cwd=tmp_path, env=env, capture_output=True, timeout=300).returncode == 0
+    checkpoints = tmp_path / "logs" / "checkpoints"
+    (checkpoints / "checkpoint_64.pt").rename(checkpoints / "checkpoint_640.pt")  # named ahead of what it holds
+    result = subprocess.run([*argv, "2", "--resume"], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert result.returncode == 1 and result.stdout == ""
+    assert result.stderr.splitlines() == [
+        "engine-opt: error: logs/checkpoints holds checkpoints of later iterations than this run's 64 "
+        "(checkpoint_640.pt): resume from the newest (resume_from_latest), or save to another directory"
+    ]
+
+
 def test_a_resumed_run_draws_each_curve_once(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

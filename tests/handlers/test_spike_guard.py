@@ -10,7 +10,7 @@ from ignite.engine import Events
 from engine_opt import AmpOptimWrapper, OptimEvents, OptimWrapper, OptimWrapperDict, create_trainer
 from engine_opt.checkpoint import attach_checkpoint, load_checkpoint
 from engine_opt.engine import ResumableLoader
-from engine_opt.handlers import SchedulerHandler, SpikeGuard
+from engine_opt.handlers import SchedulerHandler, SpikeGuard, SpikesPersist
 
 from helpers import gan_step, make_amp_gan_wrappers
 from oracle import (
@@ -171,11 +171,84 @@ def test_rollback_checked_every_n_updates_still_sees_a_streak_that_ended():
     assert guard.rollbacks == 1
 
 
+def test_counts_and_statistics_survive_a_rollback_to_the_start():
+    batches = make_batches(N)
+    # only the snapshot of the start (snapshot_every=100): spikes at batches 21-23 roll back to the initial
+    # weights; the spikes at 26 and 27 right after are cancelled, with no new warm-up
+    spikes = {21, 22, 23, 26, 27}
+    model, wrapper, guard = guarded_run(
+        spiked(batches, spikes), mode="rollback", k=3, check_every=1, snapshot_every=100
+    )
+    expected, expected_optimizer = plain(without(batches, set(range(24)) | spikes))
+    assert_same_model(model, expected)
+    assert_same_tensors(wrapper.optimizer.state_dict()["state"], expected_optimizer.state_dict()["state"])
+    assert (guard.rollbacks, guard.spikes()) == (1, {None: 5})
+    # every window stepped stays counted: 35 applied (21 of them undone by the rollback), 5 cancelled
+    assert (wrapper.step_count, wrapper.applied_steps, wrapper.skipped_steps) == (N, N - 5, 5)
+    assert guard.statistics()[None]["count"] == N - 5
+
+
 @pytest.mark.parametrize("max_rollbacks", [0, 1])
-def test_the_maximum_of_rollbacks_stops_the_run_with_a_message(max_rollbacks):
-    batches = spiked(make_batches(N), {11, 12, 21, 22})
-    with pytest.raises(RuntimeError, match=rf"after {max_rollbacks} rollback\(s\) \(max_rollbacks={max_rollbacks}\)"):
-        guarded_run(batches, mode="rollback", k=2, check_every=1, snapshot_every=5, max_rollbacks=max_rollbacks)
+def test_the_maximum_of_rollbacks_stops_the_run_at_its_last_good_state(max_rollbacks):
+    batches = make_batches(N)
+    spiking = spiked(batches, {11, 12, 21, 22})
+    message = rf"after {max_rollbacks} rollback\(s\) \(max_rollbacks={max_rollbacks}\).*last good state"
+    model = make_model()
+    wrapper = OptimWrapper(OPTIMIZERS["sgd_momentum"](model.parameters()))
+    trainer = create_trainer(model, wrapper, loss_fn)
+    guard = SpikeGuard(
+        "rollback",
+        warmup=5,
+        k=2,
+        check_every=1,
+        snapshot_every=5,
+        max_rollbacks=max_rollbacks,
+        restore={"model": model},
+    )
+    guard.attach(trainer)
+    with pytest.raises(SpikesPersist, match=message):
+        trainer.run(spiking)
+    # the last snapshot before the trip: after update 10 (rollbacks=0, trip at batch 12) or 20 (after one
+    # rollback to 10, which skipped batches 10-12)
+    kept = set(range(10, N)) if max_rollbacks == 0 else set(range(10, 13)) | set(range(20, N))
+    expected, _ = plain(without(batches, kept))
+    assert_same_model(model, expected)
+    assert isinstance(SpikesPersist("x"), RuntimeError)
+
+
+@pytest.mark.slow  # the command, stopped by its guard
+def test_the_command_stopped_by_its_spike_guard_saves_the_last_good_state_and_says_so(tmp_path, monkeypatch, capsys):
+    from engine_opt.app import train as app_train
+    from engine_opt.app.cli import build_parser, main
+
+    make_task, calls = app_train.make_task, []
+
+    def spiking_task(*args, **kwargs):
+        task = make_task(*args, **kwargs)
+        plain_loss = task.loss_fn
+
+        def loss(prediction, target):  # four runs of spikes: three rollbacks, then the stop
+            calls.append(None)
+            scale = 1e3 if any(start <= len(calls) < start + 5 for start in (30, 50, 70, 90)) else 1.0
+            return plain_loss(prediction, target) * scale
+
+        task.loss_fn = loss
+        return task
+
+    monkeypatch.setattr(app_train, "make_task", spiking_task)
+    options = ["train", "--no-progress", "--log-dir", str(tmp_path), "--spike-guard", "rollback", "--epochs", "3"]
+    with pytest.raises(SystemExit) as stopped:
+        main(options)
+    assert stopped.value.code == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert "training stopped: SpikeGuard: 3 loss/gradient spikes in a row again at iteration 100" in err
+    assert err.endswith(f"its last good state is saved in {tmp_path / 'checkpoints' / 'checkpoint_100.pt'}")
+    saved = torch.load(tmp_path / "checkpoints" / "checkpoint_100.pt", weights_only=True)
+    start = app_train.build(build_parser().parse_args(options)).task.model.state_dict()
+    assert_same_tensors(saved["model"], start)  # back at the snapshot of the start, the only one taken
+    assert saved["spike_guard"]["rollbacks"] == 3 and saved["trainer"]["iteration"] == 100
+    assert saved["optim_wrapper"]["counters"]["skipped_steps"] == 20
 
 
 @pytest.mark.parametrize(
@@ -407,4 +480,4 @@ def test_a_rollback_leaves_another_members_open_window_whole():
         x = torch.randn(8, 4, generator=generator)
         data.append((x, x @ weights * (1e3 if index in (20, 21, 22) else 1.0)))
     trainer.run(data)  # a snapshot taken mid-window of disc (with its item count) restores without an error
-    assert guard.rollbacks == 1 and wrappers["disc"].step_count == 18
+    assert guard.rollbacks == 1 and wrappers["disc"].step_count == 20  # its counts go on
