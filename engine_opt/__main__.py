@@ -1,5 +1,5 @@
 """``python -m engine_opt``: the ``engine-opt`` command."""
 
-from .app.cli import main
+from .app.cli import entry
 
-raise SystemExit(main())
+entry()

@@ -40,14 +40,14 @@ from ignite.distributed.launcher import Parallel
 from torch.multiprocessing.spawn import ProcessExitedException
 
 from .. import __version__
-from ..checkpoint import RunDirectoryBusy, RunDirectoryConflict
+from ..checkpoint import RunDirectoryBusy, RunDirectoryConflict, latest_checkpoint
 from ..handlers import SpikesPersist
 from ..optim.distributed import rank, world_size
 from .config import UsageError
 from .launcher import FromLauncher, RankLink, launch_ranks
-from .signals import EXIT_STATUS, StopRequest
+from .signals import EXIT_STATUS, StopNow, StopRequest
 from .tasks import TASKS
-from .train import check_batch_size, summary, train
+from .train import check_batch_size, run_paths, summary, train
 
 _DTYPES = ("fp32", "bf16", "fp16")
 
@@ -197,6 +197,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
+def entry() -> None:
+    """The ``engine-opt`` executable: ``main``, and a process that ends quietly once a signal stopped the run.
+
+    After a run a signal stopped, its checkpoint saved and the line printed, a
+    further Ctrl-C while the interpreter shuts down would print a traceback:
+    the process ignores SIGINT and SIGTERM from then on (it is ending anyway).
+    """
+    try:
+        main()
+    except SystemExit as end:
+        if end.code in EXIT_STATUS.values():
+            for number in (signal.SIGINT, signal.SIGTERM):
+                signal.signal(number, signal.SIG_IGN)
+        raise
+
+
 def _launch(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     """Run in this process, or spawn the ranks and wait for them; the exit status."""
     under_torchrun = all(name in os.environ for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
@@ -220,6 +236,8 @@ def _launch(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         return 0
     try:
         return launch_ranks(_worker, args, backend, args.nproc_per_node)
+    except StopNow as stop:
+        return _stopped_now(args, stop)
     except ProcessExitedException as error:  # a spawned rank ended with an error status, or was killed
         if error.signal_name is None:  # the rank printed why
             return error.exit_code
@@ -285,6 +303,8 @@ def _run(args: argparse.Namespace, stop: StopRequest | None = None) -> int:
     name = "engine-opt" if world_size() == 1 else f"engine-opt (rank {rank()})"
     try:
         result = train(args, stop)
+    except StopNow as now:
+        return _stopped_now(args, now)
     except KeyboardInterrupt:  # Ctrl-C outside the training loop, which StopOnSignal covers
         status = EXIT_STATUS["SIGINT"] if stop is None else 1  # a spawned rank's is no stop the ranks agreed on
         return _fail(status, f"{name}: interrupted by SIGINT outside the training loop; nothing was saved for it")
@@ -297,6 +317,18 @@ def _run(args: argparse.Namespace, stop: StopRequest | None = None) -> int:
     if rank() == 0:
         print(summary(result), file=sys.stderr if result.stopped_by else sys.stdout)
     return EXIT_STATUS.get(result.stopped_by or "", 0)
+
+
+def _stopped_now(args: argparse.Namespace, stop: StopNow) -> int:
+    """A second signal stopped the run before its iteration ended: say so, and what is saved."""
+    _, checkpoint_dir = run_paths(args)
+    newest = latest_checkpoint(checkpoint_dir, kind="file") if checkpoint_dir.is_dir() else None
+    during = "" if stop.iteration is None else f" during iteration {stop.iteration}"
+    saved = f"the newest checkpoint is {newest}; continue from it with --resume" if newest else "nothing is saved"
+    return _fail(
+        EXIT_STATUS[stop.signal_name],
+        f"engine-opt: stopped at once by a second {stop.signal_name}{during}, before it ended; {saved}",
+    )
 
 
 def _fail(status: int, message: str) -> int:

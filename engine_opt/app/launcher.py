@@ -42,6 +42,8 @@ from typing import Protocol
 
 from ignite.distributed.launcher import Parallel
 
+from .signals import StopNow
+
 
 class SharedInt(Protocol):
     """An integer in memory the launcher and its ranks share (``multiprocessing.Value``)."""
@@ -119,7 +121,8 @@ def rendezvous_port() -> int:
 def launch_ranks(worker: Worker, args: argparse.Namespace, backend: str, processes: int) -> int:
     """Run ``worker(local_rank, args, link)`` in ``processes`` spawned ranks; the status they left in ``link``.
 
-    A rank's failure comes as Ignite's launch raises it (``ProcessExitedException``).
+    A rank's failure comes as Ignite's launch raises it (``ProcessExitedException``); ranks the launcher
+    ended on a second signal as ``StopNow``.
     """
     link = RankLink.create()
     port = rendezvous_port()
@@ -146,6 +149,8 @@ def launch_ranks(worker: Worker, args: argparse.Namespace, backend: str, process
     finally:
         for number, handler in previous.items():
             signal.signal(number, handler)
+    if errors and requests.interrupts >= 2 and link.requested.value:  # the ranks were stopped at once, as asked
+        raise StopNow(signal.Signals(link.requested.value).name) from errors[0]
     if errors:
         raise errors[0]
     return int(link.status.value)

@@ -10,6 +10,10 @@ The handlers are the command's own, installed for the run and put back after.
 Ranks spawned by the command start with SIGINT ignored; the launcher notes
 it (and a SIGTERM sent to it) for them (``requested``), so a Ctrl-C while
 they start is not lost: it stops the run at its first iteration's end.
+In one process, a second signal while the iteration has not ended (a step
+that stalls) raises ``StopNow`` there: the command stops at once, with the
+checkpoints saved before; once the iteration has ended, the final save is
+let finish. (The launcher of several ranks escalates on its own.)
 
 Example:
     >>> import signal
@@ -35,6 +39,20 @@ from ignite.engine import Engine, Events
 from ..optim.distributed import world_size
 
 EXIT_STATUS = {"SIGINT": 130, "SIGTERM": 143}  # 128 + the signal's number, as shells report it
+
+
+class StopNow(KeyboardInterrupt):
+    """A second signal came while the run waited for its iteration's end: the command stops at once, unsaved.
+
+    Attributes:
+        signal_name: The signal (``'SIGINT'``, ``'SIGTERM'``).
+        iteration: The iteration it interrupted (``None`` where unknown: the ranks of a launcher).
+    """
+
+    def __init__(self, signal_name: str, iteration: int | None = None) -> None:
+        super().__init__(signal_name, iteration)
+        self.signal_name = signal_name
+        self.iteration = iteration
 
 
 class StopRequest(Protocol):
@@ -65,6 +83,7 @@ class StopOnSignal:
         self.received: str | None = None
         self._previous: dict[int, Any] = {}
         self._group: Any = None
+        self._ending = False  # the iteration has ended: the run terminates and saves
 
     def __enter__(self) -> StopOnSignal:
         if threading.current_thread() is threading.main_thread():  # Python delivers signals there only
@@ -92,8 +111,11 @@ class StopOnSignal:
         return 0 if self.received is None else EXIT_STATUS[self.received]
 
     def _note(self, number: int, frame: FrameType | None) -> None:
+        name = signal.Signals(number).name
         if self.received is None:  # the first signal is the one the run reports
-            self.received = signal.Signals(number).name
+            self.received = name
+        elif self.requested is None and not self._ending:  # one process, an iteration that does not end
+            raise StopNow(name, self.trainer.state.iteration)
 
     def _stop_if_signalled(self, engine: Engine) -> None:
         if self.received is None and self.requested is not None and self.requested.value:
@@ -107,4 +129,5 @@ class StopOnSignal:
                 return
             self.received = received
         if received is not None:
+            self._ending = True
             engine.terminate()

@@ -252,6 +252,45 @@ def test_a_signal_stops_the_command_with_a_checkpoint_it_resumes_from_exactly(tm
         assert_same_tensors(actual["data"]["rng"][stream], expected["data"]["rng"][stream], stream)
 
 
+def test_a_second_ctrl_c_while_an_iteration_stalls_stops_at_once_with_what_is_saved(tmp_path, capsys):
+    import threading
+
+    from engine_opt.app import train as app_train
+
+    make_task, calls = app_train.make_task, []
+
+    def stalling_task(*args, **kwargs):
+        task = make_task(*args, **kwargs)
+        plain_loss = task.loss_fn
+
+        def loss(prediction, target):
+            calls.append(None)
+            if len(calls) == 20:  # iteration 20 stalls; the user presses Ctrl-C, waits, presses it again
+
+                def press_twice():
+                    for _ in range(2):
+                        time.sleep(0.3)
+                        os.kill(os.getpid(), signal.SIGINT)
+
+                threading.Thread(target=press_twice).start()
+                time.sleep(60)
+            return plain_loss(prediction, target)
+
+        task.loss_fn = loss
+        return task
+
+    start = time.monotonic()
+    with mock.patch.object(app_train, "make_task", stalling_task), pytest.raises(SystemExit) as end:
+        run(tmp_path, "--epochs", "1", "--checkpoint-every", "8")
+    assert end.value.code == 130 and time.monotonic() - start < 30
+    newest = tmp_path / "logs" / "checkpoints" / "checkpoint_16.pt"
+    assert capsys.readouterr().err == (
+        "engine-opt: stopped at once by a second SIGINT during iteration 20, before it ended; the newest "
+        f"checkpoint is {newest}; continue from it with --resume\n"
+    )
+    assert sorted(path.name for path in newest.parent.glob("*.pt")) == ["checkpoint_16.pt", "checkpoint_8.pt"]
+
+
 def test_ctrl_c_before_training_ends_the_command_with_one_line_and_status_130(tmp_path, capsys):
     with mock.patch("engine_opt.app.train.make_task", side_effect=KeyboardInterrupt), pytest.raises(SystemExit) as end:
         run(tmp_path, "--epochs", "1")
@@ -487,3 +526,19 @@ def test_num_items_samples_weights_each_update_by_its_windows_samples(tmp_path, 
     built.trainer.add_event_handler(Events.ITERATION_COMPLETED(once=1), lambda engine: engine.terminate())
     built.trainer.run(built.data, max_epochs=1)  # stopped mid-window: the window's sample count is saved
     assert built.optim_wrapper.state_dict()["accumulated_items"] == 1000
+
+
+@pytest.mark.parametrize(("status", "ignored"), [(130, True), (143, True), (1, False)])
+def test_the_executable_ends_deaf_to_signals_once_a_signal_stopped_the_run(status, ignored):
+    from engine_opt.app import cli
+
+    previous = [signal.getsignal(number) for number in (signal.SIGINT, signal.SIGTERM)]
+    try:
+        with mock.patch.object(cli, "main", side_effect=SystemExit(status)), pytest.raises(SystemExit) as end:
+            cli.entry()
+        assert end.value.code == status
+        deaf = [signal.getsignal(number) is signal.SIG_IGN for number in (signal.SIGINT, signal.SIGTERM)]
+        assert deaf == [ignored, ignored]  # a Ctrl-C while the stopped run's process shuts down prints nothing
+    finally:
+        for number, handler in zip((signal.SIGINT, signal.SIGTERM), previous, strict=True):
+            signal.signal(number, handler)
