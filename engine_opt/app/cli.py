@@ -323,11 +323,10 @@ def _stopped_now(args: argparse.Namespace, stop: StopNow) -> int:
     """A second signal stopped the run before its iteration ended: say so, and what is saved."""
     _, checkpoint_dir = run_paths(args)
     newest = latest_checkpoint(checkpoint_dir, kind="file") if checkpoint_dir.is_dir() else None
-    during = "" if stop.iteration is None else f" during iteration {stop.iteration}"
+    during = "" if stop.iteration is None else f" during iteration {stop.iteration}, before it ended"
     saved = f"the newest checkpoint is {newest}; continue from it with --resume" if newest else "nothing is saved"
     return _fail(
-        EXIT_STATUS[stop.signal_name],
-        f"engine-opt: stopped at once by a second {stop.signal_name}{during}, before it ended; {saved}",
+        EXIT_STATUS[stop.signal_name], f"engine-opt: stopped at once by a second {stop.signal_name}{during}; {saved}"
     )
 
 
