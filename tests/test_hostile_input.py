@@ -28,6 +28,7 @@ import filelock
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils.data import DataLoader, DistributedSampler
 
 from engine_opt import (
     AmpOptimWrapper,
@@ -474,6 +475,15 @@ def a_mid_pass_position_of_two_processes_into_one() -> None:
     ResumableLoader([1, 2, 3, 4]).load_state_dict(state)
 
 
+def a_data_state_of_two_processes_into_one_that_pads_otherwise() -> None:
+    def loader() -> ResumableLoader:
+        return ResumableLoader(DataLoader(torch.arange(9), batch_size=3, sampler=DistributedSampler(range(9), 1, 0)))
+
+    state = loader().state_dict()  # between passes, its sampler's order as 2 processes record it
+    state["ranks"] = [{"epoch_rng": None, "rng": rng_state()}] * 2
+    loader().load_state_dict(state)
+
+
 def a_num_items_window_of_two_processes_into_one() -> None:
     model = make_model()
     wrapper = wrapper_of(model)
@@ -569,6 +579,7 @@ CASES = [
     Case("state dict", "a state saved mid-window with `accumulative_counts=4` into a wrapper of 2", a_mid_window_state_into_another_accumulation, "accumulative_counts=4"),
     Case("state dict", "a data position after batch 5 of data of 3 batches", a_data_position_past_the_datas_end, "only 3 batches"),
     Case("state dict", "a data position saved mid-pass by 2 processes, into 1 without a `DistributedSampler`", a_mid_pass_position_of_two_processes_into_one, "mid-pass"),
+    Case("state dict", "a data position of 2 processes over 9 samples (10 a pass, padded), into 1 (9 a pass)", a_data_state_of_two_processes_into_one_that_pads_otherwise, "gives 10 a pass on 2"),
     Case("state dict", "a window begun with `num_items` by 2 processes, into 1", a_num_items_window_of_two_processes_into_one, "num_items by a run of 2"),
     Case("state dict", "`ResumableLoader.load_state_dict({'position': -1, ...})`", lambda: ResumableLoader([1]).load_state_dict( {"position": -1, "epoch_rng": None, "rng": {"torch": torch.get_rng_state()}} ), "position"),
     Case("checkpoint file", "a checkpoint truncated to half its size", lambda: load_into_fresh(truncated("ckpt/checkpoint_3.pt")), "ckpt/checkpoint_3.pt"),

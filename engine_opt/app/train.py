@@ -26,11 +26,12 @@ import torch
 from ignite.engine import Engine, Events
 from ignite.handlers import Checkpoint
 from ignite.handlers.tensorboard_logger import OutputHandler, TensorboardLogger
+from torch.utils.data import DataLoader, DistributedSampler
 
 from ..checkpoint import DamagedCheckpoint, RunDirectory, attach_checkpoint, latest_checkpoint, resume_from_latest
 from ..checkpoint.files import read_checkpoint
+from ..engine import ResumableLoader, sampled_total
 from ..engine.events import OptimEvents, member_filter
-from ..engine.resumable_loader import ResumableLoader
 from ..engine.trainer import Trainer, create_trainer
 from ..handlers import (
     NonFiniteGuard,
@@ -102,6 +103,8 @@ def train(args: argparse.Namespace, stop: StopRequest | None = None) -> Result:
     launcher of spawned ranks on SIGINT, stops the run as the signal would.
     """
     run = build(args)
+    if rank() == 0:
+        _note_repeated_samples(run.task.data)
     used_before = gather_objects(run.checkpoint_dir.is_dir())[0]  # as rank 0 sees it, before it takes it
     directory = RunDirectory(run.checkpoint_dir)
     try:
@@ -113,6 +116,23 @@ def train(args: argparse.Namespace, stop: StopRequest | None = None) -> Result:
         if not used_before and rank() == 0:  # a refused run leaves no directory that says a run was there
             directory.discard_if_unused()
         raise
+
+
+def _note_repeated_samples(data: DataLoader[Any]) -> None:
+    """Say so where the ``DistributedSampler`` repeats samples to give every process as many."""
+    sampler = data.sampler
+    if not isinstance(sampler, DistributedSampler) or sampler.drop_last:
+        return
+    samples, processes = len(sampler.dataset), sampler.num_replicas  # type: ignore[arg-type]
+    extra = sampled_total(samples, processes, drop_last=False) - samples
+    if extra:
+        exact = [count for count in range(1, 65) if samples % count == 0]
+        print(
+            f"engine-opt: note: {samples} samples over {processes} processes: each epoch repeats {extra} of them "
+            f"(DistributedSampler's padding); every sample once per epoch on {', '.join(map(str, exact[:6]))}, ... "
+            "processes",
+            file=sys.stderr,
+        )
 
 
 def run_paths(args: argparse.Namespace) -> tuple[Path, Path]:

@@ -9,7 +9,7 @@ from typing import Any
 
 from ..moved import find_moved
 from .events import OptimEvents, member_filter
-from .resumable_loader import ResumableLoader, rng_state, set_rng_state
+from .resumable_loader import ResumableLoader, rng_state, sampled_total, set_rng_state
 from .state import OptimState, optim_state
 from .trainer import Trainer, create_trainer
 
@@ -22,6 +22,7 @@ __all__ = [
     "member_filter",
     "optim_state",
     "rng_state",
+    "sampled_total",
     "set_rng_state",
 ]
 

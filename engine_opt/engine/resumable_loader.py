@@ -134,7 +134,13 @@ class ResumableLoader:
     batch, ``batch_size`` times the processes): then the batches given out
     so far are the same samples at any number of processes, and they are
     skipped. Each process then keeps its own random generators (a rank of
-    the new run has no saved counterpart).
+    the new run has no saved counterpart). A ``DistributedSampler`` pads the
+    data to a multiple of the processes by repeating samples (or trims it
+    with ``drop_last``): a state loads on another number only where that
+    makes the same total (``sampled_total``), so the resumed run repeats the
+    samples the interrupted one would have; elsewhere it is refused, naming
+    the numbers that would be exact (any divisor, when the count divides the
+    samples).
 
     Args:
         data: A ``DataLoader`` or any re-iterable of batches. The generators
@@ -276,9 +282,11 @@ class ResumableLoader:
         saved_world = 1 if ranks is None else len(ranks)
         if saved_world == distributed.world_size():
             self._check_position(state_dict["position"], self._length())
-        elif not _between_passes(state_dict):
-            self._check_same_order(state_dict, saved_world)
-            self._check_position(state_dict["position"], self._length())
+        else:
+            self._check_same_samples(state_dict, saved_world)
+            if not _between_passes(state_dict):
+                self._check_same_order(state_dict, saved_world)
+                self._check_position(state_dict["position"], self._length())
         for where, streams in [("state_dict", state_dict)] + [
             (f"state_dict['ranks'][{rank}]", checks.mapping(f"state_dict['ranks'][{rank}]", states))
             for rank, states in enumerate(ranks or [])
@@ -317,6 +325,28 @@ class ResumableLoader:
                 "processes, or from a checkpoint between passes"
             )
 
+    def _check_same_samples(self, state_dict: Mapping[str, Any], saved_world: int) -> None:
+        """A state of another number of processes: refused where a ``DistributedSampler`` pads (or trims) the
+        data to another total there, which repeats (or drops) other samples than the interrupted run did."""
+        saved, order = state_dict.get("order"), _order(self.data)
+        if not isinstance(saved, Mapping) or order is None:
+            return
+        if (saved.get("samples"), saved.get("drop_last")) != (order["samples"], order["drop_last"]):
+            return  # other data: the mid-pass order check says so, and a whole next pass is this data's own
+        samples, drop_last, world = order["samples"], order["drop_last"], distributed.world_size()
+        before, now = sampled_total(samples, saved_world, drop_last), sampled_total(samples, world, drop_last)
+        if before == now:
+            return
+        exact = [count for count in range(1, 1025) if sampled_total(samples, count, drop_last) == before]
+        how = "drops samples" if drop_last else "repeats samples"
+        raise ValueError(
+            f"the data state was saved by a run of {saved_world} process(es), this run has {world}: a "
+            f"DistributedSampler over {samples} samples gives {before} a pass on {saved_world} and {now} on {world} "
+            f"(it {how} so that every process has as many), so this run would see other samples than the "
+            f"interrupted one. Resume on a number of processes that gives {before}: "
+            f"{', '.join(map(str, exact[:8]))}{', ...' if len(exact) > 8 else ''}"
+        )
+
     def _own_streams(self, state: dict[str, Any]) -> dict[str, Any]:
         """``state`` with this rank's generator states: its saved ones, or its current ones (another world size)."""
         ranks = state.get("ranks")
@@ -333,6 +363,18 @@ def _between_passes(state: Mapping[str, Any]) -> bool:
     """Whether ``state`` was saved before a pass began or after it ended (by its own length)."""
     position = state["position"]
     return state["epoch_rng"] is None or position == 0 or position == state.get("length")
+
+
+def sampled_total(samples: int, processes: int, drop_last: bool) -> int:
+    """The samples a ``DistributedSampler`` hands out per pass over all processes: padded up to a multiple of
+    ``processes`` by repeating some, or trimmed down to one with ``drop_last``.
+
+    Example:
+        >>> sampled_total(4096, 3, drop_last=False), sampled_total(4096, 3, drop_last=True)
+        (4098, 4095)
+    """
+    per_process = samples // processes if drop_last else -(-samples // processes)
+    return per_process * processes
 
 
 def _order(data: Any) -> dict[str, Any] | None:

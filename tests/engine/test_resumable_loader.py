@@ -10,6 +10,7 @@ import torch
 from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, RandomSampler
 
 from engine_opt.engine import ResumableLoader, rng_state, set_rng_state
+from engine_opt.optim import distributed
 
 
 def shuffled(generator=None):
@@ -204,3 +205,40 @@ def test_a_state_of_another_process_count_from_an_earlier_release_is_refused_unl
         distributed_loader(1, 0).load_state_dict(older)
     fresh, _ = state_of_two_ranks(0)
     distributed_loader(1, 0).load_state_dict({key: value for key, value in fresh.items() if key != "length"})
+
+
+def test_a_state_resumes_on_another_process_count_only_where_the_sampler_pads_alike(monkeypatch):
+    """242 samples, 2 -> 1 -> 3 processes: 2 -> 1 is exact; on 3 a DistributedSampler pads to 243 (one sample
+    seen twice a pass, where the interrupted run saw each once), so that resume is refused, naming the counts
+    that keep 242."""
+    samples, global_batch = 242, 66
+
+    def make(processes, rank):
+        return distributed_loader(processes, rank, samples=samples, global_batch=global_batch)
+
+    state, seen = state_of_two_ranks(2, make)
+    resumed = make(1, 0)
+    resumed.load_state_dict(state)
+    batches = iter(resumed)
+    third = next(batches).tolist()
+    oracle = DistributedSampler(torch.arange(samples), num_replicas=1, rank=0, shuffle=True, seed=0)
+    one_process = list(oracle)  # the one-process run's pass: its third global batch is the 2-process run's
+    assert sorted(third) == sorted(one_process[2 * global_batch : 3 * global_batch])
+    before = sorted(sample for rank in seen for batch in rank for sample in batch)
+    assert before == sorted(one_process[: 2 * global_batch])
+    mid_pass, between_passes = resumed.state_dict(), make(1, 0).state_dict()
+    for saved in (mid_pass, between_passes):
+        refused = make(3, 0)
+        with (
+            monkeypatch.context() as patch,
+            pytest.raises(
+                ValueError,
+                match=r"saved by a run of 1 process\(es\), this run has 3: a DistributedSampler over 242 samples "
+                r"gives 242 a pass on 1 and 243 on 3 .* processes that gives 242: 1, 2, 11, 22, 121, 242$",
+            ),
+        ):
+            patch.setattr(distributed, "world_size", lambda: 3)
+            refused.load_state_dict(saved)
+        assert refused.state_dict()["position"] == 0  # nothing taken
+    monkeypatch.setattr(distributed, "world_size", lambda: 11)
+    make(11, 0).load_state_dict(between_passes)  # 242 on 11 processes too: accepted
