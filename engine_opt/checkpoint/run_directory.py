@@ -9,7 +9,9 @@
   ``.metadata``) is skipped with a warning.
 - ``lock()`` holds the directory for one run at a time (a ``filelock`` lock,
   which the operating system releases when its process dies, so a run killed
-  earlier never blocks its resume). Within one process it is reentrant.
+  earlier never blocks its resume). Within one process it is reentrant. The
+  holder's process id and host are written beside it: a run that finds the
+  lock file removed under a live holder on this host is refused all the same.
 - A save writes ``.checkpoint_{iteration}.pt.{pid}.partial`` (a sharded one
   ``.checkpoint_{iteration}.{pid}.partial``) first and renames it when it is
   complete; ``prepare()`` removes those a killed save left, and ``rotate``
@@ -28,6 +30,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -210,6 +213,14 @@ class RunDirectory:
                 "directory at a time: wait for it to end, or choose another directory"
             ) from None
         if self._lock.lock_counter == 1:
+            holder = self._live_holder()
+            if holder is not None:  # its lock file was removed under it: the owner file still names it
+                self._lock.release()
+                raise RunDirectoryBusy(
+                    f"{self.path} is in use by another run ({holder}; its lock file was removed while it ran); one "
+                    "run writes to a checkpoint directory at a time: wait for it to end, or choose another directory "
+                    f"(if that process is no run, remove {self.path / _OWNER})"
+                )
             owner = {"pid": os.getpid(), "host": socket.gethostname()}
             (self.path / _OWNER).write_text(json.dumps(owner))
 
@@ -221,15 +232,25 @@ class RunDirectory:
             self._lock.release()
 
     def discard_if_unused(self) -> bool:
-        """Remove the directory if it holds nothing but its lock (a run refused before it wrote); whether it did."""
+        """Remove the directory if it holds nothing but a lock no run holds (a run refused before it wrote
+        there); whether it did."""
         if self._lock.is_locked or not self.path.is_dir():
             return False
-        if any(entry.name not in (_LOCK, _OWNER) for entry in self.path.iterdir()):
+        try:
+            self._lock.acquire()
+        except filelock.Timeout:
             return False
-        for name in (_OWNER, _LOCK):
-            (self.path / name).unlink(missing_ok=True)
-        self.path.rmdir()
-        return True
+        try:
+            unused = self._live_holder() is None and all(entry.name in (_LOCK, _OWNER) for entry in self.path.iterdir())
+            if unused:
+                (self.path / _OWNER).unlink(missing_ok=True)
+        finally:
+            self._lock.release()
+        if unused:
+            (self.path / _LOCK).unlink(missing_ok=True)
+            with contextlib.suppress(OSError):  # another run began there meanwhile: it stays
+                self.path.rmdir()
+        return unused
 
     @contextmanager
     def lock(self) -> Iterator[RunDirectory]:
@@ -239,6 +260,23 @@ class RunDirectory:
             yield self
         finally:
             self.release()
+
+    def _live_holder(self) -> str | None:
+        """The process the owner file names, if it is another one, on this host, and alive (else None)."""
+        try:
+            owner = json.loads((self.path / _OWNER).read_text())
+            pid, host = int(owner["pid"]), str(owner["host"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+        if host != socket.gethostname() or pid == os.getpid():
+            return None  # another host's liveness cannot be told; a stale file of a killed run must not block
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return None
+        except PermissionError:  # alive, another user's
+            pass
+        return f"process {pid} on {host}"
 
     def _holder(self) -> str:
         try:

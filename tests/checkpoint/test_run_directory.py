@@ -139,6 +139,24 @@ def test_another_process_is_refused_while_the_holder_lives_and_not_after_it_is_k
     directory.release()
 
 
+@pytest.mark.slow
+def test_a_lock_file_removed_under_a_live_holder_does_not_let_a_second_run_in(tmp_path):
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    with subprocess.Popen(
+        [sys.executable, "-c", HOLDER, str(tmp_path)], env=env, stdout=subprocess.PIPE, text=True
+    ) as holder:
+        assert holder.stdout.readline() == "holding\n"
+        (tmp_path / ".engine_opt.lock").unlink()  # a clean-up script, a user tidying the directory
+        with pytest.raises(RunDirectoryBusy, match=rf"process {holder.pid} on .*its lock file was removed"):
+            RunDirectory(tmp_path).acquire()
+        assert RunDirectory(tmp_path).discard_if_unused() is False  # the holder's owner file is there
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    directory = RunDirectory(tmp_path)
+    directory.acquire()  # the owner file names a dead process now: no block
+    directory.release()
+
+
 def test_removing_a_sharded_checkpoint_renames_it_to_a_partial_name_first_and_a_partial_one_in_place(tmp_path):
     from unittest import mock
 
