@@ -26,14 +26,17 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import gc
 import logging
 import math
 import os
 import signal
 import sys
-from collections.abc import Iterator, Sequence
+import threading
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from ignite.distributed.launcher import Parallel
@@ -47,7 +50,7 @@ from .config import UsageError
 from .launcher import FromLauncher, RankLink, launch_ranks
 from .signals import EXIT_STATUS, StopNow, StopRequest
 from .tasks import TASKS
-from .train import check_batch_size, run_paths, summary, train
+from .train import check_batch_size, raised_by_tensorboard, run_paths, summary, train
 
 _DTYPES = ("fp32", "bf16", "fp16")
 
@@ -273,13 +276,17 @@ def _quiet_unless_verbose(args: argparse.Namespace) -> Iterator[None]:
     put back as they were when the command ends.
     """
     if not args.verbose:
-        # Ignite logs the error that ends a run before it reaches the command, which prints its own line
+        # Ignite logs the error that ends a run, and TensorBoard's writer thread prints its own, before they
+        # reach the command, which prints one line for each
         quiet = logging.NullHandler()
         logging.getLogger("ignite").addHandler(quiet)
         logging.disable(logging.INFO)
+        previous_hook = threading.excepthook
+        threading.excepthook = functools.partial(_quiet_log_writer, previous_hook)
         try:
             yield
         finally:
+            threading.excepthook = previous_hook
             logging.disable(logging.NOTSET)
             logging.getLogger("ignite").removeHandler(quiet)
         return
@@ -298,6 +305,13 @@ def _quiet_unless_verbose(args: argparse.Namespace) -> Iterator[None]:
             logger.setLevel(level)
 
 
+def _quiet_log_writer(previous: Callable[[threading.ExceptHookArgs], Any], hook: threading.ExceptHookArgs) -> None:
+    """A thread's uncaught exception, printed unless it is TensorBoard's writer failing to write (a full disk):
+    the training thread raises that one again, and the command reports it."""
+    if not (isinstance(hook.exc_value, OSError) and raised_by_tensorboard(hook.exc_traceback)):
+        previous(hook)
+
+
 def _run(args: argparse.Namespace, stop: StopRequest | None = None) -> int:
     """Train, print the summary (rank 0), return the exit status."""
     name = "engine-opt" if world_size() == 1 else f"engine-opt (rank {rank()})"
@@ -312,17 +326,29 @@ def _run(args: argparse.Namespace, stop: StopRequest | None = None) -> int:
         return _fail(2, f"{name}: error: {error}")
     except (FloatingPointError, SpikesPersist) as error:  # a guard stopped the run
         return _fail(1, f"{name}: training stopped: {error}")
-    except (OSError, RunDirectoryBusy, RunDirectoryConflict) as error:  # unwritable, busy, a full disk...
+    except OSError as error:  # an unwritable directory, a full disk: what is saved stays
+        return _fail(1, f"{name}: error: {error}{_newest_saved(args)}")
+    except (RunDirectoryBusy, RunDirectoryConflict) as error:
         return _fail(1, f"{name}: error: {error}")
     if rank() == 0:
         print(summary(result), file=sys.stderr if result.stopped_by else sys.stdout)
     return EXIT_STATUS.get(result.stopped_by or "", 0)
 
 
+def _newest(args: argparse.Namespace) -> Path | None:
+    """The run's newest checkpoint (None if none)."""
+    _, checkpoint_dir = run_paths(args)
+    return latest_checkpoint(checkpoint_dir, kind="file") if checkpoint_dir.is_dir() else None
+
+
+def _newest_saved(args: argparse.Namespace) -> str:
+    newest = _newest(args)
+    return "" if newest is None else f"; the newest checkpoint is {newest} (--resume continues from it)"
+
+
 def _stopped_now(args: argparse.Namespace, stop: StopNow) -> int:
     """A second signal stopped the run before its iteration ended: say so, and what is saved."""
-    _, checkpoint_dir = run_paths(args)
-    newest = latest_checkpoint(checkpoint_dir, kind="file") if checkpoint_dir.is_dir() else None
+    newest = _newest(args)
     during = "" if stop.iteration is None else f" during iteration {stop.iteration}, before it ended"
     saved = f"the newest checkpoint is {newest}; continue from it with --resume" if newest else "nothing is saved"
     return _fail(

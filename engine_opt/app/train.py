@@ -14,11 +14,15 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import random
 import sys
 import time
+import traceback
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import TracebackType
 from typing import Any, cast
 
 import ignite.distributed as idist
@@ -146,14 +150,15 @@ def execute(run: Run, args: argparse.Namespace, resumed: Path | None, stop: Stop
     tracker, checkpoint, tb_logger = attach_handlers(run, args)
     start = time.perf_counter()
     try:
-        with StopOnSignal(run.trainer, stop) as signals:
+        with StopOnSignal(run.trainer, stop) as signals, logs_named(run.log_dir):
             state = run.trainer.run(run.data, max_epochs=args.epochs)
     except SpikesPersist as error:  # the guard rolled the run back to its last good state: keep that
         checkpoint(run.trainer)
         raise SpikesPersist(f"{error}; its last good state is saved in {checkpoint.last_checkpoint}") from None
     finally:
         if tb_logger is not None:
-            tb_logger.close()
+            with logs_named(run.log_dir):
+                tb_logger.close()
     return Result(
         task=args.task,
         epochs=state.epoch,
@@ -168,6 +173,25 @@ def execute(run: Run, args: argparse.Namespace, resumed: Path | None, stop: Stop
         resumed_from=resumed,
         stopped_by=signals.received,
     )
+
+
+def raised_by_tensorboard(trace: TracebackType | None) -> bool:
+    """Whether the traceback ``trace`` ends in TensorBoard's writer (its thread writes the event files)."""
+    frames = traceback.extract_tb(trace)
+    return bool(frames) and any(f"{os.sep}tensorboard{os.sep}" in frame.filename for frame in frames[-3:])
+
+
+@contextlib.contextmanager
+def logs_named(log_dir: Path) -> Iterator[None]:
+    """An ``OSError`` of TensorBoard's writer (a full disk) raised as one that names the log directory."""
+    try:
+        yield
+    except OSError as error:
+        if not raised_by_tensorboard(error.__traceback__):
+            raise
+        raise type(error)(
+            error.errno, f"cannot write TensorBoard logs to {log_dir}: {error.strerror or error}"
+        ) from None
 
 
 def build(args: argparse.Namespace) -> Run:

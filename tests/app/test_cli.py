@@ -542,3 +542,31 @@ def test_the_executable_ends_deaf_to_signals_once_a_signal_stopped_the_run(statu
     finally:
         for number, handler in zip((signal.SIGINT, signal.SIGTERM), previous, strict=True):
             signal.signal(number, handler)
+
+
+def test_a_full_disk_under_the_tensorboard_logs_ends_the_command_with_one_line(tmp_path, capsys):
+    import errno
+
+    from tensorboard.summary.writer.record_writer import RecordWriter
+
+    write, calls = RecordWriter.write, []
+
+    def fill_up(self, data):  # the disk fills up after a while
+        calls.append(None)
+        if len(calls) > 10:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return write(self, data)
+
+    with mock.patch.object(RecordWriter, "write", fill_up), pytest.raises(SystemExit) as end:
+        run(tmp_path, "--epochs", "3", "--checkpoint-every", "16")
+    assert end.value.code == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    logs = tmp_path / "logs"
+    assert err.startswith(f"engine-opt: error: [Errno 28] cannot write TensorBoard logs to {logs}: No space left")
+    newest = int(err.split("checkpoint_")[1].split(".pt")[0])
+    assert err.endswith(
+        f"the newest checkpoint is {tmp_path / 'logs' / 'checkpoints'}/checkpoint_{newest}.pt "
+        "(--resume continues from it)"
+    )
+    assert newest % 16 == 0 and (tmp_path / "logs" / "checkpoints" / f"checkpoint_{newest}.pt").is_file()
