@@ -27,19 +27,26 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from .optim import (
-    AmpOptimWrapper,
-    OptimWrapper,
-    OptimWrapperDict,
-    StepEvent,
-    build_optim_wrapper,
-    build_param_scheduler,
-)
-
 if TYPE_CHECKING:
     from .engine import OptimEvents, create_trainer, member_filter
+    from .optim import (
+        AmpOptimWrapper,
+        OptimWrapper,
+        OptimWrapperDict,
+        StepEvent,
+        build_optim_wrapper,
+        build_param_scheduler,
+    )
 
-_IGNITE_LAYER = {"OptimEvents", "create_trainer", "member_filter"}
+# Where each name lives: imported on first use, so that the core alone never loads Ignite, and `engine-opt`
+# can answer a Ctrl-C while torch loads (engine_opt.app.start)
+_HOMES = {
+    **dict.fromkeys(
+        ("AmpOptimWrapper", "OptimWrapper", "OptimWrapperDict", "StepEvent", "build_optim_wrapper"), ".optim"
+    ),
+    "build_param_scheduler": ".optim",
+    **dict.fromkeys(("OptimEvents", "create_trainer", "member_filter"), ".engine"),
+}
 
 __all__ = [
     "AmpOptimWrapper",
@@ -56,9 +63,9 @@ __version__ = "0.1.0"
 
 
 def __getattr__(name: str) -> Any:
-    """The Ignite layer's names, imported on first use so that the core alone never loads Ignite."""
-    if name in _IGNITE_LAYER:
-        return getattr(importlib.import_module(".engine", __name__), name)
+    """The package's names, each imported from its home on first use."""
+    if name in _HOMES:
+        return getattr(importlib.import_module(_HOMES[name], __name__), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 

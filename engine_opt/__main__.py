@@ -1,5 +1,5 @@
 """``python -m engine_opt``: the ``engine-opt`` command."""
 
-from .app.cli import entry
+from .app.start import main
 
-entry()
+main()

@@ -570,3 +570,25 @@ def test_a_full_disk_under_the_tensorboard_logs_ends_the_command_with_one_line(t
         "(--resume continues from it)"
     )
     assert newest % 16 == 0 and (tmp_path / "logs" / "checkpoints" / f"checkpoint_{newest}.pt").is_file()
+
+
+def test_a_ctrl_c_while_the_command_loads_ends_with_one_line_and_status_130(capsys):
+    from engine_opt.app import start
+
+    class Interrupted:  # a finder that is "loading" the command's modules when the Ctrl-C comes
+        def find_spec(self, name, path=None, target=None):
+            if name == "engine_opt.app.cli":
+                raise KeyboardInterrupt
+            return None
+
+    with mock.patch.dict(sys.modules), mock.patch.object(sys, "meta_path", [Interrupted(), *sys.meta_path]):
+        sys.modules.pop("engine_opt.app.cli", None)
+        with pytest.raises(SystemExit) as end:
+            start.main()
+    assert end.value.code == 130
+    assert capsys.readouterr().err == "engine-opt: interrupted by SIGINT while starting; nothing was run\n"
+    # what runs before that handler is light: torch and Ignite load after it, inside it
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    code = "import sys, engine_opt.app.start; print(sorted({'torch', 'ignite'} & set(sys.modules)))"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert result.stdout == "[]\n", result.stderr
