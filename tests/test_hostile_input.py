@@ -469,6 +469,15 @@ def a_sharded_checkpoint_of_a_wrapper_without_its_model() -> None:
     attach_sharded_checkpoint(create_trainer(model, wrapper, F.mse_loss), {"optim_wrapper": wrapper}, "sharded")
 
 
+def lbfgs_wrapper(**kwargs: Any) -> OptimWrapper:
+    return OptimWrapper(torch.optim.LBFGS(make_model().parameters()), **kwargs)
+
+
+def lbfgs_update(wrapper: OptimWrapper, **kwargs: Any) -> None:
+    model = make_model()
+    wrapper.update_params(F.mse_loss(model(torch.ones(2, 4)), torch.ones(2, 2)), **kwargs)
+
+
 def a_mid_pass_position_of_two_processes_into_one() -> None:
     state = ResumableLoader([1, 2, 3, 4]).state_dict() | {"position": 2, "epoch_rng": rng_state()}
     state["ranks"] = [{"epoch_rng": rng_state(), "rng": rng_state()}] * 2
@@ -525,7 +534,6 @@ CASES = [
     Case("constructor", "`OptimWrapper(opt, clip_grad={'max_norm': 'big'})`", lambda: OptimWrapper(plain_sgd(), clip_grad={"max_norm": "big"}), "'big'"),
     Case("constructor", "`AmpOptimWrapper(optimizer=opt, loss_scale={'init_scale': 1e300})`", lambda: AmpOptimWrapper(optimizer=plain_sgd(), loss_scale={"init_scale": 1e300}), "init_scale"),
     Case("constructor", "`AmpOptimWrapper(optimizer=opt, loss_scale=1e-50)` (0 as a float32)", lambda: AmpOptimWrapper(optimizer=plain_sgd(), loss_scale=1e-50), "1e-50"),
-    Case("constructor", "`OptimWrapper(LBFGS(params))`", lambda: OptimWrapper(torch.optim.LBFGS(make_model().parameters())), "LBFGS"),
     Case("constructor", "`OptimWrapperDict(gen=w, disc=w)` (one wrapper twice)", lambda: (lambda w: OptimWrapperDict(gen=w, disc=w))(OptimWrapper(plain_sgd())), "'gen' and 'disc'"),
     Case("constructor", "`OptimWrapperDict` whose members share a parameter", lambda: (lambda m: OptimWrapperDict(gen=OptimWrapper(plain_sgd(m)), disc=OptimWrapper(plain_sgd(m))))(make_model()), "both optimize one parameter"),
     Case("constructor", "`OptimWrapper(opt, clip_grad={'max_norm': 1, 'error_if_nonfinite': 'no'})`", lambda: OptimWrapper(plain_sgd(), clip_grad={"max_norm": 1, "error_if_nonfinite": "no"}), "error_if_nonfinite"),
@@ -550,6 +558,11 @@ CASES = [
     Case("config", "`{'optimizer': {'type': 'ZeroRedundancyOptimizer', 'lr': 0.1}}` (no optimizer_type)", lambda: build_optim_wrapper(make_model(), {"optimizer": {"type": "ZeroRedundancyOptimizer", "lr": 0.1}}), "optimizer_type"),
     Case("trainer", "`create_trainer(model, optimizer, loss_fn)` (optimizer not wrapped)", lambda: create_trainer(make_model(), plain_sgd(), F.mse_loss), "OptimWrapper"),
     Case("trainer", "`create_trainer(model, OptimWrapper(SGD(other_model.parameters())), loss_fn)`", lambda: create_trainer(make_model(), OptimWrapper(plain_sgd()), F.mse_loss), "updates none of the model's parameters"),
+    Case("trainer", "`wrapper.update_params(loss)` of an LBFGS wrapper (no closure)", lambda: lbfgs_update(lbfgs_wrapper()), "closure"),
+    Case("trainer", "`update_params(loss, closure=3)`", lambda: lbfgs_update(lbfgs_wrapper(), closure=3), "closure must be callable"),
+    Case("trainer", "`update_params(loss, closure=f)` with `accumulative_counts=2`", lambda: lbfgs_update(lbfgs_wrapper(accumulative_counts=2), closure=lambda: None), "accumulative_counts=2"),
+    Case("trainer", "`update_params(loss, closure=f)` of a float16 `AmpOptimWrapper`", lambda: lbfgs_update(AmpOptimWrapper(optimizer=torch.optim.LBFGS(make_model().parameters()), dtype="float16"), closure=lambda: None), "float16"),
+    Case("trainer", "`create_trainer(model, OptimWrapper(LBFGS(...)), loss_fn, num_items=n)`", lambda: create_trainer(make_model(), lbfgs_wrapper(), F.mse_loss, num_items=lambda x, y: 2), "num_items"),
     Case("trainer", "`create_trainer(model, wrapper)` (no loss_fn, no train_step)", lambda: create_trainer(make_model(), OptimWrapper(plain_sgd()), None), "loss_fn"),
     Case("trainer", "`create_trainer(model, wrapper_dict, loss_fn)`", lambda: create_trainer(make_model(), OptimWrapperDict(gen=OptimWrapper(plain_sgd())), F.mse_loss), "train_step"),
     Case("trainer", "`create_trainer(model, wrapper, lambda y_pred: ...)` (wrong arity)", lambda: create_trainer(make_model(), OptimWrapper(plain_sgd()), lambda y_pred: y_pred.sum()), "loss_fn"),
@@ -623,7 +636,8 @@ CASES = [
     Case("command", "`engine-opt train --resume --batch-size 32` on a run of 64", resume_with_another_batch_size, "--batch-size 32"),
     Case("command", "`engine-opt train --resume --epochs 2` of a 1-epoch cosine run", extend_a_cosine_run, "cosine"),
     Case("command", "`engine-opt train --optimizer SparseAdam`", lambda: command("--log-dir", "runs/sparse", "--optimizer", "SparseAdam"), "SparseAdam"),
-    Case("command", "`engine-opt train --optimizer LBFGS`", lambda: command("--log-dir", "runs/lbfgs", "--optimizer", "LBFGS"), "LBFGS"),
+    Case("command", "`engine-opt train --task gan --optimizer LBFGS`", lambda: command("--log-dir", "runs/lbfgs", "--task", "gan", "--optimizer", "LBFGS"), "LBFGS"),
+    Case("command", "`engine-opt train --optimizer LBFGS --accumulate 2`", lambda: command("--log-dir", "runs/lbfgs2", "--optimizer", "LBFGS", "--accumulate", "2"), "--accumulate 2"),
     Case("command", "`engine-opt train --lr inf`", lambda: command("--log-dir", "runs/inf", "--lr", "inf"), "--lr"),
     Case("command", "`engine-opt train --device cuda` without a GPU", lambda: command("--device", "cuda"), "--device cuda"),
     Case("command", "`engine-opt train --resume --checkpoint-dir elsewhere` into an earlier run's logs, no checkpoint there", resume_from_nowhere_over_earlier_logs, "--checkpoint-dir"),

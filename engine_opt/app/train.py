@@ -401,9 +401,37 @@ def _build_wrappers(args: argparse.Namespace, task: Task, cfg: dict[str, Any]) -
         raise UsageError(f"{source}: {error}") from None
 
 
+def _check_reevaluating(args: argparse.Namespace, task: Task, optim_wrapper: OptimWrapper | OptimWrapperDict) -> None:
+    """An optimizer that re-evaluates the model in its step (LBFGS) trains one batch per update, by closure."""
+    for _, wrapper in members(optim_wrapper):
+        if not wrapper.needs_closure:
+            continue
+        kind = type(wrapper.optimizer).__name__
+        if task.make_train_step is not None:
+            raise UsageError(
+                f"{kind} re-evaluates the model during its step, and the {task.name} task's step, which updates "
+                "two models in turn, gives it no closure; train the classifier with it"
+            )
+        given = [
+            option
+            for option, used in (
+                (f"--accumulate {wrapper.accumulative_counts}", wrapper.accumulative_counts != 1),
+                ("--dtype fp16", wrapper.loss_scaler is not None),
+                ("--num-items samples", args.num_items == "samples"),
+            )
+            if used
+        ]
+        if given:
+            raise UsageError(
+                f"{kind} re-evaluates one batch's loss during its step: {', '.join(given)} cannot go with it "
+                "(bf16 and --clip-norm can)"
+            )
+
+
 def _build_trainer(
     args: argparse.Namespace, task: Task, optim_wrapper: OptimWrapper | OptimWrapperDict, device: torch.device
 ) -> Trainer:
+    _check_reevaluating(args, task, optim_wrapper)
     if args.num_items == "samples":
         if task.item_loss_fn is None:
             raise UsageError(

@@ -7,6 +7,7 @@ The supervised step is the tutorial's loop body::
         y_pred = model(x)
         loss = loss_fn(y_pred, y)
     optim_wrapper.update_params(loss)                # num_items=...: update_params(loss, num_items=num_items(x, y))
+                                                     # LBFGS: update_params(loss, closure=...), the same again
     return output_transform(x, y, y_pred, loss)      # default: loss.detach(), no host sync
 
 Example:
@@ -28,6 +29,7 @@ from ignite.utils import convert_tensor
 from torch import nn
 
 from ..optim import checks
+from ..optim.closure import Closure
 from ..optim.wrapper import OptimWrapper
 from ..optim.wrapper_dict import OptimWrapperDict
 
@@ -125,6 +127,8 @@ class SupervisedStep:
 def supervised_step(model: nn.Module, wrapper: OptimWrapper, how: SupervisedStep) -> TrainStep:
     """``loss_fn(model(x), y)`` through ``wrapper``; an error of the forward pass or the loss names the batch."""
 
+    reevaluates = wrapper.needs_closure
+
     def step(engine: Engine, batch: Any) -> Any:
         if not model.training:
             model.train()
@@ -140,13 +144,28 @@ def supervised_step(model: nn.Module, wrapper: OptimWrapper, how: SupervisedStep
             )
             raise
         # its errors, and its event handlers', say what they are about themselves
-        if how.num_items is None:
+        if reevaluates:  # LBFGS: the step evaluates the model again on this batch
+            wrapper.update_params(loss, closure=reevaluation(model, wrapper, how, x, y))
+        elif how.num_items is None:
             wrapper.update_params(loss)
         else:  # token-weighted: loss_fn sums over the items, the window's gradients are divided by their count
             wrapper.update_params(loss, num_items=how.num_items(x, y))
         return how.output_transform(x, y, y_pred, loss)
 
     return step
+
+
+def reevaluation(model: nn.Module, wrapper: OptimWrapper, how: SupervisedStep, x: Any, y: Any) -> Closure:
+    """torch's closure for the batch ``(x, y)``: zero the gradients, evaluate as the step does, backward."""
+
+    def closure() -> torch.Tensor:
+        wrapper.optimizer.zero_grad()
+        with wrapper.optim_context(model):
+            loss = how.loss_fn(how.model_transform(how.model_fn(model, x)), y)
+        loss.backward()  # type: ignore[no-untyped-call]
+        return loss
+
+    return closure
 
 
 def mmengine_step(model: nn.Module, optim_wrapper: OptimWrapper | OptimWrapperDict) -> TrainStep:

@@ -27,7 +27,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
@@ -36,6 +36,7 @@ from torch.utils.hooks import RemovableHandle
 
 from . import checks, distributed, window_state
 from .clipping import GradClipper
+from .closure import Closure, Reevaluation, check_closure, needs_closure
 from .hooks import StepEvent, StepHook, StepHooks
 from .num_items import check_num_items, divide_by_items
 from .optimizer_view import OptimizerView
@@ -138,11 +139,6 @@ class OptimWrapper(OptimizerView):
                 f"optimizer must be a torch.optim.Optimizer, got {checks.describe(optimizer)}; "
                 "build one first, e.g. SGD(model.parameters(), lr=0.01)"
             )
-        if isinstance(optimizer, torch.optim.LBFGS):
-            raise TypeError(
-                "LBFGS is not supported: its step() needs a closure that re-evaluates the model, which "
-                "update_params cannot give; use it in a loop of your own, or choose another optimizer"
-            )
         check_hyperparameters(optimizer)
         super().__init__(optimizer)
         self.loss_scaler: torch.amp.GradScaler | None = None
@@ -160,6 +156,7 @@ class OptimWrapper(OptimizerView):
         self._grad_norm: torch.Tensor | None = None
         # num_items: the items the window's summed losses cover, an int or a device tensor; None outside such windows
         self._window_items: int | torch.Tensor | None = None
+        self._needs_closure = needs_closure(optimizer)
         self._hooks = StepHooks()
         # The live hook tables, tested on every micro-step: empty (false) while nobody listens.
         self._on_backward = self._hooks.table(StepEvent.BACKWARD_COMPLETED)
@@ -315,8 +312,13 @@ class OptimWrapper(OptimizerView):
             )
         return items
 
-    def step(self, **kwargs: Any) -> None:  # type: ignore[override]  # MMEngine's: no closure
+    def step(self, **kwargs: Any) -> None:  # type: ignore[override]  # MMEngine's: keyword arguments only
         """Step the optimizer on the window's gradients, clipped if configured.
+
+        ``closure=`` (torch's: zero the gradients, evaluate, backward, return
+        the loss) goes to an optimizer that re-evaluates the model
+        (``torch.optim.LBFGS``), each evaluation's gradients clipped as
+        configured; see ``update_params``.
 
         In order: unscale (float16, when clipping or when a
         ``BEFORE_OPTIM_STEP`` hook listens), the ``BEFORE_OPTIM_STEP`` hooks
@@ -332,11 +334,52 @@ class OptimWrapper(OptimizerView):
         the error goes on: its gradients are dropped and a grad scaler's
         iteration is closed, so the next window starts clean.
         """
+        if "closure" in kwargs or self._needs_closure:
+            kwargs = self._with_reevaluation(kwargs)
         try:
             self._step(kwargs)
         except BaseException:
             self._abandon_window()
             raise
+
+    def _with_reevaluation(self, kwargs: dict[str, Any]) -> dict[str, Any]:
+        """``kwargs`` with its closure wrapped to clip each evaluation's gradients; refused where none can work."""
+        closure = kwargs.get("closure")
+        if closure is None:
+            raise TypeError(
+                f"{type(self.optimizer).__name__} re-evaluates the model during its step: pass torch's closure, "
+                "update_params(loss, closure=closure) or step(closure=closure) (create_trainer's default step "
+                "makes one)"
+            )
+        if isinstance(closure, Reevaluation):
+            return kwargs
+        self._check_closure_use(None)
+        return {**kwargs, "closure": Reevaluation(check_closure(closure), self._clip_closure())}
+
+    def _check_closure_use(self, num_items: Any) -> None:
+        """Refuse what a step re-evaluating one batch cannot honour: accumulation, item counts, a float16 scale."""
+        if self._accumulative_counts != 1:
+            raise ValueError(
+                f"closure: a step that re-evaluates the model sees one batch, but accumulative_counts="
+                f"{self._accumulative_counts} sums several; use accumulative_counts=1 (and a larger batch)"
+            )
+        if num_items is not None:
+            raise ValueError(
+                "closure: num_items weights the micro-steps of a window, and a step that re-evaluates the model "
+                "has one batch, whose loss the closure returns; pass one or the other"
+            )
+        if self.loss_scaler is not None:
+            raise ValueError(
+                "closure: a float16 loss scale cannot go through a step that re-evaluates the model (the "
+                "evaluations would have to share one scale, and a skipped step would throw away the whole "
+                "search; torch's GradScaler refuses closures too): use dtype='bfloat16' or float32"
+            )
+
+    def _clip_closure(self) -> Callable[[], object] | None:
+        clipper = self._clipper
+        if clipper is None:
+            return None
+        return lambda: clipper.clip(params_in_model_order(self.optimizer.param_groups))
 
     def _step(self, kwargs: dict[str, Any]) -> None:
         items = self._window_items
@@ -441,6 +484,7 @@ class OptimWrapper(OptimizerView):
         zero_kwargs: dict[str, Any] | None = None,
         *,
         num_items: int | torch.Tensor | None = None,
+        closure: Closure | None = None,
     ) -> None:
         """Scale the loss, run backward and, at the end of a window, step and zero the grads.
 
@@ -460,6 +504,14 @@ class OptimWrapper(OptimizerView):
                 0-d integer tensor on the gradients' device (not read on the
                 host, so its value is not checked). Give it on every micro-step
                 of a window or on none.
+            closure: For an optimizer that re-evaluates the model during its
+                step (``torch.optim.LBFGS``, which needs one): torch's closure,
+                which zeroes the gradients, evaluates the model on the batch of
+                ``loss``, runs backward and returns the loss. ``loss`` is its
+                first evaluation (so the model is evaluated as often as in
+                torch's loop); every evaluation's gradients are clipped as
+                configured. One batch per update: refused with accumulation,
+                ``num_items`` or a float16 loss scale (bfloat16 works).
 
         Example:
             >>> import torch
@@ -469,6 +521,9 @@ class OptimWrapper(OptimizerView):
             >>> wrapper.update_params(model(torch.ones(1, 2)).sum(), num_items=torch.tensor(1))
             >>> wrapper.update_params(model(torch.ones(1, 2)).sum())  # the next window: without is fine
         """
+        if closure is not None or self._needs_closure:
+            self._update_reevaluating(loss, step_kwargs, zero_kwargs, num_items, closure)
+            return
         if num_items is None:
             self.backward(self.scale_loss(loss))
         else:
@@ -476,6 +531,32 @@ class OptimWrapper(OptimizerView):
         if self.should_update():
             self.step(**(step_kwargs or {}))
             self.zero_grad(**(zero_kwargs or {}))
+
+    def _update_reevaluating(
+        self,
+        loss: torch.Tensor,
+        step_kwargs: dict[str, Any] | None,
+        zero_kwargs: dict[str, Any] | None,
+        num_items: Any,
+        closure: Closure | None,
+    ) -> None:
+        """``update_params`` with a closure: backward ``loss``, then a step whose first evaluation it is."""
+        kwargs = dict(step_kwargs or {})
+        self._check_closure_use(num_items)
+        if closure is None:  # MMEngine's way: the closure among the step's arguments, evaluated anew
+            self._with_reevaluation(kwargs)  # refuses a missing one before anything changes
+        else:
+            check_closure(closure)
+        self.backward(loss)
+        if closure is not None:
+            kwargs["closure"] = Reevaluation(closure, self._clip_closure(), first=loss.detach())
+        self.step(**kwargs)
+        self.zero_grad(**(zero_kwargs or {}))
+
+    @property
+    def needs_closure(self) -> bool:
+        """Whether the optimizer's step needs a closure (``torch.optim.LBFGS``): see ``update_params``."""
+        return self._needs_closure
 
     def unscale_grads(self) -> None:
         """Bring the window's gradients to their true scale now (no-op without a float16 scaler).

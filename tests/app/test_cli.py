@@ -203,11 +203,24 @@ def test_more_epochs_continue_a_constant_schedule_but_not_a_cosine_one(tmp_path,
     assert "the cosine schedule was set for the checkpoint's 1 epochs" in capsys.readouterr().err
 
 
-def test_sparse_adam_and_lbfgs_are_refused_like_other_unsupported_choices(tmp_path, capsys):
-    for optimizer, message in [("SparseAdam", "needs sparse gradients"), ("LBFGS", "LBFGS is not supported")]:
+def test_sparse_adam_and_what_lbfgs_cannot_do_are_refused_like_other_unsupported_choices(tmp_path, capsys):
+    for options, message in [
+        (["--optimizer", "SparseAdam"], "needs sparse gradients"),
+        (["--optimizer", "LBFGS", "--task", "gan"], "the gan task's step, which updates two models in turn"),
+        (["--optimizer", "LBFGS", "--dtype", "fp16", "--accumulate", "2"], "--accumulate 2, --dtype fp16 cannot"),
+    ]:
         with pytest.raises(SystemExit) as exit_info:
-            run(tmp_path, "--optimizer", optimizer)
+            run(tmp_path, *options)
         assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_lbfgs_trains_the_classifier_one_closure_per_batch(tmp_path, capsys):
+    config = ROOT / "examples" / "configs" / "classifier_lbfgs.json"
+    assert run(tmp_path, "--epochs", "1", "--config", str(config), "--batch-size", "1024") == 0
+    assert "updates:          4 applied, 0 skipped" in capsys.readouterr().out
+    saved = torch.load(tmp_path / "logs" / "checkpoints" / "checkpoint_4.pt", weights_only=True)
+    assert saved["optim_wrapper"]["optimizer_type"] == "LBFGS" and saved["optim_wrapper"]["state"]
+    assert run(tmp_path, "--epochs", "2", "--config", str(config), "--batch-size", "1024", "--resume") == 0
 
 
 def command(cwd, *args):

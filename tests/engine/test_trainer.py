@@ -461,3 +461,34 @@ def test_a_wrapper_of_another_models_parameters_is_refused_at_construction():
     assert not any(torch.equal(now, then) for now, then in zip(model[3].parameters(), before, strict=True))
     gan = make_gan()  # a dict's members, each over a part of the model
     create_trainer(gan, make_amp_gan_wrappers(gan), train_step=lambda engine, batch: None)
+
+
+@pytest.mark.parametrize("line_search_fn", [None, "strong_wolfe"])
+def test_lbfgs_trains_through_the_default_step_like_torchs_loop(line_search_fn):
+    """The default step gives LBFGS torch's closure for the batch: the run is torch's documented loop."""
+    batches = make_batches(6)
+
+    def make_lbfgs(model):
+        return torch.optim.LBFGS(model.parameters(), lr=0.5, max_iter=4, line_search_fn=line_search_fn)
+
+    expected = make_model()
+    optimizer = make_lbfgs(expected)
+    for x, y in batches:
+
+        def closure(x=x, y=y):
+            optimizer.zero_grad()
+            loss = loss_fn(expected(x), y)
+            loss.backward()
+            return loss
+
+        optimizer.step(closure)
+    model = make_model()
+    wrapper = OptimWrapper(make_lbfgs(model))
+    updates = []
+    trainer = create_trainer(model, wrapper, loss_fn)
+    trainer.add_event_handler(OptimEvents.OPTIM_STEP_COMPLETED, lambda engine: updates.append(None))
+    trainer.run(batches)
+    assert_same_model(model, expected)
+    assert len(updates) == wrapper.applied_steps == len(batches)
+    with pytest.raises(ValueError, match=r"num_items weights the micro-steps .* LBFGS re-evaluates one batch"):
+        create_trainer(model, wrapper, loss_fn, num_items=lambda x, y: len(y))
