@@ -62,10 +62,15 @@ __all__ = [
 __version__ = "0.1.0"
 
 
+_SUBPACKAGES = ("optim", "engine", "checkpoint", "handlers", "app")
+
+
 def __getattr__(name: str) -> Any:
-    """The package's names, each imported from its home on first use."""
+    """The package's names, each imported from its home on first use (its subpackages too)."""
     if name in _HOMES:
         return getattr(importlib.import_module(_HOMES[name], __name__), name)
+    if name in _SUBPACKAGES:
+        return importlib.import_module(f".{name}", __name__)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 

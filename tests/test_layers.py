@@ -9,6 +9,7 @@ from __future__ import annotations
 import ast
 import importlib
 import importlib.metadata
+import os
 import re
 import subprocess
 import sys
@@ -258,3 +259,19 @@ def test_no_private_ignite_name_outside_its_fence():
         if "._event_handlers" in line or "_fire_event" in line
     ]
     assert {str(path) for path, _ in uses} <= {"engine/ignite_internals.py"}, uses
+
+
+def test_the_package_imports_its_names_and_subpackages_on_first_use():
+    """``import engine_opt`` loads nothing heavy; each name and subpackage comes with its first use."""
+    code = (
+        "import sys, engine_opt\n"
+        "before = sorted({'torch', 'ignite'} & set(sys.modules))\n"
+        "subpackages = [engine_opt.optim.__name__, engine_opt.engine.__name__, engine_opt.checkpoint.__name__,\n"
+        "               engine_opt.handlers.__name__, engine_opt.app.__name__]\n"
+        "print(before, subpackages, engine_opt.OptimWrapper.__module__, engine_opt.create_trainer.__module__)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert result.stdout.split("]")[0] == "[", result.stderr
+    assert "'engine_opt.optim', 'engine_opt.engine', 'engine_opt.checkpoint'" in result.stdout
+    assert result.stdout.rstrip().endswith("engine_opt.optim.wrapper engine_opt.engine.trainer")

@@ -13,7 +13,10 @@ summary. Exit status: 0 done; 2 bad options (a message says which); 1 an
 error (an unwritable or full disk, a busy checkpoint directory) or a run a
 guard stopped (``--nonfinite stop``; ``--spike-guard rollback`` after its
 last rollback, which saves the last good state first); 130 or 143 stopped
-by SIGINT or SIGTERM, with a checkpoint to ``--resume`` from.
+by SIGINT or SIGTERM: at an iteration's end with a checkpoint to
+``--resume`` from, or, on a second signal before that iteration ended, at
+once (even during a save, which then leaves the checkpoint before it), with
+the newest checkpoint named.
 
 Distributed runs go through ``ignite.distributed``: ``idist.Parallel``
 spawns the processes (or joins those ``torchrun`` started), ``auto_model``
@@ -321,7 +324,8 @@ def _run(args: argparse.Namespace, stop: StopRequest | None = None) -> int:
         return _stopped_now(args, now)
     except KeyboardInterrupt:  # Ctrl-C outside the training loop, which StopOnSignal covers
         status = EXIT_STATUS["SIGINT"] if stop is None else 1  # a spawned rank's is no stop the ranks agreed on
-        return _fail(status, f"{name}: interrupted by SIGINT outside the training loop; nothing was saved for it")
+        saved = _newest_saved(args) or "; nothing was saved for it"
+        return _fail(status, f"{name}: interrupted by SIGINT outside the training loop{saved}")
     except UsageError as error:
         return _fail(2, f"{name}: error: {error}")
     except (FloatingPointError, SpikesPersist) as error:  # a guard stopped the run
@@ -336,9 +340,12 @@ def _run(args: argparse.Namespace, stop: StopRequest | None = None) -> int:
 
 
 def _newest(args: argparse.Namespace) -> Path | None:
-    """The run's newest checkpoint (None if none)."""
+    """The run's newest checkpoint (None if none, or if the directory cannot be read: said elsewhere)."""
     _, checkpoint_dir = run_paths(args)
-    return latest_checkpoint(checkpoint_dir, kind="file") if checkpoint_dir.is_dir() else None
+    try:
+        return latest_checkpoint(checkpoint_dir, kind="file") if checkpoint_dir.is_dir() else None
+    except OSError:
+        return None
 
 
 def _newest_saved(args: argparse.Namespace) -> str:

@@ -92,12 +92,14 @@ class StopOnSignal:
         if world_size() > 1:
             self._group = dist.new_group(backend="gloo")  # a collective call: every rank enters
         self.trainer.add_event_handler(Events.ITERATION_COMPLETED, self._stop_if_signalled)
+        self.trainer.add_event_handler(Events.COMPLETED, self._end)
         return self
 
     def __exit__(
         self, kind: type[BaseException] | None, error: BaseException | None, trace: TracebackType | None
     ) -> None:
         self.trainer.remove_event_handler(self._stop_if_signalled, Events.ITERATION_COMPLETED)
+        self.trainer.remove_event_handler(self._end, Events.COMPLETED)
         if self.requested is not None:
             self.requested.training_over()
         for number, handler in self._previous.items():
@@ -116,6 +118,10 @@ class StopOnSignal:
             self.received = name
         elif self.requested is None and not self._ending:  # one process, an iteration that does not end
             raise StopNow(name, self.trainer.state.iteration)
+
+    def _end(self, engine: Engine) -> None:
+        """The run is over: a signal from here on (while it saves and closes its logs) is only noted."""
+        self._ending = True
 
     def _stop_if_signalled(self, engine: Engine) -> None:
         if self.received is None and self.requested is not None and self.requested.value:

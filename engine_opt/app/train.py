@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import random
 import sys
@@ -109,17 +110,37 @@ def train(args: argparse.Namespace, stop: StopRequest | None = None) -> Result:
     run = build(args)
     if rank() == 0:
         _note_repeated_samples(run.task.data)
-    used_before = gather_objects(run.checkpoint_dir.is_dir())[0]  # as rank 0 sees it, before it takes it
+    # as rank 0 sees it, before it takes and marks it
+    existed, used_before = gather_objects((run.checkpoint_dir.exists(), _saved_there_before(run)))[0]
     directory = RunDirectory(run.checkpoint_dir)
     try:
         with directory.lock() if rank() == 0 else contextlib.nullcontext():
             check_run_directories(args, run.log_dir, run.checkpoint_dir, used_before)
+            if rank() == 0:
+                _mark(run)
             resumed = resume(run, args)
             return execute(run, args, resumed, stop)
     except UsageError:
-        if not used_before and rank() == 0:  # a refused run leaves no directory that says a run was there
+        if rank() == 0 and not existed:  # a refused run leaves no directory it made
             directory.discard_if_unused()
         raise
+
+
+_RUN_MARK = ".engine_opt.run"
+"""Written in the checkpoint directory when a run starts: which log directory's run saves there."""
+
+
+def _mark(run: Run) -> None:
+    (run.checkpoint_dir / _RUN_MARK).write_text(json.dumps({"log_dir": str(run.log_dir.resolve())}))
+
+
+def _saved_there_before(run: Run) -> bool:
+    """Whether a run of this log directory started in this checkpoint directory before (its mark is there)."""
+    try:
+        mark = json.loads((run.checkpoint_dir / _RUN_MARK).read_text())
+        return bool(mark["log_dir"] == str(run.log_dir.resolve()))
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
 
 
 def _note_repeated_samples(data: DataLoader[Any]) -> None:
@@ -149,16 +170,17 @@ def execute(run: Run, args: argparse.Namespace, resumed: Path | None, stop: Stop
     """Attach the handlers, run to the end (or to a SIGINT/SIGTERM), and gather what the summary reports."""
     tracker, checkpoint, tb_logger = attach_handlers(run, args)
     start = time.perf_counter()
-    try:
-        with StopOnSignal(run.trainer, stop) as signals, logs_named(run.log_dir):
-            state = run.trainer.run(run.data, max_epochs=args.epochs)
-    except SpikesPersist as error:  # the guard rolled the run back to its last good state: keep that
-        checkpoint(run.trainer)
-        raise SpikesPersist(f"{error}; its last good state is saved in {checkpoint.last_checkpoint}") from None
-    finally:
-        if tb_logger is not None:
+    with StopOnSignal(run.trainer, stop) as signals:  # to the logs' close: a signal then is only noted
+        try:
             with logs_named(run.log_dir):
-                tb_logger.close()
+                state = run.trainer.run(run.data, max_epochs=args.epochs)
+        except SpikesPersist as error:  # the guard rolled the run back to its last good state: keep that
+            checkpoint(run.trainer)
+            raise SpikesPersist(f"{error}; its last good state is saved in {checkpoint.last_checkpoint}") from None
+        finally:
+            if tb_logger is not None:
+                with logs_named(run.log_dir):
+                    tb_logger.close()
     return Result(
         task=args.task,
         epochs=state.epoch,
@@ -177,8 +199,13 @@ def execute(run: Run, args: argparse.Namespace, resumed: Path | None, stop: Stop
 
 def raised_by_tensorboard(trace: TracebackType | None) -> bool:
     """Whether the traceback ``trace`` ends in TensorBoard's writer (its thread writes the event files)."""
-    frames = traceback.extract_tb(trace)
-    return bool(frames) and any(f"{os.sep}tensorboard{os.sep}" in frame.filename for frame in frames[-3:])
+    packages = [
+        str(Path(module.__file__).parent) + os.sep
+        for module in (sys.modules.get("tensorboard"), sys.modules.get("torch.utils.tensorboard"))
+        if module is not None and module.__file__ is not None
+    ]
+    frames = traceback.extract_tb(trace)[-3:]
+    return any(frame.filename.startswith(package) for frame in frames for package in packages)
 
 
 @contextlib.contextmanager
@@ -239,8 +266,8 @@ def check_batch_size(batch_size: int, processes: int) -> None:
 def check_run_directories(args: argparse.Namespace, log_dir: Path, checkpoint_dir: Path, used_before: bool) -> None:
     """A new run, with ``--resume`` or not, writes neither into an earlier run's checkpoints nor its curves.
 
-    ``used_before``: the checkpoint directory was there before this run took
-    it (an earlier run took it, checkpoints or not).
+    ``used_before``: an earlier run of ``log_dir`` started in the checkpoint
+    directory (and saved no checkpoint there, or they were removed).
     """
     impostors = RunDirectory(checkpoint_dir, "file").impostors()
     if impostors:
@@ -257,12 +284,13 @@ def check_run_directories(args: argparse.Namespace, log_dir: Path, checkpoint_di
         )
     if not any(log_dir.glob("events.out.tfevents.*")):
         return
-    if used_before:  # the earlier run held it, and stopped before its first checkpoint
+    if used_before:  # the earlier run saved there, and stopped before its first checkpoint
         if args.resume:
             return  # started over: its curves are drawn again from iteration 1
         raise UsageError(
-            f"{log_dir} holds the TensorBoard logs of an earlier run that stopped before its first checkpoint "
-            f"(none in {checkpoint_dir}); pass --resume to start that run over, or --log-dir for a new run"
+            f"{log_dir} holds the TensorBoard logs of an earlier run that saved to {checkpoint_dir} but left no "
+            "checkpoint there (it stopped before its first, or they were removed); pass --resume to start that "
+            "run over, or --log-dir for a new run"
         )
     if args.resume:
         raise UsageError(
@@ -301,17 +329,21 @@ def resume(run: Run, args: argparse.Namespace) -> Path | None:
 
 def _way_past_damage(checkpoint_dir: Path) -> str:
     """What to do when the newest checkpoint is damaged: the newest that reads whole, if one does."""
-    found = RunDirectory(checkpoint_dir, "file").checkpoints()
-    for _, path in reversed(found[:-1]):
+    found = [path for _, path in RunDirectory(checkpoint_dir, "file").checkpoints()]
+    for index in range(len(found) - 2, -1, -1):
         try:
-            read_checkpoint(path)
+            read_checkpoint(found[index])
         except DamagedCheckpoint:
             continue
+        newer = ", ".join(path.name for path in found[index + 1 :])
         return (
-            f"{path.name} is the newest that reads whole: move {found[-1][1].name} out of {checkpoint_dir} "
+            f"{found[index].name} is the newest that reads whole: move {newer} out of {checkpoint_dir} "
             "(nothing was deleted) and --resume continues from it"
         )
-    return f"no other checkpoint in {checkpoint_dir} reads whole: start a new run with another --log-dir"
+    return (
+        f"no other checkpoint in {checkpoint_dir} reads whole: start a new run with another --log-dir "
+        "and --checkpoint-dir"
+    )
 
 
 def attach_handlers(run: Run, args: argparse.Namespace) -> tuple[LossTracker, Checkpoint, TensorboardLogger | None]:

@@ -373,6 +373,8 @@ def sampled_total(samples: int, processes: int, drop_last: bool) -> int:
         >>> sampled_total(4096, 3, drop_last=False), sampled_total(4096, 3, drop_last=True)
         (4098, 4095)
     """
+    checks.int_at_least("samples", samples, 0)
+    checks.positive_int("processes", processes)
     per_process = samples // processes if drop_last else -(-samples // processes)
     return per_process * processes
 

@@ -331,18 +331,18 @@ class SpikeGuard:
         if snapshot is None:  # taken when the run starts
             raise RuntimeError("SpikeGuard: tripped before the run started")
         self._restore(engine, snapshot)
-        if self.rollbacks >= self.max_rollbacks:
+        for name, stats in self._stats.items():  # the streak is over; statistics and counts go on
+            stats = stats.clone()
+            stats[_FIELDS.index("streak")] = 0
+            stats[_FIELDS.index("tripped")] = 0
+            self._stats[name] = stats
+        if self.rollbacks >= self.max_rollbacks:  # a checkpoint of this state resumes judging anew
             raise SpikesPersist(
                 f"SpikeGuard: {self.k} loss/gradient spikes in a row again at iteration {engine.state.iteration}, "
                 f"after {self.rollbacks} rollback(s) (max_rollbacks={self.max_rollbacks}); the run is stopped, "
                 "rolled back to its last good state: lower the learning rate, clip the gradients, or look at the "
                 "data around this iteration"
             )
-        for name, stats in self._stats.items():  # the streak is over; statistics and counts go on
-            stats = stats.clone()
-            stats[_FIELDS.index("streak")] = 0
-            stats[_FIELDS.index("tripped")] = 0
-            self._stats[name] = stats
         self.rollbacks += 1
 
     def _restore(self, engine: Engine, snapshot: Mapping[str, Any]) -> None:

@@ -113,14 +113,18 @@ def _check_hyperparameters(where: str, saved: Mapping[str, Any], group: Mapping[
     for key in numeric:
         if not _is_number(saved[key]):
             raise ValueError(f"{where}[{key!r}] must be a finite number, got {checks.describe(saved[key], 40)}")
-    # Adam and AdamW hold the same keys: this flag is what tells their states (and steps) apart
+    # Adam and AdamW hold the same keys: this flag, which a load would copy, is what tells their steps apart
     flag = "decoupled_weight_decay"
-    if flag in saved and flag in group and bool(saved[flag]) != bool(group[flag]):
-        raise ValueError(
-            f"{where} has {flag}={saved[flag]}, {optimizer}'s group {group[flag]}: the state comes from another "
-            f"optimizer ({'AdamW' if saved[flag] else 'Adam'}'s, for Adam and AdamW), whose steps this one would "
-            "take; resume it with that optimizer"
-        )
+    if flag in saved and flag in group:
+        if not isinstance(saved[flag], bool):
+            raise ValueError(f"{where}[{flag!r}] must be True or False, got {checks.describe(saved[flag], 40)}")
+        if saved[flag] != bool(group[flag]):
+            kind = "with" if saved[flag] else "without"
+            raise ValueError(
+                f"{where} has {flag}={saved[flag]}, {optimizer}'s group {group[flag]}: the state is of an optimizer "
+                f"{kind} decoupled weight decay (AdamW is Adam with it), and loading it would make this one step "
+                "as that one; resume with the optimizer and setting that saved it"
+            )
 
 
 def lists_param_ids(group: Any) -> bool:

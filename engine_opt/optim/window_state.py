@@ -131,8 +131,8 @@ def saved_items(state_dict: Mapping[str, Any]) -> int | None:
 
 
 def optimizer_type(optimizer: torch.optim.Optimizer) -> str:
-    """What ``'optimizer_type'`` records: the optimizer's class name."""
-    return type(optimizer).__name__
+    """What ``'optimizer_type'`` records: the optimizer's class name (a ``ZeroRedundancyOptimizer``'s inner one's)."""
+    return type(distributed.state_holder(optimizer)).__name__
 
 
 def check_optimizer_type(state_dict: Mapping[str, Any], optimizer: torch.optim.Optimizer) -> None:
@@ -150,6 +150,8 @@ def check_optimizer_type(state_dict: Mapping[str, Any], optimizer: torch.optim.O
         ValueError: state_dict is the state of the optimizer AdamW, this wrapper's is Adam: ...
     """
     saved, current = state_dict.get("optimizer_type"), optimizer_type(optimizer)
+    if saved is not None and not isinstance(saved, str):
+        raise TypeError(f"state_dict['optimizer_type'] must be a class name (a str), got {checks.describe(saved, 40)}")
     if saved is not None and saved != current:
         raise ValueError(
             f"state_dict is the state of the optimizer {saved!s:.40}, this wrapper's is {current}: one optimizer's "

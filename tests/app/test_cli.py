@@ -368,8 +368,13 @@ def test_a_run_killed_before_its_first_checkpoint_is_started_over_by_resume(tmp_
     with pytest.raises(SystemExit) as exit_info:
         run(tmp_path, "--epochs", "1")
     err = capsys.readouterr().err
-    assert exit_info.value.code == 2 and "stopped before its first checkpoint" in err
+    assert exit_info.value.code == 2 and "it stopped before its first, or they were removed" in err
     assert "pass --resume to start that run over" in err
+    mine = tmp_path / "mine"
+    mine.mkdir()  # a user's empty directory proves no earlier run: that refusal says where the run saved
+    with pytest.raises(SystemExit) as exit_info:
+        run(tmp_path, "--epochs", "1", "--checkpoint-dir", str(mine), "--resume")
+    assert "pass the --checkpoint-dir that run saved to" in capsys.readouterr().err and mine.is_dir()
     assert run(tmp_path, "--epochs", "1", "--resume") == 0
     captured = capsys.readouterr()
     assert "starting the run from the start" in captured.err and "trained classifier to epoch 1" in captured.out
@@ -392,7 +397,21 @@ def test_a_damaged_newest_checkpoint_names_the_newest_that_reads_whole(tmp_path,
     assert "checkpoint_48.pt is the newest that reads whole: move checkpoint_64.pt out of" in err
     assert "options of the interrupted run" not in err  # nothing about options: they were not the problem
     assert sorted(path.name for path in checkpoints.iterdir()) == before  # nothing deleted
-    (checkpoints / "checkpoint_64.pt").rename(tmp_path / "checkpoint_64.pt")
+    (checkpoints / "checkpoint_48.pt").write_bytes(damaged[:1000])  # the one before is damaged too
+    with pytest.raises(SystemExit):
+        run(tmp_path, "--epochs", "2", "--resume")
+    assert "no other checkpoint in" in capsys.readouterr().err
+    assert run(tmp_path, "--epochs", "1", "--checkpoint-every", "16", "--log-dir", str(tmp_path / "again")) == 0
+    whole = (tmp_path / "again" / "checkpoints" / "checkpoint_48.pt").read_bytes()  # the same run, the same bytes
+    (checkpoints / "checkpoint_32.pt").write_bytes(whole)  # 64 and 48 damaged, 32 whole
+    (checkpoints / "checkpoint_48.pt").write_bytes(damaged)
+    with pytest.raises(SystemExit):
+        run(tmp_path, "--epochs", "2", "--resume")
+    message = "checkpoint_32.pt is the newest that reads whole: move checkpoint_48.pt, checkpoint_64.pt out of"
+    assert message in capsys.readouterr().err
+    for name in ("checkpoint_32.pt", "checkpoint_64.pt"):
+        (checkpoints / name).unlink()
+    (checkpoints / "checkpoint_48.pt").write_bytes(whole)
     assert run(tmp_path, "--epochs", "2", "--resume") == 0
     assert f"resumed from:     {checkpoints / 'checkpoint_48.pt'}" in capsys.readouterr().out
 

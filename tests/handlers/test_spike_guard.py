@@ -249,6 +249,8 @@ def test_the_command_stopped_by_its_spike_guard_saves_the_last_good_state_and_sa
     assert_same_tensors(saved["model"], start)  # back at the snapshot of the start, the only one taken
     assert saved["spike_guard"]["rollbacks"] == 3 and saved["trainer"]["iteration"] == 100
     assert saved["optim_wrapper"]["counters"]["skipped_steps"] == 20
+    monkeypatch.setattr(app_train, "make_task", make_task)  # the data is mended: the stopped run resumes
+    assert main([*options, "--resume"]) == 0
 
 
 @pytest.mark.parametrize(

@@ -234,9 +234,53 @@ def test_another_optimizers_state_is_refused_by_name_the_wrappers_and_a_plain_on
     ):
         target.load_state_dict(source.state_dict())
     plain = {key: value for key, value in source.state_dict().items() if key in ("state", "param_groups")}
-    with pytest.raises(ValueError, match=r"has decoupled_weight_decay=.*the state comes from another optimizer"):
+    with pytest.raises(ValueError, match=r"has decoupled_weight_decay=.*optimizer with(out)? decoupled weight"):
         target.load_state_dict(plain)  # a plain optimizer's state says it by its flag
     assert_same_tensors(target.state_dict(), before)
     same = OptimWrapper(make[saved](model.parameters(), lr=0.01, weight_decay=0.1))
     same.load_state_dict(source.state_dict())
     assert_same_tensors(same.state_dict(), source.state_dict())
+
+
+def test_a_zero_redundancy_optimizers_state_records_the_optimizer_inside_it(tmp_path):
+    """A consolidated ZeRO(AdamW) state loads into an AdamW wrapper (the same steps), not into an Adam one."""
+    from torch import distributed as dist
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    try:
+        model = make_model()
+        zero = OptimWrapper(ZeroRedundancyOptimizer(model.parameters(), optimizer_class=torch.optim.AdamW, lr=0.01))
+        zero.update_params(loss_fn(model(torch.ones(2, 4)), torch.zeros(2, 2)))
+        state = zero.state_dict()
+    finally:
+        dist.destroy_process_group()
+    assert state["optimizer_type"] == "AdamW"
+    OptimWrapper(torch.optim.AdamW(model.parameters(), lr=0.01)).load_state_dict(state)
+    with pytest.raises(ValueError, match=r"state of the optimizer AdamW, this wrapper's is Adam"):
+        OptimWrapper(torch.optim.Adam(model.parameters(), lr=0.01)).load_state_dict(state)
+
+
+@pytest.mark.parametrize(
+    ("entry", "error", "message"),
+    [
+        ({"optimizer_type": 5}, TypeError, r"\['optimizer_type'\] must be a class name \(a str\), got 5"),
+        ({"optimizer_type": b"Adam"}, TypeError, r"must be a class name"),
+    ],
+)
+def test_a_malformed_optimizer_type_is_refused_by_type(entry, error, message):
+    model = make_model()
+    wrapper = OptimWrapper(torch.optim.Adam(model.parameters(), lr=0.01))
+    with pytest.raises(error, match=message):
+        wrapper.load_state_dict(wrapper.state_dict() | entry)
+
+
+def test_nadam_with_another_weight_decay_kind_is_refused_with_what_it_is():
+    model = make_model()
+    nadam = torch.optim.NAdam(model.parameters(), decoupled_weight_decay=True)
+    state = nadam.state_dict()
+    with pytest.raises(ValueError, match=r"an optimizer with decoupled weight decay \(AdamW is Adam with it\)"):
+        OptimWrapper(torch.optim.NAdam(model.parameters())).load_state_dict(state)
+    state["param_groups"][0]["decoupled_weight_decay"] = torch.ones(2)
+    with pytest.raises(ValueError, match=r"\['decoupled_weight_decay'\] must be True or False"):
+        OptimWrapper(torch.optim.NAdam(model.parameters())).load_state_dict(state)
