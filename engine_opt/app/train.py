@@ -444,20 +444,8 @@ def _check_reevaluating(args: argparse.Namespace, task: Task, optim_wrapper: Opt
                 f"{kind} re-evaluates the model during its step, and the {task.name} task's step, which updates "
                 "two models in turn, gives it no closure; train the classifier with it"
             )
-        given = [
-            option
-            for option, used in (
-                (f"--accumulate {wrapper.accumulative_counts}", wrapper.accumulative_counts != 1),
-                ("--dtype fp16", wrapper.loss_scaler is not None),
-                ("--num-items samples", args.num_items == "samples"),
-            )
-            if used
-        ]
-        if given:
-            raise UsageError(
-                f"{kind} re-evaluates one batch's loss during its step: {', '.join(given)} cannot go with it "
-                "(bf16 and --clip-norm can)"
-            )
+        if args.num_items == "samples":  # accumulation and float16 are refused by the wrapper itself
+            raise UsageError(f"--num-items samples: {kind} re-evaluates one batch's mean loss during its step")
 
 
 def _build_trainer(

@@ -152,6 +152,8 @@ class AmpOptimWrapper(OptimWrapper):
             self.loss_scaler = scaler if scaler.is_enabled() else None  # loss_scale=dict(enabled=False)
             if isinstance(loss_scale, (int, float)):
                 self._scale_update_param = float(loss_scale)
+        if self.needs_closure:
+            self._check_closure_use(None)  # a float16 scaler: refused here, before any update
         if self.loss_scaler is not None and any(param.dtype == torch.float16 for param in self._params()):
             raise ValueError(
                 "the optimizer holds float16 parameters, which a grad scaler cannot unscale: keep the model in "

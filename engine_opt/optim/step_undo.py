@@ -55,6 +55,8 @@ class StepUndo:
             for param in group["params"]:
                 if param.grad is not None:
                     self.params.append((param, param.detach().clone()))
+                # LBFGS keeps its whole state under its first parameter, which may have no gradient (frozen)
+                if param.grad is not None or param in self.state:
                     self.states[param] = {key: _saved(value) for key, value in self.state.get(param, {}).items()}
 
     def where(self, flag: torch.Tensor) -> None:

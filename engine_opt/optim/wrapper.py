@@ -157,6 +157,8 @@ class OptimWrapper(OptimizerView):
         # num_items: the items the window's summed losses cover, an int or a device tensor; None outside such windows
         self._window_items: int | torch.Tensor | None = None
         self._needs_closure = needs_closure(optimizer)
+        if self._needs_closure:
+            self._check_closure_use(None)
         self._hooks = StepHooks()
         # The live hook tables, tested on every micro-step: empty (false) while nobody listens.
         self._on_backward = self._hooks.table(StepEvent.BACKWARD_COMPLETED)
@@ -334,7 +336,7 @@ class OptimWrapper(OptimizerView):
         the error goes on: its gradients are dropped and a grad scaler's
         iteration is closed, so the next window starts clean.
         """
-        if "closure" in kwargs or self._needs_closure:
+        if ("closure" in kwargs and kwargs["closure"] is not None) or self._needs_closure:
             kwargs = self._with_reevaluation(kwargs)
         try:
             self._step(kwargs)
@@ -353,7 +355,7 @@ class OptimWrapper(OptimizerView):
             )
         if isinstance(closure, Reevaluation):
             return kwargs
-        self._check_closure_use(None)
+        self._check_closure_use(self._window_items)
         return {**kwargs, "closure": Reevaluation(check_closure(closure), self._clip_closure())}
 
     def _check_closure_use(self, num_items: Any) -> None:

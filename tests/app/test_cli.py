@@ -207,7 +207,9 @@ def test_sparse_adam_and_what_lbfgs_cannot_do_are_refused_like_other_unsupported
     for options, message in [
         (["--optimizer", "SparseAdam"], "needs sparse gradients"),
         (["--optimizer", "LBFGS", "--task", "gan"], "the gan task's step, which updates two models in turn"),
-        (["--optimizer", "LBFGS", "--dtype", "fp16", "--accumulate", "2"], "--accumulate 2, --dtype fp16 cannot"),
+        (["--optimizer", "LBFGS", "--accumulate", "2"], "wrapper options: closure: a step that re-evaluates"),
+        (["--optimizer", "LBFGS", "--dtype", "fp16"], "a float16 loss scale cannot go through"),
+        (["--optimizer", "LBFGS", "--num-items", "samples"], "LBFGS re-evaluates one batch's mean loss"),
     ]:
         with pytest.raises(SystemExit) as exit_info:
             run(tmp_path, *options)

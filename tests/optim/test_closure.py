@@ -152,7 +152,7 @@ def refused(wrapper, model, **kwargs):
         (lambda m: OptimWrapper(lbfgs(m)), {}, TypeError, r"LBFGS re-evaluates the model during its step: pass"),
         (lambda m: OptimWrapper(lbfgs(m)), {"closure": 3}, TypeError, r"closure must be callable .* got 3"),
         (
-            lambda m: OptimWrapper(lbfgs(m), accumulative_counts=2),
+            lambda m: OptimWrapper(torch.optim.SGD(m.parameters(), lr=0.1), accumulative_counts=2),
             {"closure": lambda: None},
             ValueError,
             r"accumulative_counts=2 sums several; use accumulative_counts=1",
@@ -164,7 +164,7 @@ def refused(wrapper, model, **kwargs):
             r"num_items weights the micro-steps",
         ),
         (
-            lambda m: AmpOptimWrapper(optimizer=lbfgs(m), dtype="float16"),
+            lambda m: AmpOptimWrapper(optimizer=torch.optim.SGD(m.parameters(), lr=0.1), dtype="float16"),
             {"closure": lambda: None},
             ValueError,
             r"a float16 loss scale cannot go through a step that re-evaluates the model.*bfloat16",
@@ -179,3 +179,54 @@ def test_what_a_reevaluating_step_cannot_honour_is_refused_before_anything_chang
         refused(wrapper, model, **kwargs)()
     assert_same_tensors((model.state_dict(), wrapper.state_dict()), before)
     assert all(param.grad is None for param in model.parameters())
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda m: OptimWrapper(lbfgs(m), accumulative_counts=2), r"accumulative_counts=2 sums several"),
+        (lambda m: AmpOptimWrapper(optimizer=lbfgs(m), dtype="float16"), r"a float16 loss scale cannot go"),
+    ],
+)
+def test_an_lbfgs_wrapper_that_could_never_step_is_refused_when_it_is_made(make, message):
+    with pytest.raises(ValueError, match=message):
+        make(make_model())
+
+
+def test_closure_none_is_no_closure_and_a_window_with_num_items_takes_none():
+    model = make_model()
+    x, y = make_batches(1)[0]
+    wrapper = OptimWrapper(torch.optim.SGD(model.parameters(), lr=0.1))
+    wrapper.update_params(loss_fn(model(x), y), step_kwargs={"closure": None})  # torch's default, passed on
+    wrapper.backward(loss_fn(model(x), y) * len(y), num_items=len(y))
+    with pytest.raises(ValueError, match=r"num_items weights the micro-steps"):
+        wrapper.step(closure=closure_for(wrapper, model, x, y))
+    assert wrapper.step_count == 1
+
+
+def test_a_cancelled_step_takes_back_the_history_lbfgs_keeps_under_a_frozen_first_parameter():
+    """LBFGS keeps its state under its first parameter; frozen, it has no gradient, and its state is still put
+    back when a guard cancels the step on the device."""
+    from engine_opt import StepEvent
+
+    frozen = torch.nn.Parameter(torch.zeros(2), requires_grad=False)
+    param = torch.nn.Parameter(torch.linspace(-1.0, 1.0, 3))
+    wrapper = OptimWrapper(torch.optim.LBFGS([frozen, param], lr=0.5, max_iter=3))
+
+    def loss():
+        return ((param - 1) ** 2).sum() + (param**4).sum()
+
+    def closure():
+        wrapper.optimizer.zero_grad()
+        value = loss()
+        value.backward()
+        return value
+
+    wrapper.update_params(loss(), closure=closure)
+    before = copy.deepcopy(wrapper.optimizer.state_dict())
+    wrapper.register_step_hook(
+        lambda w, event, _: w.cancel_step(when=torch.tensor(True)), [StepEvent.BEFORE_OPTIM_STEP]
+    )
+    wrapper.update_params(loss(), closure=closure)
+    assert_same_tensors(wrapper.optimizer.state_dict(), before)
+    assert wrapper.skipped_steps == 1
