@@ -12,8 +12,9 @@ from ignite.handlers.checkpoint import BaseSaveHandler
 from torch import nn
 
 from ..optim import checks, distributed
+from ..optim.modes import eval_mode
 from .files import write_checkpoint
-from .periodic import attach_periodic, check_period
+from .periodic import attach_periodic, check_period, optimizers_with_modes
 from .run_directory import RunDirectory, checkpoint_name
 
 
@@ -40,6 +41,12 @@ class DurableCheckpoint(Checkpoint):
             filename_pattern="checkpoint_{global_step}.{ext}",  # Ignite would name a lone object's file after it
         )
         self.directory = directory
+        self._with_modes = optimizers_with_modes(to_save)
+
+    def __call__(self, engine: Engine) -> None:
+        """Save now; a schedule-free optimizer and its model in eval mode (the weights it means)."""
+        with eval_mode(self._with_modes):
+            super().__call__(engine)
 
     def at_run_end(self, engine: Engine) -> None:
         """Save the final state unless the last save was at this iteration."""

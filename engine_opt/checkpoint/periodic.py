@@ -5,17 +5,34 @@
 (``sharded``); both attach through ``attach_periodic``: the directory is
 taken when the run starts (``DirectoryHold``), a save runs every ``every``
 iterations (or each epoch) and at the run's end, and the directory is let go.
+Schedule-free optimizers are saved in eval mode (``optimizers_with_modes``).
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, Protocol
 
+import torch
 from ignite.engine import Engine, Events
 
 from ..engine.trainer import Trainer
 from ..optim import checks, distributed
+from ..optim.modes import has_modes
+from ..optim.wrapper import OptimWrapper
+from ..optim.wrapper_dict import OptimWrapperDict, members
 from .run_directory import RunDirectory, RunDirectoryBusy, RunDirectoryConflict
+
+
+def optimizers_with_modes(to_save: Mapping[str, Any]) -> list[torch.optim.Optimizer]:
+    """The schedule-free optimizers among ``to_save`` (plain, wrapped, members): saved in eval mode."""
+    found: list[torch.optim.Optimizer] = []
+    for obj in to_save.values():
+        if isinstance(obj, (OptimWrapper, OptimWrapperDict)):
+            found += [wrapper.optimizer for _, wrapper in members(obj)]
+        elif isinstance(obj, torch.optim.Optimizer):
+            found.append(obj)
+    return [optimizer for optimizer in found if has_modes(optimizer)]
 
 
 class PeriodicSave(Protocol):

@@ -24,6 +24,7 @@ from torch.utils.hooks import RemovableHandle
 
 from ..optim import checks, distributed
 from ..optim.hooks import StepEvent, StepHook
+from ..optim.modes import has_modes, set_mode
 from ..optim.wrapper import OptimWrapper
 from ..optim.wrapper_dict import OptimWrapperDict, members
 from .events import EVENT_TO_ATTR, OptimEvents
@@ -392,7 +393,23 @@ def create_trainer(
     _check_the_wrapper_trains_the_model(model, optim_wrapper)  # last: the errors of the arguments come first
     trainer = Trainer(train_step, optim_wrapper)
     trainer.add_event_handler(Events.STARTED, _start_run, model)
+    _attach_modes(trainer, optim_wrapper)
     return trainer
+
+
+def _attach_modes(trainer: Trainer, optim_wrapper: OptimWrapper | OptimWrapperDict) -> None:
+    """Schedule-free optimizers: train mode for each iteration; eval mode when an epoch or the run ends, before
+    the handlers attached later (an evaluation, a checkpoint) run."""
+    optimizers = [wrapper.optimizer for _, wrapper in members(optim_wrapper) if has_modes(wrapper.optimizer)]
+    if not optimizers:
+        return
+
+    def switch(engine: Engine, train: bool) -> None:
+        for optimizer in optimizers:
+            set_mode(optimizer, train)
+
+    trainer.add_event_handler(Events.ITERATION_STARTED, switch, True)
+    trainer.add_event_handler(Events.EPOCH_COMPLETED | Events.COMPLETED, switch, False)
 
 
 def _start_run(engine: Trainer, model: nn.Module) -> None:

@@ -24,6 +24,8 @@ from typing import Any
 
 import torch
 
+from .modes import set_mode
+
 # torch.optim.Optimizer's hook tables: the view shares the wrapped optimizer's, so a hook registered on either
 # runs around (or with) the wrapped optimizer's own step, state_dict and load_state_dict.
 _OPTIMIZER_HOOK_TABLES = (
@@ -101,6 +103,15 @@ class OptimizerView(torch.optim.Optimizer):
     def _params(self) -> list[torch.Tensor]:
         """Every parameter of the optimizer, in group order."""
         return [param for group in self.optimizer.param_groups for param in group["params"]]
+
+    def train(self) -> None:
+        """Put a schedule-free optimizer in train mode (``optimizer.train()``); nothing for one without modes."""
+        set_mode(self.optimizer, train=True)
+
+    def eval(self) -> None:
+        """Put a schedule-free optimizer in eval mode (``optimizer.eval()``): the parameters where the model
+        is meant to be evaluated and saved; nothing for one without modes."""
+        set_mode(self.optimizer, train=False)
 
     def get_lr(self) -> dict[str, list[Any]]:
         """Learning rate of each param group: ``{'lr': [...]}``.

@@ -132,6 +132,16 @@ class OptimWrapperDict:
         for wrapper in self.optim_wrappers.values():
             wrapper.zero_grad(**kwargs)
 
+    def train(self) -> None:
+        """Each member's ``train()`` (schedule-free optimizers' train mode)."""
+        for wrapper in self.optim_wrappers.values():
+            wrapper.train()
+
+    def eval(self) -> None:
+        """Each member's ``eval()`` (schedule-free optimizers' eval mode)."""
+        for wrapper in self.optim_wrappers.values():
+            wrapper.eval()
+
     def initialize_count_status(self, model: nn.Module, init_counts: int, max_counts: int) -> None:
         """Run ``initialize_count_status`` on every wrapper."""
         for wrapper in self.optim_wrappers.values():
