@@ -626,3 +626,16 @@ def test_a_ctrl_c_while_the_command_loads_ends_with_one_line_and_status_130(caps
     code = "import sys, engine_opt.app.start; print(sorted({'torch', 'ignite'} & set(sys.modules)))"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert result.stdout == "[]\n", result.stderr
+
+
+def test_a_schedule_free_run_evaluates_and_resumes_in_eval_mode(tmp_path, capsys):
+    config = str(ROOT / "examples" / "configs" / "classifier_schedulefree.json")
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    assert run(straight, "--epochs", "2", "--config", config) == 0
+    assert run(split, "--epochs", "1", "--config", config) == 0
+    assert run(split, "--epochs", "2", "--config", config, "--resume") == 0
+    expected = torch.load(straight / "logs" / "checkpoints" / "checkpoint_128.pt", weights_only=True)
+    actual = torch.load(split / "logs" / "checkpoints" / "checkpoint_128.pt", weights_only=True)
+    assert expected["optim_wrapper"]["param_groups"][0]["train_mode"] is False  # saved as it is meant
+    assert_same_tensors(actual["model"], expected["model"])
+    assert_same_tensors(actual["optim_wrapper"], expected["optim_wrapper"])
