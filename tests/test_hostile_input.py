@@ -478,6 +478,14 @@ def lbfgs_update(wrapper: OptimWrapper, **kwargs: Any) -> None:
     wrapper.update_params(F.mse_loss(model(torch.ones(2, 4)), torch.ones(2, 2)), **kwargs)
 
 
+def a_sharded_checkpoint_of_a_schedule_free_optimizer() -> None:
+    schedulefree = pytest.importorskip("schedulefree")
+    model = make_model()
+    wrapper = OptimWrapper(schedulefree.AdamWScheduleFree(model.parameters()))
+    trainer = create_trainer(model, wrapper, F.mse_loss)
+    attach_sharded_checkpoint(trainer, {"model": model, "optim_wrapper": wrapper}, "sharded_free")
+
+
 def a_mid_pass_position_of_two_processes_into_one() -> None:
     state = ResumableLoader([1, 2, 3, 4]).state_dict() | {"position": 2, "epoch_rng": rng_state()}
     state["ranks"] = [{"epoch_rng": rng_state(), "rng": rng_state()}] * 2
@@ -541,6 +549,7 @@ CASES = [
     Case("constructor", "`OptimWrapper(SGD([{'params': ..., 'lr': float('inf')}], lr=0.1))`", lambda: OptimWrapper(torch.optim.SGD([{"params": make_model().parameters(), "lr": float("inf")}], lr=0.1)), "'lr'"),
     Case("constructor", "`ResumableLoader('abc')` (a string)", lambda: ResumableLoader("abc"), "re-iterable"),
     Case("constructor", "`attach_sharded_checkpoint(trainer, {'optim_wrapper': w}, 'ckpt')` (its model not saved)", a_sharded_checkpoint_of_a_wrapper_without_its_model, "no model there"),
+    Case("constructor", "`attach_sharded_checkpoint(trainer, {'optim_wrapper': OptimWrapper(AdamWScheduleFree(...))}, 'ckpt')`", a_sharded_checkpoint_of_a_schedule_free_optimizer, "schedule-free"),
     Case("constructor", "`attach_sharded_checkpoint(trainer, to_save, 'ckpt', async_save='yes')`", lambda: attach_sharded_checkpoint(a_trainer(), {}, "ckpt", async_save="yes"), "async_save"),
     Case("config", "`build_optim_wrapper(model, {'type': 'FastWrapper', ...})`", lambda: build_optim_wrapper(make_model(), {"type": "FastWrapper", "optimizer": {"type": "SGD", "lr": 0.1}}), "FastWrapper"),
     Case("config", "`build_optim_wrapper(model, {'optimizer': {'type': 'Adamm'}})`", lambda: build_optim_wrapper(make_model(), {"optimizer": {"type": "Adamm", "lr": 0.1}}), "Adamm"),

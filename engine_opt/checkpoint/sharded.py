@@ -25,9 +25,8 @@ from ignite.engine import Engine, Events
 
 from ..engine.trainer import Trainer
 from ..optim import OptimWrapper, OptimWrapperDict, checks, distributed
-from ..optim.modes import eval_mode
 from ..optim.wrapper_dict import members
-from .periodic import attach_periodic, check_period, optimizers_with_modes
+from .periodic import attach_periodic, check_period
 from .run_directory import RunDirectory, checkpoint_name, partial_name
 from .sharded_files import ShardedLayout, publish, save_sharded
 
@@ -67,7 +66,6 @@ class ShardedCheckpoint:
         self._pending: tuple[Future[Any], Path, Path] | None = None
         self._deferred_since: int | None = None  # the iteration a save was asked for mid-window
         self._longest_window = _longest_window(self.layout.objects.values())
-        self._with_modes = optimizers_with_modes(to_save)
 
     def __call__(self, engine: Engine) -> None:
         """Save now, or at the end of the accumulation window in progress."""
@@ -100,8 +98,7 @@ class ShardedCheckpoint:
         self.wait()
         final = self.directory.path / checkpoint_name(iteration, sharded=True)
         partial = partial_name(final, self._pid)
-        with eval_mode(self._with_modes):  # an asynchronous save has its copy when it returns
-            future = save_sharded(self.layout, partial, process_group=self._group, async_save=self.async_save)
+        future = save_sharded(self.layout, partial, process_group=self._group, async_save=self.async_save)
         self.last_iteration = iteration
         if future is None:
             self._publish(partial, final)

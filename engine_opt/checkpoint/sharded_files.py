@@ -53,6 +53,7 @@ from torch.distributed.checkpoint.state_dict_saver import async_save as dcp_asyn
 from torch.distributed.checkpoint.state_dict_saver import save as dcp_save
 
 from ..optim import OptimWrapper, OptimWrapperDict, checks, distributed
+from ..optim.modes import has_modes
 from ..optim.state_checks import check_module_state
 from ..optim.wrapper_dict import members
 from .dcp_metadata import SafeReader
@@ -93,6 +94,13 @@ class ShardedLayout:
                     f"{argument}[{key.split('.')[0]!r}] holds a ZeroRedundancyOptimizer, which sharded checkpoints do "
                     "not take: save it with attach_checkpoint (its state is consolidated), or shard the model "
                     "with FSDP2 (fully_shard) and use a plain optimizer"
+                )
+            if has_modes(optimizer):
+                raise ValueError(
+                    f"{argument}[{key.split('.')[0]!r}] holds a schedule-free optimizer "
+                    f"({type(optimizer).__name__}), which sharded checkpoints do not take yet: "
+                    "torch.distributed.checkpoint makes an optimizer's state with a step, which such an optimizer "
+                    "refuses in eval mode; save it with attach_checkpoint"
                 )
             optimizers[key] = (_model_of(f"{argument}[{key!r}]", optimizer, models), optimizer)
         objects = {

@@ -398,8 +398,8 @@ def create_trainer(
 
 
 def _attach_modes(trainer: Trainer, optim_wrapper: OptimWrapper | OptimWrapperDict) -> None:
-    """Schedule-free optimizers: train mode for each iteration; eval mode when an epoch or the run ends, before
-    the handlers attached later (an evaluation, a checkpoint) run."""
+    """Schedule-free optimizers: train mode for each iteration; eval mode when an epoch or the run ends (however:
+    terminated, raised), before the handlers attached later (an evaluation, a checkpoint) run."""
     optimizers = [wrapper.optimizer for _, wrapper in members(optim_wrapper) if has_modes(wrapper.optimizer)]
     if not optimizers:
         return
@@ -409,7 +409,9 @@ def _attach_modes(trainer: Trainer, optim_wrapper: OptimWrapper | OptimWrapperDi
             set_mode(optimizer, train)
 
     trainer.add_event_handler(Events.ITERATION_STARTED, switch, True)
-    trainer.add_event_handler(Events.EPOCH_COMPLETED | Events.COMPLETED, switch, False)
+    trainer.add_event_handler(Events.EPOCH_COMPLETED | Events.COMPLETED | Events.TERMINATE, switch, False)
+    # however the run ends (an exception too): the weights the optimizer means
+    trainer.add_event_handler(Events.STARTED, lambda engine: engine.call_at_run_end(lambda: switch(engine, False)))
 
 
 def _start_run(engine: Trainer, model: nn.Module) -> None:

@@ -20,23 +20,29 @@ from collections.abc import Iterable, Iterator
 
 import torch
 
+from .distributed import state_holder
+
 
 def has_modes(optimizer: torch.optim.Optimizer) -> bool:
-    """Whether ``optimizer`` has ``train()`` and ``eval()`` (a schedule-free optimizer)."""
-    return callable(getattr(optimizer, "train", None)) and callable(getattr(optimizer, "eval", None))
+    """Whether ``optimizer`` (a ``ZeroRedundancyOptimizer``'s inner one) has ``train()`` and ``eval()``."""
+    inner = state_holder(optimizer)
+    return callable(getattr(inner, "train", None)) and callable(getattr(inner, "eval", None))
 
 
 def in_train_mode(optimizer: torch.optim.Optimizer) -> bool:
-    """Whether ``optimizer`` is in train mode (its groups' ``'train_mode'``, as schedule-free keeps it; True
-    for an optimizer that does not say)."""
-    groups = optimizer.param_groups
-    return bool(groups[0].get("train_mode", True)) if groups else True
+    """Whether ``optimizer`` is in train mode: its groups' ``'train_mode'`` (the ``schedulefree`` package's), or
+    its own ``train_mode`` attribute (pytorch-optimizer's wrapper); True for one that says neither."""
+    inner = state_holder(optimizer)
+    groups = inner.param_groups
+    if groups and "train_mode" in groups[0]:
+        return bool(groups[0]["train_mode"])
+    return bool(getattr(inner, "train_mode", True))
 
 
 def set_mode(optimizer: torch.optim.Optimizer, train: bool) -> None:
-    """``optimizer.train()`` or ``optimizer.eval()``, where it has them."""
+    """``optimizer.train()`` or ``optimizer.eval()`` (a ZeRO optimizer's inner one's), where it has them."""
     if has_modes(optimizer):
-        getattr(optimizer, "train" if train else "eval")()
+        getattr(state_holder(optimizer), "train" if train else "eval")()
 
 
 @contextlib.contextmanager

@@ -509,9 +509,9 @@ class OptimWrapper(OptimizerView):
             closure: For an optimizer that re-evaluates the model during its
                 step (``torch.optim.LBFGS``, which needs one): torch's closure,
                 which zeroes the gradients, evaluates the model on the batch of
-                ``loss``, runs backward and returns the loss. ``loss`` is its
-                first evaluation (so the model is evaluated as often as in
-                torch's loop); every evaluation's gradients are clipped as
+                ``loss``, runs backward and returns the loss. For LBFGS ``loss``
+                is its first evaluation (so the model is evaluated as often as
+                in torch's loop); every evaluation's gradients are clipped as
                 configured. One batch per update: refused with accumulation,
                 ``num_items`` or a float16 loss scale (bfloat16 works).
 
@@ -551,7 +551,10 @@ class OptimWrapper(OptimizerView):
             check_closure(closure)
         self.backward(loss)
         if closure is not None:
-            kwargs["closure"] = Reevaluation(closure, self._clip_closure(), first=loss.detach())
+            # LBFGS evaluates where the weights stand before it moves them: that evaluation is `loss`. Others
+            # (schedule-free's closure variants) move them first, and evaluate anew.
+            first = loss.detach() if isinstance(self.optimizer, torch.optim.LBFGS) else None
+            kwargs["closure"] = Reevaluation(closure, self._clip_closure(), first=first)
         self.step(**kwargs)
         self.zero_grad(**(zero_kwargs or {}))
 

@@ -117,3 +117,52 @@ def test_a_state_saved_in_train_mode_resumes_bitwise_too():
         obj.load_state_dict(saved[name])
     resumed["trainer"].run(resumed["data"], max_epochs=EPOCHS)
     assert_same_model(resumed["model"], whole["model"])
+
+
+def test_a_closure_variant_steps_as_by_hand_through_the_trainer():
+    """The closure variants move the weights before they evaluate: the closure runs anew, as by hand."""
+    batches = make_batches(6)
+    expected = make_model()
+    optimizer = schedulefree.SGDScheduleFreeClosure(expected.parameters(), lr=0.1)  # no modes: it keeps y itself
+    for x, y in batches:
+
+        def closure(x=x, y=y):
+            optimizer.zero_grad()
+            loss = loss_fn(expected(x), y)
+            loss.backward()
+            return loss
+
+        optimizer.step(closure)
+    model = make_model()
+    wrapper = OptimWrapper(schedulefree.SGDScheduleFreeClosure(model.parameters(), lr=0.1))
+    create_trainer(model, wrapper, loss_fn).run(batches)
+    assert_same_model(model, expected)
+
+
+@pytest.mark.parametrize("how", ["terminate", "raise"])
+def test_a_run_that_ends_early_ends_in_eval_mode_too(how):
+    model = make_model()
+    wrapper = OptimWrapper(make_optimizer(model))
+    trainer = create_trainer(model, wrapper, loss_fn)
+
+    def stop(engine):
+        if engine.state.iteration == 3:
+            if how == "raise":
+                raise RuntimeError("a failing handler")
+            engine.terminate(skip_completed=True)
+
+    trainer.add_event_handler(Events.ITERATION_COMPLETED, stop)
+    if how == "raise":
+        with pytest.raises(RuntimeError, match="a failing handler"):
+            trainer.run(make_batches(8))
+    else:
+        trainer.run(make_batches(8))
+    assert wrapper.optimizer.param_groups[0]["train_mode"] is False
+
+
+def test_a_sharded_checkpoint_refuses_a_schedule_free_optimizer_by_name(tmp_path):
+    from engine_opt.checkpoint import attach_sharded_checkpoint
+
+    built = build(make_batches(2))
+    with pytest.raises(ValueError, match=r"\['optim_wrapper'\] holds a schedule-free optimizer \(AdamWScheduleFree\)"):
+        attach_sharded_checkpoint(built["trainer"], built, tmp_path)
