@@ -51,9 +51,10 @@ from ..handlers import SpikesPersist
 from ..optim.distributed import rank, world_size
 from .config import UsageError
 from .launcher import FromLauncher, RankLink, launch_ranks
+from .run_directories import raised_by_tensorboard
 from .signals import EXIT_STATUS, StopNow, StopRequest
 from .tasks import TASKS
-from .train import check_batch_size, raised_by_tensorboard, run_paths, summary, train
+from .train import check_batch_size, run_paths, summary, train
 
 _DTYPES = ("fp32", "bf16", "fp16")
 

@@ -14,16 +14,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
-import os
 import random
 import sys
 import time
-import traceback
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import TracebackType
 from typing import Any, cast
 
 import ignite.distributed as idist
@@ -33,8 +28,7 @@ from ignite.handlers import Checkpoint
 from ignite.handlers.tensorboard_logger import OutputHandler, TensorboardLogger
 from torch.utils.data import DataLoader, DistributedSampler
 
-from ..checkpoint import DamagedCheckpoint, RunDirectory, attach_checkpoint, latest_checkpoint, resume_from_latest
-from ..checkpoint.files import read_checkpoint
+from ..checkpoint import DamagedCheckpoint, RunDirectory, attach_checkpoint, resume_from_latest
 from ..engine import ResumableLoader, sampled_total
 from ..engine.events import OptimEvents, member_filter
 from ..engine.trainer import Trainer, create_trainer
@@ -52,6 +46,7 @@ from ..optim.distributed import gather_objects, rank, world_size
 from ..optim.wrapper import OptimWrapper
 from ..optim.wrapper_dict import OptimWrapperDict, members
 from .config import UsageError, wrapper_config
+from .run_directories import check_run_directories, logs_named, mark, saved_there_before, way_past_damage
 from .run_options import RunOptions
 from .signals import StopOnSignal, StopRequest
 from .tasks import Task, make_task
@@ -111,36 +106,21 @@ def train(args: argparse.Namespace, stop: StopRequest | None = None) -> Result:
     if rank() == 0:
         _note_repeated_samples(run.task.data)
     # as rank 0 sees it, before it takes and marks it
-    existed, used_before = gather_objects((run.checkpoint_dir.exists(), _saved_there_before(run)))[0]
+    existed, used_before = gather_objects(
+        (run.checkpoint_dir.exists(), saved_there_before(run.log_dir, run.checkpoint_dir))
+    )[0]
     directory = RunDirectory(run.checkpoint_dir)
     try:
         with directory.lock() if rank() == 0 else contextlib.nullcontext():
             check_run_directories(args, run.log_dir, run.checkpoint_dir, used_before)
             if rank() == 0:
-                _mark(run)
+                mark(run.log_dir, run.checkpoint_dir)
             resumed = resume(run, args)
             return execute(run, args, resumed, stop)
     except UsageError:
         if rank() == 0 and not existed:  # a refused run leaves no directory it made
             directory.discard_if_unused()
         raise
-
-
-_RUN_MARK = ".engine_opt.run"
-"""Written in the checkpoint directory when a run starts: which log directory's run saves there."""
-
-
-def _mark(run: Run) -> None:
-    (run.checkpoint_dir / _RUN_MARK).write_text(json.dumps({"log_dir": str(run.log_dir.resolve())}))
-
-
-def _saved_there_before(run: Run) -> bool:
-    """Whether a run of this log directory started in this checkpoint directory before (its mark is there)."""
-    try:
-        mark = json.loads((run.checkpoint_dir / _RUN_MARK).read_text())
-        return bool(mark["log_dir"] == str(run.log_dir.resolve()))
-    except (OSError, ValueError, KeyError, TypeError):
-        return False
 
 
 def _note_repeated_samples(data: DataLoader[Any]) -> None:
@@ -197,30 +177,6 @@ def execute(run: Run, args: argparse.Namespace, resumed: Path | None, stop: Stop
     )
 
 
-def raised_by_tensorboard(trace: TracebackType | None) -> bool:
-    """Whether the traceback ``trace`` ends in TensorBoard's writer (its thread writes the event files)."""
-    packages = [
-        str(Path(module.__file__).parent) + os.sep
-        for module in (sys.modules.get("tensorboard"), sys.modules.get("torch.utils.tensorboard"))
-        if module is not None and module.__file__ is not None
-    ]
-    frames = traceback.extract_tb(trace)[-3:]
-    return any(frame.filename.startswith(package) for frame in frames for package in packages)
-
-
-@contextlib.contextmanager
-def logs_named(log_dir: Path) -> Iterator[None]:
-    """An ``OSError`` of TensorBoard's writer (a full disk) raised as one that names the log directory."""
-    try:
-        yield
-    except OSError as error:
-        if not raised_by_tensorboard(error.__traceback__):
-            raise
-        raise type(error)(
-            error.errno, f"cannot write TensorBoard logs to {log_dir}: {error.strerror or error}"
-        ) from None
-
-
 def build(args: argparse.Namespace) -> Run:
     """The task, its wrapper(s) from the options, the trainer and its schedules; nothing attached yet."""
     device = _device(args)
@@ -263,46 +219,6 @@ def check_batch_size(batch_size: int, processes: int) -> None:
         )
 
 
-def check_run_directories(args: argparse.Namespace, log_dir: Path, checkpoint_dir: Path, used_before: bool) -> None:
-    """A new run, with ``--resume`` or not, writes neither into an earlier run's checkpoints nor its curves.
-
-    ``used_before``: an earlier run of ``log_dir`` started in the checkpoint
-    directory (and saved no checkpoint there, or they were removed).
-    """
-    impostors = RunDirectory(checkpoint_dir, "file").impostors()
-    if impostors:
-        raise UsageError(
-            f"{checkpoint_dir} holds entries named like checkpoints that are none ({', '.join(impostors)}): "
-            "move them away, or pass another --checkpoint-dir"
-        )
-    if latest_checkpoint(checkpoint_dir, kind="file") is not None:
-        if args.resume:
-            return
-        raise UsageError(
-            f"{checkpoint_dir} holds checkpoints of an earlier run; pass --resume to continue it, "
-            "or --log-dir (logs and checkpoints) or --checkpoint-dir for a new run"
-        )
-    if not any(log_dir.glob("events.out.tfevents.*")):
-        return
-    if used_before:  # the earlier run saved there, and stopped before its first checkpoint
-        if args.resume:
-            return  # started over: its curves are drawn again from iteration 1
-        raise UsageError(
-            f"{log_dir} holds the TensorBoard logs of an earlier run that saved to {checkpoint_dir} but left no "
-            "checkpoint there (it stopped before its first, or they were removed); pass --resume to start that "
-            "run over, or --log-dir for a new run"
-        )
-    if args.resume:
-        raise UsageError(
-            f"--resume: no checkpoint in {checkpoint_dir}, but {log_dir} holds the TensorBoard logs of an earlier "
-            "run; pass the --checkpoint-dir that run saved to, or --log-dir for a new run"
-        )
-    raise UsageError(
-        f"{log_dir} holds the TensorBoard logs of an earlier run, which this run's would mix with; pass "
-        "--resume to continue it, or --log-dir for a new run"
-    )
-
-
 def resume(run: Run, args: argparse.Namespace) -> Path | None:
     """Load the newest checkpoint with ``--resume``; refuse one that does not fit or is already complete."""
     if not args.resume:
@@ -310,7 +226,7 @@ def resume(run: Run, args: argparse.Namespace) -> Path | None:
     try:
         resumed = resume_from_latest(run.to_save(), run.checkpoint_dir, kind="file")
     except DamagedCheckpoint as error:
-        raise UsageError(f"--resume: {error}; {_way_past_damage(run.checkpoint_dir)}") from None
+        raise UsageError(f"--resume: {error}; {way_past_damage(run.checkpoint_dir)}") from None
     except (ValueError, RuntimeError) as error:
         raise UsageError(f"--resume: {error}; resume with the options of the interrupted run") from None
     if resumed is None:
@@ -325,25 +241,6 @@ def resume(run: Run, args: argparse.Namespace) -> Path | None:
             f"pass --epochs above {state.epoch} to train it further"
         )
     return resumed
-
-
-def _way_past_damage(checkpoint_dir: Path) -> str:
-    """What to do when the newest checkpoint is damaged: the newest that reads whole, if one does."""
-    found = [path for _, path in RunDirectory(checkpoint_dir, "file").checkpoints()]
-    for index in range(len(found) - 2, -1, -1):
-        try:
-            read_checkpoint(found[index])
-        except DamagedCheckpoint:
-            continue
-        newer = ", ".join(path.name for path in found[index + 1 :])
-        return (
-            f"{found[index].name} is the newest that reads whole: move {newer} out of {checkpoint_dir} "
-            "(nothing was deleted) and --resume continues from it"
-        )
-    return (
-        f"no other checkpoint in {checkpoint_dir} reads whole: start a new run with another --log-dir "
-        "and --checkpoint-dir"
-    )
 
 
 def attach_handlers(run: Run, args: argparse.Namespace) -> tuple[LossTracker, Checkpoint, TensorboardLogger | None]:
