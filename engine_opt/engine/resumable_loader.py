@@ -11,10 +11,10 @@ from __future__ import annotations
 import random
 import sys
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
-from torch.utils.data import DistributedSampler
+from torch.utils.data import Dataset, DistributedSampler
 
 from ..optim import checks, distributed
 
@@ -375,8 +375,9 @@ def sampled_total(samples: int, processes: int, drop_last: bool) -> int:
     """
     checks.int_at_least("samples", samples, 0)
     checks.positive_int("processes", processes)
-    per_process = samples // processes if drop_last else -(-samples // processes)
-    return per_process * processes
+    # torch's own rule, not a copy of it: the sampler computes its total when it is made
+    indices = cast("Dataset[int]", range(samples))  # all the sampler reads of a dataset is its length
+    return DistributedSampler(indices, num_replicas=processes, rank=0, drop_last=drop_last).total_size
 
 
 def _order(data: Any) -> dict[str, Any] | None:

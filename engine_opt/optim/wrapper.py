@@ -346,17 +346,21 @@ class OptimWrapper(OptimizerView):
 
     def _with_reevaluation(self, kwargs: dict[str, Any]) -> dict[str, Any]:
         """``kwargs`` with its closure wrapped to clip each evaluation's gradients; refused where none can work."""
-        closure = kwargs.get("closure")
+        closure = self._given_closure(kwargs.get("closure"))
+        if isinstance(closure, Reevaluation):  # update_params made it
+            return kwargs
+        self._check_closure_use(self._window_items)
+        return {**kwargs, "closure": Reevaluation(closure, self._clip_closure())}
+
+    def _given_closure(self, closure: Any) -> Closure:
+        """``closure`` if it can be called; a ``TypeError`` where it cannot, or is missing."""
         if closure is None:
             raise TypeError(
                 f"{type(self.optimizer).__name__} re-evaluates the model during its step: pass torch's closure, "
                 "update_params(loss, closure=closure) or step(closure=closure) (create_trainer's default step "
                 "makes one)"
             )
-        if isinstance(closure, Reevaluation):
-            return kwargs
-        self._check_closure_use(self._window_items)
-        return {**kwargs, "closure": Reevaluation(check_closure(closure), self._clip_closure())}
+        return check_closure(closure)
 
     def _check_closure_use(self, num_items: Any) -> None:
         """Refuse what a step re-evaluating one batch cannot honour: accumulation, item counts, a float16 scale."""
@@ -545,16 +549,13 @@ class OptimWrapper(OptimizerView):
         """``update_params`` with a closure: backward ``loss``, then a step whose first evaluation it is."""
         kwargs = dict(step_kwargs or {})
         self._check_closure_use(num_items)
-        if closure is None:  # MMEngine's way: the closure among the step's arguments, evaluated anew
-            self._with_reevaluation(kwargs)  # refuses a missing one before anything changes
-        else:
-            check_closure(closure)
+        # MMEngine's way, the closure among the step's arguments, is evaluated anew
+        given = self._given_closure(kwargs.get("closure") if closure is None else closure)
         self.backward(loss)
-        if closure is not None:
-            # LBFGS evaluates where the weights stand before it moves them: that evaluation is `loss`. Others
-            # (schedule-free's closure variants) move them first, and evaluate anew.
-            first = loss.detach() if isinstance(self.optimizer, torch.optim.LBFGS) else None
-            kwargs["closure"] = Reevaluation(closure, self._clip_closure(), first=first)
+        # LBFGS evaluates where the weights stand before it moves them: that evaluation is `loss`. Others
+        # (schedule-free's closure variants) move them first, and evaluate anew.
+        lbfgs = closure is not None and isinstance(self.optimizer, torch.optim.LBFGS)
+        kwargs["closure"] = Reevaluation(given, self._clip_closure(), first=loss.detach() if lbfgs else None)
         self.step(**kwargs)
         self.zero_grad(**(zero_kwargs or {}))
 
