@@ -25,6 +25,7 @@ from dist_worker import (
     CLIP_VALUE,
     ITERATIONS,
     POISONED_ITERATION,
+    SAM_RHO,
     SPIKE_ITERATIONS,
     SPIKED_ITERATION,
     global_batches,
@@ -35,7 +36,16 @@ from dist_worker import (
 from engine_opt.optim.distributed import all_ranks_agree, check_same_length, gather_objects
 from engine_opt.testing import GradientTraffic
 
-from oracle import OPTIMIZERS, Plan, assert_same_tensors, loss_fn, make_model, plain_item_windows, plain_loop
+from oracle import (
+    OPTIMIZERS,
+    Plan,
+    assert_same_tensors,
+    loss_fn,
+    make_model,
+    plain_item_windows,
+    plain_loop,
+    sam_perturb,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -87,6 +97,42 @@ def test_ddp_reduces_gradients_once_per_window(ranks):
         assert rank["ddp"]["bytes"] == sum(p.numel() * 4 for p in make_model().parameters()) * windows
     expected = single_process(global_batches(), Plan(accumulate=ACCUMULATE, clip_norm=1.0))
     assert_ranks_match_one_process(ranks, "ddp", expected)
+
+
+def sam_on_ranks(batches, local_perturbation):
+    """SAM in this process as two ranks run it: each half of a batch perturbs the weights by its own first-pass
+    gradient (or, for the control, by the whole batch's), the second passes' gradients are averaged."""
+    model = make_model()
+    optimizer = OPTIMIZERS["sgd_momentum"](model.parameters())
+    for x, y in batches:
+        halves = [(x[:3], y[:3]), (x[3:], y[3:])]
+        second = []
+        for hx, hy in halves:
+            optimizer.zero_grad()
+            first_x, first_y = (hx, hy) if local_perturbation else (x, y)
+            loss_fn(model(first_x), first_y).backward()
+            old = sam_perturb(list(model.parameters()), SAM_RHO, adaptive=False)
+            optimizer.zero_grad()
+            loss_fn(model(hx), hy).backward()
+            second.append([param.grad.clone() for param in model.parameters()])
+            for param, weight in old.items():
+                param.data = weight
+        for param, mine, theirs in zip(model.parameters(), *second, strict=True):
+            param.grad = (mine + theirs) / 2
+        optimizer.step()
+        optimizer.zero_grad()
+    return [param.detach() for param in model.parameters()]
+
+
+@pytest.mark.slow
+def test_ddp_sam_perturbs_by_each_ranks_gradient_and_reduces_only_the_second_pass(ranks):
+    for rank in ranks:
+        assert rank["ddp_sam"]["calls"] == ITERATIONS  # one reduction per update: the first pass stays local
+        assert rank["ddp_sam"]["steps"] == ITERATIONS
+    expected = sam_on_ranks(global_batches(), local_perturbation=True)
+    assert_ranks_match_one_process(ranks, "ddp_sam", expected)
+    control = sam_on_ranks(global_batches(), local_perturbation=False)  # the oracle tells the two apart
+    assert any(not torch.allclose(a, b, rtol=1e-5, atol=1e-6) for a, b in zip(expected, control, strict=True))
 
 
 @pytest.mark.slow

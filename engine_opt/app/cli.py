@@ -137,6 +137,12 @@ def _wrapper_options(train: argparse.ArgumentParser) -> None:
         "--optimizer", help="any torch.optim name (default: the task's, AdamW for classifier, Adam for gan)"
     )
     wrapper.add_argument("--lr", type=_positive_float, help="learning rate (default: the task's, 0.001)")
+    wrapper.add_argument(
+        "--sam",
+        type=_positive_float,
+        metavar="RHO",
+        help="sharpness-aware minimisation of this radius: two passes per update (default: off)",
+    )
 
 
 def _strategy_options(train: argparse.ArgumentParser) -> None:

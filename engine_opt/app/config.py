@@ -4,7 +4,7 @@ Example:
     >>> import argparse
     >>> from engine_opt.app.tasks import make_task
     >>> args = argparse.Namespace(config=None, wrapper=None, dtype="bf16", accumulate=4, clip_norm=None,
-    ...                           optimizer=None, lr=None)
+    ...                           optimizer=None, lr=None, sam=None)
     >>> wrapper_config(args, make_task("classifier", seed=0, batch_size=64))
     {'type': 'AmpOptimWrapper', 'optimizer': {'type': 'AdamW', 'lr': 0.001}, 'dtype': 'bf16', 'accumulative_counts': 4}
 """
@@ -18,7 +18,7 @@ from typing import Any
 
 from .tasks import Task
 
-WRAPPER_FLAGS = ("wrapper", "dtype", "accumulate", "clip_norm", "optimizer", "lr")
+WRAPPER_FLAGS = ("wrapper", "dtype", "accumulate", "clip_norm", "optimizer", "lr", "sam")
 """The options that make up a wrapper config; ``--config`` replaces them all."""
 
 
@@ -68,4 +68,6 @@ def _one_config(args: argparse.Namespace, default: dict[str, Any]) -> dict[str, 
         cfg["accumulative_counts"] = args.accumulate
     if args.clip_norm is not None:
         cfg["clip_grad"] = {"max_norm": args.clip_norm}
+    if args.sam is not None:
+        cfg["sam"] = {"rho": args.sam}
     return cfg

@@ -331,17 +331,17 @@ def _build_wrappers(args: argparse.Namespace, task: Task, cfg: dict[str, Any]) -
 
 
 def _check_reevaluating(args: argparse.Namespace, task: Task, optim_wrapper: OptimWrapper | OptimWrapperDict) -> None:
-    """An optimizer that re-evaluates the model in its step (LBFGS) trains one batch per update, by closure."""
+    """An optimizer that re-evaluates the model in its step (LBFGS, SAM) trains one batch per update, by closure."""
     for _, wrapper in members(optim_wrapper):
         if not wrapper.needs_closure:
             continue
-        kind = type(wrapper.optimizer).__name__
+        kind = type(wrapper.optimizer).__name__ if wrapper.sam is None else "sam"
         if task.make_train_step is not None:
             raise UsageError(
                 f"{kind} re-evaluates the model during its step, and the {task.name} task's step, which updates "
                 "two models in turn, gives it no closure; train the classifier with it"
             )
-        if args.num_items == "samples":  # accumulation and float16 are refused by the wrapper itself
+        if args.num_items == "samples" and wrapper.sam is None:  # the wrapper refuses accumulation, float16
             raise UsageError(f"--num-items samples: {kind} re-evaluates one batch's mean loss during its step")
 
 

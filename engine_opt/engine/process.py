@@ -7,7 +7,7 @@ The supervised step is the tutorial's loop body::
         y_pred = model(x)
         loss = loss_fn(y_pred, y)
     optim_wrapper.update_params(loss)                # num_items=...: update_params(loss, num_items=num_items(x, y))
-                                                     # LBFGS: update_params(loss, closure=...), the same again
+                                                     # LBFGS, SAM: update_params(loss, closure=...), the same again
     return output_transform(x, y, y_pred, loss)      # default: loss.detach(), no host sync
 
 Example:
@@ -144,7 +144,7 @@ def supervised_step(model: nn.Module, wrapper: OptimWrapper, how: SupervisedStep
             )
             raise
         # its errors, and its event handlers', say what they are about themselves
-        if reevaluates:  # LBFGS: the step evaluates the model again on this batch
+        if reevaluates:  # LBFGS, SAM: the step evaluates the model again on this batch
             wrapper.update_params(loss, closure=reevaluation(model, wrapper, how, x, y))
         elif how.num_items is None:
             wrapper.update_params(loss)
@@ -156,13 +156,18 @@ def supervised_step(model: nn.Module, wrapper: OptimWrapper, how: SupervisedStep
 
 
 def reevaluation(model: nn.Module, wrapper: OptimWrapper, how: SupervisedStep, x: Any, y: Any) -> Closure:
-    """torch's closure for the batch ``(x, y)``: zero the gradients, evaluate as the step does, backward."""
+    """torch's closure for the batch ``(x, y)``: zero the gradients, evaluate as the step does, backward.
+
+    With ``sam`` the wrapper runs the backward itself (scaled for float16): the closure returns the loss.
+    """
+    backward = wrapper.sam is None
 
     def closure() -> torch.Tensor:
         wrapper.optimizer.zero_grad()
         with wrapper.optim_context(model):
             loss = how.loss_fn(how.model_transform(how.model_fn(model, x)), y)
-        loss.backward()  # type: ignore[no-untyped-call]
+        if backward:
+            loss.backward()  # type: ignore[no-untyped-call]
         return loss
 
     return closure

@@ -382,7 +382,7 @@ def create_trainer(
         )
         _check_supervised(how)
         wrapper: OptimWrapper = optim_wrapper  # type: ignore[assignment]  # _check_arguments refused a dict
-        if wrapper.needs_closure and how.num_items is not None:
+        if wrapper.needs_closure and wrapper.sam is None and how.num_items is not None:
             raise ValueError(
                 f"num_items weights the micro-steps of an accumulation window, and {type(wrapper.optimizer).__name__} "
                 "re-evaluates one batch's mean loss in its step: leave num_items out with this optimizer"

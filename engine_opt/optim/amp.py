@@ -152,7 +152,7 @@ class AmpOptimWrapper(OptimWrapper):
             self.loss_scaler = scaler if scaler.is_enabled() else None  # loss_scale=dict(enabled=False)
             if isinstance(loss_scale, (int, float)):
                 self._scale_update_param = float(loss_scale)
-        if self.needs_closure:
+        if self.needs_closure and self.sam is None:
             self._check_closure_use(None)  # a float16 scaler: refused here, before any update
         if self.loss_scaler is not None and any(param.dtype == torch.float16 for param in self._params()):
             raise ValueError(

@@ -42,6 +42,7 @@ from .num_items import check_num_items, divide_by_items
 from .optimizer_view import OptimizerView
 from .param_layout import regrouped
 from .paramwise import params_in_model_order
+from .sam import SharpnessAware, check_unsharded
 from .state_checks import check_hyperparameters, check_optimizer_state
 from .step_undo import StepUndo
 
@@ -92,6 +93,10 @@ class OptimWrapper(OptimizerView):
             more traffic, less memory where the model is sharded (FSDP2 keeps
             reduced gradients sharded; HSDP reduce-scatters every micro-step
             and all-reduces across replicas once per window).
+        sam: ``None``, or sharpness-aware minimisation's settings,
+            ``dict(rho=0.05, adaptive=False)`` (``SharpnessAware``): each update
+            takes two passes over its batch, the second given as a closure
+            (see ``update_params``). One batch per update (``accumulative_counts=1``).
 
     Attributes:
         optimizer: The wrapped optimizer.
@@ -120,6 +125,8 @@ class OptimWrapper(OptimizerView):
     """
 
     sync_each_micro_step: bool = False
+    _sam: SharpnessAware | None = None
+    _second_pass = False
 
     def __init__(
         self,
@@ -128,6 +135,7 @@ class OptimWrapper(OptimizerView):
         clip_grad: Mapping[str, Any] | None = None,
         *,
         sync_each_micro_step: bool = False,
+        sam: Mapping[str, Any] | SharpnessAware | None = None,
     ) -> None:
         if isinstance(optimizer, OptimWrapper):
             raise TypeError(
@@ -156,8 +164,12 @@ class OptimWrapper(OptimizerView):
         self._grad_norm: torch.Tensor | None = None
         # num_items: the items the window's summed losses cover, an int or a device tensor; None outside such windows
         self._window_items: int | torch.Tensor | None = None
-        self._needs_closure = needs_closure(optimizer)
-        if self._needs_closure:
+        self._sam = SharpnessAware.parse(sam)
+        self._second_pass = False  # SAM: the closure's evaluation at the perturbed weights is running
+        self._needs_closure = needs_closure(optimizer) or self._sam is not None
+        if self._sam is not None:
+            self._check_two_pass_use(optimizer)
+        elif self._needs_closure:
             self._check_closure_use(None)
         self._hooks = StepHooks()
         # The live hook tables, tested on every micro-step: empty (false) while nobody listens.
@@ -242,7 +254,13 @@ class OptimWrapper(OptimizerView):
         return self._inner_count % self._accumulative_counts == 0 or self._inner_count == self._max_counts
 
     def should_sync(self) -> bool:
-        """Whether the next backward ends a window, so gradients must be all-reduced."""
+        """Whether the next backward ends a window, so gradients must be all-reduced.
+
+        With ``sam``, only the second pass's: each rank perturbs its weights by
+        its own first-pass gradient.
+        """
+        if self._sam is not None:
+            return self._second_pass
         count = self._inner_count + 1
         return count % self._accumulative_counts == 0 or count == self._max_counts
 
@@ -336,13 +354,69 @@ class OptimWrapper(OptimizerView):
         the error goes on: its gradients are dropped and a grad scaler's
         iteration is closed, so the next window starts clean.
         """
-        if ("closure" in kwargs and kwargs["closure"] is not None) or self._needs_closure:
+        if self._sam is not None:
+            kwargs = dict(kwargs)
+            closure = self._given_closure(kwargs.pop("closure", None))
+        elif ("closure" in kwargs and kwargs["closure"] is not None) or self._needs_closure:
             kwargs = self._with_reevaluation(kwargs)
         try:
+            if self._sam is not None:
+                self._second_pass_at_perturbed_weights(self._sam, closure)
             self._step(kwargs)
         except BaseException:
             self._abandon_window()
             raise
+
+    def _second_pass_at_perturbed_weights(self, sam: SharpnessAware, closure: Closure) -> None:
+        """SAM: perturb the weights by the first pass's gradients, run ``closure`` there, put the weights back.
+
+        The gradients left are the second pass's. A closure that returns its
+        loss leaves its backward to the wrapper (scaled by a float16 loss
+        scale, not counted as a micro-step); one in torch's style runs it itself.
+        """
+        params = self._params()
+        check_unsharded(params)
+        perturbation = sam.perturb(params)
+        self.optimizer.zero_grad(set_to_none=True)
+        self._second_pass = True
+        try:
+            loss = closure()
+            if not any(param.grad is not None for param in params):
+                if not isinstance(loss, torch.Tensor):
+                    raise TypeError(
+                        f"sam: the closure (the second pass) must return its loss tensor, got {checks.describe(loss)}"
+                    )
+                _check_loss(loss, {})
+                self._scale_for_backward(loss).backward()  # type: ignore[no-untyped-call]
+            elif self.loss_scaler is not None:
+                raise ValueError(
+                    "sam: the closure ran backward itself, unscaled, but a float16 loss scale is in use: let the "
+                    "closure return the loss without calling backward, and the wrapper scales it"
+                )
+        finally:
+            self._second_pass = False
+            perturbation.restore()
+        if self.loss_scaler is not None:
+            perturbation.carry_overflow(params)
+
+    def _check_two_pass_use(self, optimizer: torch.optim.Optimizer) -> None:
+        """Refuse what SAM's two passes over one batch cannot honour: accumulation, a closure optimizer."""
+        if self._accumulative_counts != 1:
+            raise ValueError(
+                f"sam: each update evaluates its batch twice (the second time at perturbed weights), but "
+                f"accumulative_counts={self._accumulative_counts} would need every micro-batch of the window again; "
+                "use accumulative_counts=1 (and a larger batch)"
+            )
+        if needs_closure(optimizer):
+            raise ValueError(
+                f"sam: {type(optimizer).__name__} takes its own closure in its step; SAM runs around an optimizer "
+                "that steps once from the gradients (SGD, AdamW, ...)"
+            )
+
+    @property
+    def sam(self) -> SharpnessAware | None:
+        """SAM's settings (``rho``, ``adaptive``), or ``None``: see the ``sam`` argument."""
+        return self._sam
 
     def _with_reevaluation(self, kwargs: dict[str, Any]) -> dict[str, Any]:
         """``kwargs`` with its closure wrapped to clip each evaluation's gradients; refused where none can work."""
@@ -518,6 +592,12 @@ class OptimWrapper(OptimizerView):
                 in torch's loop); every evaluation's gradients are clipped as
                 configured. One batch per update: refused with accumulation,
                 ``num_items`` or a float16 loss scale (bfloat16 works).
+                With ``sam``: the second pass, evaluating the model on the
+                same batch at the perturbed weights and returning the loss;
+                the wrapper runs its backward (in a distributed run the
+                gradients are reduced in this pass only), clipping applies
+                to its gradients, and the optimizer steps from the weights
+                as they were. A float16 overflow in either pass skips the update.
 
         Example:
             >>> import torch
@@ -548,6 +628,15 @@ class OptimWrapper(OptimizerView):
     ) -> None:
         """``update_params`` with a closure: backward ``loss``, then a step whose first evaluation it is."""
         kwargs = dict(step_kwargs or {})
+        if self._sam is not None:  # SAM: the first pass is an ordinary micro-step, the step runs the second
+            kwargs["closure"] = self._given_closure(kwargs.get("closure") if closure is None else closure)
+            if num_items is None:
+                self.backward(self.scale_loss(loss))
+            else:
+                self.backward(loss, num_items=num_items)
+            self.step(**kwargs)
+            self.zero_grad(**(zero_kwargs or {}))
+            return
         self._check_closure_use(num_items)
         # MMEngine's way, the closure among the step's arguments, is evaluated anew
         given = self._given_closure(kwargs.get("closure") if closure is None else closure)
@@ -725,6 +814,7 @@ class OptimWrapper(OptimizerView):
         clip = None if self._clipper is None else dict(self._clipper.as_config())
         optimizer = repr(self.optimizer).replace("\n", "\n  ")
         sync = "  sync_each_micro_step=True,\n" if self.sync_each_micro_step else ""
+        sync += "" if self._sam is None else f"  sam={self._sam},\n"
         return (
             f"{type(self).__name__}(\n  accumulative_counts={self._accumulative_counts},\n"
             f"  clip_grad={clip},\n{sync}{self._extra_repr()}  optimizer={optimizer},\n)"

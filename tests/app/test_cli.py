@@ -225,6 +225,31 @@ def test_lbfgs_trains_the_classifier_one_closure_per_batch(tmp_path, capsys):
     assert run(tmp_path, "--epochs", "2", "--config", str(config), "--batch-size", "1024", "--resume") == 0
 
 
+def test_sam_trains_the_classifier_two_passes_per_update_and_resumes_bitwise(tmp_path, capsys):
+    config = str(ROOT / "examples" / "configs" / "classifier_sam.json")
+    assert run(tmp_path / "whole", "--epochs", "2", "--config", config) == 0
+    assert run(tmp_path / "resumed", "--epochs", "1", "--config", config) == 0
+    assert run(tmp_path / "resumed", "--epochs", "2", "--config", config, "--resume") == 0
+    whole, resumed = (
+        torch.load(path / "logs" / "checkpoints" / "checkpoint_128.pt", weights_only=True)
+        for path in (tmp_path / "whole", tmp_path / "resumed")
+    )
+    assert_same_tensors(resumed["model"], whole["model"])
+    assert "updates:          128 applied, 0 skipped" in capsys.readouterr().out
+    assert run(tmp_path / "option", "--epochs", "1", "--sam", "0.05", "--dtype", "fp16") == 0
+
+
+def test_what_sam_cannot_do_is_refused_by_the_command(tmp_path, capsys):
+    for options, message in [
+        (["--sam", "0.05", "--task", "gan"], "sam re-evaluates the model during its step, and the gan task's step"),
+        (["--sam", "0.05", "--accumulate", "2"], "accumulative_counts=2 would need every micro-batch"),
+        (["--sam", "-1"], "argument --sam: expected a finite positive number"),
+    ]:
+        with pytest.raises(SystemExit) as exit_info:
+            run(tmp_path, *options)
+        assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
 def command(cwd, *args):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     argv = [sys.executable, "-m", "engine_opt", "train", "--no-progress", "--accumulate", "3", *args]

@@ -73,6 +73,18 @@ def ddp_without_sync_avoidance() -> dict[str, Any]:
     return {"calls": traffic.calls, "params": params_of(model)}
 
 
+SAM_RHO = 0.05
+
+
+def ddp_sam() -> dict[str, Any]:
+    """SAM on DDP through the trainer: each rank perturbs by its own gradient, only the second pass reduces."""
+    model = DistributedDataParallel(make_model())
+    traffic = GradientTraffic(model)
+    wrapper = OptimWrapper(OPTIMIZERS["sgd_momentum"](model.parameters()), sam={"rho": SAM_RHO})
+    create_trainer(model, wrapper, loss_fn).run(my_share(global_batches()))
+    return {"calls": traffic.calls, "params": params_of(model), "steps": wrapper.applied_steps}
+
+
 CLIP_NORM, CLIP_VALUE = 0.5, 0.02
 
 
@@ -337,6 +349,7 @@ def scenarios(local_rank: int, out: str) -> None:
         "fsdp2_file": fsdp2_into_one_file(directory / "fsdp2_file"),
         "ddp_num_items": ddp_num_items(),
         "fsdp2_num_items": fsdp2_num_items(),
+        "ddp_sam": ddp_sam(),
     }
     torch.save(results, directory / f"rank{idist.get_rank()}.pt")
     # The trainers and checkpoint handlers above sit in reference cycles with their DDP models: free them

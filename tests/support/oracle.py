@@ -203,3 +203,47 @@ def _window_step(model: nn.Module, optimizer: torch.optim.Optimizer, scaler: Any
         optimizer.step()
     optimizer.zero_grad()
     return skipped
+
+
+def sam_perturb(params: list[nn.Parameter], rho: float, adaptive: bool) -> dict[nn.Parameter, torch.Tensor]:
+    """SAM's move from the gradients the parameters hold (Foret et al.; adaptive: Kwon et al.); the old weights."""
+    params = [p for p in params if p.grad is not None]
+    old = {}
+    with torch.no_grad():
+        grad_norm = torch.norm(
+            torch.stack([((torch.abs(p) if adaptive else 1.0) * p.grad).norm(p=2) for p in params]), p=2
+        )
+        scale = rho / (grad_norm + 1e-12)
+        for p in params:
+            old[p] = p.data.clone()
+            p.add_((torch.pow(p, 2) if adaptive else 1.0) * p.grad * scale)
+    return old
+
+
+def sam_loop(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    batches: list[Batch],
+    rho: float,
+    adaptive: bool = False,
+    clip: float | None = None,
+    autocast: torch.dtype | None = None,
+) -> list[torch.Tensor]:
+    """The published two-pass SAM loop; the norms clipping measured (of the second pass's gradients)."""
+    norms = []
+    for x, y in batches:
+        with torch.autocast("cpu", dtype=autocast, enabled=autocast is not None):
+            loss = loss_fn(model(x), y)
+        loss.backward()
+        old = sam_perturb(list(model.parameters()), rho, adaptive)
+        optimizer.zero_grad()
+        with torch.autocast("cpu", dtype=autocast, enabled=autocast is not None):
+            second = loss_fn(model(x), y)
+        second.backward()
+        for p, weight in old.items():
+            p.data = weight
+        if clip is not None:
+            norms.append(torch.nn.utils.clip_grad_norm_(model.parameters(), clip))
+        optimizer.step()
+        optimizer.zero_grad()
+    return norms
