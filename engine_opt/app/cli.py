@@ -134,7 +134,10 @@ def _wrapper_options(train: argparse.ArgumentParser) -> None:
         "--clip-norm", type=_positive_float, help="clip the gradient norm to this value (default: no clipping)"
     )
     wrapper.add_argument(
-        "--optimizer", help="any torch.optim name (default: the task's, AdamW for classifier, Adam for gan)"
+        "--optimizer",
+        help="any torch.optim name, a dotted path to one (schedulefree.AdamWScheduleFree), or Muon: Muon for the "
+        "hidden layers' weights, AdamW for the rest, one --lr for both (default: the task's, AdamW for classifier, "
+        "Adam for gan)",
     )
     wrapper.add_argument("--lr", type=_positive_float, help="learning rate (default: the task's, 0.001)")
     wrapper.add_argument(

@@ -16,6 +16,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from torch import nn
+
 from .tasks import Task
 
 WRAPPER_FLAGS = ("wrapper", "dtype", "accumulate", "clip_norm", "optimizer", "lr", "sam")
@@ -38,8 +40,10 @@ def wrapper_config(args: argparse.Namespace, task: Task) -> dict[str, Any]:
     if args.wrapper == "OptimWrapper" and args.dtype in ("bf16", "fp16"):
         raise UsageError(f"--dtype {args.dtype} needs --wrapper AmpOptimWrapper (or no --wrapper)")
     if task.make_train_step is None:
-        return _one_config(args, task.default_cfg)
-    return {name: _one_config(args, default) for name, default in task.default_cfg.items()}
+        return _one_config(args, task.default_cfg, task.model)
+    return {
+        name: _one_config(args, default, task.model.get_submodule(name)) for name, default in task.default_cfg.items()
+    }
 
 
 def _load_config(path: Path) -> dict[str, Any]:
@@ -54,7 +58,7 @@ def _load_config(path: Path) -> dict[str, Any]:
     return cfg
 
 
-def _one_config(args: argparse.Namespace, default: dict[str, Any]) -> dict[str, Any]:
+def _one_config(args: argparse.Namespace, default: dict[str, Any], model: nn.Module) -> dict[str, Any]:
     amp = args.wrapper == "AmpOptimWrapper" or args.dtype in ("bf16", "fp16")
     cfg: dict[str, Any] = {"type": "AmpOptimWrapper" if amp else "OptimWrapper"}
     cfg["optimizer"] = dict(default["optimizer"])
@@ -62,6 +66,9 @@ def _one_config(args: argparse.Namespace, default: dict[str, Any]) -> dict[str, 
         cfg["optimizer"] = {"type": args.optimizer, "lr": cfg["optimizer"]["lr"]}
     if args.lr is not None:
         cfg["optimizer"]["lr"] = args.lr
+    if args.optimizer == "Muon":
+        cfg["optimizer"]["type"] = "AdamW"
+        cfg["routes"] = _muon_routes(model, cfg["optimizer"]["lr"])
     if amp and args.dtype is not None:
         cfg["dtype"] = args.dtype  # an alias AmpOptimWrapper accepts (DTYPE_ALIASES)
     if args.accumulate is not None:
@@ -71,3 +78,16 @@ def _one_config(args: argparse.Namespace, default: dict[str, Any]) -> dict[str, 
     if args.sam is not None:
         cfg["sam"] = {"rho": args.sam}
     return cfg
+
+
+def _muon_routes(model: nn.Module, lr: float) -> dict[str, Any]:
+    """``--optimizer Muon``: Muon for the hidden layers' weights (each Linear's but the last), AdamW for the rest.
+
+    Muon's lr is matched to AdamW's update size (``adjust_lr_fn='match_rms_adamw'``), so one ``--lr`` serves both.
+    """
+    linears = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
+    hidden = [f"{name}.weight" for name in linears[:-1]]
+    if not hidden:
+        raise UsageError(f"--optimizer Muon: the model has no hidden Linear layer for Muon ({len(linears)} Linear)")
+    muon = {"type": "Muon", "lr": lr, "adjust_lr_fn": "match_rms_adamw"}
+    return {"muon": {"names": hidden, "ndim": 2, "optimizer": muon}}

@@ -7,6 +7,7 @@ nothing here imports a training framework or a logger.
 from .amp import AmpOptimWrapper
 from .build import build_optim_wrapper
 from .hooks import StepEvent
+from .routed import RoutedOptimizer
 from .schedulers import build_param_scheduler
 from .wrapper import OptimWrapper
 from .wrapper_dict import OptimWrapperDict
@@ -15,6 +16,7 @@ __all__ = [
     "AmpOptimWrapper",
     "OptimWrapper",
     "OptimWrapperDict",
+    "RoutedOptimizer",
     "StepEvent",
     "build_optim_wrapper",
     "build_param_scheduler",

@@ -31,6 +31,8 @@ from torch import nn
 from . import checks
 from .amp import AmpOptimWrapper
 from .paramwise import ParamwiseRules
+from .routed import RoutedOptimizer
+from .routes import DEFAULT_ROUTE, Route, Routes
 from .wrapper import OptimWrapper
 from .wrapper_dict import OptimWrapperDict
 
@@ -154,54 +156,65 @@ def _parameters(
     base_wd: Any,
     args: list[str] | None,
     wd_given: bool,
+    route: Route | None = None,
 ) -> list[Any]:
-    """The optimizer's parameters: all of them in one group, or groups made by ``paramwise_cfg``."""
+    """The optimizer's parameters: all of them (or ``route``'s) in one group, or groups made by ``paramwise_cfg``."""
     if not any(param.requires_grad for param in model.parameters()):
         raise ValueError(f"the model {type(model).__name__} has no trainable parameters")
     if not paramwise_cfg:  # as MMEngine: every parameter, frozen ones too, so unfreezing them later trains them
         if paramwise_cfg is not None:
             checks.mapping("paramwise_cfg", paramwise_cfg)
-        return list(model.parameters())
+        return [param for param in model.parameters() if route is None or route.takes(param)]
     rules = ParamwiseRules.from_config(paramwise_cfg, base_lr, base_wd, args)
-    if not wd_given and rules.multipliers.pop("flat_decay_mult", None) is not None:
+    warn = route is None or route.name == DEFAULT_ROUTE  # once, for the whole model
+    if warn and not wd_given and rules.multipliers.pop("flat_decay_mult", None) is not None:
         warnings.warn(
             "paramwise_cfg['flat_decay_mult'] has no effect: the optimizer config sets no 'weight_decay' "
             "(as in MMEngine, 1-D parameters keep the optimizer's default); set one to decay them otherwise",
             UserWarning,
-            stacklevel=5,  # the caller of build_optim_wrapper
+            stacklevel=5 if route is None else 6,  # the caller of build_optim_wrapper
         )
     groups = rules.param_groups(model)
-    for key in sorted(set(rules.custom_keys) - rules.matched):
+    if route is not None:
+        groups = route.share(groups)
+    for key in sorted(set(rules.custom_keys) - rules.matched) if warn else ():
         warnings.warn(
             f"paramwise_cfg['custom_keys'] key {key!r} matches no trainable parameter of {type(model).__name__}",
             UserWarning,
-            stacklevel=5,  # the caller of build_optim_wrapper
+            stacklevel=5 if route is None else 6,  # the caller of build_optim_wrapper
         )
     return groups
 
 
 def _build_optimizer(
-    model: nn.Module, optimizer_cfg: Any, paramwise_cfg: Mapping[str, Any] | None
+    model: nn.Module, optimizer_cfg: Any, paramwise_cfg: Mapping[str, Any] | None, route: Route | None = None
 ) -> torch.optim.Optimizer:
-    optimizer_cfg = dict(checks.mapping("optimizer", optimizer_cfg))
+    where = "optimizer" if route is None else route.where("optimizer")
+    optimizer_cfg = dict(checks.mapping(where, optimizer_cfg))
     if "type" not in optimizer_cfg:
-        raise ValueError(f"optimizer config needs a 'type', e.g. dict(type='SGD', lr=0.01), got {optimizer_cfg!r}")
+        raise ValueError(f"{where} config needs a 'type', e.g. dict(type='SGD', lr=0.01), got {optimizer_cfg!r}")
     type_ = optimizer_cfg.pop("type")
     zero = type_ == _ZERO or (isinstance(type_, str) and type_.endswith(f"distributed.optim.{_ZERO}"))
+    if zero and route is not None:
+        raise ValueError(f"{where}: {_ZERO} cannot be routed: it shards one optimizer's state over the ranks")
     zero_args = {key: optimizer_cfg.pop(key) for key in _ZERO_ARGS if key in optimizer_cfg} if zero else {}
     if zero and "optimizer_type" not in zero_args:
         raise ValueError(f"optimizer {_ZERO} needs 'optimizer_type', the optimizer each rank runs (e.g. 'AdamW')")
     optimizer_cls = (
-        _optimizer_class(zero_args.pop("optimizer_type"), "optimizer_type") if zero else _optimizer_class(type_)
+        _optimizer_class(zero_args.pop("optimizer_type"), "optimizer_type")
+        if zero
+        else _optimizer_class(type_, f"{where} type")
     )
     accepted = _accepted_args(optimizer_cls, skip=(_first_argument(optimizer_cls),))
     names, defaults = accepted if accepted is not None else (None, {})
     if names is not None:
-        checks.known_keys(f"optimizer {optimizer_cls.__name__}", optimizer_cfg, names)
+        checks.known_keys(f"{where} {optimizer_cls.__name__}", optimizer_cfg, names)
     base_lr = optimizer_cfg.get("lr", defaults.get("lr"))
     base_wd = optimizer_cfg.get("weight_decay", defaults.get("weight_decay"))
     wd_given = "weight_decay" in optimizer_cfg
-    params = _parameters(unwrap_model(model), paramwise_cfg, base_lr, base_wd, names, wd_given)
+    params = _parameters(unwrap_model(model), paramwise_cfg, base_lr, base_wd, names, wd_given, route)
+    if route is not None:
+        return route.build(optimizer_cls, params, optimizer_cfg)
     if zero:
         from torch.distributed.optim import ZeroRedundancyOptimizer
 
@@ -223,11 +236,28 @@ def _build_one(model: nn.Module, cfg: Mapping[str, Any]) -> OptimWrapper:
         raise ValueError(f"optim wrapper config needs an 'optimizer' dict, got keys {sorted(cfg)}")
     optimizer_cfg = cfg.pop("optimizer")
     paramwise_cfg = cfg.pop("paramwise_cfg", None)
+    routes_cfg = cfg.pop("routes", None)
     accepted = _accepted_args(wrapper_cls, skip=("optimizer",))
     if accepted is not None:
-        checks.known_keys(f"{wrapper_cls.__name__} config", cfg, ["type", "optimizer", "paramwise_cfg", *accepted[0]])
-    optimizer = _build_optimizer(model, optimizer_cfg, paramwise_cfg)
+        known = ["type", "optimizer", "paramwise_cfg", "routes", *accepted[0]]
+        checks.known_keys(f"{wrapper_cls.__name__} config", cfg, known)
+    if routes_cfg is None:
+        optimizer = _build_optimizer(model, optimizer_cfg, paramwise_cfg)
+    else:
+        optimizer = _build_routed(model, routes_cfg, optimizer_cfg, paramwise_cfg)
     return wrapper_cls(optimizer=optimizer, **cfg)
+
+
+def _build_routed(
+    model: nn.Module, routes_cfg: Any, optimizer_cfg: Any, paramwise_cfg: Mapping[str, Any] | None
+) -> RoutedOptimizer:
+    """A ``RoutedOptimizer``: each route's optimizer over the parameters it takes first, ``optimizer`` over the rest."""
+    routes = Routes.parse(unwrap_model(model), routes_cfg, optimizer_cfg)
+    optimizers = {}
+    for route in routes:
+        if route.params:
+            optimizers[route.name] = _build_optimizer(model, route.optimizer_cfg, paramwise_cfg, route)
+    return RoutedOptimizer(optimizers)
 
 
 def build_optim_wrapper(model: nn.Module, cfg: Mapping[str, Any]) -> OptimWrapper | OptimWrapperDict:

@@ -41,6 +41,7 @@ from typing import Any
 import torch
 
 from . import checks, distributed
+from .routed import RoutedOptimizer
 
 COUNTER_KEYS = ("inner_count", "max_counts", "steps", "skipped_steps", "accumulative_counts")
 """The keys of ``state_dict['counters']``."""
@@ -131,8 +132,15 @@ def saved_items(state_dict: Mapping[str, Any]) -> int | None:
 
 
 def optimizer_type(optimizer: torch.optim.Optimizer) -> str:
-    """What ``'optimizer_type'`` records: the optimizer's class name (a ``ZeroRedundancyOptimizer``'s inner one's)."""
-    return type(distributed.state_holder(optimizer)).__name__
+    """What ``'optimizer_type'`` records: the optimizer's class name (a ``ZeroRedundancyOptimizer``'s inner one's).
+
+    A ``RoutedOptimizer``'s names its members: ``'RoutedOptimizer(muon=Muon, default=AdamW)'``.
+    """
+    holder = distributed.state_holder(optimizer)
+    if isinstance(holder, RoutedOptimizer):
+        members = ", ".join(f"{name}={type(member).__name__}" for name, member in holder.optimizers.items())
+        return f"{type(holder).__name__}({members})"
+    return type(holder).__name__
 
 
 def check_optimizer_type(state_dict: Mapping[str, Any], optimizer: torch.optim.Optimizer) -> None:
@@ -154,8 +162,8 @@ def check_optimizer_type(state_dict: Mapping[str, Any], optimizer: torch.optim.O
         raise TypeError(f"state_dict['optimizer_type'] must be a class name (a str), got {checks.describe(saved, 40)}")
     if saved is not None and saved != current:
         raise ValueError(
-            f"state_dict is the state of the optimizer {saved!s:.40}, this wrapper's is {current}: one optimizer's "
-            f"state would step another wrongly; resume it with {saved!s:.40}, or start anew"
+            f"state_dict is the state of the optimizer {saved!s:.80}, this wrapper's is {current}: one optimizer's "
+            f"state would step another wrongly; resume it with {saved!s:.80}, or start anew"
         )
 
 

@@ -239,6 +239,30 @@ def test_sam_trains_the_classifier_two_passes_per_update_and_resumes_bitwise(tmp
     assert run(tmp_path / "option", "--epochs", "1", "--sam", "0.05", "--dtype", "fp16") == 0
 
 
+@pytest.mark.parametrize("options", [["--optimizer", "Muon"], ["--config", "classifier_muon.json"]])
+def test_muon_beside_adamw_trains_the_classifier_and_resumes_bitwise(tmp_path, options):
+    options = [
+        str(ROOT / "examples" / "configs" / option) if option.endswith(".json") else option for option in options
+    ]
+    assert run(tmp_path / "whole", "--epochs", "2", *options) == 0
+    assert run(tmp_path / "resumed", "--epochs", "1", *options) == 0
+    assert run(tmp_path / "resumed", "--epochs", "2", *options, "--resume") == 0
+    whole, resumed = (
+        torch.load(path / "logs" / "checkpoints" / "checkpoint_128.pt", weights_only=True)
+        for path in (tmp_path / "whole", tmp_path / "resumed")
+    )
+    assert_same_tensors(resumed, whole)
+    assert whole["optim_wrapper"]["optimizer_type"] == "RoutedOptimizer(muon=Muon, default=AdamW)"
+
+
+def test_muon_routes_each_gan_members_hidden_layers(tmp_path):
+    assert run(tmp_path, "--epochs", "1", "--task", "gan", "--optimizer", "Muon") == 0
+    saved = torch.load(tmp_path / "logs" / "checkpoints" / "checkpoint_64.pt", weights_only=True)
+    gen = saved["optim_wrapper"]["gen"]
+    assert gen["optimizer_type"] == "RoutedOptimizer(muon=Muon, default=AdamW)"
+    assert [len(group["params"]) for group in gen["param_groups"]] == [2, 4]  # gen's two hidden weights; the rest
+
+
 def test_what_sam_cannot_do_is_refused_by_the_command(tmp_path, capsys):
     for options, message in [
         (["--sam", "0.05", "--task", "gan"], "sam re-evaluates the model during its step, and the gan task's step"),
