@@ -9,6 +9,7 @@ from .build import build_optim_wrapper
 from .hooks import StepEvent
 from .routed import RoutedOptimizer
 from .schedulers import build_param_scheduler
+from .sharded_muon import ShardedMuon
 from .wrapper import OptimWrapper
 from .wrapper_dict import OptimWrapperDict
 
@@ -17,6 +18,7 @@ __all__ = [
     "OptimWrapper",
     "OptimWrapperDict",
     "RoutedOptimizer",
+    "ShardedMuon",
     "StepEvent",
     "build_optim_wrapper",
     "build_param_scheduler",

@@ -28,11 +28,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import checks
+from . import checks, distributed
 from .amp import AmpOptimWrapper
 from .paramwise import ParamwiseRules
 from .routed import RoutedOptimizer
 from .routes import DEFAULT_ROUTE, Route, Routes
+from .sharded_muon import ShardedMuon
 from .wrapper import OptimWrapper
 from .wrapper_dict import OptimWrapperDict
 
@@ -186,6 +187,11 @@ def _parameters(
     return groups
 
 
+def _tensors(params: list[Any]) -> list[torch.Tensor]:
+    """The tensors of an optimizer's ``params`` argument: a list of tensors, or of groups with ``'params'``."""
+    return [param for item in params for param in (item["params"] if isinstance(item, Mapping) else [item])]
+
+
 def _build_optimizer(
     model: nn.Module, optimizer_cfg: Any, paramwise_cfg: Mapping[str, Any] | None, route: Route | None = None
 ) -> torch.optim.Optimizer:
@@ -213,6 +219,8 @@ def _build_optimizer(
     base_wd = optimizer_cfg.get("weight_decay", defaults.get("weight_decay"))
     wd_given = "weight_decay" in optimizer_cfg
     params = _parameters(unwrap_model(model), paramwise_cfg, base_lr, base_wd, names, wd_given, route)
+    if optimizer_cls is torch.optim.Muon and distributed.any_sharded(_tensors(params)):
+        optimizer_cls = ShardedMuon  # torch's Muon takes no DTensor: each matrix orthogonalised whole, on its owner
     if route is not None:
         return route.build(optimizer_cls, params, optimizer_cfg)
     if zero:

@@ -6,7 +6,8 @@ as one update (one accumulation window, one grad scaler, one clip over every
 parameter, one state dict) when its optimizer is a ``RoutedOptimizer``, which
 ``build_optim_wrapper`` makes from ``routes`` (see ``routes``).
 
-The param groups are the members' own dicts, in member order, so a scheduler
+The param groups are the members' own dicts, in member order (read anew each
+time: a member's ``load_state_dict`` replaces its dicts), so a scheduler
 on the wrapper sets every group's lr, and one on a member
 (``wrapper.optimizer['muon']``) only that member's. The state dict is
 torch's format over all members (indices counted across them), so it loads
@@ -28,7 +29,8 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, MutableMapping, Sequence
+from collections import defaultdict
+from collections.abc import Iterator, Mapping, MutableMapping
 from typing import Any
 
 import torch
@@ -37,17 +39,23 @@ from . import checks
 
 
 class RoutedState(MutableMapping[torch.Tensor, Any]):
-    """The members' ``state`` as one mapping: each parameter's entry is read and written in its member's."""
+    """The members' ``state`` dicts as one mapping: each parameter's entry is read and written in its member's.
 
-    def __init__(self, owners: Mapping[int, torch.optim.Optimizer], optimizers: Sequence[torch.optim.Optimizer]):
+    Args:
+        owners: Each parameter's (by ``id``) member.
+        states: Each member's ``state`` dict, as it is now (a member's ``load_state_dict`` replaces it:
+            ``RoutedOptimizer.state`` makes a new view each time it is read).
+    """
+
+    def __init__(self, owners: Mapping[int, torch.optim.Optimizer], states: Mapping[torch.optim.Optimizer, Any]):
         self._owners = owners
-        self._optimizers = optimizers
+        self.states = states
 
     def _state_of(self, param: torch.Tensor) -> Any:
         owner = self._owners.get(id(param))
         if owner is None:
             raise KeyError(param)
-        return owner.state
+        return self.states[owner]
 
     def __getitem__(self, param: torch.Tensor) -> Any:
         return self._state_of(param)[param]
@@ -60,14 +68,14 @@ class RoutedState(MutableMapping[torch.Tensor, Any]):
 
     def __contains__(self, param: object) -> bool:
         owner = self._owners.get(id(param))
-        return owner is not None and param in owner.state
+        return owner is not None and param in self.states[owner]
 
     def __iter__(self) -> Iterator[torch.Tensor]:
-        for optimizer in self._optimizers:
-            yield from optimizer.state
+        for state in self.states.values():
+            yield from state
 
     def __len__(self) -> int:
-        return sum(len(optimizer.state) for optimizer in self._optimizers)
+        return sum(len(state) for state in self.states.values())
 
 
 class RoutedOptimizer(torch.optim.Optimizer):
@@ -97,13 +105,70 @@ class RoutedOptimizer(torch.optim.Optimizer):
                         raise ValueError(f"optimizers[{name!r}] holds a parameter another member holds already")
                     owners[id(param)] = optimizer
         members = dict(optimizers)
-        groups = [group for optimizer in members.values() for group in optimizer.param_groups]
+        every = [
+            param for optimizer in members.values() for group in optimizer.param_groups for param in group["params"]
+        ]
         # torch's Optimizer set-up gives the hook tables and the step's hook calls; its groups and state are
         # then replaced by the members' own, so what changes one changes the other
-        super().__init__([{"params": [param for group in groups for param in group["params"]]}], {})
+        super().__init__([{"params": every}], {})
         self.optimizers = members
-        self.param_groups = groups
-        self.state = RoutedState(owners, list(members.values()))  # type: ignore[assignment]
+        self._owners = owners
+
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:
+        """The members' param groups (their own dicts, as they are now: a member's load replaces them), in order."""
+        members = self.__dict__.get("optimizers")
+        if members is None:  # torch's set-up, before the members take its place
+            return self.__dict__.setdefault("_setup_groups", [])  # type: ignore[no-any-return]
+        return [group for optimizer in members.values() for group in optimizer.param_groups]
+
+    @param_groups.setter
+    def param_groups(self, groups: list[dict[str, Any]]) -> None:
+        members = self.__dict__.get("optimizers")
+        if members is None:
+            self.__dict__["_setup_groups"] = groups
+            return
+        groups = list(groups)
+        for optimizer in members.values():
+            count = len(optimizer.param_groups)
+            optimizer.param_groups, groups = groups[:count], groups[count:]
+
+    @property  # type: ignore[override]
+    def state(self) -> RoutedState:
+        """The members' state as one mapping, keyed by parameter.
+
+        Setting it sets the members': a ``RoutedState`` read earlier gives
+        each member back the dict it had then (what code that sets an
+        optimizer's state aside and back, as DCP's loaders do, relies on);
+        another mapping is shared out to the members by parameter.
+        """
+        return RoutedState(self._owners, {optimizer: optimizer.state for optimizer in self.optimizers.values()})
+
+    @state.setter
+    def state(self, value: Mapping[torch.Tensor, Any]) -> None:
+        if "optimizers" not in self.__dict__:  # torch's set-up gives its own: the members' take its place
+            return
+        if isinstance(value, RoutedState):
+            for optimizer, state in value.states.items():
+                optimizer.state = state
+            return
+        shares: dict[torch.optim.Optimizer, Any] = {
+            optimizer: defaultdict(dict) for optimizer in self.optimizers.values()
+        }
+        for param, entry in value.items():
+            owner = self._owners.get(id(param))
+            if owner is None:
+                raise KeyError("RoutedOptimizer.state: a state entry for a parameter no member holds")
+            shares[owner][param] = entry
+        for optimizer, state in shares.items():
+            optimizer.state = state
+
+    def __getstate__(self) -> dict[str, Any]:
+        # all of it: torch's picks defaults, state and param_groups, and the members are what holds them
+        return self.__dict__.copy()
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
 
     def __getitem__(self, name: str) -> torch.optim.Optimizer:
         return self.optimizers[name]
@@ -143,34 +208,32 @@ class RoutedOptimizer(torch.optim.Optimizer):
         return {"state": state, "param_groups": groups}
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
-        """Give each member its share of ``state_dict`` (what ``state_dict()`` returned; the caller's is not modified).
+        """Give each member its groups of ``state_dict``, in order, and the state of their parameters.
+
+        As torch's ``load_state_dict``, a group's parameters are matched by
+        position, whatever they are keyed by (indices; DCP's parameter names).
+        The caller's dict is not modified.
 
         Raises:
             ValueError: ``state_dict`` has another number of param groups or parameters than the members.
         """
         checks.mapping("state_dict", state_dict)
-        saved_groups = list(state_dict["param_groups"])
-        if len(saved_groups) != len(self.param_groups):
+        saved_groups, saved_state = list(state_dict["param_groups"]), state_dict["state"]
+        sizes = [len(group["params"]) for group in self.param_groups]
+        if [len(group["params"]) for group in saved_groups] != sizes:
             raise ValueError(
-                f"state_dict has {len(saved_groups)} param groups, the routed optimizers "
-                f"{list(self.optimizers)} have {len(self.param_groups)}"
+                f"state_dict's param groups hold {[len(group['params']) for group in saved_groups]} parameters, "
+                f"the routed optimizers' {list(self.optimizers)} hold {sizes}"
             )
         shares = []
-        offset = 0
         for optimizer in self.optimizers.values():
-            count = len(optimizer.param_groups)
-            mine, saved_groups = saved_groups[:count], saved_groups[count:]
-            size = sum(len(group["params"]) for group in optimizer.param_groups)
-            if [len(group["params"]) for group in mine] != [len(group["params"]) for group in optimizer.param_groups]:
-                raise ValueError(
-                    "state_dict's param groups hold other numbers of parameters than the routed optimizers'"
-                )
-            groups = [{**group, "params": [index - offset for index in group["params"]]} for group in mine]
-            state = {
-                index - offset: entry for index, entry in state_dict["state"].items() if offset <= index < offset + size
-            }
-            shares.append((optimizer, {"state": state, "param_groups": groups}))
-            offset += size
+            mine, saved_groups = (
+                saved_groups[: len(optimizer.param_groups)],
+                saved_groups[len(optimizer.param_groups) :],
+            )
+            keys = [key for group in mine for key in group["params"]]
+            state = {key: saved_state[key] for key in keys if key in saved_state}
+            shares.append((optimizer, {"state": state, "param_groups": mine}))
         for optimizer, share in shares:
             optimizer.load_state_dict(share)
 

@@ -140,6 +140,21 @@ def test_a_checkpoint_mid_window_resumes_bitwise():
     assert_same_model(resumed, expected)
 
 
+def test_after_a_load_the_groups_are_the_members_new_ones():
+    model = Net()
+    wrapper = build_optim_wrapper(model, config())
+    wrapper.load_state_dict(copy.deepcopy(build_optim_wrapper(Net(), config()).state_dict()))
+    schedule = torch.optim.lr_scheduler.StepLR(wrapper, step_size=1, gamma=0.5)
+    wrapper.update_params(F.mse_loss(model(batches(1)[0][0]), batches(1)[0][1]))
+    schedule.step()
+    routed = wrapper.optimizer
+    assert [routed["muon"].param_groups[0]["lr"], routed["default"].param_groups[0]["lr"]] == [0.01, 0.005]
+    assert all(
+        a is b
+        for a, b in zip(routed.param_groups, routed["muon"].param_groups + routed["default"].param_groups, strict=True)
+    )
+
+
 def test_another_optimizers_state_is_refused_and_loses_nothing():
     model = Net()
     wrapper = build_optim_wrapper(model, config())

@@ -20,7 +20,7 @@ from torch.distributed.fsdp import fully_shard
 from torch.distributed.optim import ZeroRedundancyOptimizer
 from torch.nn.parallel import DistributedDataParallel
 
-from engine_opt import OptimWrapper, create_trainer
+from engine_opt import OptimWrapper, build_optim_wrapper, create_trainer
 from engine_opt.checkpoint import attach_checkpoint, latest_checkpoint, load_checkpoint
 from engine_opt.handlers import NonFiniteGuard, SpikeGuard, UpdateTelemetryHandler
 from engine_opt.testing import GradientTraffic
@@ -83,6 +83,34 @@ def ddp_sam() -> dict[str, Any]:
     wrapper = OptimWrapper(OPTIMIZERS["sgd_momentum"](model.parameters()), sam={"rho": SAM_RHO})
     create_trainer(model, wrapper, loss_fn).run(my_share(global_batches()))
     return {"calls": traffic.calls, "params": params_of(model), "steps": wrapper.applied_steps}
+
+
+MUON_LR, MUON_ADAMW_LR = 0.02, 0.01
+
+
+def muon_config(muon_type: str = "Muon") -> dict[str, Any]:
+    """Muon for the 2-D weights, AdamW for the rest: on an FSDP2 model, ``Muon`` builds a ``ShardedMuon``."""
+    routes = {"muon": {"ndim": 2, "optimizer": {"type": muon_type, "lr": MUON_LR}}}
+    return {"optimizer": {"type": "AdamW", "lr": MUON_ADAMW_LR}, "routes": routes, "clip_grad": {"max_norm": 1.0}}
+
+
+def sharded_muon(kind: str) -> dict[str, Any]:
+    """Muon beside AdamW, routed, on FSDP2 (gather, orthogonalise, scatter) or DDP (orthogonalise, broadcast)."""
+    model = make_model()
+    if kind == "fsdp2":
+        fully_shard(model)
+        wrapper = build_optim_wrapper(model, muon_config())
+    else:
+        model = DistributedDataParallel(model)
+        wrapper = build_optim_wrapper(model, muon_config("engine_opt.optim.ShardedMuon"))
+    muon = wrapper.optimizer["muon"]
+    create_trainer(model, wrapper, loss_fn).run(my_share(global_batches()))
+    return {
+        "params": params_of(model),
+        "type": type(muon).__name__,
+        "calls": muon.traffic.calls,
+        "bytes": muon.traffic.bytes,
+    }
 
 
 CLIP_NORM, CLIP_VALUE = 0.5, 0.02
@@ -350,6 +378,8 @@ def scenarios(local_rank: int, out: str) -> None:
         "ddp_num_items": ddp_num_items(),
         "fsdp2_num_items": fsdp2_num_items(),
         "ddp_sam": ddp_sam(),
+        "fsdp2_muon": sharded_muon("fsdp2"),
+        "ddp_muon": sharded_muon("ddp"),
     }
     torch.save(results, directory / f"rank{idist.get_rank()}.pt")
     # The trainers and checkpoint handlers above sit in reference cycles with their DDP models: free them

@@ -3,7 +3,7 @@
     python reshard_worker.py KIND PROCESSES DIRECTORY OUT [STOP]
 
 KIND is ``fsdp2`` (``fully_shard``, ``attach_sharded_checkpoint`` with an
-asynchronous save), ``ddp`` or ``zero`` (DDP, with a
+asynchronous save), ``fsdp2_muon`` (the same, with Muon beside AdamW), ``ddp`` or ``zero`` (DDP, with a
 ``ZeroRedundancyOptimizer`` for ``zero``; ``attach_checkpoint``). The run
 resumes from DIRECTORY's newest checkpoint if there is one, saves every
 iteration, and stops after iteration STOP if given. The data is a
@@ -28,7 +28,7 @@ from torch.distributed.optim import ZeroRedundancyOptimizer
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
-from engine_opt import OptimWrapper, create_trainer
+from engine_opt import OptimWrapper, build_optim_wrapper, create_trainer
 from engine_opt.checkpoint import attach_checkpoint, attach_sharded_checkpoint, resume_from_latest
 from engine_opt.engine import ResumableLoader
 from engine_opt.optim.distributed import gather_objects
@@ -46,6 +46,10 @@ def dataset() -> TensorDataset:
 
 def build(kind: str) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
     model = make_model()
+    if kind == "fsdp2_muon":  # Muon (a ShardedMuon) for the 2-D weights, AdamW for the rest, in one RoutedOptimizer
+        fully_shard(model)
+        routes = {"muon": {"ndim": 2, "optimizer": {"type": "Muon", "lr": LR}}}
+        return model, build_optim_wrapper(model, {"optimizer": {"type": "AdamW", "lr": LR}, "routes": routes}).optimizer
     if kind == "fsdp2":
         fully_shard(model)
         return model, torch.optim.AdamW(model.parameters(), lr=LR)
@@ -73,7 +77,7 @@ def run(local_rank: int, kind: str, directory: str, out: str, stop: int | None) 
     data = ResumableLoader(DataLoader(dataset(), batch_size=GLOBAL_BATCH // world, sampler=sampler))
     to_save = {"model": model, "optim_wrapper": wrapper, "trainer": trainer, "data": data}
     resumed = resume_from_latest(to_save, directory)
-    if kind == "fsdp2":
+    if kind.startswith("fsdp2"):
         attach_sharded_checkpoint(trainer, to_save, directory, every=1, n_saved=None, async_save=True)
     else:
         attach_checkpoint(trainer, to_save, directory, every=1, n_saved=None)
