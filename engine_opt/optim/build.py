@@ -287,7 +287,12 @@ def build_optim_wrapper(model: nn.Module, cfg: Mapping[str, Any]) -> OptimWrappe
             name, a dotted import path (``'mypkg.optim.Lion'``), an optimizer
             class, or ``'ZeroRedundancyOptimizer'`` with ``optimizer_type``
             naming the optimizer each rank runs. ``paramwise_cfg`` takes
-            MMEngine's keys and layer-wise lr decay (``paramwise``). A model
+            MMEngine's keys and layer-wise lr decay (``paramwise``).
+            ``routes`` sends parameters by rule to other optimizers, as one
+            ``RoutedOptimizer`` (``routes``: Muon beside AdamW; ``'Muon'``
+            over FSDP2-sharded parameters builds a ``ShardedMuon``), and
+            ``sam=dict(rho=..., adaptive=...)`` makes each update SAM's two
+            passes (``OptimWrapper``'s ``sam``). A model
             that only wraps ``.module`` (``DistributedDataParallel``) is
             unwrapped first. ``cfg`` is not modified.
 
