@@ -80,6 +80,20 @@ class Case:
     names: str  # a fragment the message must hold: the argument, value or file it is about
 
 
+def sam_fp16_torch_style_closure() -> None:
+    """A float16 SAM update whose second pass runs its own (unscaled) backward."""
+    model = make_model()
+    wrapper = AmpOptimWrapper(optimizer=plain_sgd(model), dtype="float16", sam={"rho": 0.05})
+    x = torch.ones(2, 4)
+
+    def closure() -> torch.Tensor:
+        loss = model(x).sum()
+        loss.backward()
+        return loss
+
+    wrapper.update_params(model(x).sum(), closure=closure)
+
+
 def plain_sgd(model: torch.nn.Module | None = None) -> torch.optim.Optimizer:
     """A plain SGD (lr 0.1, no momentum) over the model's parameters, or a fresh model's."""
     return torch.optim.SGD((model or make_model()).parameters(), lr=0.1)
@@ -579,6 +593,8 @@ CASES = [
     Case("constructor", "`routes=dict(muon=dict(optimizer=dict(type='Muon')))`: every parameter, biases too", lambda: build_optim_wrapper(make_model(), {"optimizer": {"type": "AdamW"}, "routes": {"muon": {"optimizer": {"type": "Muon"}}}}), "Muon only supports 2D"),
     Case("constructor", "`routes=dict(muon=dict(names=['0.'], ...))`", lambda: build_optim_wrapper(make_model(), {"optimizer": {"type": "AdamW"}, "routes": {"muon": {"names": ["0."], "optimizer": {"type": "Muon"}}}}), "no name pattern"),
     Case("constructor", "`routes=dict(default=dict(...))`", lambda: build_optim_wrapper(make_model(), {"optimizer": {"type": "AdamW"}, "routes": {"default": {"ndim": 2, "optimizer": {"type": "Muon"}}}}), "not 'default'"),
+    Case("trainer", "a SAM `AmpOptimWrapper` of float16 given a closure that runs backward itself", lambda: sam_fp16_torch_style_closure(), "return the loss without calling backward"),
+    Case("constructor", "`RoutedOptimizer(...).add_param_group(group)`", lambda: build_optim_wrapper(make_model(), {"optimizer": {"type": "AdamW"}, "routes": {"muon": {"ndim": 2, "optimizer": {"type": "Muon"}}}}).optimizer.add_param_group({"params": [torch.nn.Parameter(torch.ones(2, 2))]}), "add the group to the member"),
     Case("trainer", "`update_params(loss)` of a SAM wrapper (no second pass)", lambda: OptimWrapper(plain_sgd(), sam={}).update_params(make_model()(torch.ones(2, 4)).sum()), "closure"),
     Case("trainer", "`create_trainer(model, OptimWrapper(LBFGS(...)), loss_fn, num_items=n)`", lambda: create_trainer(make_model(), lbfgs_wrapper(), F.mse_loss, num_items=lambda x, y: 2), "num_items"),
     Case("trainer", "`create_trainer(model, wrapper)` (no loss_fn, no train_step)", lambda: create_trainer(make_model(), OptimWrapper(plain_sgd()), None), "loss_fn"),
