@@ -90,4 +90,5 @@ def _muon_routes(model: nn.Module, lr: float) -> dict[str, Any]:
     if not hidden:
         raise UsageError(f"--optimizer Muon: the model has no hidden Linear layer for Muon ({len(linears)} Linear)")
     muon = {"type": "Muon", "lr": lr, "adjust_lr_fn": "match_rms_adamw"}
-    return {"muon": {"names": hidden, "ndim": 2, "optimizer": muon}}
+    # patterns match whole dotted parts anywhere in a name: the last layer is excluded by its own name too
+    return {"muon": {"names": hidden, "exclude_names": [f"{linears[-1]}.weight"], "ndim": 2, "optimizer": muon}}

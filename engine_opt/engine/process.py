@@ -145,7 +145,8 @@ def supervised_step(model: nn.Module, wrapper: OptimWrapper, how: SupervisedStep
             raise
         # its errors, and its event handlers', say what they are about themselves
         if reevaluates:  # LBFGS, SAM: the step evaluates the model again on this batch
-            wrapper.update_params(loss, closure=reevaluation(model, wrapper, how, x, y))
+            items = None if how.num_items is None else how.num_items(x, y)  # SAM only: create_trainer refuses LBFGS's
+            wrapper.update_params(loss, closure=reevaluation(model, wrapper, how, x, y), num_items=items)
         elif how.num_items is None:
             wrapper.update_params(loss)
         else:  # token-weighted: loss_fn sums over the items, the window's gradients are divided by their count

@@ -166,9 +166,10 @@ def _parameters(
         if paramwise_cfg is not None:
             checks.mapping("paramwise_cfg", paramwise_cfg)
         return [param for param in model.parameters() if route is None or route.takes(param)]
-    rules = ParamwiseRules.from_config(paramwise_cfg, base_lr, base_wd, args)
+    # routed: a custom key's options are checked against the optimizers of the routes it reaches (below)
+    rules = ParamwiseRules.from_config(paramwise_cfg, base_lr, base_wd, args if route is None else None)
     warn = route is None or route.name == DEFAULT_ROUTE  # once, for the whole model
-    if warn and not wd_given and rules.multipliers.pop("flat_decay_mult", None) is not None:
+    if not wd_given and rules.multipliers.pop("flat_decay_mult", None) is not None and warn:
         warnings.warn(
             "paramwise_cfg['flat_decay_mult'] has no effect: the optimizer config sets no 'weight_decay' "
             "(as in MMEngine, 1-D parameters keep the optimizer's default); set one to decay them otherwise",
@@ -178,6 +179,7 @@ def _parameters(
     groups = rules.param_groups(model)
     if route is not None:
         groups = route.share(groups)
+        route.check_options(groups, args)
     for key in sorted(set(rules.custom_keys) - rules.matched) if warn else ():
         warnings.warn(
             f"paramwise_cfg['custom_keys'] key {key!r} matches no trainable parameter of {type(model).__name__}",
@@ -263,7 +265,10 @@ def _build_routed(
     routes = Routes.parse(unwrap_model(model), routes_cfg, optimizer_cfg)
     optimizers = {}
     for route in routes:
-        if route.params:
+        # paramwise_cfg leaves frozen parameters out (without it they stay, so unfreezing them trains them)
+        if paramwise_cfg and not route.trainable and route.name != DEFAULT_ROUTE:
+            raise ValueError(f"routes[{route.name!r}] takes only frozen parameters (requires_grad=False)")
+        if route.params and (route.trainable or not paramwise_cfg):
             optimizers[route.name] = _build_optimizer(model, route.optimizer_cfg, paramwise_cfg, route)
     return RoutedOptimizer(optimizers)
 

@@ -36,6 +36,9 @@ from typing import Any
 import torch
 
 from . import checks
+from .closure import needs_closure
+from .modes import has_modes
+from .optimizer_view import OptimizerView
 
 
 class RoutedState(MutableMapping[torch.Tensor, Any]):
@@ -95,9 +98,21 @@ class RoutedOptimizer(torch.optim.Optimizer):
             raise ValueError("optimizers must name at least one optimizer, got none")
         owners: dict[int, torch.optim.Optimizer] = {}
         for name, optimizer in optimizers.items():
-            if not isinstance(optimizer, torch.optim.Optimizer) or isinstance(optimizer, RoutedOptimizer):
+            if not isinstance(name, str) or not name:
+                raise TypeError(f"optimizers: a member's name must be a non-empty string, got {name!r}")
+            if not isinstance(optimizer, torch.optim.Optimizer) or isinstance(
+                optimizer, (RoutedOptimizer, OptimizerView)
+            ):
                 raise TypeError(
-                    f"optimizers[{name!r}] must be a torch.optim.Optimizer, got {checks.describe(optimizer)}"
+                    f"optimizers[{name!r}] must be a torch.optim.Optimizer (not a wrapper, not a RoutedOptimizer), "
+                    f"got {checks.describe(optimizer)}"
+                )
+            if needs_closure(optimizer) or has_modes(optimizer):
+                raise ValueError(
+                    f"optimizers[{name!r}]: {type(optimizer).__name__} "
+                    + ("takes a closure in its step" if needs_closure(optimizer) else "has train and eval modes")
+                    + ", which a routed update does not drive (it steps every member once from the gradients); "
+                    "use it as the wrapper's only optimizer"
                 )
             for group in optimizer.param_groups:
                 for param in group["params"]:
@@ -169,6 +184,13 @@ class RoutedOptimizer(torch.optim.Optimizer):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
+        # a copy's parameters are new objects: who owns which is counted again
+        self._owners = {
+            id(param): optimizer
+            for optimizer in self.optimizers.values()
+            for group in optimizer.param_groups
+            for param in group["params"]
+        }
 
     def __getitem__(self, name: str) -> torch.optim.Optimizer:
         return self.optimizers[name]

@@ -133,6 +133,7 @@ class Route:
     name: str
     optimizer_cfg: Any
     params: set[int] = field(default_factory=set)
+    trainable: bool = False  # any of them requires grad
 
     def where(self, key: str) -> str:
         """How the config names this route's ``key``: ``routes['muon']['optimizer']``, or ``optimizer``."""
@@ -156,6 +157,18 @@ class Route:
                     {**group, "params": list(params), MODEL_ORDER: list(orders), "name": f"{self.name}/{group['name']}"}
                 )
         return shared
+
+    def check_options(self, groups: list[dict[str, Any]], accepted: list[str] | None) -> None:
+        """Refuse an option ``custom_keys`` gives this route's parameters that its optimizer lacks."""
+        if accepted is None:  # the optimizer takes any keyword
+            return
+        for group in groups:
+            unknown = sorted(set(group) - {"params", "name", MODEL_ORDER} - set(accepted))
+            if unknown:
+                raise ValueError(
+                    f"paramwise_cfg['custom_keys'] gives {unknown} to parameters of the route {self.name!r} (group "
+                    f"{group['name']!r}), whose optimizer ({self.where('optimizer')}) takes {sorted(accepted)}"
+                )
 
     def build(
         self, optimizer_cls: type[torch.optim.Optimizer], params: list[Any], cfg: Mapping[str, Any]
@@ -200,6 +213,7 @@ class Routes:
         for param_name, module, param in owned_parameters(model):
             route = next((route for route, rule in rules if rule.takes(param_name, module, param)), rest)
             route.params.add(id(param))
+            route.trainable = route.trainable or param.requires_grad
         for route, _ in rules:
             if not route.params:
                 raise ValueError(f"routes[{route.name!r}] takes no parameter of {type(model).__name__}: check its rule")

@@ -27,6 +27,7 @@ Example:
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -53,6 +54,15 @@ class SharpnessAware:
     rho: float = 0.05
     adaptive: bool = False
 
+    def __post_init__(self) -> None:
+        rho = self.rho
+        if isinstance(rho, bool) or not isinstance(rho, numbers.Real):
+            raise TypeError(f"sam['rho'] must be a positive finite number, got {checks.describe(rho)}")
+        if not (math.isfinite(rho) and rho > 0):
+            raise ValueError(f"sam['rho'] must be a positive finite number, got {rho!r}")
+        object.__setattr__(self, "rho", float(rho))
+        checks.flag("sam['adaptive']", self.adaptive)
+
     @classmethod
     def parse(cls, sam: Any) -> SharpnessAware | None:
         """SAM's settings from ``None``, a ``SharpnessAware`` or a config ``dict(rho=..., adaptive=...)``.
@@ -72,10 +82,7 @@ class SharpnessAware:
                 f"sam must be None or a dict such as dict(rho=0.05, adaptive=False), got {checks.describe(sam)}"
             )
         checks.known_keys("sam", sam, ["adaptive", "rho"])
-        rho = sam.get("rho", cls.rho)
-        if isinstance(rho, bool) or not isinstance(rho, (int, float)) or not (math.isfinite(rho) and rho > 0):
-            raise ValueError(f"sam['rho'] must be a positive finite number, got {rho!r}")
-        return cls(rho=float(rho), adaptive=checks.flag("sam['adaptive']", sam.get("adaptive", cls.adaptive)))
+        return cls(rho=sam.get("rho", cls.rho), adaptive=sam.get("adaptive", cls.adaptive))
 
     def perturb(self, params: Sequence[torch.Tensor]) -> Perturbation:
         """Move each parameter with a gradient by its share of ``e``, computed from those gradients; how to undo it."""

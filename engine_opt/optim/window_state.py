@@ -42,6 +42,7 @@ import torch
 
 from . import checks, distributed
 from .routed import RoutedOptimizer
+from .sharded_muon import ShardedMuon
 
 COUNTER_KEYS = ("inner_count", "max_counts", "steps", "skipped_steps", "accumulative_counts")
 """The keys of ``state_dict['counters']``."""
@@ -134,13 +135,14 @@ def saved_items(state_dict: Mapping[str, Any]) -> int | None:
 def optimizer_type(optimizer: torch.optim.Optimizer) -> str:
     """What ``'optimizer_type'`` records: the optimizer's class name (a ``ZeroRedundancyOptimizer``'s inner one's).
 
-    A ``RoutedOptimizer``'s names its members: ``'RoutedOptimizer(muon=Muon, default=AdamW)'``.
+    A ``RoutedOptimizer``'s names its members: ``'RoutedOptimizer(muon=Muon, default=AdamW)'``; a
+    ``ShardedMuon``'s is ``'Muon'``, whose state it keeps (so either resumes the other).
     """
     holder = distributed.state_holder(optimizer)
     if isinstance(holder, RoutedOptimizer):
-        members = ", ".join(f"{name}={type(member).__name__}" for name, member in holder.optimizers.items())
+        members = ", ".join(f"{name}={optimizer_type(member)}" for name, member in holder.optimizers.items())
         return f"{type(holder).__name__}({members})"
-    return type(holder).__name__
+    return "Muon" if isinstance(holder, ShardedMuon) else type(holder).__name__
 
 
 def check_optimizer_type(state_dict: Mapping[str, Any], optimizer: torch.optim.Optimizer) -> None:

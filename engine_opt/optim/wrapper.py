@@ -46,6 +46,11 @@ from .sam import SharpnessAware, check_unsharded
 from .state_checks import check_hyperparameters, check_optimizer_state
 from .step_undo import StepUndo
 
+_REENTRANT = (
+    "{} called inside SAM's second pass (the closure): the closure returns the loss at the perturbed weights, "
+    "and the wrapper runs its backward and the step; call nothing of the wrapper's from it"
+)
+
 
 def _check_loss(loss: Any, backward_kwargs: Mapping[str, Any]) -> None:
     """Refuse, with what to do, a loss that ``backward`` would fail on or silently not train from."""
@@ -274,7 +279,9 @@ class OptimWrapper(OptimizerView):
         every micro-step reduces (HSDP: all-reduces across replicas only at
         the window's end, ``set_requires_all_reduce``).
         """
-        return distributed.grad_sync_context(model, self.should_sync(), self.sync_each_micro_step)
+        # SAM: the first pass stays local whatever sync_each_micro_step says (each rank perturbs by its own gradient)
+        each_micro_step = self.sync_each_micro_step and self._sam is None
+        return distributed.grad_sync_context(model, self.should_sync(), each_micro_step)
 
     # ------------------------------------------------------------------ one update
 
@@ -301,6 +308,8 @@ class OptimWrapper(OptimizerView):
                 without it.
         """
         _check_loss(loss, kwargs)
+        if self._second_pass:
+            raise RuntimeError(_REENTRANT.format("backward"))
         items = None if num_items is None and self._window_items is None else self._next_items(num_items)
         scaled = self._scale_for_backward(loss)
         scaled.backward(**kwargs)  # type: ignore[no-untyped-call]
@@ -354,6 +363,8 @@ class OptimWrapper(OptimizerView):
         the error goes on: its gradients are dropped and a grad scaler's
         iteration is closed, so the next window starts clean.
         """
+        if self._second_pass:
+            raise RuntimeError(_REENTRANT.format("step"))
         if self._sam is not None:
             kwargs = dict(kwargs)
             closure = self._given_closure(kwargs.pop("closure", None))
@@ -428,6 +439,12 @@ class OptimWrapper(OptimizerView):
 
     def _given_closure(self, closure: Any) -> Closure:
         """``closure`` if it can be called; a ``TypeError`` where it cannot, or is missing."""
+        if closure is None and self._sam is not None:
+            raise TypeError(
+                "sam: each update evaluates its batch a second time, at perturbed weights: pass that second pass "
+                "as update_params(loss, closure=second_pass) or step(closure=second_pass), a function returning "
+                "the batch's loss (create_trainer's default step makes one)"
+            )
         if closure is None:
             raise TypeError(
                 f"{type(self.optimizer).__name__} re-evaluates the model during its step: pass torch's closure, "

@@ -55,3 +55,15 @@ def test_a_config_file_replaces_the_options(tmp_path):
         config_of("--config", str(path), "--lr", "0.1", "--accumulate", "2")
     with pytest.raises(UsageError, match=r"--dtype bf16 needs --wrapper AmpOptimWrapper"):
         config_of("--wrapper", "OptimWrapper", "--dtype", "bf16")
+
+
+def test_muon_takes_the_hidden_layers_and_never_the_last_one_however_deep():
+    from engine_opt.app.config import _muon_routes
+
+    model = torch.nn.Sequential(
+        torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 2))
+    )
+    cfg = {"optimizer": {"type": "AdamW", "lr": 1e-3}, "routes": _muon_routes(model, 1e-3)}
+    muon = build_optim_wrapper(model, cfg).optimizer["muon"]
+    taken = [param for group in muon.param_groups for param in group["params"]]
+    assert taken == [model[0].weight, model[2][0].weight]  # '0.weight' also names '2.0.weight': the last, left out

@@ -7,6 +7,7 @@ one clip over all of them, both stepped and zeroed at each window's end.
 from __future__ import annotations
 
 import copy
+import pickle
 import warnings
 
 import pytest
@@ -14,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine_opt import OptimWrapper, OptimWrapperDict, build_optim_wrapper
+from engine_opt import OptimWrapper, OptimWrapperDict, StepEvent, build_optim_wrapper
 from engine_opt.optim import RoutedOptimizer
 
 from oracle import assert_same_model, assert_same_tensors
@@ -252,6 +253,77 @@ def test_name_patterns_match_whole_dotted_parts_only():
     cfg["routes"]["muon"] = {"ndim": 2, "exclude_names": ["1", "1"], "optimizer": {"type": "Muon"}}
     routed = build_optim_wrapper(model, cfg).optimizer["muon"]
     assert len(routed.param_groups[0]["params"]) == 12  # every weight but 1's: 10, 11, 12 stay
+
+
+def test_a_copy_routes_its_own_parameters():
+    model = Net()
+    wrapper = build_optim_wrapper(model, config())
+    wrapper_loop(wrapper, model, batches(2))
+    for copied_model, copied in (copy.deepcopy((model, wrapper)), pickle.loads(pickle.dumps((model, wrapper)))):
+        param = copied_model.embed.weight
+        assert param in copied.optimizer.state and copied.optimizer.state[param]["step"] == 2
+        copied.register_step_hook(
+            lambda w, e, loss: w.cancel_step(when=torch.tensor(True)), [StepEvent.BEFORE_OPTIM_STEP]
+        )
+        copied.update_params(F.mse_loss(copied_model(batches(1)[0][0]), batches(1)[0][1]))
+        assert copied.optimizer.state[param]["step"] == 2  # the cancelled step's state put back
+
+
+def test_frozen_parameters_with_paramwise_cfg():
+    model = Net()
+    model.embed.requires_grad_(False)
+    model.head.requires_grad_(False)
+    for norm in (model.body[1],):
+        norm.requires_grad_(False)
+    model.body[0].bias.requires_grad_(False)
+    wrapper = build_optim_wrapper(model, config(paramwise_cfg={"bias_lr_mult": 2.0}))  # the rest: all frozen
+    assert list(wrapper.optimizer.optimizers) == ["muon"]
+    model.body[0].weight.requires_grad_(False)
+    model.body[3].weight.requires_grad_(False)
+    model.embed.requires_grad_(True)
+    with pytest.raises(ValueError, match=r"routes\['muon'\] takes only frozen parameters"):
+        build_optim_wrapper(model, config(paramwise_cfg={"bias_lr_mult": 2.0}))
+
+
+def test_flat_decay_mult_follows_each_routes_own_weight_decay_rule():
+    cfg = {
+        "optimizer": {"type": "AdamW", "lr": 0.01},  # no weight_decay given: flat_decay_mult has no effect here
+        "routes": {"r": {"names": ["body"], "optimizer": {"type": "AdamW", "lr": 0.01}}},
+        "paramwise_cfg": {"flat_decay_mult": 0.0},
+    }
+    with pytest.warns(UserWarning, match="flat_decay_mult'] has no effect"):
+        wrapper = build_optim_wrapper(Net(), cfg)
+    assert {group["weight_decay"] for group in wrapper.param_groups} == {0.01}  # AdamW's default, everywhere
+
+
+def test_custom_keys_options_are_checked_against_the_routes_they_reach():
+    cfg = config(paramwise_cfg={"custom_keys": {"head": {"betas": (0.9, 0.95)}, "body.0.weight": {"ns_steps": 3}}})
+    wrapper = build_optim_wrapper(Net(), cfg)  # head: AdamW's betas; body.0.weight: Muon's ns_steps
+    options = {group["name"]: group for group in wrapper.param_groups}
+    assert options["muon/body.0.weight"]["ns_steps"] == 3 and options["default/head"]["betas"] == (0.9, 0.95)
+    cfg["paramwise_cfg"]["custom_keys"]["body.3"] = {"betas": (0.9, 0.9)}  # a Muon weight given AdamW's option
+    with pytest.raises(ValueError, match=r"gives \['betas'\] to parameters of the route 'muon'"):
+        build_optim_wrapper(Net(), cfg)
+
+
+def test_members_a_routed_update_cannot_drive_are_refused():
+    a, b = nn.Parameter(torch.ones(2, 2)), nn.Parameter(torch.ones(2))
+    with pytest.raises(ValueError, match=r"optimizers\['rest'\]: LBFGS takes a closure in its step"):
+        RoutedOptimizer({"muon": torch.optim.Muon([a]), "rest": torch.optim.LBFGS([b])})
+    with pytest.raises(TypeError, match="not a wrapper"):
+        RoutedOptimizer({"rest": OptimWrapper(torch.optim.SGD([b], lr=0.1))})
+
+
+def test_a_sharded_muons_state_is_muons():
+    from engine_opt.optim import ShardedMuon
+
+    a = nn.Parameter(torch.ones(2, 2))
+    a.grad = torch.ones(2, 2)
+    sharded = OptimWrapper(ShardedMuon([a], lr=0.02))
+    sharded.update_params((a * 2).sum())
+    plain = OptimWrapper(torch.optim.Muon([a], lr=0.02))
+    plain.load_state_dict(sharded.state_dict())
+    assert sharded.state_dict()["optimizer_type"] == "Muon"
 
 
 def test_the_routed_optimizer_refuses_what_would_break_its_routing():

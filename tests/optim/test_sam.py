@@ -13,7 +13,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from engine_opt import AmpOptimWrapper, OptimWrapper, build_optim_wrapper, create_trainer
+from engine_opt import AmpOptimWrapper, OptimWrapper, StepEvent, build_optim_wrapper, create_trainer
 from engine_opt.optim.sam import SharpnessAware, check_unsharded
 
 from oracle import (
@@ -249,8 +249,8 @@ def sgd(model=None):
     [
         ({"sam": {"rho": -1.0}}, ValueError, r"sam\['rho'\] must be a positive finite number, got -1.0"),
         ({"sam": {"rho": float("nan")}}, ValueError, r"sam\['rho'\] must be a positive finite number, got nan"),
-        ({"sam": {"rho": True}}, ValueError, r"sam\['rho'\] must be a positive finite number, got True"),
-        ({"sam": {"rho": "0.05"}}, ValueError, r"sam\['rho'\] must be a positive finite number, got '0.05'"),
+        ({"sam": {"rho": True}}, TypeError, r"sam\['rho'\] must be a positive finite number, got True"),
+        ({"sam": {"rho": "0.05"}}, TypeError, r"sam\['rho'\] must be a positive finite number, got '0.05'"),
         ({"sam": {"radius": 0.05}}, ValueError, r"sam got unknown key\(s\) \['radius'\]"),
         ({"sam": {"adaptive": "yes"}}, TypeError, r"sam\['adaptive'\]"),
         ({"sam": 0.05}, TypeError, r"sam must be None or a dict .* got 0.05 of type float"),
@@ -262,6 +262,52 @@ def test_bad_sam_settings_are_refused_by_name(kwargs, error, match):
         OptimWrapper(sgd(), **kwargs)
 
 
+@pytest.mark.parametrize(
+    ("settings", "error"), [({"rho": float("nan")}, ValueError), ({"rho": -1}, ValueError), ({"rho": "x"}, TypeError)]
+)
+def test_settings_made_as_an_object_are_checked_as_a_configs_are(settings, error):
+    with pytest.raises(error, match=r"sam\['rho'\] must be a positive finite number"):
+        OptimWrapper(sgd(), sam=SharpnessAware(**settings))
+    with pytest.raises(TypeError, match=r"sam\['adaptive'\]"):
+        SharpnessAware(adaptive="yes")
+
+
+def test_the_wrapper_cannot_be_driven_from_inside_the_second_pass():
+    model = make_model()
+    wrapper = OptimWrapper(sgd(model), sam={})
+    x, y = make_batches(1)[0]
+
+    def reentrant():
+        wrapper.update_params(loss_fn(model(x), y), closure=lambda: loss_fn(model(x), y))
+        return loss_fn(model(x), y)
+
+    with pytest.raises(RuntimeError, match="called inside SAM's second pass"):
+        wrapper.update_params(loss_fn(model(x), y), closure=reentrant)
+    assert wrapper.step_count == 0 and wrapper.optimizer.state_dict()["state"] == {}
+    assert_same_model(model, make_model())
+
+
+def test_float16_gradients_unscaled_before_the_step_are_refused():
+    model = TwoWeights()
+    wrapper = fp16_wrapper(model)
+    wrapper.register_step_hook(lambda w, event, loss: w.unscale_grads(), [StepEvent.BACKWARD_COMPLETED])
+    with pytest.raises(RuntimeError, match=r"unscale_grads\(\) before a SAM update's step"):
+        wrapper.update_params(model.a.sum() + model.b.sum(), closure=lambda: model.a.sum())
+
+
+def test_num_items_through_the_trainer_divides_by_the_batchs_count():
+    batches = make_batches(3)
+    by_hand, model = make_model(), make_model()
+    wrapper = OptimWrapper(torch.optim.SGD(by_hand.parameters(), lr=0.1), sam={"rho": RHO[False]})
+    for x, y in batches:
+        wrapper.update_params(
+            item_loss_sum(by_hand(x), y), num_items=len(x), closure=lambda x=x, y=y: item_loss_sum(by_hand(x), y)
+        )
+    trained = OptimWrapper(torch.optim.SGD(model.parameters(), lr=0.1), sam={"rho": RHO[False]})
+    create_trainer(model, trained, item_loss_sum, num_items=lambda x, y: len(x)).run(batches)
+    assert_same_model(model, by_hand)
+
+
 def test_sam_around_an_optimizer_that_takes_its_own_closure_is_refused():
     with pytest.raises(ValueError, match="LBFGS takes its own closure"):
         OptimWrapper(torch.optim.LBFGS(make_model().parameters()), sam={})
@@ -271,7 +317,7 @@ def test_an_update_without_the_second_pass_is_refused_before_anything_runs():
     model = make_model()
     wrapper = OptimWrapper(sgd(model), sam={})
     x, y = make_batches(1)[0]
-    with pytest.raises(TypeError, match="pass torch's closure"):
+    with pytest.raises(TypeError, match="pass that second pass as update_params"):
         wrapper.update_params(loss_fn(model(x), y))
     assert wrapper.inner_count == 0 and all(param.grad is None for param in model.parameters())
 
