@@ -207,7 +207,10 @@ def command(*args: str) -> None:
         try:
             cli.main(["train", "--no-progress", "--epochs", "1", *args])
         except SystemExit as error:
-            message = stderr.getvalue().strip().splitlines()[-1] if stderr.getvalue().strip() else ""
+            lines = stderr.getvalue().strip().splitlines()
+            # the last message, its indented lines (one difference each) joined to it
+            start = max((index for index, line in enumerate(lines) if line.startswith("engine-opt")), default=0)
+            message = " / ".join(line.strip() for line in lines[start:])
             raise SystemExit(f"exit {error.code}: {message}") from None
 
 

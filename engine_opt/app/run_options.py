@@ -13,7 +13,9 @@ Example:
     >>> RunOptions(**{**saved.state_dict(), "batch_size": 32, "epochs": 8}).check_state_dict(saved.state_dict())
     Traceback (most recent call last):
     ...
-    ValueError: this run differs from the checkpoint's: --batch-size 32, the checkpoint's 64; --epochs 8: ...
+    ValueError: this run differs from the checkpoint's:
+      --batch-size 32, the checkpoint's 64
+      --epochs 8: ...
 """
 
 from __future__ import annotations
@@ -24,6 +26,39 @@ from typing import Any
 from ..optim import checks
 
 _OPTIONS = {"task": "--task", "batch_size": "--batch-size", "seed": "--seed"}
+# the wrapper config's entries the options write (app/config.py), by the option that sets them
+_CONFIG_FLAGS = {
+    "type": "--wrapper",
+    "dtype": "--dtype",
+    "accumulative_counts": "--accumulate",
+    "clip_grad": "--clip-norm",
+    "clip_grad.max_norm": "--clip-norm",
+    "sam": "--sam",
+    "sam.rho": "--sam",
+    "routes": "--optimizer",
+    "optimizer.type": "--optimizer",
+    "optimizer.lr": "--lr",
+}
+
+
+def config_differences(here: Any, saved: Any, path: str = "") -> list[str]:
+    """One line per entry in which the wrapper configs differ, named by its option where one sets it.
+
+    Example:
+        >>> config_differences({"dtype": "fp16", "optimizer": {"lr": 0.1}}, {"dtype": "bf16", "optimizer": {"lr": 0.1}})
+        ["--dtype (the wrapper config's 'dtype'): 'fp16' here, 'bf16' in the checkpoint"]
+    """
+    if isinstance(here, dict) and isinstance(saved, dict) and set(here) & set(saved):  # else: one line, all of it
+        lines = []
+        for key in [*here, *(key for key in saved if key not in here)]:
+            lines += config_differences(here.get(key), saved.get(key), f"{path}.{key}" if path else str(key))
+        return lines
+    if here == saved:
+        return []
+    where = f"the wrapper config's {path!r}" if path else "the wrapper config"
+    flag = _CONFIG_FLAGS.get(path) or _CONFIG_FLAGS.get(path.partition(".")[2])  # a GAN member's: 'gen.dtype'
+    name = where if flag is None else f"{flag} ({where})"
+    return [f"{name}: {here!r} here, {saved!r} in the checkpoint"]
 
 
 @dataclass
@@ -54,8 +89,7 @@ class RunOptions:
             for name, flag in _OPTIONS.items()
             if saved.get(name) != getattr(self, name)
         ]
-        if saved.get("wrapper") != self.wrapper:
-            differences.append(f"the wrapper config {self.wrapper}, the checkpoint's {saved.get('wrapper')}")
+        differences += config_differences(self.wrapper, saved.get("wrapper"))
         if saved.get("schedule") != self.schedule:
             differences.append(f"--schedule {self.schedule}, the checkpoint's {saved.get('schedule')}")
         elif self.schedule == "cosine" and saved.get("epochs") != self.epochs:
@@ -73,7 +107,7 @@ class RunOptions:
                 "before its order became the same at any process count; resume it with that release"
             )
         if differences:
-            raise ValueError(f"this run differs from the checkpoint's: {'; '.join(differences)}")
+            raise ValueError("this run differs from the checkpoint's:" + "".join(f"\n  {line}" for line in differences))
 
     def load_state_dict(self, state_dict: Any) -> None:
         """Check ``state_dict``; the options themselves stay this run's."""

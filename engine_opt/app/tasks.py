@@ -33,8 +33,8 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, TensorData
 from ..engine.process import TrainStep
 from ..optim.wrapper import OptimWrapper
 from ..optim.wrapper_dict import OptimWrapperDict
+from .arguments import TASKS
 
-TASKS = ("classifier", "gan")
 ModelWrap = Callable[[nn.Module], nn.Module]
 """How the command readies a module for training: ``idist.auto_model`` in a distributed run."""
 _SAMPLES = 4096

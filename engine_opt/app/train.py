@@ -102,6 +102,14 @@ def train(args: argparse.Namespace, stop: StopRequest | None = None) -> Result:
     may write there is decided while it is held. ``stop``, set by the
     launcher of spawned ranks on SIGINT, stops the run as the signal would.
     """
+    threads = torch.get_num_threads()
+    try:
+        return _train(args, stop)
+    finally:
+        torch.set_num_threads(threads)  # in-process callers (tests, notebooks) get their setting back
+
+
+def _train(args: argparse.Namespace, stop: StopRequest | None) -> Result:
     run = build(args)
     if rank() == 0:
         _note_repeated_samples(run.task.data)
@@ -180,6 +188,8 @@ def execute(run: Run, args: argparse.Namespace, resumed: Path | None, stop: Stop
 def build(args: argparse.Namespace) -> Run:
     """The task, its wrapper(s) from the options, the trainer and its schedules; nothing attached yet."""
     device = _device(args)
+    if args.threads is not None or device.type == "cpu":
+        torch.set_num_threads(args.threads or 1)
     log_dir, checkpoint_dir = run_paths(args)
     check_batch_size(args.batch_size, world_size())
     task = make_task(args.task, args.seed, args.batch_size)  # the same data and weights on every rank
@@ -228,7 +238,13 @@ def resume(run: Run, args: argparse.Namespace) -> Path | None:
     except DamagedCheckpoint as error:
         raise UsageError(f"--resume: {error}; {way_past_damage(run.checkpoint_dir)}") from None
     except (ValueError, RuntimeError) as error:
-        raise UsageError(f"--resume: {error}; resume with the options of the interrupted run") from None
+        # a message listing differences one per line gets the advice on a line of its own
+        advice = (
+            "\nresume with the options of the interrupted run"
+            if "\n" in str(error)
+            else "; resume with the options of the interrupted run"
+        )
+        raise UsageError(f"--resume: {error}{advice}") from None
     if resumed is None:
         print(f"engine-opt: no checkpoint in {run.checkpoint_dir}; starting the run from the start", file=sys.stderr)
         return None
@@ -355,7 +371,9 @@ def _build_trainer(
                 f"--num-items samples: the {args.task} task has no per-sample loss; use it with classifier"
             )
         model = _parallel_model(task.model)
-        return create_trainer(model, optim_wrapper, task.item_loss_fn, device=device, num_items=_samples)
+        return create_trainer(
+            model, optim_wrapper, task.item_loss_fn, device=device, num_items=_samples, output_transform=_sample_mean
+        )
     if task.make_train_step is None:
         return create_trainer(_parallel_model(task.model), optim_wrapper, task.loss_fn, device=device)
     try:
@@ -363,6 +381,11 @@ def _build_trainer(
     except ValueError as error:
         raise UsageError(f"--config {args.config}: {error}") from None
     return create_trainer(task.model, optim_wrapper, train_step=train_step)
+
+
+def _sample_mean(x: Any, y: torch.Tensor, y_pred: Any, loss: torch.Tensor) -> torch.Tensor:
+    """``--num-items samples``: the batch's loss as every other run shows it, the mean over its samples."""
+    return loss.detach() / len(y)
 
 
 def _samples(x: Any, y: torch.Tensor) -> int:

@@ -177,7 +177,17 @@ def test_python_dash_m():
         (["--batch-size", "32"], ["--batch-size 32, the checkpoint's 64"]),
         (
             ["--seed", "3", "--optimizer", "SGD"],
-            ["--seed 3, the checkpoint's 0", "the wrapper config {'type': 'OptimWrapper', 'optimizer': {'type': 'SGD'"],
+            [
+                "\n  --seed 3, the checkpoint's 0\n",
+                "\n  --optimizer (the wrapper config's 'optimizer.type'): 'SGD' here, 'AdamW' in the checkpoint",
+            ],
+        ),
+        (
+            ["--dtype", "float16"],  # torch's name for fp16
+            [
+                "\n  --wrapper (the wrapper config's 'type'): 'AmpOptimWrapper' here, 'OptimWrapper' in the checkpoint",
+                "\n  --dtype (the wrapper config's 'dtype'): 'fp16' here, None in the checkpoint",
+            ],
         ),
         (["--schedule", "cosine"], ["--schedule cosine, the checkpoint's constant"]),
         (["--num-items", "samples"], ["--num-items samples, the checkpoint's off"]),
@@ -380,7 +390,7 @@ def test_help_shows_every_default(capsys):
         main(["train", "--help"])
     text = capsys.readouterr().out.split("\noptions:", 1)[1]
     blocks = re.split(r"\n  (?=--)", text)[1:]  # one block per option: its name, its help
-    assert len(blocks) == 25  # with --num-items and --telemetry
+    assert len(blocks) == 27  # with --sam and --threads
     for block in blocks:
         assert "default" in block, f"the help of {block.split()[0]} does not say its default"
 
@@ -587,9 +597,15 @@ def test_a_batch_the_spawned_processes_do_not_divide_is_refused_before_they_star
     assert not (tmp_path / "logs").exists()
 
 
+def test_a_config_of_the_gans_members_selects_the_gan_task(tmp_path, capsys):
+    assert run(tmp_path, "--epochs", "1", "--config", str(ROOT / "examples" / "configs" / "gan.json")) == 0
+    assert "engine-opt: trained gan to epoch 1" in capsys.readouterr().out
+
+
 def test_refused_options_leave_nothing_behind(tmp_path, capsys):
     gan_config = ROOT / "examples" / "configs" / "gan.json"
-    for options in (["--config", str(gan_config)], ["--optimizer", "SparseAdam"], ["--lr", "-1"]):
+    mismatched = ["--config", str(gan_config), "--task", "classifier"]  # the GAN's members for the classifier
+    for options in (mismatched, ["--optimizer", "SparseAdam"], ["--lr", "-1"]):
         with pytest.raises(SystemExit) as exit_info:
             run(tmp_path, "--epochs", "1", *options)
         assert exit_info.value.code == 2, options
@@ -609,6 +625,16 @@ def test_num_items_samples_weights_each_update_by_its_windows_samples(tmp_path, 
     built.trainer.add_event_handler(Events.ITERATION_COMPLETED(once=1), lambda engine: engine.terminate())
     built.trainer.run(built.data, max_epochs=1)  # stopped mid-window: the window's sample count is saved
     assert built.optim_wrapper.state_dict()["accumulated_items"] == 1000
+
+
+def test_num_items_samples_shows_the_mean_loss_as_every_other_run_does(tmp_path, capsys):
+    """The same updates (full batches: the mean over a batch's samples is the batch's mean loss): the same losses."""
+    losses = []
+    for name, options in (("mean", []), ("samples", ["--num-items", "samples"])):
+        assert run(tmp_path / name, "--epochs", "1", "--batch-size", "64", *options) == 0
+        line = next(line for line in capsys.readouterr().out.splitlines() if "last epoch loss" in line)
+        losses.append(float(line.split()[-1]))
+    assert losses[1] == pytest.approx(losses[0], rel=1e-3), losses  # not the sum over 64 samples, 64 times more
 
 
 @pytest.mark.parametrize(("status", "ignored"), [(130, True), (143, True), (1, False)])
@@ -664,7 +690,11 @@ def test_a_ctrl_c_while_the_command_loads_ends_with_one_line_and_status_130(caps
                 raise KeyboardInterrupt
             return None
 
-    with mock.patch.dict(sys.modules), mock.patch.object(sys, "meta_path", [Interrupted(), *sys.meta_path]):
+    with (
+        mock.patch.dict(sys.modules),
+        mock.patch.object(sys, "meta_path", [Interrupted(), *sys.meta_path]),
+        mock.patch.object(sys, "argv", ["engine-opt", "train"]),
+    ):
         sys.modules.pop("engine_opt.app.cli", None)
         with pytest.raises(SystemExit) as end:
             start.main()
@@ -675,6 +705,32 @@ def test_a_ctrl_c_while_the_command_loads_ends_with_one_line_and_status_130(caps
     code = "import sys, engine_opt.app.start; print(sorted({'torch', 'ignite'} & set(sys.modules)))"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert result.stdout == "[]\n", result.stderr
+
+
+@pytest.mark.parametrize(
+    ("argv", "status", "said"),
+    [
+        (["--help"], 0, "Train with engine_opt's optimizer wrappers."),
+        (["--version"], 0, "engine-opt 0.1.0"),
+        (["train", "--help"], 0, "--nproc-per-node"),
+        (["train", "--epochs", "0"], 2, "argument --epochs: expected a positive integer, got '0'"),
+        (["train", "--dtype", "fp8"], 2, "argument --dtype: invalid choice: 'fp8'"),
+    ],
+)
+def test_help_version_and_refused_arguments_answer_before_torch_loads(argv, status, said):
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    code = (
+        "import sys\n"
+        "from engine_opt.app.start import main\n"
+        f"sys.argv = ['engine-opt', *{argv!r}]\n"
+        "try:\n    main()\n"
+        "except SystemExit as end:\n"
+        "    print('loaded:', sorted({'torch', 'ignite'} & set(sys.modules)), file=sys.stderr)\n"
+        "    raise\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode == status and said in result.stdout + result.stderr
+    assert "loaded: []" in result.stderr
 
 
 def test_a_schedule_free_run_evaluates_and_resumes_in_eval_mode(tmp_path, capsys):

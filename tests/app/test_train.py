@@ -46,3 +46,36 @@ def test_the_summary_states_what_happened():
     assert "trained gan to epoch 2 (128 iterations) in 1.2 s on 2 processes" in text
     assert "resumed from:     x.pt" in text and "updates:          120 applied, 8 skipped" in text
     assert "last epoch loss:  gen_loss 0.5000" in text
+
+
+@pytest.mark.slow  # trains a run of one epoch
+def test_threads_are_one_on_cpu_unless_given_and_the_callers_come_back_after_the_run(tmp_path):
+    import torch
+
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        build(options(tmp_path / "default"))
+        assert torch.get_num_threads() == 1
+        build(options(tmp_path / "given", "--threads", "3"))
+        assert torch.get_num_threads() == 3
+        torch.set_num_threads(2)
+        seen = []
+        run = options(tmp_path / "run", "--epochs", "1", "--threads", "1")
+        from engine_opt.app import train as app_train
+
+        real_build = app_train.build
+
+        def spying_build(args):
+            built = real_build(args)
+            seen.append(torch.get_num_threads())
+            return built
+
+        app_train.build = spying_build
+        try:
+            train(run)
+        finally:
+            app_train.build = real_build
+        assert seen == [1] and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
