@@ -12,6 +12,7 @@ of 4; rank 0 writes the checkpoints, every rank reads them when resuming.
 
 import argparse
 import gc
+import logging
 import os
 
 import ignite.distributed as idist
@@ -23,6 +24,10 @@ from engine_opt import OptimWrapper, create_trainer
 from engine_opt.checkpoint import attach_checkpoint, resume_from_latest
 from engine_opt.engine import ResumableLoader
 from engine_opt.testing import GradientTraffic
+
+# Ignite's launcher and auto_* helpers log multi-line INFO dumps; this script shows its own line only (each
+# spawned rank imports this module too, so the setting reaches them)
+logging.disable(logging.INFO)
 
 
 def training(local_rank: int, checkpoint_dir: str) -> None:

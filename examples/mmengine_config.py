@@ -82,6 +82,13 @@ def main(argv: list[str] | None = None) -> nn.Module:
     if args.resume:
         # MMEngine's runner pickles more than tensors (its message hub): open only checkpoints you trust
         checkpoint = torch.load(args.resume, weights_only=False)
+        expected = ("meta", "state_dict", "optimizer", "param_schedulers")
+        if not isinstance(checkpoint, dict) or not all(key in checkpoint for key in expected):
+            found = sorted(checkpoint) if isinstance(checkpoint, dict) else type(checkpoint).__name__
+            parser.error(
+                f"{args.resume} is not a checkpoint of MMEngine's runner: it holds {found}, not {list(expected)} "
+                "(engine_opt's own checkpoints resume with resume_from_latest, or engine-opt train --resume)"
+            )
         epoch, iteration = checkpoint["meta"]["epoch"], checkpoint["meta"]["iter"]
         if iteration != epoch * len(data):
             parser.error(f"{args.resume} was saved mid-epoch (iteration {iteration}); pass one saved at an epoch's end")

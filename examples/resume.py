@@ -35,11 +35,14 @@ trainer = create_trainer(model, optim_wrapper, F.mse_loss)
 SchedulerHandler(scheduler).attach(trainer)
 to_save = {"model": model, "optim_wrapper": optim_wrapper, "trainer": trainer, "data": data, "scheduler": scheduler}
 resumed = resume_from_latest(to_save, args.checkpoint_dir, kind="file")
-print(f"resumed from {resumed} at iteration {trainer.state.iteration}" if resumed else "new run")
+EPOCHS = 4
+done = trainer.state.iteration >= EPOCHS * len(data)
+ended = f": the {EPOCHS} epochs are done, nothing left to train" if done else ""
+print(f"resumed from {resumed} at iteration {trainer.state.iteration}{ended}" if resumed else "new run")
 attach_checkpoint(trainer, to_save, args.checkpoint_dir, every=4)
 if args.stop_at:
     trainer.add_event_handler(Events.ITERATION_COMPLETED(once=args.stop_at), lambda engine: engine.terminate())
 
-state = trainer.run(data, max_epochs=4)
+state = trainer.run(data, max_epochs=EPOCHS)
 print(f"iteration {state.iteration}: updates {state.optim_updates}, lr {optim_wrapper.get_lr()['lr'][0]:.6f}")
 print(f"weight checksum {sum(p.double().sum().item() for p in model.parameters()):.10f}")

@@ -139,6 +139,7 @@ def test_resume_example_ends_where_an_uninterrupted_run_ends(tmp_path, monkeypat
     assert resumed.splitlines()[1:] == straight.splitlines()[1:]
     for _ in range(2):  # a complete run, run again on its directory: it is not trained anew, and nothing fails
         _, again = run_with_args("resume", monkeypatch, capsys, tmp_path / "a")
+        assert again.splitlines()[0].endswith("at iteration 24: the 4 epochs are done, nothing left to train")
         assert again.splitlines()[1:] == straight.splitlines()[1:]
 
 
@@ -152,6 +153,7 @@ def test_distributed_example_reduces_once_per_window_in_two_processes(tmp_path):
     result = subprocess.run(args, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.splitlines()[-1] == "2 process(es): 16 iterations, 4 updates, 4 gradient reductions"
+    assert " INFO" not in result.stdout + result.stderr  # no launcher dump
     one = subprocess.run([*args[:2], str(tmp_path / "one"), "--nproc", "1"], capture_output=True, text=True)
     assert one.stdout.splitlines()[-1] == "1 process(es): 16 iterations, 4 updates, 0 gradient reductions"
 
@@ -308,3 +310,14 @@ def test_mmengine_config_resumes_a_checkpoint_mmengines_runner_saved(tmp_path, c
         assert list(model.state_dict()) == list(final)
         for name, value in model.state_dict().items():
             assert torch.equal(value, final[name]), name
+
+
+def test_mmengine_config_refuses_a_checkpoint_that_is_not_mmengines_in_one_line(tmp_path, capsys):
+    namespace = runpy.run_path(str(EXAMPLES / "mmengine_config.py"))
+    path = tmp_path / "checkpoint_4.pt"
+    torch.save({"model": {}, "optim_wrapper": {}, "trainer": {}}, path)  # this project's own layout
+    with pytest.raises(SystemExit) as end:
+        namespace["main"](["--resume", str(path)])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert end.value.code == 2
+    assert "is not a checkpoint of MMEngine's runner: it holds ['model', 'optim_wrapper', 'trainer']" in err
