@@ -92,6 +92,8 @@ class Result:
     checkpoint: str | None
     resumed_from: Path | None = field(default=None)
     stopped_by: str | None = field(default=None)
+    loss_iterations: tuple[int, int] | None = field(default=None)
+    """Of the last epoch, the iterations its losses cover and its length, where they differ (a resume mid-epoch)."""
 
 
 def train(args: argparse.Namespace, stop: StopRequest | None = None) -> Result:
@@ -182,6 +184,7 @@ def execute(run: Run, args: argparse.Namespace, resumed: Path | None, stop: Stop
         checkpoint=None if checkpoint.last_checkpoint is None else str(checkpoint.last_checkpoint),
         resumed_from=resumed,
         stopped_by=signals.received,
+        loss_iterations=None if tracker.count in (0, len(run.data)) else (tracker.count, len(run.data)),
     )
 
 
@@ -329,8 +332,12 @@ def summary(result: Result) -> str:
     ]
     if result.resumed_from is not None:
         lines.append(f"  resumed from:     {result.resumed_from}")
+    covered = ""
+    if result.loss_iterations is not None:  # the loss of the iterations before the checkpoint was not saved
+        count, length = result.loss_iterations
+        covered = f"   (its last {count} of {length} iterations: those run since the resume)"
     lines += [
-        f"  last epoch loss:  {losses}",
+        f"  last epoch loss:  {losses}{covered}",
         f"  updates:          {result.applied} applied, {result.skipped} skipped",
         f"  checkpoint:       {result.checkpoint}",
         f"  TensorBoard logs: {result.log_dir}   (view: tensorboard --logdir {result.log_dir})",

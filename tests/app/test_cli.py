@@ -477,6 +477,15 @@ def test_a_damaged_newest_checkpoint_names_the_newest_that_reads_whole(tmp_path,
     assert f"resumed from:     {checkpoints / 'checkpoint_48.pt'}" in capsys.readouterr().out
 
 
+def test_a_resume_mid_epoch_says_which_iterations_its_last_epoch_loss_covers(tmp_path, capsys):
+    assert run(tmp_path, "--epochs", "1", "--checkpoint-every", "16") == 0
+    (tmp_path / "logs" / "checkpoints" / "checkpoint_64.pt").unlink()  # as if stopped after iteration 48
+    capsys.readouterr()
+    assert run(tmp_path, "--epochs", "1", "--resume") == 0
+    line = next(line for line in capsys.readouterr().out.splitlines() if "last epoch loss" in line)
+    assert line.endswith("(its last 16 of 64 iterations: those run since the resume)")
+
+
 def test_an_entry_named_like_a_checkpoint_is_refused_before_the_run_starts(tmp_path, capsys):
     (tmp_path / "logs" / "checkpoints" / "checkpoint_64.pt").mkdir(parents=True)
     with pytest.raises(SystemExit) as exit_info:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -45,7 +46,11 @@ def test_the_summary_states_what_happened():
     text = summary(result)
     assert "trained gan to epoch 2 (128 iterations) in 1.2 s on 2 processes" in text
     assert "resumed from:     x.pt" in text and "updates:          120 applied, 8 skipped" in text
-    assert "last epoch loss:  gen_loss 0.5000" in text
+    assert "last epoch loss:  gen_loss 0.5000\n" in text
+    partial = dataclasses.replace(result, loss_iterations=(16, 64))
+    assert "last epoch loss:  gen_loss 0.5000   (its last 16 of 64 iterations: those run since the resume)" in (
+        summary(partial)
+    )
 
 
 @pytest.mark.slow  # trains a run of one epoch
