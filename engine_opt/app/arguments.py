@@ -22,7 +22,7 @@ from .. import __version__
 
 TASKS = ("classifier", "gan")
 """The built-in tasks (``engine_opt.app.tasks``)."""
-_TASK_MEMBERS = {"gan": ["disc", "gen"]}
+TASK_MEMBERS = {"gan": ["disc", "gen"]}
 """A task's wrapper members, by which a ``--config`` names its task."""
 
 
@@ -31,21 +31,27 @@ def task_of_config(path: Path | None) -> str:
 
     A file that cannot be read or parsed says nothing here; the command reports it when it loads the config.
     """
+    if path is None or not path.is_file():  # a pipe (<(...), /dev/stdin) is read once, by the command
+        return "classifier"
     try:
-        cfg = None if path is None else json.loads(path.read_text())
+        cfg = json.loads(path.read_text())
     except (OSError, ValueError):
         return "classifier"
     members = sorted(cfg) if isinstance(cfg, dict) else None
-    return next((task for task, names in _TASK_MEMBERS.items() if names == members), "classifier")
+    return next((task for task, names in TASK_MEMBERS.items() if names == members), "classifier")
 
 
 _DTYPES = ("fp32", "bf16", "fp16")
 _DTYPE_NAMES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+"""``--dtype``: torch's names, which stand for the short ones."""
+_MAX_THREADS = 1024
 
 
-def _dtype(text: str) -> str:
-    """``--dtype``: torch's names (``float16``, ``bfloat16``, ``float32``) stand for the short ones."""
-    return _DTYPE_NAMES.get(text, text)
+def _threads(text: str) -> int:
+    value = _positive_int(text)
+    if value > _MAX_THREADS:
+        raise argparse.ArgumentTypeError(f"expected a thread count from 1 to {_MAX_THREADS}, got {text!r}")
+    return value
 
 
 def _positive_int(text: str) -> int:
@@ -77,6 +83,8 @@ class _Parser(argparse.ArgumentParser):
         parsed, extra = super().parse_known_args(args, namespace)
         if getattr(parsed, "task", "") is None:
             parsed.task = task_of_config(parsed.config)
+        if getattr(parsed, "dtype", None) in _DTYPE_NAMES:
+            parsed.dtype = _DTYPE_NAMES[parsed.dtype]
         return parsed, extra
 
 
@@ -109,9 +117,10 @@ def _task_options(train: argparse.ArgumentParser) -> None:
     task.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     task.add_argument(
         "--threads",
-        type=_positive_int,
-        help="torch's CPU threads in each process (default: 1 on CPU, where the built-in tasks are too small to "
-        "gain from more and a busy machine makes more many times slower; torch's own on GPUs)",
+        type=_threads,
+        help="torch's CPU threads in each process (default: OMP_NUM_THREADS where it is set, else 1 on CPU, where "
+        "the built-in tasks are too small to gain from more and a busy machine makes more many times slower; "
+        "torch's own on GPUs)",
     )
 
 
@@ -141,8 +150,7 @@ def _wrapper_options(train: argparse.ArgumentParser) -> None:
     )
     wrapper.add_argument(
         "--dtype",
-        type=_dtype,
-        choices=_DTYPES,
+        choices=(*_DTYPES, *_DTYPE_NAMES),
         help="fp32, or bf16/fp16 mixed precision; float32, bfloat16, float16 name the same (default: fp32)",
     )
     wrapper.add_argument("--accumulate", type=_positive_int, help="micro-batches per update (default: 1)")
@@ -201,6 +209,14 @@ def _output_options(train: argparse.ArgumentParser) -> None:
     output.add_argument("--checkpoint-dir", type=Path, help="checkpoint directory (default: LOG_DIR/checkpoints)")
     output.add_argument("--checkpoint-every", type=_positive_int, help="save every N iterations (default: each epoch)")
     output.add_argument(
+        "--log-every",
+        type=_positive_int,
+        default=10,
+        metavar="N",
+        help="log the loss every N iterations, and lr, momentum (beta1 for Adam-like optimizers) and update "
+        "counts every N updates of each member, to TensorBoard; the starting and the last values too (default: 10)",
+    )
+    output.add_argument(
         "--resume", action="store_true", help="continue from the newest checkpoint (default: a new run)"
     )
     output.add_argument("--no-progress", action="store_true", help="hide the progress bar (default: shown on rank 0)")
@@ -218,4 +234,4 @@ def _output_options(train: argparse.ArgumentParser) -> None:
     )
 
 
-__all__ = ["TASKS", "build_parser", "task_of_config"]
+__all__ = ["TASKS", "TASK_MEMBERS", "build_parser", "task_of_config"]

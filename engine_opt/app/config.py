@@ -18,6 +18,7 @@ from typing import Any
 
 from torch import nn
 
+from .arguments import TASK_MEMBERS
 from .tasks import Task
 
 WRAPPER_FLAGS = ("wrapper", "dtype", "accumulate", "clip_norm", "optimizer", "lr", "sam")
@@ -34,7 +35,14 @@ def wrapper_config(args: argparse.Namespace, task: Task) -> dict[str, Any]:
         given = [f"--{flag.replace('_', '-')}" for flag in WRAPPER_FLAGS if getattr(args, flag) is not None]
         if given:
             raise UsageError(f"--config holds the whole wrapper config; drop {', '.join(given)} or edit the file")
-        return _load_config(args.config)
+        cfg = _load_config(args.config)
+        for other, names in TASK_MEMBERS.items():
+            if other != args.task and sorted(cfg) == names and args.task not in TASK_MEMBERS:
+                raise UsageError(
+                    f"--config {args.config} holds the {other} task's members {names}, and --task is {args.task}: "
+                    f"pass --task {other}, or leave --task out"
+                )
+        return cfg
     if args.optimizer == "SparseAdam":
         raise UsageError("--optimizer SparseAdam needs sparse gradients; the built-in tasks' gradients are dense")
     if args.wrapper == "OptimWrapper" and args.dtype in ("bf16", "fp16"):
@@ -51,6 +59,8 @@ def _load_config(path: Path) -> dict[str, Any]:
         cfg = json.loads(path.read_text())
     except OSError as error:
         raise UsageError(f"--config: cannot read {path}: {error.strerror}") from None
+    except UnicodeDecodeError as error:
+        raise UsageError(f"--config: {path} is not UTF-8 text: {error.reason} at byte {error.start}") from None
     except json.JSONDecodeError as error:
         raise UsageError(f"--config: {path} is not valid JSON: {error}") from None
     if not isinstance(cfg, dict):

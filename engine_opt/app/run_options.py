@@ -20,10 +20,12 @@ Example:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 from ..optim import checks
+from .arguments import TASK_MEMBERS
 
 _OPTIONS = {"task": "--task", "batch_size": "--batch-size", "seed": "--seed"}
 # the wrapper config's entries the options write (app/config.py), by the option that sets them
@@ -41,8 +43,16 @@ _CONFIG_FLAGS = {
 }
 
 
-def config_differences(here: Any, saved: Any, path: str = "") -> list[str]:
-    """One line per entry in which the wrapper configs differ, named by its option where one sets it.
+def config_differences(
+    here: Any, saved: Any, path: str = "", *, members: Sequence[str] = (), source: str | None = None
+) -> list[str]:
+    """One line per entry in which the wrapper configs differ, named by the option that sets it, if any.
+
+    Args:
+        here, saved: This run's wrapper config and the checkpoint's.
+        path: Where in the configs they are (dotted keys).
+        members: The task's wrapper members (``gen``, ``disc``), whose entries the options set alike.
+        source: The ``--config`` file the config came from: then no option set it, and the file is named.
 
     Example:
         >>> config_differences({"dtype": "fp16", "optimizer": {"lr": 0.1}}, {"dtype": "bf16", "optimizer": {"lr": 0.1}})
@@ -51,14 +61,23 @@ def config_differences(here: Any, saved: Any, path: str = "") -> list[str]:
     if isinstance(here, dict) and isinstance(saved, dict) and set(here) & set(saved):  # else: one line, all of it
         lines = []
         for key in [*here, *(key for key in saved if key not in here)]:
-            lines += config_differences(here.get(key), saved.get(key), f"{path}.{key}" if path else str(key))
+            inner = f"{path}.{key}" if path else str(key)
+            lines += config_differences(here.get(key), saved.get(key), inner, members=members, source=source)
         return lines
     if here == saved:
         return []
-    where = f"the wrapper config's {path!r}" if path else "the wrapper config"
-    flag = _CONFIG_FLAGS.get(path) or _CONFIG_FLAGS.get(path.partition(".")[2])  # a GAN member's: 'gen.dtype'
-    name = where if flag is None else f"{flag} ({where})"
-    return [f"{name}: {here!r} here, {saved!r} in the checkpoint"]
+    if source is not None:
+        name = f"--config {source}'s {path!r}" if path else f"--config {source}"
+    else:
+        head, _, rest = path.partition(".")
+        flag = _CONFIG_FLAGS.get(rest if head in members else path)
+        where = f"the wrapper config's {path!r}" if path else "the wrapper config"
+        name = where if flag is None else f"{flag} ({where})"
+    return [f"{name}: {_shown(here)} here, {_shown(saved)} in the checkpoint"]
+
+
+def _shown(value: Any) -> str:
+    return "not set" if value is None else repr(value)
 
 
 @dataclass
@@ -75,10 +94,14 @@ class RunOptions:
     num_items: str = "off"
     spike_guard: str = "off"
     data_order: str = "sampler"  # a DistributedSampler's, in one process too (before: one process's generator)
+    config: str | None = None
+    """The ``--config`` file the wrapper config came from (not saved: the config itself is)."""
 
     def state_dict(self) -> dict[str, Any]:
         """The options, as plain values (they load with ``weights_only=True``)."""
-        return asdict(self)
+        state = asdict(self)
+        del state["config"]
+        return state
 
     def check_state_dict(self, state_dict: Any) -> None:
         """Raise a ``ValueError`` listing every option in which this run differs from the checkpoint's."""
@@ -89,7 +112,8 @@ class RunOptions:
             for name, flag in _OPTIONS.items()
             if saved.get(name) != getattr(self, name)
         ]
-        differences += config_differences(self.wrapper, saved.get("wrapper"))
+        members = TASK_MEMBERS.get(self.task, ())
+        differences += config_differences(self.wrapper, saved.get("wrapper"), members=members, source=self.config)
         if saved.get("schedule") != self.schedule:
             differences.append(f"--schedule {self.schedule}, the checkpoint's {saved.get('schedule')}")
         elif self.schedule == "cosine" and saved.get("epochs") != self.epochs:

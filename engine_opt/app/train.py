@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import random
 import sys
 import time
@@ -191,7 +192,7 @@ def execute(run: Run, args: argparse.Namespace, resumed: Path | None, stop: Stop
 def build(args: argparse.Namespace) -> Run:
     """The task, its wrapper(s) from the options, the trainer and its schedules; nothing attached yet."""
     device = _device(args)
-    if args.threads is not None or device.type == "cpu":
+    if args.threads is not None or (device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ):
         torch.set_num_threads(args.threads or 1)
     log_dir, checkpoint_dir = run_paths(args)
     check_batch_size(args.batch_size, world_size())
@@ -215,6 +216,7 @@ def build(args: argparse.Namespace) -> Run:
         args.epochs,
         args.num_items,
         args.spike_guard,
+        config=None if args.config is None else str(args.config),
     )
     run = Run(task, optim_wrapper, trainer, data, schedulers, options, log_dir, checkpoint_dir)
     if args.spike_guard != "off":  # a rollback restores the model and the schedules; the wrappers it restores itself
@@ -279,13 +281,17 @@ def attach_handlers(run: Run, args: argparse.Namespace) -> tuple[LossTracker, Ch
         return tracker, checkpoint, None
     # A resumed run drops what the interrupted one logged after its checkpoint, so each curve is drawn once.
     tb_logger = TensorboardLogger(log_dir=str(run.log_dir), purge_step=trainer.state.iteration + 1)
-    each_10th = OptimEvents.OPTIM_STEP_COMPLETED(event_filter=member_filter(every=10))  # of each member's updates
-    tb_logger.attach(trainer, OptimParamsHandler(run.optim_wrapper), each_10th)
+    every = args.log_every
+    params = OptimParamsHandler(run.optim_wrapper)
+    # the values the run starts from (a warm-up's first lr), every N-th update of each member, and the last ones
+    tb_logger.attach(trainer, params, Events.STARTED | Events.COMPLETED)
+    tb_logger.attach(trainer, params, OptimEvents.OPTIM_STEP_COMPLETED(event_filter=member_filter(every=every)))
     if args.telemetry is not None:
         telemetry = UpdateTelemetryHandler(run.optim_wrapper, every=args.telemetry, model=run.task.model, depth=1)
         tb_logger.attach(trainer, telemetry, Events.ITERATION_COMPLETED)
     losses = OutputHandler(tag="train", output_transform=_as_losses, global_step_transform=_iteration)
-    tb_logger.attach(trainer, losses, Events.ITERATION_COMPLETED(every=10))
+    last_off_cadence = Events.COMPLETED(event_filter=lambda engine, _: engine.state.iteration % every != 0)
+    tb_logger.attach(trainer, losses, Events.ITERATION_COMPLETED(every=every) | last_off_cadence)
     if not args.no_progress:
         attach_progress_bar(trainer, run.optim_wrapper, every=5, show_lr=args.schedule != "constant", persist=True)
     return tracker, checkpoint, tb_logger

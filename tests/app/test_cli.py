@@ -390,7 +390,7 @@ def test_help_shows_every_default(capsys):
         main(["train", "--help"])
     text = capsys.readouterr().out.split("\noptions:", 1)[1]
     blocks = re.split(r"\n  (?=--)", text)[1:]  # one block per option: its name, its help
-    assert len(blocks) == 27  # with --sam and --threads
+    assert len(blocks) == 28  # with --sam, --threads and --log-every
     for block in blocks:
         assert "default" in block, f"the help of {block.split()[0]} does not say its default"
 
@@ -441,7 +441,7 @@ def test_a_run_killed_before_its_first_checkpoint_is_started_over_by_resume(tmp_
     assert "starting the run from the start" in captured.err and "trained classifier to epoch 1" in captured.out
     accumulator = EventAccumulator(str(tmp_path / "logs"))
     accumulator.Reload()
-    assert [event.step for event in accumulator.Scalars("train/loss")] == list(range(10, 65, 10))  # drawn once
+    assert [event.step for event in accumulator.Scalars("train/loss")] == [*range(10, 61, 10), 64]  # drawn once
 
 
 def test_a_damaged_newest_checkpoint_names_the_newest_that_reads_whole(tmp_path, capsys):
@@ -566,15 +566,28 @@ def test_every_curve_of_the_command_shares_the_iteration_axis(tmp_path, options)
     rates = [tag for tag in steps if "lr/" in tag]
     assert losses and rates
     for tag in losses:
-        assert steps[tag] == list(range(10, 121, 10)), tag  # 128 iterations
+        assert steps[tag] == [*range(10, 121, 10), 128], tag  # 128 iterations: every 10th, and the last
     for tag in rates:
-        assert min(steps[tag]) >= 1 and max(steps[tag]) <= 128, (tag, steps[tag])
-        assert max(steps[tag]) >= 100, (tag, steps[tag])  # spans the run, on the same axis
+        assert min(steps[tag]) == 0 and max(steps[tag]) == 128, (tag, steps[tag])  # the start, the end
+        assert len(steps[tag]) >= 5, (tag, steps[tag])  # and the cadence between, on the same axis
     counts = [tag for tag in steps if tag.endswith("updates_applied")]
     assert len(counts) == (2 if "gan" in options else 1), counts
-    for tag in counts:  # every member logged at each 10th update of its own
+    for tag in counts:  # every member logged at the start, at each 10th update of its own, and at the end
         values = [event.value for event in accumulator.Scalars(tag)]
-        assert values == list(range(10, 10 * len(values) + 1, 10)) and len(values) >= 3, (tag, values)
+        assert values[0] == 0 and values[1:-1] == list(range(10, 10 * (len(values) - 2) + 1, 10)), (tag, values)
+        assert len(values) >= 5 and values[-1] >= values[-2], (tag, values)
+
+
+def test_the_logs_start_at_the_first_lr_and_end_at_the_last_on_the_chosen_cadence(tmp_path):
+    from scalars import read_scalars
+
+    assert run(tmp_path, "--epochs", "1", "--schedule", "cosine", "--log-every", "25") == 0
+    scalars = read_scalars(tmp_path / "logs")
+    lr = scalars["lr/group_0"]
+    assert [step for step, _ in lr] == [0, 25, 50, 64]
+    assert lr[0][1] == pytest.approx(1e-3) and lr[-1][1] == pytest.approx(0.0, abs=1e-9)  # cosine: from lr to 0
+    assert [step for step, _ in scalars["train/loss"]] == [25, 50, 64]
+    assert [value for _, value in scalars["updates_applied"]] == [0, 25, 50, 64]
 
 
 def test_verbose_shows_ignites_info_messages_and_puts_logging_back(tmp_path, capfd):
@@ -604,6 +617,14 @@ def test_a_batch_the_spawned_processes_do_not_divide_is_refused_before_they_star
         in capsys.readouterr().err
     )
     assert not (tmp_path / "logs").exists()
+
+
+def test_a_config_read_from_a_pipe_is_read_once(tmp_path):
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    config = (ROOT / "examples" / "configs" / "classifier_sam.json").read_text()
+    argv = [sys.executable, "-m", "engine_opt", "train", "--no-progress", "--epochs", "1", "--config", "/dev/stdin"]
+    result = subprocess.run(argv, input=config, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    assert result.returncode == 0 and "trained classifier to epoch 1" in result.stdout, result.stderr[-2000:]
 
 
 def test_a_config_of_the_gans_members_selects_the_gan_task(tmp_path, capsys):

@@ -67,3 +67,31 @@ def test_muon_takes_the_hidden_layers_and_never_the_last_one_however_deep():
     muon = build_optim_wrapper(model, cfg).optimizer["muon"]
     taken = [param for group in muon.param_groups for param in group["params"]]
     assert taken == [model[0].weight, model[2][0].weight]  # '0.weight' also names '2.0.weight': the last, left out
+
+
+def test_a_config_that_is_not_utf8_or_holds_another_tasks_members_is_refused_in_a_line(tmp_path):
+    binary = tmp_path / "binary.json"
+    binary.write_bytes(b"\xff\xfe{")
+    args = build_parser().parse_args(["train", "--config", str(binary)])
+    with pytest.raises(UsageError, match=r"is not UTF-8 text: invalid start byte at byte 0"):
+        wrapper_config(args, make_task("classifier", seed=0, batch_size=64))
+    gan = tmp_path / "gan.json"
+    gan.write_text(json.dumps({"gen": {"optimizer": {"type": "SGD"}}, "disc": {"optimizer": {"type": "SGD"}}}))
+    assert build_parser().parse_args(["train", "--config", str(gan)]).task == "gan"
+    args = build_parser().parse_args(["train", "--config", str(gan), "--task", "classifier"])
+    with pytest.raises(UsageError, match=r"holds the gan task's members \['disc', 'gen'\], and --task is classifier"):
+        wrapper_config(args, make_task("classifier", seed=0, batch_size=64))
+
+
+def test_dtype_and_threads_refusals_name_what_is_accepted(capsys):
+    for options, message in [
+        (
+            ["--dtype", "float64"],
+            "invalid choice: 'float64' (choose from 'fp32', 'bf16', 'fp16', 'float32', 'bfloat16', 'float16')",
+        ),
+        (["--threads", "3000000000"], "expected a thread count from 1 to 1024, got '3000000000'"),
+    ]:
+        with pytest.raises(SystemExit):
+            build_parser().parse_args(["train", *options])
+        assert message in capsys.readouterr().err
+    assert build_parser().parse_args(["train", "--dtype", "bfloat16"]).dtype == "bf16"

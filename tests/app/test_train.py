@@ -54,12 +54,16 @@ def test_the_summary_states_what_happened():
 
 
 @pytest.mark.slow  # trains a run of one epoch
-def test_threads_are_one_on_cpu_unless_given_and_the_callers_come_back_after_the_run(tmp_path):
+def test_threads_are_one_on_cpu_unless_given_and_the_callers_come_back_after_the_run(tmp_path, monkeypatch):
     import torch
 
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(2)
+        monkeypatch.setenv("OMP_NUM_THREADS", "2")  # the user's setting stands
+        build(options(tmp_path / "environment"))
+        assert torch.get_num_threads() == 2
+        monkeypatch.delenv("OMP_NUM_THREADS")
         build(options(tmp_path / "default"))
         assert torch.get_num_threads() == 1
         build(options(tmp_path / "given", "--threads", "3"))
@@ -76,11 +80,8 @@ def test_threads_are_one_on_cpu_unless_given_and_the_callers_come_back_after_the
             seen.append(torch.get_num_threads())
             return built
 
-        app_train.build = spying_build
-        try:
-            train(run)
-        finally:
-            app_train.build = real_build
+        monkeypatch.setattr(app_train, "build", spying_build)
+        train(run)
         assert seen == [1] and torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
