@@ -269,8 +269,9 @@ def attach_handlers(run: Run, args: argparse.Namespace) -> tuple[LossTracker, Ch
     trainer = run.trainer
     for scheduler in run.schedulers:
         SchedulerHandler(scheduler).attach(trainer)
-    if args.nonfinite != "off":
-        NonFiniteGuard(args.nonfinite).attach(trainer)
+    nonfinite = None if args.nonfinite == "off" else NonFiniteGuard(args.nonfinite)
+    if nonfinite is not None:
+        nonfinite.attach(trainer)
     if run.spike_guard is not None:
         run.spike_guard.attach(trainer)
     tracker = LossTracker(run.task.loss_names)
@@ -282,7 +283,7 @@ def attach_handlers(run: Run, args: argparse.Namespace) -> tuple[LossTracker, Ch
     # A resumed run drops what the interrupted one logged after its checkpoint, so each curve is drawn once.
     tb_logger = TensorboardLogger(log_dir=str(run.log_dir), purge_step=trainer.state.iteration + 1)
     every = args.log_every
-    params = OptimParamsHandler(run.optim_wrapper)
+    params = OptimParamsHandler(run.optim_wrapper, tag="optim")
     # the values the run starts from (a warm-up's first lr), every N-th update of each member, and the last ones
     tb_logger.attach(trainer, params, Events.STARTED | Events.COMPLETED)
     tb_logger.attach(trainer, params, OptimEvents.OPTIM_STEP_COMPLETED(event_filter=member_filter(every=every)))
@@ -292,9 +293,52 @@ def attach_handlers(run: Run, args: argparse.Namespace) -> tuple[LossTracker, Ch
     losses = OutputHandler(tag="train", output_transform=_as_losses, global_step_transform=_iteration)
     last_off_cadence = Events.COMPLETED(event_filter=lambda engine, _: engine.state.iteration % every != 0)
     tb_logger.attach(trainer, losses, Events.ITERATION_COMPLETED(every=every) | last_off_cadence)
+    progress = RunScalars(tb_logger, args.batch_size, nonfinite, run.spike_guard)
+    trainer.add_event_handler(Events.STARTED, progress.start)
+    trainer.add_event_handler(Events.ITERATION_COMPLETED(every=every) | last_off_cadence, progress)
     if not args.no_progress:
         attach_progress_bar(trainer, run.optim_wrapper, every=5, show_lr=args.schedule != "constant", persist=True)
     return tracker, checkpoint, tb_logger
+
+
+class RunScalars:
+    """The run's own curves, at the losses' cadence: ``run/epoch``, ``run/iterations_per_second``,
+    ``run/samples_per_second`` (of the global batch) and the guards' counts, ``guard/nonfinite_skipped`` and
+    ``guard/spikes`` (per member: ``guard/spikes/gen``). Reading the spike guard's counts waits for the device."""
+
+    def __init__(
+        self,
+        tb_logger: TensorboardLogger,
+        batch_size: int,
+        nonfinite: NonFiniteGuard | None,
+        spike_guard: SpikeGuard | None,
+    ) -> None:
+        self.tb_logger, self.batch_size = tb_logger, batch_size
+        self.nonfinite, self.spike_guard = nonfinite, spike_guard
+        self.since: tuple[float, int] = (time.perf_counter(), 0)
+
+    def start(self, engine: Engine) -> None:
+        self.since = (time.perf_counter(), engine.state.iteration)
+
+    def __call__(self, engine: Engine) -> None:
+        iteration, now = engine.state.iteration, time.perf_counter()
+        seconds, done = now - self.since[0], iteration - self.since[1]
+        self.since = (now, iteration)
+        scalars: dict[str, float] = {"run/epoch": engine.state.epoch}
+        if seconds > 0 and done > 0:
+            scalars["run/iterations_per_second"] = done / seconds
+            scalars["run/samples_per_second"] = done * self.batch_size / seconds
+        if self.nonfinite is not None:
+            scalars.update(_per_member("guard/nonfinite_skipped", self.nonfinite.skipped))
+        if self.spike_guard is not None:
+            scalars.update(_per_member("guard/spikes", self.spike_guard.spikes()))
+        for tag, value in scalars.items():
+            self.tb_logger.writer.add_scalar(tag, value, iteration)
+
+
+def _per_member(tag: str, counts: dict[str | None, int]) -> dict[str, float]:
+    """``{tag: n}`` for one wrapper (``None``), ``{tag/member: n}`` for each member of a dict; 0 before any."""
+    return {tag if name is None else f"{tag}/{name}": count for name, count in counts.items()} or {tag: 0}
 
 
 class LossTracker:

@@ -581,13 +581,28 @@ def test_every_curve_of_the_command_shares_the_iteration_axis(tmp_path, options)
 def test_the_logs_start_at_the_first_lr_and_end_at_the_last_on_the_chosen_cadence(tmp_path):
     from scalars import read_scalars
 
-    assert run(tmp_path, "--epochs", "1", "--schedule", "cosine", "--log-every", "25") == 0
+    assert run(tmp_path, "--epochs", "1", "--schedule", "cosine", "--log-every", "25", "--nonfinite", "skip") == 0
     scalars = read_scalars(tmp_path / "logs")
-    lr = scalars["lr/group_0"]
+    lr = scalars["optim/lr/group_0"]
     assert [step for step, _ in lr] == [0, 25, 50, 64]
     assert lr[0][1] == pytest.approx(1e-3) and lr[-1][1] == pytest.approx(0.0, abs=1e-9)  # cosine: from lr to 0
     assert [step for step, _ in scalars["train/loss"]] == [25, 50, 64]
-    assert [value for _, value in scalars["updates_applied"]] == [0, 25, 50, 64]
+    assert [value for _, value in scalars["optim/updates_applied"]] == [0, 25, 50, 64]
+    assert scalars["run/epoch"] == [(25, 1.0), (50, 1.0), (64, 1.0)]
+    assert scalars["guard/nonfinite_skipped"] == [(25, 0.0), (50, 0.0), (64, 0.0)]
+    speeds = [value for _, value in scalars["run/samples_per_second"]]
+    assert len(speeds) == 3 and all(value > 0 for value in speeds)
+    assert {tag.split("/")[0] for tag in scalars} == {"optim", "train", "run", "guard"}  # one prefix per kind
+
+
+def test_the_spike_guards_counts_are_logged_per_member(tmp_path):
+    from scalars import read_scalars
+
+    assert run(tmp_path, "--epochs", "1", "--task", "gan", "--spike-guard", "skip") == 0
+    scalars = read_scalars(tmp_path / "logs")
+    for member in ("gen", "disc"):
+        assert [step for step, _ in scalars[f"guard/spikes/{member}"]] == [*range(10, 61, 10), 64]
+        assert any(tag.startswith(f"optim/{member}.lr/") for tag in scalars)
 
 
 def test_verbose_shows_ignites_info_messages_and_puts_logging_back(tmp_path, capfd):
