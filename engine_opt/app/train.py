@@ -113,6 +113,9 @@ def train(args: argparse.Namespace, stop: StopRequest | None = None) -> Result:
 
 
 def _train(args: argparse.Namespace, stop: StopRequest | None) -> Result:
+    # here, not in build: train() gives the caller's count back, build() leaves nothing changed behind it
+    if args.threads is not None or (_device(args).type == "cpu" and "OMP_NUM_THREADS" not in os.environ):
+        torch.set_num_threads(args.threads or 1)
     run = build(args)
     if rank() == 0:
         _note_repeated_samples(run.task.data)
@@ -192,8 +195,6 @@ def execute(run: Run, args: argparse.Namespace, resumed: Path | None, stop: Stop
 def build(args: argparse.Namespace) -> Run:
     """The task, its wrapper(s) from the options, the trainer and its schedules; nothing attached yet."""
     device = _device(args)
-    if args.threads is not None or (device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ):
-        torch.set_num_threads(args.threads or 1)
     log_dir, checkpoint_dir = run_paths(args)
     check_batch_size(args.batch_size, world_size())
     task = make_task(args.task, args.seed, args.batch_size)  # the same data and weights on every rank

@@ -57,31 +57,24 @@ def test_the_summary_states_what_happened():
 def test_threads_are_one_on_cpu_unless_given_and_the_callers_come_back_after_the_run(tmp_path, monkeypatch):
     import torch
 
-    before = torch.get_num_threads()
+    from engine_opt.app import train as app_train
+
+    before, seen, real_build = torch.get_num_threads(), [], app_train.build
+
+    def spying_build(args):
+        seen.append(torch.get_num_threads())  # what the run trains with
+        return real_build(args)
+
+    monkeypatch.setattr(app_train, "build", spying_build)
     try:
         torch.set_num_threads(2)
         monkeypatch.setenv("OMP_NUM_THREADS", "2")  # the user's setting stands
-        build(options(tmp_path / "environment"))
-        assert torch.get_num_threads() == 2
+        train(options(tmp_path / "environment", "--epochs", "1"))
         monkeypatch.delenv("OMP_NUM_THREADS")
-        build(options(tmp_path / "default"))
-        assert torch.get_num_threads() == 1
-        build(options(tmp_path / "given", "--threads", "3"))
-        assert torch.get_num_threads() == 3
-        torch.set_num_threads(2)
-        seen = []
-        run = options(tmp_path / "run", "--epochs", "1", "--threads", "1")
-        from engine_opt.app import train as app_train
-
-        real_build = app_train.build
-
-        def spying_build(args):
-            built = real_build(args)
-            seen.append(torch.get_num_threads())
-            return built
-
-        monkeypatch.setattr(app_train, "build", spying_build)
-        train(run)
-        assert seen == [1] and torch.get_num_threads() == 2
+        train(options(tmp_path / "default", "--epochs", "1"))
+        train(options(tmp_path / "given", "--epochs", "1", "--threads", "3"))
+        assert seen == [2, 1, 3] and torch.get_num_threads() == 2  # given back after each
+        real_build(options(tmp_path / "built"))
+        assert torch.get_num_threads() == 2  # build alone changes nothing
     finally:
         torch.set_num_threads(before)
