@@ -186,7 +186,7 @@ def test_python_dash_m():
             ["--dtype", "float16"],  # torch's name for fp16
             [
                 "\n  --wrapper (the wrapper config's 'type'): 'AmpOptimWrapper' here, 'OptimWrapper' in the checkpoint",
-                "\n  --dtype (the wrapper config's 'dtype'): 'fp16' here, None in the checkpoint",
+                "\n  --dtype (the wrapper config's 'dtype'): 'fp16' here, not set in the checkpoint",
             ],
         ),
         (["--schedule", "cosine"], ["--schedule cosine, the checkpoint's constant"]),
@@ -520,7 +520,7 @@ def test_a_resumed_run_draws_each_curve_once(tmp_path):
     accumulator = EventAccumulator(str(tmp_path / "logs"))
     accumulator.Reload()
     steps = [event.step for event in accumulator.Scalars("train/loss")]
-    assert steps == list(range(10, 129, 10))  # 110 and 120 logged once, not twice
+    assert steps == [*range(10, 121, 10), 128]  # 110, 120 and the last, 128, logged once, not twice
 
 
 def test_a_batch_the_processes_do_not_divide_is_refused():

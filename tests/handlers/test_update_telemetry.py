@@ -319,7 +319,7 @@ def test_the_command_logs_the_telemetry_to_the_runs_tensorboard_directory(tmp_pa
     assert {"telemetry/layer_grad_norm/0", "telemetry/layer_update_ratio/3", "telemetry/grad_norm_total"} <= set(
         scalars
     )
-    assert "lr/group_0" in scalars  # OptimParamsHandler's, beside it
+    assert "optim/lr/group_0" in scalars  # OptimParamsHandler's, beside it
 
 
 def test_the_command_logs_no_telemetry_without_the_option_and_refuses_a_bad_every(tmp_path, capsys):
