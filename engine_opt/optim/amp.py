@@ -174,7 +174,7 @@ class AmpOptimWrapper(OptimWrapper):
         return loss if self.loss_scaler is None else self.loss_scaler.scale(loss)
 
     def unscale_grads(self) -> None:
-        if self.loss_scaler is not None and self.sam is not None and not self._stepping:
+        if self.loss_scaler is not None and self._sam is not None and not self._stepping:
             raise RuntimeError(
                 "unscale_grads() before a SAM update's step: the scaler unscales once per update, and the "
                 "gradients the update steps from are the second pass's; read them unscaled in a "
