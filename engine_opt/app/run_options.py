@@ -49,7 +49,8 @@ def config_differences(
     """One line per entry in which the wrapper configs differ, named by the option that sets it, if any.
 
     Args:
-        here, saved: This run's wrapper config and the checkpoint's.
+        here: This run's wrapper config (or an entry of it).
+        saved: The checkpoint's, likewise.
         path: Where in the configs they are (dotted keys).
         members: The task's wrapper members (``gen``, ``disc``), whose entries the options set alike.
         source: The ``--config`` file the config came from: then no option set it, and the file is named.

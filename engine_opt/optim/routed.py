@@ -19,8 +19,8 @@ Example:
     >>> muon = torch.optim.Muon([model[0].weight], lr=0.02)
     >>> adamw = torch.optim.AdamW([model[0].bias, *model[1].parameters()], lr=1e-3)
     >>> optimizer = RoutedOptimizer({"muon": muon, "adamw": adamw})
-    >>> [len(group["params"]) for group in optimizer.param_groups]
-    [1, 3]
+    >>> tuple(len(group["params"]) for group in optimizer.param_groups)
+    (1, 3)
     >>> model(torch.ones(2, 4)).sum().backward()
     >>> optimizer.step()
     >>> sorted(len(state) for state in optimizer.state.values())

@@ -16,8 +16,8 @@ Example:
     >>> model = torch.nn.ModuleDict(dict(body=torch.nn.Linear(2, 2), head=torch.nn.Linear(2, 1)))
     >>> routes = Routes.parse(model, {"muon": dict(ndim=2, exclude_names=["head"], optimizer=dict(type="Muon"))},
     ...                       dict(type="AdamW"))
-    >>> [(route.name, len(route.params)) for route in routes]
-    [('muon', 1), ('default', 3)]
+    >>> {route.name: len(route.params) for route in routes}
+    {'muon': 1, 'default': 3}
 """
 
 from __future__ import annotations
@@ -52,8 +52,8 @@ class RouteRule:
     Example:
         >>> rule = RouteRule.parse("routes['muon']", dict(ndim=2, module_types=["Linear"], exclude_names=["head"]))
         >>> model = torch.nn.ModuleDict(dict(body=torch.nn.Linear(2, 2), head=torch.nn.Linear(2, 1)))
-        >>> [name for name, module, param in owned_parameters(model) if rule.takes(name, module, param)]
-        ['body.weight']
+        >>> tuple(name for name, module, param in owned_parameters(model) if rule.takes(name, module, param))
+        ('body.weight',)
     """
 
     ndim: tuple[int, ...] | None = None
