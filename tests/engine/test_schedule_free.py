@@ -18,7 +18,7 @@ from engine_opt import OptimWrapper, OptimWrapperDict, create_trainer
 from engine_opt.checkpoint import attach_checkpoint, load_checkpoint
 from engine_opt.engine import ResumableLoader
 
-from oracle import assert_same_model, assert_same_tensors, loss_fn, make_batches, make_model
+from oracle import assert_same_model, assert_same_tensors, closure_loop, loss_fn, make_batches, make_model
 
 schedulefree = pytest.importorskip("schedulefree")
 
@@ -124,15 +124,7 @@ def test_a_closure_variant_steps_as_by_hand_through_the_trainer():
     batches = make_batches(6)
     expected = make_model()
     optimizer = schedulefree.SGDScheduleFreeClosure(expected.parameters(), lr=0.1)  # no modes: it keeps y itself
-    for x, y in batches:
-
-        def closure(x=x, y=y):
-            optimizer.zero_grad()
-            loss = loss_fn(expected(x), y)
-            loss.backward()
-            return loss
-
-        optimizer.step(closure)
+    closure_loop(expected, optimizer, batches)
     model = make_model()
     wrapper = OptimWrapper(schedulefree.SGDScheduleFreeClosure(model.parameters(), lr=0.1))
     create_trainer(model, wrapper, loss_fn).run(batches)

@@ -19,6 +19,7 @@ from oracle import (
     Plan,
     assert_same_model,
     assert_same_tensors,
+    closure_loop,
     loss_fn,
     make_batches,
     make_gan,
@@ -473,15 +474,7 @@ def test_lbfgs_trains_through_the_default_step_like_torchs_loop(line_search_fn):
 
     expected = make_model()
     optimizer = make_lbfgs(expected)
-    for x, y in batches:
-
-        def closure(x=x, y=y):
-            optimizer.zero_grad()
-            loss = loss_fn(expected(x), y)
-            loss.backward()
-            return loss
-
-        optimizer.step(closure)
+    closure_loop(expected, optimizer, batches)
     model = make_model()
     wrapper = OptimWrapper(make_lbfgs(model))
     updates = []

@@ -1,7 +1,8 @@
 """Optimizers that re-evaluate the model in their step (LBFGS), through the wrapper, against torch's own loop.
 
-The oracle is torch's documented LBFGS loop, written out here: a closure that zeroes the gradients, evaluates
-the model, runs backward and returns the loss, given to ``optimizer.step`` once per batch.
+The oracle is torch's documented LBFGS loop, written out in tests/support/oracle.py (``closure_loop``): a
+closure that zeroes the gradients, evaluates the model, runs backward and returns the loss, given to
+``optimizer.step`` once per batch.
 """
 
 from __future__ import annotations
@@ -13,29 +14,13 @@ import torch
 
 from engine_opt import AmpOptimWrapper, OptimWrapper
 
-from oracle import assert_same_model, assert_same_tensors, loss_fn, make_batches, make_model
+from oracle import assert_same_model, assert_same_tensors, closure_loop, loss_fn, make_batches, make_model
 
 SEARCHES = [None, "strong_wolfe"]
 
 
 def lbfgs(model, line_search_fn=None):
     return torch.optim.LBFGS(model.parameters(), lr=0.5, max_iter=4, history_size=3, line_search_fn=line_search_fn)
-
-
-def torch_loop(model, optimizer, batches, clip=None, autocast=None):
-    """torch's LBFGS loop; ``clip``: clip_grad_norm_'s max_norm applied in the closure after backward."""
-    for x, y in batches:
-
-        def closure(x=x, y=y):
-            optimizer.zero_grad()
-            with torch.autocast("cpu", dtype=autocast, enabled=autocast is not None):
-                loss = loss_fn(model(x), y)
-            loss.backward()
-            if clip is not None:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
-            return loss
-
-        optimizer.step(closure)
 
 
 def closure_for(wrapper, model, x, y):
@@ -70,7 +55,7 @@ def test_lbfgs_through_the_wrapper_is_torchs_loop_bitwise(line_search_fn, how):
     batches = make_batches(4)
     expected, model = make_model(), make_model()
     optimizer = lbfgs(expected, line_search_fn)
-    torch_loop(expected, optimizer, batches)
+    closure_loop(expected, optimizer, batches)
     wrapper = OptimWrapper(lbfgs(model, line_search_fn))
     wrapper_loop(wrapper, model, batches, how)
     assert_same_model(model, expected)
@@ -84,7 +69,7 @@ def test_the_first_evaluation_is_the_given_loss_so_the_model_runs_as_often_as_in
         model, seen = make_model(), []
         model.register_forward_hook(lambda *_, seen=seen: seen.append(None))
         if run == "torch":
-            torch_loop(model, lbfgs(model), batches)
+            closure_loop(model, lbfgs(model), batches)
         else:
             wrapper_loop(OptimWrapper(lbfgs(model)), model, batches)
         forwards.append(len(seen))
@@ -96,7 +81,7 @@ def test_each_evaluations_gradients_are_clipped_as_configured(line_search_fn):
     batches = make_batches(4)
     expected, model = make_model(), make_model()
     optimizer = lbfgs(expected, line_search_fn)
-    torch_loop(expected, optimizer, batches, clip=0.05)
+    closure_loop(expected, optimizer, batches, clip=0.05)
     wrapper = OptimWrapper(lbfgs(model, line_search_fn), clip_grad={"max_norm": 0.05})
     wrapper_loop(wrapper, model, batches)
     assert_same_model(model, expected)
@@ -107,7 +92,7 @@ def test_bfloat16_autocast_in_the_closure_is_torchs_loop_bitwise():
     batches = make_batches(3)
     expected, model = make_model(), make_model()
     optimizer = lbfgs(expected)
-    torch_loop(expected, optimizer, batches, autocast=torch.bfloat16)
+    closure_loop(expected, optimizer, batches, autocast=torch.bfloat16)
     wrapper = AmpOptimWrapper(optimizer=lbfgs(model), dtype="bfloat16")
     wrapper_loop(wrapper, model, batches)
     assert_same_model(model, expected)
@@ -134,7 +119,7 @@ def test_sgd_with_a_closure_steps_once_per_update_like_torch():
     batches = make_batches(3)
     expected, model = make_model(), make_model()
     optimizer = torch.optim.SGD(expected.parameters(), lr=0.1, momentum=0.9)
-    torch_loop(expected, optimizer, batches)
+    closure_loop(expected, optimizer, batches)
     wrapper = OptimWrapper(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9))
     assert not wrapper.needs_closure and OptimWrapper(lbfgs(make_model())).needs_closure
     wrapper_loop(wrapper, model, batches, how="step")

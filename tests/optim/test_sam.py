@@ -104,20 +104,25 @@ def test_every_way_of_giving_the_second_pass_gives_the_same_update(how, closure_
     assert_same_model(model, expected)
 
 
-def test_num_items_divides_the_second_pass_gradients_by_the_batchs_count():
-    batches = make_batches(3)
-    expected, model = make_model(), make_model()
-    optimizer = torch.optim.SGD(expected.parameters(), lr=0.1)
-    for x, y in batches:  # the loop with summed losses, the gradients it steps with divided by the count
-        item_loss_sum(expected(x), y).backward()
-        old = sam_perturb(list(expected.parameters()), RHO[False], adaptive=False)
+def sam_item_loop(model, batches):
+    """SAM with summed losses written out, the gradients it steps with divided by the batch's count."""
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    for x, y in batches:
+        item_loss_sum(model(x), y).backward()
+        old = sam_perturb(list(model.parameters()), RHO[False], adaptive=False)
         optimizer.zero_grad()
-        item_loss_sum(expected(x), y).backward()
+        item_loss_sum(model(x), y).backward()
         for param, weight in old.items():
             param.data = weight
             param.grad.div_(len(x))
         optimizer.step()
         optimizer.zero_grad()
+
+
+def test_num_items_divides_the_second_pass_gradients_by_the_batchs_count():
+    batches = make_batches(3)
+    expected, model = make_model(), make_model()
+    sam_item_loop(expected, batches)
     wrapper = OptimWrapper(torch.optim.SGD(model.parameters(), lr=0.1), sam={"rho": RHO[False]})
     for x, y in batches:
         wrapper.update_params(
@@ -297,15 +302,11 @@ def test_float16_gradients_unscaled_before_the_step_are_refused():
 
 def test_num_items_through_the_trainer_divides_by_the_batchs_count():
     batches = make_batches(3)
-    by_hand, model = make_model(), make_model()
-    wrapper = OptimWrapper(torch.optim.SGD(by_hand.parameters(), lr=0.1), sam={"rho": RHO[False]})
-    for x, y in batches:
-        wrapper.update_params(
-            item_loss_sum(by_hand(x), y), num_items=len(x), closure=lambda x=x, y=y: item_loss_sum(by_hand(x), y)
-        )
+    expected, model = make_model(), make_model()
+    sam_item_loop(expected, batches)
     trained = OptimWrapper(torch.optim.SGD(model.parameters(), lr=0.1), sam={"rho": RHO[False]})
     create_trainer(model, trained, item_loss_sum, num_items=lambda x, y: len(x)).run(batches)
-    assert_same_model(model, by_hand)
+    assert_same_model(model, expected)
 
 
 def test_sam_around_an_optimizer_that_takes_its_own_closure_is_refused():

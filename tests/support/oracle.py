@@ -247,3 +247,26 @@ def sam_loop(
         optimizer.step()
         optimizer.zero_grad()
     return norms
+
+
+def closure_loop(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    batches: list[Batch],
+    clip: float | None = None,
+    autocast: torch.dtype | None = None,
+) -> None:
+    """torch's documented closure loop (LBFGS): ``optimizer.step(closure)`` once per batch, the closure zeroing the
+    gradients, evaluating, running backward (then ``clip_grad_norm_`` to ``clip``) and returning the loss."""
+    for x, y in batches:
+
+        def closure(x: torch.Tensor = x, y: torch.Tensor = y) -> torch.Tensor:
+            optimizer.zero_grad()
+            with torch.autocast("cpu", dtype=autocast or torch.bfloat16, enabled=autocast is not None):
+                loss = loss_fn(model(x), y)
+            loss.backward()
+            if clip is not None:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+            return loss
+
+        optimizer.step(closure)
