@@ -12,7 +12,7 @@ Five layers, each importing only those below (``docs/architecture.md``):
 command). The wrappers import no training framework: ``create_trainer``,
 ``OptimEvents`` and ``member_filter`` load Ignite when first used.
 
-Example:
+Examples:
     >>> import torch
     >>> from torch import nn
     >>> import engine_opt

@@ -7,7 +7,7 @@ path as a module of one function: their module ``__getattr__`` calls
 ``find_moved``, which warns (``DeprecationWarning``, at the line that asked
 for the name) and returns the name from its home.
 
-Example:
+Examples:
     >>> import warnings
     >>> with warnings.catch_warnings(record=True) as caught:
     ...     warnings.simplefilter("always")

@@ -31,7 +31,7 @@ class GradientTraffic:
         calls: Gradient reductions so far (DDP buckets, FSDP2 reduce-scatters, HSDP all-reduces).
         bytes: Bytes of gradients sent into those reductions.
 
-    Example:
+    Examples:
         >>> traffic = GradientTraffic(torch.nn.Linear(2, 2))   # not distributed: nothing to count
         >>> traffic.calls, traffic.bytes
         (0, 0)

@@ -4,7 +4,7 @@
 command loads torch (seconds): ``engine_opt.app.start`` parses with this
 parser first.
 
-Example:
+Examples:
     >>> args = build_parser().parse_args(["train", "--dtype", "bfloat16", "--config", "no-such.json"])
     >>> args.dtype, args.task
     ('bf16', 'classifier')

@@ -1,6 +1,6 @@
 """The ``build_optim_wrapper`` config that ``engine-opt train``'s options describe.
 
-Example:
+Examples:
     >>> import argparse
     >>> from engine_opt.app.tasks import make_task
     >>> args = argparse.Namespace(config=None, wrapper=None, dtype="bf16", accumulate=4, clip_norm=None,

@@ -15,7 +15,7 @@ stopped together on a signal end normally and leave its exit status (130,
 143) to the launcher: none ends first and has the others terminated before
 rank 0 has reported.
 
-Example:
+Examples:
     >>> import multiprocessing
     >>> link = RankLink.create()
     >>> previous = signal.signal(signal.SIGINT, _StopRequests(link, ranks=[]))
@@ -106,7 +106,7 @@ def rendezvous_port() -> int:
     Ignite's default is one fixed port, so two runs started at once on one
     machine collided on it (the second failed with ``EADDRINUSE``).
 
-    Example:
+    Examples:
         >>> 0 < rendezvous_port() < 65536
         True
     """

@@ -6,7 +6,7 @@ a run writes neither into an earlier run's checkpoints nor its curves; a
 damaged checkpoint is answered with the newest that reads whole; an error of
 TensorBoard's writer names the log directory.
 
-Example:
+Examples:
     >>> import tempfile
     >>> from pathlib import Path
     >>> with tempfile.TemporaryDirectory() as directory:

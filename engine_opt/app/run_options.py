@@ -7,7 +7,7 @@ under the cosine schedule, whose length was fixed when it began. Another
 process count is no difference: ``--batch-size`` is the global batch, and
 the data's order does not depend on the count (``processes`` records it).
 
-Example:
+Examples:
     >>> saved = RunOptions(task="classifier", batch_size=64, seed=0, processes=1, wrapper={"type": "OptimWrapper"},
     ...                    schedule="cosine", epochs=5)
     >>> RunOptions(**{**saved.state_dict(), "batch_size": 32, "epochs": 8}).check_state_dict(saved.state_dict())
@@ -55,7 +55,7 @@ def config_differences(
         members: The task's wrapper members (``gen``, ``disc``), whose entries the options set alike.
         source: The ``--config`` file the config came from: then no option set it, and the file is named.
 
-    Example:
+    Examples:
         >>> config_differences({"dtype": "fp16", "optimizer": {"lr": 0.1}}, {"dtype": "bf16", "optimizer": {"lr": 0.1}})
         ["--dtype (the wrapper config's 'dtype'): 'fp16' here, 'bf16' in the checkpoint"]
     """

@@ -15,7 +15,7 @@ that stalls) raises ``StopNow`` there: the command stops at once, with the
 checkpoints saved before; once the iteration has ended, the final save is
 let finish. (The launcher of several ranks escalates on its own.)
 
-Example:
+Examples:
     >>> import signal
     >>> from ignite.engine import Engine
     >>> engine = Engine(lambda engine, batch: signal.raise_signal(signal.SIGINT) if batch == 2 else None)

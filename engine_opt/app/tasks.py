@@ -9,7 +9,7 @@ In a distributed run (``ignite.distributed``) every rank builds the same data
 and weights; ``data`` then gives each rank its shard of every global batch
 (``auto_dataloader``: a ``DistributedSampler`` seeded with the task's seed).
 
-Example:
+Examples:
     >>> task = make_task("classifier", seed=0, batch_size=64)
     >>> len(task.data), sorted(task.default_cfg["optimizer"].items())
     (64, [('lr', 0.001), ('type', 'AdamW')])

@@ -1,6 +1,6 @@
 """``engine-opt train``, step by step: build the run, resume it, attach its handlers, run it, report.
 
-Example:
+Examples:
     >>> import tempfile
     >>> from engine_opt.app.cli import build_parser
     >>> with tempfile.TemporaryDirectory() as directory:

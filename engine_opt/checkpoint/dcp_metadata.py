@@ -10,7 +10,7 @@ file outside the checkpoint's directory (``../``, an absolute path) is
 refused too. ``SafeReader`` is DCP's own ``FileSystemReader`` with that one
 read replaced, for checks and loads alike.
 
-Example:
+Examples:
     >>> import io, pickle
     >>> planted = io.BytesIO(pickle.dumps(print))  # a payload would call something less harmless
     >>> try:

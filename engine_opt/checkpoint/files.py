@@ -40,7 +40,7 @@ def write_checkpoint(checkpoint: Any, path: str | Path) -> None:
     file and raises an ``OSError`` naming ``path``; files already there are
     untouched. Any other failure removes the partial file too.
 
-    Example:
+    Examples:
         >>> import tempfile
         >>> with tempfile.TemporaryDirectory() as directory:
         ...     write_checkpoint({"step": torch.tensor(3)}, f"{directory}/checkpoint_3.pt")
@@ -107,7 +107,7 @@ def check_entry(obj: Any, saved: Any) -> None:
     the checked ones (``load_objects``), so that its failure changes nothing
     else.
 
-    Example:
+    Examples:
         >>> check_entry(torch.nn.Linear(2, 1), {"weight": torch.ones(1, 2)})
         Traceback (most recent call last):
         ...

@@ -7,7 +7,7 @@ written every rank's files: in the background for an asynchronous save);
 ``verify`` reads every file again and refuses the checkpoint, naming the
 file, when one differs, is missing, or is a link.
 
-Example:
+Examples:
     >>> import tempfile
     >>> with tempfile.TemporaryDirectory() as directory:
     ...     _ = (Path(directory) / "__0_0.distcp").write_bytes(b"shard")

@@ -1,6 +1,6 @@
 """The newest checkpoint of a directory, file or sharded, and resuming from it.
 
-Example:
+Examples:
     >>> import tempfile, torch
     >>> model = torch.nn.Linear(1, 1)
     >>> with tempfile.TemporaryDirectory() as directory:

@@ -17,7 +17,7 @@
   complete; ``prepare()`` removes those a killed save left, and ``rotate``
   renames a sharded checkpoint so before it deletes its files.
 
-Example:
+Examples:
     >>> import tempfile, torch
     >>> with tempfile.TemporaryDirectory() as path:
     ...     directory = RunDirectory(path)
@@ -131,7 +131,7 @@ class RunDirectory:
     def impostors(self) -> list[str]:
         """The entries named like the run's checkpoints that are none, each said with what it is instead.
 
-        Example:
+        Examples:
             >>> import tempfile
             >>> with tempfile.TemporaryDirectory() as path:
             ...     os.makedirs(f"{path}/checkpoint_3.pt")

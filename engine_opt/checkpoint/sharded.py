@@ -172,7 +172,7 @@ def attach_sharded_checkpoint(
         ValueError: An optimizer's model is not in ``to_save``, or an
             optimizer is a ``ZeroRedundancyOptimizer``.
 
-    Example:
+    Examples:
         >>> import tempfile, torch
         >>> from engine_opt import OptimWrapper, create_trainer
         >>> model = torch.nn.Linear(2, 1)

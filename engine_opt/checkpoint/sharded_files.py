@@ -12,7 +12,7 @@ writes it to ``objects.pt`` there, readable with ``weights_only=True``.
 ``save_sharded`` writes a directory; ``load_sharded_checkpoint`` loads one
 into the objects of ``to_load``, all of them or none.
 
-Example:
+Examples:
     >>> import tempfile
     >>> model = torch.nn.Linear(2, 1)
     >>> wrapper = OptimWrapper(torch.optim.AdamW(model.parameters()))

@@ -5,7 +5,7 @@ wrapper's step hook of the same name (``StepEvent``), so they fire whoever
 calls ``update_params`` (the default process function, a custom
 ``train_step``, an MMEngine model's ``train_step``).
 
-Example:
+Examples:
     >>> from ignite.engine import Engine
     >>> engine = Engine(lambda engine, batch: None)
     >>> engine.register_events(*OptimEvents, event_to_attr=EVENT_TO_ATTR)
@@ -66,7 +66,7 @@ class OptimEvents(EventEnum):
     def of(cls, event: StepEvent) -> OptimEvents:
         """The Ignite event fired for the wrapper's step event ``event``.
 
-        Example:
+        Examples:
             >>> OptimEvents.of(StepEvent.BEFORE_OPTIM_STEP) is OptimEvents.BEFORE_OPTIM_STEP
             True
         """
@@ -104,7 +104,7 @@ def member_filter(name: str | None = None, every: int = 1) -> Callable[[Engine, 
             every member (the one of a single wrapper).
         every: Pass the member's events whose own count is a multiple of this.
 
-    Example:
+    Examples:
         >>> gen_events = OptimEvents.OPTIM_STEP_COMPLETED(event_filter=member_filter("gen"))
         >>> each_10th = OptimEvents.OPTIM_STEP_COMPLETED(event_filter=member_filter(every=10))
     """

@@ -16,7 +16,7 @@
 
 ``tests/engine/test_ignite_internals.py`` fails when Ignite changes either.
 
-Example:
+Examples:
     >>> from ignite.engine import Engine, Events
     >>> engine = Engine(lambda engine, batch: None)
     >>> seen = []

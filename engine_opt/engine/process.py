@@ -10,7 +10,7 @@ The supervised step is the tutorial's loop body::
                                                      # LBFGS, SAM: update_params(loss, closure=...), the same again
     return output_transform(x, y, y_pred, loss)      # default: loss.detach(), no host sync
 
-Example:
+Examples:
     >>> x, y = prepare_batch((torch.ones(2, 3), torch.zeros(2)))
     >>> tuple(x.shape), tuple(y.shape)
     ((2, 3), (2,))

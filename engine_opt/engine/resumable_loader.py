@@ -32,7 +32,7 @@ def rng_state(generator: Generators = None) -> dict[str, Any]:
     sequence of them, each one's, in order). Holds only tensors, numbers and
     tuples, so it loads with ``weights_only=True``.
 
-    Example:
+    Examples:
         >>> state = rng_state()
         >>> a = torch.rand(1); set_rng_state(state); b = torch.rand(1)
         >>> bool(a == b)
@@ -55,7 +55,7 @@ def rng_state(generator: Generators = None) -> dict[str, Any]:
 def check_rng_state(where: str, state: Any) -> None:
     """Raise a ``ValueError`` naming ``where`` unless ``set_rng_state`` can restore ``state``; change nothing.
 
-    Example:
+    Examples:
         >>> check_rng_state("rng", {"torch": torch.get_rng_state()})
         Traceback (most recent call last):
         ...
@@ -148,7 +148,7 @@ class ResumableLoader:
             sampler's (``RandomSampler(dataset, generator=g)``, a common way
             to seed the order) are saved too.
 
-    Example:
+    Examples:
         >>> loader = ResumableLoader(torch.utils.data.DataLoader(torch.arange(6), batch_size=2, shuffle=True))
         >>> batches = iter(loader)
         >>> first = next(batches)
@@ -369,7 +369,7 @@ def sampled_total(samples: int, processes: int, drop_last: bool) -> int:
     """The samples a ``DistributedSampler`` hands out per pass over all processes: padded up to a multiple of
     ``processes`` by repeating some, or trimmed down to one with ``drop_last``.
 
-    Example:
+    Examples:
         >>> sampled_total(4096, 3, drop_last=False), sampled_total(4096, 3, drop_last=True)
         (4098, 4095)
     """

@@ -6,7 +6,7 @@ handled, which member it is about. Its ``engine.state`` also counts the
 optimizer events (``optim_backwards``, ``optim_steps``, ``optim_updates``,
 ``optim_skipped``), as sums of the wrappers' own counters.
 
-Example:
+Examples:
     >>> import torch
     >>> from engine_opt import OptimWrapper
     >>> wrapper = OptimWrapper(torch.optim.SGD(torch.nn.Linear(1, 1).parameters(), lr=0.1))
@@ -107,7 +107,7 @@ def check_engine_state(engine: Engine, state_dict: Any) -> None:
     ``max_epochs``/``max_iters``, the engine's ``state_dict_user_keys``;
     counts are ints, none negative, and the run's end is not behind its position.
 
-    Example:
+    Examples:
         >>> check_engine_state(Engine(lambda e, b: None), {"iteration": -1, "epoch_length": 4, "max_epochs": 2})
         Traceback (most recent call last):
         ...

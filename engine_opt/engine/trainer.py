@@ -351,7 +351,7 @@ def create_trainer(
         ``engine.state`` counts them in ``optim_backwards``,
         ``optim_steps``, ``optim_updates`` (applied) and ``optim_skipped``.
 
-    Example:
+    Examples:
         >>> import torch
         >>> import torch.nn.functional as F
         >>> from engine_opt import OptimWrapper

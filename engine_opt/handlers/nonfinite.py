@@ -52,7 +52,7 @@ class NonFiniteGuard:
         scaler_streaks: Current run of consecutive skipped steps of each
             float16 member, by name.
 
-    Example:
+    Examples:
         >>> import torch
         >>> import torch.nn.functional as F
         >>> from engine_opt import OptimWrapper, create_trainer

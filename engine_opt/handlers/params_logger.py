@@ -54,7 +54,7 @@ def group_labels(wrapper: OptimWrapper) -> list[str]:
     A name is used when it is a non-empty string that no other group has and
     that is not another group's ``group_{j}``.
 
-    Example:
+    Examples:
         >>> import torch
         >>> a, b = torch.zeros(1, requires_grad=True), torch.zeros(1, requires_grad=True)
         >>> group_labels(OptimWrapper(torch.optim.SGD([{"params": [a], "name": "head"}, {"params": [b]}], lr=0.1)))
@@ -104,7 +104,7 @@ def optim_scalars(optim_wrapper: OptimWrapper | OptimWrapperDict) -> dict[str, f
 
     Reading them waits for the device (loss scale, counts, gradient norm).
 
-    Example:
+    Examples:
         >>> import torch
         >>> model = torch.nn.Linear(1, 1)
         >>> scalars = optim_scalars(OptimWrapper(torch.optim.Adam(model.parameters(), lr=0.1)))
@@ -135,7 +135,7 @@ class OptimParamsHandler(BaseHandler):
             the last, as another member's or the loss's can be.
         global_step_transform: ``f(engine, event_name) -> int``, replacing ``x_axis``.
 
-    Example:
+    Examples:
         >>> import tempfile, torch
         >>> import torch.nn.functional as F
         >>> from ignite.handlers.tensorboard_logger import TensorboardLogger
@@ -244,7 +244,7 @@ def _logged_members(
 def output_handler_type(logger: BaseLogger) -> type[BaseOutputHandler]:
     """The ``OutputHandler`` of the module that defines ``type(logger)``, or of its nearest base class's.
 
-    Example:
+    Examples:
         >>> from ignite.handlers.mlflow_logger import MLflowLogger
         >>> class MyLogger(MLflowLogger): pass
         >>> output_handler_type(MyLogger.__new__(MyLogger)).__module__

@@ -40,7 +40,7 @@ def progress_values(
 ) -> Callable[[Any], dict[str, float]]:
     """An ``output_transform`` for ``ProgressBar``: loss(es), first-group lr (unless ``show_lr=False``), loss scale.
 
-    Example:
+    Examples:
         >>> model = torch.nn.Linear(1, 1)
         >>> show = progress_values(OptimWrapper(torch.optim.SGD(model.parameters(), lr=0.5)))
         >>> show(torch.tensor(0.25))
@@ -64,7 +64,7 @@ def progress_values(
 def compact(value: float, power_of_two: bool = False) -> str:
     """``value`` as the bar shows it: 3 significant digits; with ``power_of_two``, a power of two >= 1024 as ``2^k``.
 
-    Example:
+    Examples:
         >>> compact(65536.0, power_of_two=True), compact(65536.0), compact(0.001), compact(1.23456), compact(3e-05)
         ('2^16', '6.55e+04', '0.001', '1.23', '3e-05')
     """

@@ -61,7 +61,7 @@ class SchedulerHandler:
             (stepped in list order). Add each scheduler to the checkpoint to
             resume.
 
-    Example:
+    Examples:
         >>> import torch
         >>> import torch.nn.functional as F
         >>> from engine_opt import OptimWrapper, create_trainer

@@ -121,7 +121,7 @@ class SpikeGuard:
     Attributes:
         rollbacks: Rollbacks so far.
 
-    Example:
+    Examples:
         >>> import torch
         >>> import torch.nn.functional as F
         >>> from engine_opt import OptimWrapper, create_trainer

@@ -8,7 +8,7 @@ to the open ``SummaryWriter``'s ``file_writer.add_summary``; when either
 is missing, or the writer is closed, it falls back to ``add_scalar`` per
 tag.
 
-Example:
+Examples:
     >>> import tempfile
     >>> from torch.utils.tensorboard import SummaryWriter
     >>> with tempfile.TemporaryDirectory() as log_dir:

@@ -55,7 +55,7 @@ def layer_prefixes(model: nn.Module, depth: int) -> list[str]:
     A parameter of a module shallower than ``depth`` is under its module's
     name (its own name at the root).
 
-    Example:
+    Examples:
         >>> model = torch.nn.Sequential(torch.nn.Linear(1, 1), torch.nn.Sequential(torch.nn.Linear(1, 1)))
         >>> layer_prefixes(model, 1), layer_prefixes(model, 2)
         (['0', '1'], ['0', '1.0'])
@@ -302,7 +302,7 @@ class UpdateTelemetryHandler(BaseHandler):
         tag: Common prefix of the tags (``'telemetry'``); ``None`` for none.
         global_step_transform: ``f(engine, event_name) -> int``, replacing the iteration.
 
-    Example:
+    Examples:
         >>> import torch
         >>> model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 1))
         >>> wrapper = OptimWrapper(torch.optim.SGD(model.parameters(), lr=0.1))

@@ -5,7 +5,7 @@ a gradient scaler; bfloat16 needs none, and float32/float64 turn autocast off.
 A step skipped for non-finite gradients is read from the scaler's found-inf
 state, so it is reported correctly for fused optimizers too.
 
-Example:
+Examples:
     >>> import torch
     >>> from torch import nn
     >>> model = nn.Linear(2, 1)
@@ -61,7 +61,7 @@ def parse_dtype(dtype: str | torch.dtype | None, device_type: str) -> torch.dtyp
 
     ``None`` means float16 on CUDA and bfloat16 elsewhere.
 
-    Example:
+    Examples:
         >>> parse_dtype("bf16", "cuda"), parse_dtype(None, "cpu")
         (torch.bfloat16, torch.bfloat16)
     """
@@ -117,7 +117,7 @@ class AmpOptimWrapper(OptimWrapper):
         cast_dtype: The autocast dtype.
         loss_scaler: The ``torch.amp.GradScaler`` for float16, else ``None``.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from torch import nn
         >>> model = nn.Linear(2, 1)

@@ -6,7 +6,7 @@ config, not of training code. ``paramwise_cfg`` gives each parameter the lr,
 weight decay and options MMEngine's constructor gives it (``paramwise``);
 parameters that end up with the same settings share one param group.
 
-Example:
+Examples:
     >>> from torch import nn
     >>> model = nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4))
     >>> wrapper = build_optim_wrapper(model, dict(
@@ -139,7 +139,7 @@ def unwrap_model(model: nn.Module) -> nn.Module:
     only a wrapper with no parameters of its own is unwrapped, so no
     parameter is lost.
 
-    Example:
+    Examples:
         >>> inner = nn.Linear(2, 2)
         >>> unwrap_model(nn.DataParallel(inner)) is inner
         True

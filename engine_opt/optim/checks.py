@@ -5,7 +5,7 @@ argument, shows the value received and says what is accepted. The checks of a
 saved state (``saved_int``) raise ``ValueError`` whatever is wrong: the value
 was read from a file, not typed by the caller.
 
-Example:
+Examples:
     >>> positive_int("accumulative_counts", 2)
     2
     >>> positive_int("accumulative_counts", 0)
@@ -26,7 +26,7 @@ from typing import Any, TypeGuard
 def describe(value: Any, limit: int = 80) -> str:
     """``repr(value)`` cut to ``limit`` characters, followed by its type.
 
-    Example:
+    Examples:
         >>> describe("sgd")
         "'sgd' of type str"
     """
@@ -39,7 +39,7 @@ def describe(value: Any, limit: int = 80) -> str:
 def is_int(value: Any) -> TypeGuard[int]:
     """Whether ``value`` is an ``int`` and not a ``bool`` (``True`` is an int to Python, never a count here).
 
-    Example:
+    Examples:
         >>> is_int(3), is_int(True), is_int(3.0)
         (True, False, False)
     """
@@ -68,7 +68,7 @@ def positive_int(name: str, value: Any) -> int:
 def int_at_least(name: str, value: Any, minimum: int) -> int:
     """Return ``value`` if it is an ``int`` of at least ``minimum`` (``bool`` is refused).
 
-    Example:
+    Examples:
         >>> int_at_least("warmup", -1, 0)
         Traceback (most recent call last):
         ...
@@ -84,7 +84,7 @@ def int_at_least(name: str, value: Any, minimum: int) -> int:
 def saved_int(name: str, value: Any, minimum: int) -> int:
     """``int_at_least`` for a value read from a saved state: a ``ValueError`` whatever is wrong.
 
-    Example:
+    Examples:
         >>> saved_int("state_dict['position']", "3", 0)
         Traceback (most recent call last):
         ...
@@ -98,7 +98,7 @@ def saved_int(name: str, value: Any, minimum: int) -> int:
 def real(name: str, value: Any) -> float:
     """Return ``value`` if it is a finite real number (``bool`` refused).
 
-    Example:
+    Examples:
         >>> real("gamma", float("nan"))
         Traceback (most recent call last):
         ...
@@ -124,7 +124,7 @@ def number(name: str, value: Any, accepted: str = "a number") -> float:
 def number_in(name: str, value: Any, accepted: str, within: Callable[[float], bool]) -> float:
     """Return ``value`` as a float if it is a finite real number for which ``within`` holds.
 
-    Example:
+    Examples:
         >>> number_in("decay", 1.0, "a number in [0, 1)", lambda value: 0 <= value < 1)
         Traceback (most recent call last):
         ...
@@ -152,7 +152,7 @@ def mapping(name: str, value: Any) -> Mapping[str, Any]:
 def path(name: str, value: Any) -> Path:
     """Return ``value`` as a ``Path`` if it is a str or a path, else raise ``TypeError`` naming ``name``.
 
-    Example:
+    Examples:
         >>> path("dirname", 3)
         Traceback (most recent call last):
         ...
@@ -173,7 +173,7 @@ def stateful(name: str, value: Any) -> Any:
 def known_keys(name: str, given: Iterable[str], accepted: Iterable[str]) -> None:
     """Raise ``ValueError`` if ``given`` holds a key outside ``accepted``.
 
-    Example:
+    Examples:
         >>> known_keys("clip_grad", ["max_norm", "maxnorm"], ["max_norm", "norm_type"])
         Traceback (most recent call last):
         ...

@@ -1,6 +1,6 @@
 """``GradClipper``: the ``clip_grad`` argument, checked once, applied once per window.
 
-Example:
+Examples:
     >>> import torch
     >>> clipper = GradClipper.parse(dict(max_norm=1.0))
     >>> param = torch.zeros(2, requires_grad=True)

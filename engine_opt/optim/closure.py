@@ -7,7 +7,7 @@ as the wrapper's other gradients are, and the first one can be the loss and
 gradients the wrapper already has (``update_params(loss, closure=...)``), so
 the model is evaluated as many times as in torch's own loop.
 
-Example:
+Examples:
     >>> import torch
     >>> param = torch.nn.Parameter(torch.ones(1))
     >>> def closure():
@@ -37,7 +37,7 @@ Closure = Callable[[], Any]
 def needs_closure(optimizer: torch.optim.Optimizer) -> bool:
     """Whether ``optimizer.step`` cannot be called without a closure (LBFGS's ``step(closure)``).
 
-    Example:
+    Examples:
         >>> needs_closure(torch.optim.LBFGS([torch.zeros(1, requires_grad=True)]))
         True
         >>> needs_closure(torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1))

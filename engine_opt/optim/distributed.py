@@ -13,7 +13,7 @@
 
 Every function is a no-op (and talks to nobody) in a single process.
 
-Example:
+Examples:
     >>> rank(), world_size(), gather_objects("mine")
     (0, 1, ['mine'])
 """
@@ -80,7 +80,7 @@ def optimizer_state_dict(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
 def state_holder(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
     """The optimizer whose ``state`` holds the parameters' state: a ``ZeroRedundancyOptimizer``'s local one.
 
-    Example:
+    Examples:
         >>> sgd = torch.optim.SGD([torch.nn.Parameter(torch.ones(1))], lr=0.1)
         >>> state_holder(sgd) is sgd
         True
@@ -99,7 +99,7 @@ def _is_zero(optimizer: torch.optim.Optimizer) -> bool:
 def check_same_length(epoch_length: int | None) -> None:
     """Raise on every rank if the ranks' epochs differ in length (a collective call).
 
-    Example:
+    Examples:
         >>> check_same_length(8)    # one process: nothing to compare
     """
     lengths = [-1 if length is None else length for length in gather_objects(epoch_length)]
@@ -124,7 +124,7 @@ def all_ranks_agree(flag: torch.Tensor) -> torch.Tensor:
 def all_reduce_sum(value: int | torch.Tensor) -> torch.Tensor:
     """``value`` summed over all ranks, as an int64 tensor on ``collective_device()`` (a collective call).
 
-    Example:
+    Examples:
         >>> all_reduce_sum(3)    # one process: the value itself
         tensor(3)
     """
@@ -137,7 +137,7 @@ def all_reduce_sum(value: int | torch.Tensor) -> torch.Tensor:
 def any_sharded(params: Iterable[torch.Tensor]) -> bool:
     """Whether any of ``params`` is sharded across ranks (a ``DTensor``, as FSDP2's parameters).
 
-    Example:
+    Examples:
         >>> any_sharded(torch.nn.Linear(2, 2).parameters())
         False
     """
@@ -150,7 +150,7 @@ def replicated_value(value: torch.Tensor) -> torch.Tensor:
     Other tensors are returned as they are. No communication: a replicated
     ``DTensor``'s full tensor is its local one.
 
-    Example:
+    Examples:
         >>> replicated_value(torch.tensor(2.0))
         tensor(2.)
     """

@@ -1,6 +1,6 @@
 """``all_finite``: whether tensors hold only finite values, decided on the device (no host read).
 
-Example:
+Examples:
     >>> import torch
     >>> bool(all_finite([torch.ones(2), torch.tensor([1.0, float("inf")])]))
     False

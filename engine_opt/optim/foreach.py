@@ -7,7 +7,7 @@ one per tensor). It is private: where it is missing, or refuses the input,
 tensor, which gives the same values (``tests/handlers/test_update_telemetry.py``
 fails when torch changes the name, its signature, or what it computes).
 
-Example:
+Examples:
     >>> import torch
     >>> tensor_norms([torch.tensor([3.0, 4.0]), torch.tensor([[-2.0]])])
     [tensor(5.), tensor(2.)]
@@ -43,7 +43,7 @@ def tensor_norms(tensors: Sequence[torch.Tensor], ord: float = 2.0) -> list[torc
 def fallback_norms(tensors: Sequence[torch.Tensor], ord: float = 2.0) -> list[torch.Tensor]:
     """``tensor_norms`` through the public ``torch.linalg.vector_norm``, one call per tensor.
 
-    Example:
+    Examples:
         >>> import torch
         >>> fallback_norms([torch.tensor([3.0, 4.0])])
         [tensor(5.)]

@@ -9,7 +9,7 @@ nothing. Where that private method is missing, the fallback unscales the
 gradients first and checks them itself (the same decision, made from the
 same gradients).
 
-Example:
+Examples:
     >>> import torch
     >>> param = torch.zeros(1, requires_grad=True)
     >>> optimizer = torch.optim.SGD([param], lr=0.1)

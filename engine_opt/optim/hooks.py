@@ -4,7 +4,7 @@ The core's own, framework-free events: a hook registered with
 ``OptimWrapper.register_step_hook`` is called as ``hook(wrapper, event, loss)``.
 The Ignite layer maps each one to an ``OptimEvents`` member of the same name.
 
-Example:
+Examples:
     >>> [event.value for event in StepEvent]
     ['backward_completed', 'before_optim_step', 'optim_step_completed', 'optim_step_skipped']
 """
@@ -47,7 +47,7 @@ StepHook = Callable[["OptimWrapper", StepEvent, "torch.Tensor | None"], None]
 class StepHooks:
     """The step hooks of one wrapper, kept per event so an event nobody listens to costs one dict lookup.
 
-    Example:
+    Examples:
         >>> hooks = StepHooks()
         >>> handle = hooks.add(lambda wrapper, event, loss: None, [StepEvent.BEFORE_OPTIM_STEP])
         >>> bool(hooks.table(StepEvent.BEFORE_OPTIM_STEP)), bool(hooks.table(StepEvent.BACKWARD_COMPLETED))

@@ -4,7 +4,7 @@ A scale lives in a float32 tensor: ``1e300`` would become ``inf`` (every
 step skipped after the first backward overflows), ``1e-50`` would become
 ``0`` (every gradient zero). Both are refused, with the argument named.
 
-Example:
+Examples:
     >>> check_loss_scale({"init_scale": 1e300})
     Traceback (most recent call last):
     ...

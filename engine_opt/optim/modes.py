@@ -7,7 +7,7 @@ model is meant to be evaluated and saved. ``OptimWrapper.train()``/``eval()``
 and ``OptimWrapperDict``'s call these; ``create_trainer`` and the checkpoint
 handlers call them where it matters.
 
-Example:
+Examples:
     >>> import torch
     >>> has_modes(torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1))
     False

@@ -5,7 +5,7 @@ over its ``n`` items; the wrapper sums the window's counts (on the device
 for tensors, never read on the host) and, when the window ends, divides its
 gradients by the total: the update of the mean loss over all its items.
 
-Example:
+Examples:
     >>> import torch
     >>> param = torch.nn.Parameter(torch.zeros(2))
     >>> param.grad = torch.tensor([6.0, 3.0])
@@ -27,7 +27,7 @@ from . import checks, distributed
 def check_num_items(num_items: Any, device: torch.device) -> int | torch.Tensor:
     """``num_items`` as a positive int, or a 0-d integer tensor on ``device`` (as int64; its value is not read).
 
-    Example:
+    Examples:
         >>> check_num_items(0, torch.device("cpu"))
         Traceback (most recent call last):
         ...

@@ -9,7 +9,7 @@ MMEngine's LR schedulers, Ignite's ``LRScheduler``/``ParamScheduler``s and
 wrapped optimizer: the view shares its hook tables (the one use of torch's
 private table names, each with a fallback: a table of the view's own).
 
-Example:
+Examples:
     >>> import torch
     >>> optimizer = torch.optim.SGD(torch.nn.Linear(1, 1).parameters(), lr=0.1, momentum=0.9)
     >>> view = OptimizerView(optimizer)
@@ -125,7 +125,7 @@ class OptimizerView(torch.optim.Optimizer):
         schedules that scale every group alike). Without a schedule it is
         the default lr.
 
-        Example:
+        Examples:
             >>> import torch
             >>> model = torch.nn.Linear(1, 1)
             >>> optimizer = torch.optim.SGD([{"params": [model.weight]}, {"params": [model.bias], "lr": 0.2}], lr=0.1)

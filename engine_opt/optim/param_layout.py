@@ -7,7 +7,7 @@ parameters stand in that order. These two functions carry a state dict from
 one layout to the other, so MMEngine's checkpoints resume here and this
 project's load into MMEngine.
 
-Example:
+Examples:
     >>> import torch
     >>> from engine_opt import build_optim_wrapper
     >>> cfg = dict(optimizer=dict(type="SGD", lr=0.1, weight_decay=0.01), paramwise_cfg=dict(bias_decay_mult=0.0))

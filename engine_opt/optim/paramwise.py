@@ -15,7 +15,7 @@ step runs per group), named after the rules that made it; each group's
 ``model_order`` lists its parameters' positions in the model, the order in
 which MMEngine makes one group per parameter, so its checkpoints load.
 
-Example:
+Examples:
     >>> from torch import nn
     >>> model = nn.Sequential(nn.Conv2d(4, 4, 3, groups=4), nn.BatchNorm2d(4))
     >>> rules = ParamwiseRules.from_config(dict(dwconv_decay_mult=0.0, norm_decay_mult=0.5), lr=0.1, weight_decay=1e-4)
@@ -88,7 +88,7 @@ def vit_layer_id(name: str, num_layers: int) -> int:
     a block is a part ``layers`` or ``blocks`` followed by its index; the
     first of either found wins. Everything else (final norm, head) is on top.
 
-    Example:
+    Examples:
         >>> layers = [vit_layer_id(n, 12) for n in (".cls_token", "backbone.blocks.3.attn.qkv.weight", "head.bias")]
         >>> layers
         [0, 4, 13]
@@ -367,7 +367,7 @@ def params_in_model_order(groups: list[dict[str, Any]]) -> list[torch.Tensor]:
     A total gradient norm sums its parts in this order: the model's order
     is MMEngine's, so a clipped update equals its bitwise.
 
-    Example:
+    Examples:
         >>> first, second = torch.zeros(1), torch.zeros(2)
         >>> groups = [{"params": [second], MODEL_ORDER: [1]}, {"params": [first], MODEL_ORDER: [0]}]
         >>> params_in_model_order(groups)[0] is first

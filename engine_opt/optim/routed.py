@@ -13,7 +13,7 @@ on the wrapper sets every group's lr, and one on a member
 torch's format over all members (indices counted across them), so it loads
 into the same routing, as a plain optimizer's does.
 
-Example:
+Examples:
     >>> import torch
     >>> model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 1))
     >>> muon = torch.optim.Muon([model[0].weight], lr=0.02)

@@ -12,7 +12,7 @@
 ``paramwise_cfg`` applies within every route, each from its own optimizer's
 lr and weight decay; its groups are named ``route/group``.
 
-Example:
+Examples:
     >>> model = torch.nn.ModuleDict(dict(body=torch.nn.Linear(2, 2), head=torch.nn.Linear(2, 1)))
     >>> routes = Routes.parse(model, {"muon": dict(ndim=2, exclude_names=["head"], optimizer=dict(type="Muon"))},
     ...                       dict(type="AdamW"))
@@ -49,7 +49,7 @@ class RouteRule:
         exclude_names: Name patterns, likewise, none of which its name may hold (``['embed', 'head']``).
         module_types: Class names of the module holding it (``['Linear']``; a subclass counts).
 
-    Example:
+    Examples:
         >>> rule = RouteRule.parse("routes['muon']", dict(ndim=2, module_types=["Linear"], exclude_names=["head"]))
         >>> model = torch.nn.ModuleDict(dict(body=torch.nn.Linear(2, 2), head=torch.nn.Linear(2, 1)))
         >>> tuple(name for name, module, param in owned_parameters(model) if rule.takes(name, module, param))

@@ -12,7 +12,7 @@ The norm is taken over every parameter with a gradient, as ``||T(w) g||``'s
 per-parameter norms stacked and normed again, and ``rho / (norm + 1e-12)``
 scales each parameter's term.
 
-Example:
+Examples:
     >>> import torch
     >>> param = torch.nn.Parameter(torch.tensor([3.0, 4.0]))
     >>> param.grad = torch.tensor([3.0, 4.0])
@@ -67,7 +67,7 @@ class SharpnessAware:
     def parse(cls, sam: Any) -> SharpnessAware | None:
         """SAM's settings from ``None``, a ``SharpnessAware`` or a config ``dict(rho=..., adaptive=...)``.
 
-        Example:
+        Examples:
             >>> SharpnessAware.parse(dict(rho=0.1))
             SharpnessAware(rho=0.1, adaptive=False)
             >>> SharpnessAware.parse(dict(radius=0.1))

@@ -15,7 +15,7 @@ FSDP2 gathers ``ranks * c * m`` float32 values on the owner and scatters as many
 bfloat16 ones back (one call each); DDP broadcasts ``n * m`` bfloat16 values.
 ``traffic`` counts each collective a rank joins and the bytes of the whole (padded) matrix it moves.
 
-Example:
+Examples:
     >>> import torch
     >>> weight = torch.nn.Parameter(torch.ones(3, 2))
     >>> weight.grad = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])

@@ -5,7 +5,7 @@ goes; these functions raise a ``ValueError``/``TypeError`` naming the
 mismatch and change nothing, so an all-or-nothing load can ask every object
 first.
 
-Example:
+Examples:
     >>> import torch
     >>> small, wide = torch.nn.Linear(2, 1), torch.nn.Linear(3, 1)
     >>> check_module_state(small, wide.state_dict())
@@ -158,7 +158,7 @@ def check_hyperparameters(optimizer: torch.optim.Optimizer) -> None:
     torch checks an optimizer's defaults, not the groups given their own
     values (``paramwise_cfg``'s ``custom_keys``), nor nan or inf.
 
-    Example:
+    Examples:
         >>> param = torch.zeros(1, requires_grad=True)
         >>> check_hyperparameters(torch.optim.SGD([{"params": [param], "lr": float("inf")}], lr=0.1))
         Traceback (most recent call last):
@@ -184,7 +184,7 @@ def check_structure(current: Any, saved: Any, where: str, *, require_keys: bool 
     numbers must be numbers (not nan), tensors of the same shape and dtype.
     Keys only one side has are otherwise left alone: releases add and drop some.
 
-    Example:
+    Examples:
         >>> check_structure({"last_epoch": 3, "base_lrs": [0.1]}, {"last_epoch": 5, "base_lrs": []}, "scheduler")
         Traceback (most recent call last):
         ...

@@ -11,7 +11,7 @@ step creates or removes, values that are not tensors, tensors nested in
 containers) is put back on the host, the only case that reads the flag. A
 ``ZeroRedundancyOptimizer``'s state is its local optimizer's.
 
-Example:
+Examples:
     >>> import torch
     >>> param = torch.nn.Parameter(torch.ones(2))
     >>> optimizer = torch.optim.SGD([param], lr=0.5, momentum=0.9)

@@ -20,7 +20,7 @@ checks and reads them: the wrapper calls it, and so does anything that takes
 a wrapper's state apart (``SpikeGuard``'s rollback loads an earlier
 snapshot's optimizer with the counts and the window of now, ``at_position``).
 
-Example:
+Examples:
     >>> import torch
     >>> param = torch.nn.Parameter(torch.ones(2))
     >>> state = {"counters": {"inner_count": 1, "accumulative_counts": 2}, **window_entries([torch.ones(2)], None)}
@@ -83,7 +83,7 @@ def at_position(earlier: Mapping[str, Any], now: Mapping[str, Any]) -> dict[str,
     ``now``'s: what a rollback loads, so that the counts go on. A copy:
     neither argument is changed.
 
-    Example:
+    Examples:
         >>> earlier = {"state": {}, "param_groups": [], "counters": {"inner_count": 4, "steps": 2},
         ...            "accumulated_grads": [None]}
         >>> at_position(earlier, {"state": {}, "param_groups": [], "counters": {"inner_count": 9, "steps": 7}})
@@ -151,7 +151,7 @@ def check_optimizer_type(state_dict: Mapping[str, Any], optimizer: torch.optim.O
     A state without ``'optimizer_type'`` (a plain optimizer's, an earlier
     release's) passes: its param groups are checked instead.
 
-    Example:
+    Examples:
         >>> import torch
         >>> adam = torch.optim.Adam([torch.zeros(1, requires_grad=True)])
         >>> check_optimizer_type({"optimizer_type": "AdamW"}, adam)
@@ -187,7 +187,7 @@ def check(state_dict: Mapping[str, Any], params: Sequence[torch.Tensor], accumul
 def check_counters(counters: Mapping[str, Any]) -> None:
     """Ints that a run could have reached: none negative, no more skipped steps than steps.
 
-    Example:
+    Examples:
         >>> check_counters({"steps": 2, "skipped_steps": 3})
         Traceback (most recent call last):
         ...

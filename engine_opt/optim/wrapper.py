@@ -11,7 +11,7 @@ The wrapper owns the order of one update (see ``docs/semantics.md``)::
         optimizer.step()
         optimizer.zero_grad()
 
-Example:
+Examples:
     >>> import torch
     >>> from torch import nn
     >>> model = nn.Linear(1, 1)
@@ -111,7 +111,7 @@ class OptimWrapper(OptimizerView):
             ``AmpOptimWrapper``).
         sync_each_micro_step: As given (``False`` for a wrapper pickled before the option existed).
 
-    Example:
+    Examples:
         >>> import torch
         >>> from torch import nn
         >>> model = nn.Linear(2, 1)
@@ -201,7 +201,7 @@ class OptimWrapper(OptimizerView):
     def in_window(self) -> bool:
         """Whether micro-steps of a window have run and its update has not: gradients are being accumulated.
 
-        Example:
+        Examples:
             >>> import torch
             >>> model = torch.nn.Linear(1, 1)
             >>> wrapper = OptimWrapper(torch.optim.SGD(model.parameters(), lr=0.1), accumulative_counts=2)
@@ -535,7 +535,7 @@ class OptimWrapper(OptimizerView):
             RuntimeError: When called outside a ``BEFORE_OPTIM_STEP`` hook.
             TypeError: When ``when`` is not a one-element boolean tensor.
 
-        Example:
+        Examples:
             >>> import torch
             >>> param = torch.nn.Parameter(torch.ones(1))
             >>> wrapper = OptimWrapper(torch.optim.SGD([param], lr=1.0))
@@ -561,7 +561,7 @@ class OptimWrapper(OptimizerView):
         Returns:
             A handle whose ``remove()`` unregisters the hook.
 
-        Example:
+        Examples:
             >>> import torch
             >>> model = torch.nn.Linear(1, 1)
             >>> wrapper = OptimWrapper(torch.optim.SGD(model.parameters(), lr=0.1))
@@ -616,7 +616,7 @@ class OptimWrapper(OptimizerView):
                 to its gradients, and the optimizer steps from the weights
                 as they were. A float16 overflow in either pass skips the update.
 
-        Example:
+        Examples:
             >>> import torch
             >>> model = torch.nn.Linear(2, 1, bias=False)
             >>> wrapper = OptimWrapper(torch.optim.SGD(model.parameters(), lr=1.0), accumulative_counts=2)
@@ -781,7 +781,7 @@ class OptimWrapper(OptimizerView):
     def check_state_dict(self, state_dict: Any) -> None:
         """Raise ``ValueError``/``TypeError`` if ``state_dict`` cannot be loaded; change nothing.
 
-        Example:
+        Examples:
             >>> import torch
             >>> wrapper = OptimWrapper(torch.optim.SGD(torch.nn.Linear(1, 1).parameters(), lr=0.1))
             >>> wrapper.check_state_dict({"lr": 0.1})

@@ -4,7 +4,7 @@ It reads like a read-only mapping of names to wrappers, and saves, loads and
 reports all of them at once. Updating is done on one member, since only the
 caller knows which loss belongs to which optimizer.
 
-Example:
+Examples:
     >>> import torch
     >>> from torch import nn
     >>> gen, disc = nn.Linear(1, 1), nn.Linear(1, 1)
@@ -34,7 +34,7 @@ def members(optim_wrapper: OptimWrapper | OptimWrapperDict) -> list[tuple[str | 
 
     Every handler goes through this, so one name convention holds everywhere.
 
-    Example:
+    Examples:
         >>> import torch
         >>> wrapper = OptimWrapper(torch.optim.SGD(torch.nn.Linear(1, 1).parameters(), lr=0.1))
         >>> [name for name, _ in members(wrapper)], [name for name, _ in members(OptimWrapperDict(gen=wrapper))]
@@ -62,7 +62,7 @@ def _claim_parameters(name: str, wrapper: OptimWrapper, owners: dict[int, tuple[
 def member_prefix(name: str | None) -> str:
     """``'{name}.'``, the prefix of a member's keys and tags (``''`` for a single wrapper).
 
-    Example:
+    Examples:
         >>> member_prefix("gen"), member_prefix(None)
         ('gen.', '')
     """
@@ -159,7 +159,7 @@ class OptimWrapperDict:
         A dict, so the collection is no ``torch.optim.Optimizer``: build a
         scheduler on one member, ``optim_wrapper['gen']``.
 
-        Example:
+        Examples:
             >>> import torch
             >>> gen = OptimWrapper(torch.optim.SGD(torch.nn.Linear(1, 1).parameters(), lr=0.1))
             >>> groups = OptimWrapperDict(gen=gen).param_groups
@@ -267,7 +267,7 @@ class OptimWrapperDict:
             KeyError: ``member`` is not a member's name.
             RuntimeError: On entry, when an ``optim_context(member=...)`` of this dict is already open.
 
-        Example:
+        Examples:
             >>> import torch
             >>> from torch import nn
             >>> gen, disc = nn.Linear(1, 1), nn.Linear(1, 1)

@@ -22,7 +22,7 @@ trainer; in a loop of your own, call ``step()`` after each update (or epoch).
 The momentum schedulers set ``momentum``, or for Adam-like optimizers
 ``betas[0]`` (through a ``momentum`` entry they add to each group, as MMEngine).
 
-Example:
+Examples:
     >>> import torch
     >>> from engine_opt import OptimWrapper
     >>> wrapper = OptimWrapper(torch.optim.SGD(torch.nn.Linear(2, 1).parameters(), lr=0.1))

@@ -151,7 +151,7 @@ def build_param_scheduler(
             ``epoch_length``: the message names the config entry, the value
             received and what is accepted.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from engine_opt import OptimWrapper
         >>> wrapper = OptimWrapper(torch.optim.AdamW(torch.nn.Linear(2, 1).parameters(), lr=1e-3))

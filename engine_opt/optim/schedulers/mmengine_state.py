@@ -22,7 +22,7 @@ def from_mmengine(state: Mapping[str, Any], scheduler_type: str, groups: list[di
     entries (``begin``, ``end``, ``gamma``...) are left behind: the resumed
     run's own config applies, as for this package's states.
 
-    Example:
+    Examples:
         >>> from_mmengine({"_global_step": 3, "last_step": 3, "by_epoch": False}, "LinearLR", [])
         {'type': 'LinearLR', 'by_epoch': False, 'last_step': 3, 'global_step': 3}
     """
