@@ -11,7 +11,8 @@ Examples:
     >>> import warnings
     >>> with warnings.catch_warnings(record=True) as caught:
     ...     warnings.simplefilter("always")
-    ...     find_moved("old_home", "sqrt", {"sqrt": "math"})(16.0), str(caught[0].message)
+    ...     sqrt = find_moved("old_home", "sqrt", {"sqrt": "math"})
+    ...     sqrt(16.0), str(caught[0].message)
     (4.0, 'old_home.sqrt moved to math.sqrt: import it from there')
     >>> find_moved("old_home", "sqroot", "math")
     Traceback (most recent call last):

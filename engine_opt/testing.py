@@ -32,7 +32,8 @@ class GradientTraffic:
         bytes: Bytes of gradients sent into those reductions.
 
     Examples:
-        >>> traffic = GradientTraffic(torch.nn.Linear(2, 2))   # not distributed: nothing to count
+        >>> # not distributed: nothing to count
+        >>> traffic = GradientTraffic(torch.nn.Linear(2, 2))
         >>> traffic.calls, traffic.bytes
         (0, 0)
     """

@@ -12,12 +12,14 @@ read replaced, for checks and loads alike.
 
 Examples:
     >>> import io, pickle
-    >>> planted = io.BytesIO(pickle.dumps(print))  # a payload would call something less harmless
-    >>> try:
+    >>> # a payload would call something less harmless than print
+    >>> planted = io.BytesIO(pickle.dumps(print))
+    >>> try:  # doctest: +NORMALIZE_WHITESPACE
     ...     read_metadata(planted, "ckpt/checkpoint_3")
     ... except DamagedCheckpoint as refusal:
     ...     print(refusal)
-    ckpt/checkpoint_3/.metadata holds builtins.print, which DCP's metadata never does: ...
+    ckpt/checkpoint_3/.metadata holds builtins.print, which DCP's metadata never
+    does: ...
 """
 
 from __future__ import annotations

@@ -43,8 +43,9 @@ def write_checkpoint(checkpoint: Any, path: str | Path) -> None:
     Examples:
         >>> import tempfile
         >>> with tempfile.TemporaryDirectory() as directory:
-        ...     write_checkpoint({"step": torch.tensor(3)}, f"{directory}/checkpoint_3.pt")
-        ...     sorted(os.listdir(directory)), torch.load(f"{directory}/checkpoint_3.pt")["step"].item()
+        ...     path = f"{directory}/checkpoint_3.pt"
+        ...     write_checkpoint({"step": torch.tensor(3)}, path)
+        ...     sorted(os.listdir(directory)), torch.load(path)["step"].item()
         (['checkpoint_3.pt'], 3)
     """
     path = Path(path)

@@ -13,11 +13,12 @@ Examples:
     ...     _ = (Path(directory) / "__0_0.distcp").write_bytes(b"shard")
     ...     write_manifest(Path(directory))
     ...     _ = (Path(directory) / "__0_0.distcp").write_bytes(b"sharD")
-    ...     try:
+    ...     try:  # doctest: +NORMALIZE_WHITESPACE
     ...         verify(Path(directory))
     ...     except DamagedCheckpoint as refusal:
     ...         print(refusal)
-    /.../__0_0.distcp is damaged: its SHA-256 is not the one its manifest.json recorded
+    /.../__0_0.distcp is damaged: its SHA-256 is not the one its manifest.json
+    recorded
 """
 
 from __future__ import annotations

@@ -4,8 +4,10 @@ Examples:
     >>> import tempfile, torch
     >>> model = torch.nn.Linear(1, 1)
     >>> with tempfile.TemporaryDirectory() as directory:
-    ...     missing = resume_from_latest({"model": model}, directory)  # a fresh start: nothing to load
-    ...     torch.save({"model": model.state_dict()}, f"{directory}/checkpoint_3.pt")
+    ...     # a fresh start: nothing to load
+    ...     missing = resume_from_latest({"model": model}, directory)
+    ...     path = f"{directory}/checkpoint_3.pt"
+    ...     torch.save({"model": model.state_dict()}, path)
     ...     found = resume_from_latest({"model": model}, directory)
     >>> missing, found.name
     (None, 'checkpoint_3.pt')

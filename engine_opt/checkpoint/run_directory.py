@@ -21,9 +21,10 @@ Examples:
     >>> import tempfile, torch
     >>> with tempfile.TemporaryDirectory() as path:
     ...     directory = RunDirectory(path)
-    ...     for name in ("checkpoint_8.pt", "checkpoint_12.pt", "best_checkpoint_30.pt"):
-    ...         torch.save({}, f"{path}/{name}")
-    ...     os.makedirs(f"{path}/checkpoint_10"); open(f"{path}/checkpoint_10/.metadata", "wb").close()
+    ...     for step in ("checkpoint_8", "checkpoint_12", "best_checkpoint_30"):
+    ...         torch.save({}, f"{path}/{step}.pt")
+    ...     os.makedirs(f"{path}/checkpoint_10")
+    ...     open(f"{path}/checkpoint_10/.metadata", "wb").close()
     ...     [step for step, _ in directory.checkpoints()], directory.newest().name
     ([8, 10, 12], 'checkpoint_12.pt')
 """

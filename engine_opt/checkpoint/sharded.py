@@ -180,7 +180,9 @@ def attach_sharded_checkpoint(
         >>> trainer = create_trainer(model, wrapper, torch.nn.functional.mse_loss)
         >>> with tempfile.TemporaryDirectory() as directory:
         ...     to_save = {"model": model, "optim_wrapper": wrapper, "trainer": trainer}
-        ...     _ = attach_sharded_checkpoint(trainer, to_save, directory, every=2, n_saved=1)
+        ...     _ = attach_sharded_checkpoint(
+        ...         trainer, to_save, directory, every=2, n_saved=1
+        ...     )
         ...     _ = trainer.run([(torch.ones(3, 2), torch.ones(3, 1))] * 4)
         ...     sorted(os.listdir(f"{directory}/checkpoint_4"))
         ['.metadata', '__0_0.distcp', 'manifest.json', 'objects.pt']

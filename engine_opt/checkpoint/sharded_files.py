@@ -18,10 +18,12 @@ Examples:
     >>> wrapper = OptimWrapper(torch.optim.AdamW(model.parameters()))
     >>> wrapper.update_params(model(torch.ones(2)).sum())
     >>> with tempfile.TemporaryDirectory() as directory:
-    ...     _ = save_sharded(ShardedLayout.of({"model": model, "optim": wrapper}), Path(directory))
+    ...     layout = ShardedLayout.of({"model": model, "optim": wrapper})
+    ...     _ = save_sharded(layout, Path(directory))
     ...     fresh = torch.nn.Linear(2, 1)
     ...     fresh_wrapper = OptimWrapper(torch.optim.AdamW(fresh.parameters()))
-    ...     load_sharded_checkpoint({"model": fresh, "optim": fresh_wrapper}, directory)
+    ...     to_load = {"model": fresh, "optim": fresh_wrapper}
+    ...     load_sharded_checkpoint(to_load, directory)
     >>> torch.equal(fresh.weight, model.weight), fresh_wrapper.step_count
     (True, 1)
 """

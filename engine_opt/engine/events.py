@@ -9,7 +9,8 @@ Examples:
     >>> from ignite.engine import Engine
     >>> engine = Engine(lambda engine, batch: None)
     >>> engine.register_events(*OptimEvents, event_to_attr=EVENT_TO_ATTR)
-    >>> OptimEvents.OPTIM_STEP_COMPLETED.value, EVENT_TO_ATTR[OptimEvents.OPTIM_STEP_COMPLETED]
+    >>> event = OptimEvents.OPTIM_STEP_COMPLETED
+    >>> event.value, EVENT_TO_ATTR[event]
     ('optim_step_completed', 'optim_updates')
 """
 
@@ -105,8 +106,9 @@ def member_filter(name: str | None = None, every: int = 1) -> Callable[[Engine, 
         every: Pass the member's events whose own count is a multiple of this.
 
     Examples:
-        >>> gen_events = OptimEvents.OPTIM_STEP_COMPLETED(event_filter=member_filter("gen"))
-        >>> each_10th = OptimEvents.OPTIM_STEP_COMPLETED(event_filter=member_filter(every=10))
+        >>> completed = OptimEvents.OPTIM_STEP_COMPLETED
+        >>> gen_events = completed(event_filter=member_filter("gen"))
+        >>> each_10th = completed(event_filter=member_filter(every=10))
     """
     if name is not None and not isinstance(name, str):
         raise TypeError(f"name must be a member's name (a str) or None, got {checks.describe(name)}")

@@ -149,12 +149,15 @@ class ResumableLoader:
             to seed the order) are saved too.
 
     Examples:
-        >>> loader = ResumableLoader(torch.utils.data.DataLoader(torch.arange(6), batch_size=2, shuffle=True))
+        >>> from torch.utils.data import DataLoader
+        >>> def shuffled():
+        ...     return DataLoader(torch.arange(6), batch_size=2, shuffle=True)
+        >>> loader = ResumableLoader(shuffled())
         >>> batches = iter(loader)
         >>> first = next(batches)
         >>> state = loader.state_dict()
         >>> rest = [batch.tolist() for batch in batches]
-        >>> resumed = ResumableLoader(torch.utils.data.DataLoader(torch.arange(6), batch_size=2, shuffle=True))
+        >>> resumed = ResumableLoader(shuffled())
         >>> resumed.load_state_dict(state)
         >>> [batch.tolist() for batch in resumed] == rest
         True
@@ -370,7 +373,7 @@ def sampled_total(samples: int, processes: int, drop_last: bool) -> int:
     ``processes`` by repeating some, or trimmed down to one with ``drop_last``.
 
     Examples:
-        >>> sampled_total(4096, 3, drop_last=False), sampled_total(4096, 3, drop_last=True)
+        >>> sampled_total(4096, 3, drop_last=False), sampled_total(4096, 3, True)
         (4098, 4095)
     """
     checks.int_at_least("samples", samples, 0)

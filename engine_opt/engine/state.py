@@ -9,7 +9,8 @@ optimizer events (``optim_backwards``, ``optim_steps``, ``optim_updates``,
 Examples:
     >>> import torch
     >>> from engine_opt import OptimWrapper
-    >>> wrapper = OptimWrapper(torch.optim.SGD(torch.nn.Linear(1, 1).parameters(), lr=0.1))
+    >>> model = torch.nn.Linear(1, 1)
+    >>> wrapper = OptimWrapper(torch.optim.SGD(model.parameters(), lr=0.1))
     >>> state = TrainerState(OptimState(members={None: wrapper}))
     >>> state.optim_updates, state.optim.name
     (0, None)
@@ -108,7 +109,8 @@ def check_engine_state(engine: Engine, state_dict: Any) -> None:
     counts are ints, none negative, and the run's end is not behind its position.
 
     Examples:
-        >>> check_engine_state(Engine(lambda e, b: None), {"iteration": -1, "epoch_length": 4, "max_epochs": 2})
+        >>> saved = {"iteration": -1, "epoch_length": 4, "max_epochs": 2}
+        >>> check_engine_state(Engine(lambda e, b: None), saved)
         Traceback (most recent call last):
         ...
         ValueError: the saved trainer state's 'iteration' must be an int >= 0, got -1

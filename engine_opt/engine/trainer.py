@@ -356,11 +356,13 @@ def create_trainer(
         >>> import torch.nn.functional as F
         >>> from engine_opt import OptimWrapper
         >>> model = torch.nn.Linear(2, 1)
-        >>> wrapper = OptimWrapper(torch.optim.SGD(model.parameters(), lr=0.1), accumulative_counts=2)
+        >>> optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        >>> wrapper = OptimWrapper(optimizer, accumulative_counts=2)
         >>> trainer = create_trainer(model, wrapper, F.mse_loss)
         >>> data = [(torch.ones(4, 2), torch.zeros(4, 1))] * 5
         >>> state = trainer.run(data, max_epochs=1)
-        >>> state.optim_backwards, state.optim_updates   # the last window, of one micro-step, is applied too
+        >>> # the last window, of one micro-step, is applied too
+        >>> state.optim_backwards, state.optim_updates
         (5, 3)
     """
     _check_arguments(model, optim_wrapper, loss_fn, train_step)

@@ -61,7 +61,8 @@ class NonFiniteGuard:
         >>> trainer = create_trainer(model, wrapper, F.mse_loss)
         >>> guard = NonFiniteGuard("skip")
         >>> guard.attach(trainer)
-        >>> data = [(torch.ones(1, 1), torch.zeros(1, 1)), (torch.ones(1, 1), torch.full((1, 1), float("nan")))]
+        >>> x = torch.ones(1, 1)
+        >>> data = [(x, torch.zeros(1, 1)), (x, torch.full((1, 1), float("nan")))]
         >>> _ = trainer.run(data)
         >>> guard.skipped, wrapper.applied_steps, bool(model.weight.isfinite().all())
         ({None: 1}, 1, True)

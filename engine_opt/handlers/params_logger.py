@@ -56,8 +56,10 @@ def group_labels(wrapper: OptimWrapper) -> list[str]:
 
     Examples:
         >>> import torch
-        >>> a, b = torch.zeros(1, requires_grad=True), torch.zeros(1, requires_grad=True)
-        >>> group_labels(OptimWrapper(torch.optim.SGD([{"params": [a], "name": "head"}, {"params": [b]}], lr=0.1)))
+        >>> a = torch.zeros(1, requires_grad=True)
+        >>> b = torch.zeros(1, requires_grad=True)
+        >>> groups = [{"params": [a], "name": "head"}, {"params": [b]}]
+        >>> group_labels(OptimWrapper(torch.optim.SGD(groups, lr=0.1)))
         ['head', 'group_1']
     """
     names = [group.get("name") for group in wrapper.param_groups]
@@ -107,9 +109,12 @@ def optim_scalars(optim_wrapper: OptimWrapper | OptimWrapperDict) -> dict[str, f
     Examples:
         >>> import torch
         >>> model = torch.nn.Linear(1, 1)
-        >>> scalars = optim_scalars(OptimWrapper(torch.optim.Adam(model.parameters(), lr=0.1)))
-        >>> scalars["lr/group_0"], scalars["momentum/group_0"], scalars["weight_decay/group_0"], list(scalars)[3:]
-        (0.1, 0.9, 0.0, ['updates_applied', 'updates_skipped'])
+        >>> wrapper = OptimWrapper(torch.optim.Adam(model.parameters(), lr=0.1))
+        >>> scalars = optim_scalars(wrapper)
+        >>> [scalars[f"{name}/group_0"] for name in ("lr", "momentum", "weight_decay")]
+        [0.1, 0.9, 0.0]
+        >>> list(scalars)[3:]
+        ['updates_applied', 'updates_skipped']
     """
     scalars: dict[str, float] = {}
     for name, wrapper in members(optim_wrapper):
@@ -145,8 +150,11 @@ class OptimParamsHandler(BaseHandler):
         >>> trainer = create_trainer(model, wrapper, F.mse_loss)
         >>> with tempfile.TemporaryDirectory() as log_dir:
         ...     tb_logger = TensorboardLogger(log_dir=log_dir)
-        ...     _ = tb_logger.attach(trainer, log_handler=OptimParamsHandler(wrapper),
-        ...                          event_name=OptimEvents.OPTIM_STEP_COMPLETED(every=2))
+        ...     _ = tb_logger.attach(
+        ...         trainer,
+        ...         log_handler=OptimParamsHandler(wrapper),
+        ...         event_name=OptimEvents.OPTIM_STEP_COMPLETED(every=2),
+        ...     )
         ...     _ = trainer.run([(torch.ones(2, 2), torch.zeros(2, 1))] * 4)
         ...     tb_logger.close()
     """

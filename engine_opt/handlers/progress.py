@@ -42,7 +42,8 @@ def progress_values(
 
     Examples:
         >>> model = torch.nn.Linear(1, 1)
-        >>> show = progress_values(OptimWrapper(torch.optim.SGD(model.parameters(), lr=0.5)))
+        >>> wrapper = OptimWrapper(torch.optim.SGD(model.parameters(), lr=0.5))
+        >>> show = progress_values(wrapper)
         >>> show(torch.tensor(0.25))
         {'loss': 0.25, 'lr': 0.5}
     """
@@ -65,8 +66,10 @@ def compact(value: float, power_of_two: bool = False) -> str:
     """``value`` as the bar shows it: 3 significant digits; with ``power_of_two``, a power of two >= 1024 as ``2^k``.
 
     Examples:
-        >>> compact(65536.0, power_of_two=True), compact(65536.0), compact(0.001), compact(1.23456), compact(3e-05)
-        ('2^16', '6.55e+04', '0.001', '1.23', '3e-05')
+        >>> compact(65536.0, power_of_two=True)
+        '2^16'
+        >>> compact(65536.0), compact(0.001), compact(1.23456), compact(3e-05)
+        ('6.55e+04', '0.001', '1.23', '3e-05')
     """
     mantissa, exponent = math.frexp(value)
     if power_of_two and mantissa == 0.5 and exponent - 1 >= 10:

@@ -66,24 +66,30 @@ class SchedulerHandler:
         >>> import torch.nn.functional as F
         >>> from engine_opt import OptimWrapper, create_trainer
         >>> model = torch.nn.Linear(2, 1)
-        >>> wrapper = OptimWrapper(torch.optim.SGD(model.parameters(), lr=1.0), accumulative_counts=2)
-        >>> scheduler = torch.optim.lr_scheduler.StepLR(wrapper.optimizer, step_size=1, gamma=0.5)
+        >>> optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+        >>> wrapper = OptimWrapper(optimizer, accumulative_counts=2)
+        >>> from torch.optim.lr_scheduler import StepLR
+        >>> scheduler = StepLR(optimizer, step_size=1, gamma=0.5)
         >>> trainer = create_trainer(model, wrapper, F.mse_loss)
         >>> SchedulerHandler(scheduler).attach(trainer)
-        >>> _ = trainer.run([(torch.ones(2, 2), torch.zeros(2, 1))] * 6)   # 6 micro-steps, 3 updates
+        >>> batch = (torch.ones(2, 2), torch.zeros(2, 1))
+        >>> _ = trainer.run([batch] * 6)  # 6 micro-steps, 3 updates
         >>> wrapper.get_lr()
         {'lr': [0.125]}
 
         MMEngine's configs, by update and by epoch:
 
         >>> from engine_opt.optim.schedulers import build_param_scheduler
-        >>> wrapper = OptimWrapper(torch.optim.SGD(model.parameters(), lr=1.0), accumulative_counts=2)
+        >>> optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+        >>> wrapper = OptimWrapper(optimizer, accumulative_counts=2)
         >>> schedulers = build_param_scheduler(wrapper, [
-        ...     dict(type="LinearLR", start_factor=0.5, end=2, by_epoch=False),    # 2 updates of warmup
-        ...     dict(type="MultiStepLR", milestones=[2], gamma=0.1)])               # at the end of epoch 2
+        ...     # 2 updates of warmup
+        ...     dict(type="LinearLR", start_factor=0.5, end=2, by_epoch=False),
+        ...     # at the end of epoch 2
+        ...     dict(type="MultiStepLR", milestones=[2], gamma=0.1)])
         >>> trainer = create_trainer(model, wrapper, F.mse_loss)
         >>> SchedulerHandler(schedulers).attach(trainer)
-        >>> _ = trainer.run([(torch.ones(2, 2), torch.zeros(2, 1))] * 4, max_epochs=3)   # 2 updates an epoch
+        >>> _ = trainer.run([batch] * 4, max_epochs=3)  # 2 updates an epoch
         >>> (group,) = wrapper.param_groups
         >>> round(group["lr"], 6)
         0.1

@@ -130,8 +130,9 @@ class SpikeGuard:
         >>> trainer = create_trainer(model, wrapper, F.mse_loss)
         >>> guard = SpikeGuard("skip", z=4.0, warmup=3)
         >>> guard.attach(trainer)
-        >>> data = [(torch.ones(1, 1), torch.full((1, 1), 1.0 + i % 2)) for i in range(6)]
-        >>> data.append((torch.ones(1, 1), torch.full((1, 1), 1e3)))
+        >>> x = torch.ones(1, 1)
+        >>> data = [(x, torch.full((1, 1), 1.0 + i % 2)) for i in range(6)]
+        >>> data.append((x, torch.full((1, 1), 1e3)))
         >>> _ = trainer.run(data)
         >>> guard.spikes()
         {None: 1}

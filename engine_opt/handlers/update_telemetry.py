@@ -56,7 +56,8 @@ def layer_prefixes(model: nn.Module, depth: int) -> list[str]:
     name (its own name at the root).
 
     Examples:
-        >>> model = torch.nn.Sequential(torch.nn.Linear(1, 1), torch.nn.Sequential(torch.nn.Linear(1, 1)))
+        >>> from torch.nn import Linear, Sequential
+        >>> model = Sequential(Linear(1, 1), Sequential(Linear(1, 1)))
         >>> layer_prefixes(model, 1), layer_prefixes(model, 2)
         (['0', '1'], ['0', '1.0'])
     """
@@ -309,7 +310,8 @@ class UpdateTelemetryHandler(BaseHandler):
         >>> telemetry = UpdateTelemetryHandler(wrapper, every=2, model=model, depth=1)
         >>> for _ in range(2):
         ...     wrapper.update_params(model(torch.ones(4, 2)).square().mean())
-        ...     values = telemetry.read()  # once per iteration: it also hooks the next measured update
+        ...     # once per iteration: it also hooks the next measured update
+        ...     values = telemetry.read()
         >>> sorted(tag for tag in values if tag.startswith("layer_update_norm"))
         ['layer_update_norm/0', 'layer_update_norm/1']
         >>> values["update_norm/group_0"] > 0, telemetry.read()
