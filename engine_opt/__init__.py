@@ -17,7 +17,8 @@ Examples:
     >>> from torch import nn
     >>> import engine_opt
     >>> model = nn.Linear(1, 1)
-    >>> wrapper = engine_opt.OptimWrapper(torch.optim.SGD(model.parameters(), lr=0.01))
+    >>> optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    >>> wrapper = engine_opt.OptimWrapper(optimizer)
     >>> wrapper.get_momentum()
     {'momentum': [0]}
 """

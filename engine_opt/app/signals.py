@@ -18,7 +18,10 @@ let finish. (The launcher of several ranks escalates on its own.)
 Examples:
     >>> import signal
     >>> from ignite.engine import Engine
-    >>> engine = Engine(lambda engine, batch: signal.raise_signal(signal.SIGINT) if batch == 2 else None)
+    >>> def step(engine, batch):
+    ...     if batch == 2:
+    ...         signal.raise_signal(signal.SIGINT)
+    >>> engine = Engine(step)
     >>> with StopOnSignal(engine) as stop:
     ...     state = engine.run([1, 2, 3, 4])
     >>> stop.received, state.iteration

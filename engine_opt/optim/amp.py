@@ -9,12 +9,16 @@ Examples:
     >>> import torch
     >>> from torch import nn
     >>> model = nn.Linear(2, 1)
-    >>> wrapper = AmpOptimWrapper(optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
-    ...                           dtype="fp16", loss_scale=dict(init_scale=1024.0))
+    >>> wrapper = AmpOptimWrapper(
+    ...     optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+    ...     dtype="fp16",
+    ...     loss_scale=dict(init_scale=1024.0),
+    ... )
     >>> with wrapper.optim_context(model):
     ...     loss = model(torch.ones(4, 2)).float().mean()
     >>> wrapper.update_params(loss)
-    >>> wrapper.cast_dtype, wrapper.step_was_skipped, wrapper.loss_scaler.get_scale()
+    >>> scale = wrapper.loss_scaler.get_scale()
+    >>> wrapper.cast_dtype, wrapper.step_was_skipped, scale
     (torch.float16, False, 1024.0)
 """
 
@@ -121,7 +125,8 @@ class AmpOptimWrapper(OptimWrapper):
         >>> import torch
         >>> from torch import nn
         >>> model = nn.Linear(2, 1)
-        >>> wrapper = AmpOptimWrapper(optimizer=torch.optim.SGD(model.parameters(), lr=0.1), dtype="bf16")
+        >>> optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        >>> wrapper = AmpOptimWrapper(optimizer=optimizer, dtype="bf16")
         >>> with wrapper.optim_context(model):
         ...     out = model(torch.ones(3, 2))
         >>> out.dtype, wrapper.loss_scaler

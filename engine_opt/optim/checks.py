@@ -174,10 +174,12 @@ def known_keys(name: str, given: Iterable[str], accepted: Iterable[str]) -> None
     """Raise ``ValueError`` if ``given`` holds a key outside ``accepted``.
 
     Examples:
-        >>> known_keys("clip_grad", ["max_norm", "maxnorm"], ["max_norm", "norm_type"])
+        >>> known_keys(  # doctest: +NORMALIZE_WHITESPACE
+        ...     "clip_grad", ["max_norm", "maxnorm"], ["max_norm", "norm_type"])
         Traceback (most recent call last):
         ...
-        ValueError: clip_grad got unknown key(s) ['maxnorm']; accepted: ['max_norm', 'norm_type']
+        ValueError: clip_grad got unknown key(s) ['maxnorm'];
+        accepted: ['max_norm', 'norm_type']
     """
     accepted = list(accepted)
     unknown = [key for key in given if key not in accepted]

@@ -15,7 +15,9 @@ Examples:
     >>> optimizer = torch.optim.SGD([param], lr=0.1)
     >>> scaler = torch.amp.GradScaler("cpu", init_scale=4.0)
     >>> scaler.scale(param.sum() * float("inf")).backward()
-    >>> found_inf = step_reporting_skip(scaler, optimizer, {}, lambda: scaler.unscale_(optimizer))
+    >>> def unscale():
+    ...     scaler.unscale_(optimizer)
+    >>> found_inf = step_reporting_skip(scaler, optimizer, {}, unscale)
     >>> scaler.update(); bool(found_inf), param.item()
     (True, 0.0)
 """

@@ -5,8 +5,9 @@ The core's own, framework-free events: a hook registered with
 The Ignite layer maps each one to an ``OptimEvents`` member of the same name.
 
 Examples:
-    >>> [event.value for event in StepEvent]
-    ['backward_completed', 'before_optim_step', 'optim_step_completed', 'optim_step_skipped']
+    >>> [event.value for event in StepEvent]  # doctest: +NORMALIZE_WHITESPACE
+    ['backward_completed', 'before_optim_step', 'optim_step_completed',
+     'optim_step_skipped']
 """
 
 from __future__ import annotations
@@ -49,8 +50,9 @@ class StepHooks:
 
     Examples:
         >>> hooks = StepHooks()
-        >>> handle = hooks.add(lambda wrapper, event, loss: None, [StepEvent.BEFORE_OPTIM_STEP])
-        >>> bool(hooks.table(StepEvent.BEFORE_OPTIM_STEP)), bool(hooks.table(StepEvent.BACKWARD_COMPLETED))
+        >>> before, backward = StepEvent.BEFORE_OPTIM_STEP, StepEvent.BACKWARD_COMPLETED
+        >>> handle = hooks.add(lambda wrapper, event, loss: None, [before])
+        >>> bool(hooks.table(before)), bool(hooks.table(backward))
         (True, False)
         >>> handle.remove()
         >>> bool(hooks.table(StepEvent.BEFORE_OPTIM_STEP))

@@ -5,10 +5,11 @@ step skipped after the first backward overflows), ``1e-50`` would become
 ``0`` (every gradient zero). Both are refused, with the argument named.
 
 Examples:
-    >>> check_loss_scale({"init_scale": 1e300})
+    >>> check_loss_scale({"init_scale": 1e300})  # doctest: +NORMALIZE_WHITESPACE
     Traceback (most recent call last):
     ...
-    ValueError: loss_scale['init_scale'] must be > 0 and finite as a float32 (the scale's dtype), got 1e+300
+    ValueError: loss_scale['init_scale'] must be > 0 and finite as a float32
+    (the scale's dtype), got 1e+300
 """
 
 from __future__ import annotations

@@ -28,10 +28,11 @@ def check_num_items(num_items: Any, device: torch.device) -> int | torch.Tensor:
     """``num_items`` as a positive int, or a 0-d integer tensor on ``device`` (as int64; its value is not read).
 
     Examples:
-        >>> check_num_items(0, torch.device("cpu"))
+        >>> check_num_items(0, torch.device("cpu"))  # doctest: +NORMALIZE_WHITESPACE
         Traceback (most recent call last):
         ...
-        ValueError: num_items must be a positive int (the number of items the loss sums over), got 0
+        ValueError: num_items must be a positive int (the number of items the loss
+        sums over), got 0
     """
     accepted = "a positive int or a 0-d integer tensor on the gradients' device"
     if isinstance(num_items, torch.Tensor):

@@ -11,9 +11,11 @@ private table names, each with a fallback: a table of the view's own).
 
 Examples:
     >>> import torch
-    >>> optimizer = torch.optim.SGD(torch.nn.Linear(1, 1).parameters(), lr=0.1, momentum=0.9)
+    >>> model = torch.nn.Linear(1, 1)
+    >>> optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     >>> view = OptimizerView(optimizer)
-    >>> view.param_groups is optimizer.param_groups, view.get_lr(), view.get_momentum()
+    >>> same_groups = view.param_groups is optimizer.param_groups
+    >>> same_groups, view.get_lr(), view.get_momentum()
     (True, {'lr': [0.1]}, {'momentum': [0.9]})
 """
 
@@ -128,7 +130,8 @@ class OptimizerView(torch.optim.Optimizer):
         Examples:
             >>> import torch
             >>> model = torch.nn.Linear(1, 1)
-            >>> optimizer = torch.optim.SGD([{"params": [model.weight]}, {"params": [model.bias], "lr": 0.2}], lr=0.1)
+            >>> groups = [{"params": [model.weight]}, {"params": [model.bias], "lr": 0.2}]
+            >>> optimizer = torch.optim.SGD(groups, lr=0.1)
             >>> view = OptimizerView(optimizer)
             >>> scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=0.5)
             >>> optimizer.step()

@@ -10,13 +10,16 @@ project's load into MMEngine.
 Examples:
     >>> import torch
     >>> from engine_opt import build_optim_wrapper
-    >>> cfg = dict(optimizer=dict(type="SGD", lr=0.1, weight_decay=0.01), paramwise_cfg=dict(bias_decay_mult=0.0))
+    >>> cfg = dict(
+    ...     optimizer=dict(type="SGD", lr=0.1, weight_decay=0.01),
+    ...     paramwise_cfg=dict(bias_decay_mult=0.0),
+    ... )
     >>> wrapper = build_optim_wrapper(torch.nn.Linear(2, 2), cfg)
     >>> per_parameter = in_model_order(wrapper.optimizer.state_dict())
-    >>> groups = [(g["params"], g["weight_decay"]) for g in per_parameter["param_groups"]]
-    >>> groups
+    >>> [(g["params"], g["weight_decay"]) for g in per_parameter["param_groups"]]
     [([0], 0.01), ([1], 0.0)]
-    >>> regrouped(wrapper.optimizer, per_parameter) == wrapper.optimizer.state_dict()
+    >>> optimizer = wrapper.optimizer
+    >>> regrouped(optimizer, per_parameter) == optimizer.state_dict()
     True
 """
 

@@ -18,9 +18,10 @@ which MMEngine makes one group per parameter, so its checkpoints load.
 Examples:
     >>> from torch import nn
     >>> model = nn.Sequential(nn.Conv2d(4, 4, 3, groups=4), nn.BatchNorm2d(4))
-    >>> rules = ParamwiseRules.from_config(dict(dwconv_decay_mult=0.0, norm_decay_mult=0.5), lr=0.1, weight_decay=1e-4)
-    >>> groups = [(g["name"], g["weight_decay"], g["model_order"]) for g in rules.param_groups(model)]
-    >>> groups
+    >>> paramwise_cfg = dict(dwconv_decay_mult=0.0, norm_decay_mult=0.5)
+    >>> rules = ParamwiseRules.from_config(paramwise_cfg, lr=0.1, weight_decay=1e-4)
+    >>> groups = rules.param_groups(model)
+    >>> [(g["name"], g["weight_decay"], g["model_order"]) for g in groups]
     [('dwconv', 0.0, [0, 1]), ('norm', 5e-05, [2, 3])]
 """
 
@@ -89,8 +90,8 @@ def vit_layer_id(name: str, num_layers: int) -> int:
     first of either found wins. Everything else (final norm, head) is on top.
 
     Examples:
-        >>> layers = [vit_layer_id(n, 12) for n in (".cls_token", "backbone.blocks.3.attn.qkv.weight", "head.bias")]
-        >>> layers
+        >>> names = (".cls_token", "backbone.blocks.3.attn.qkv.weight", "head.bias")
+        >>> [vit_layer_id(name, 12) for name in names]
         [0, 4, 13]
     """
     parts = name.split(".")
@@ -369,7 +370,10 @@ def params_in_model_order(groups: list[dict[str, Any]]) -> list[torch.Tensor]:
 
     Examples:
         >>> first, second = torch.zeros(1), torch.zeros(2)
-        >>> groups = [{"params": [second], MODEL_ORDER: [1]}, {"params": [first], MODEL_ORDER: [0]}]
+        >>> groups = [
+        ...     {"params": [second], MODEL_ORDER: [1]},
+        ...     {"params": [first], MODEL_ORDER: [0]},
+        ... ]
         >>> params_in_model_order(groups)[0] is first
         True
     """

@@ -13,9 +13,10 @@
 lr and weight decay; its groups are named ``route/group``.
 
 Examples:
-    >>> model = torch.nn.ModuleDict(dict(body=torch.nn.Linear(2, 2), head=torch.nn.Linear(2, 1)))
-    >>> routes = Routes.parse(model, {"muon": dict(ndim=2, exclude_names=["head"], optimizer=dict(type="Muon"))},
-    ...                       dict(type="AdamW"))
+    >>> from torch.nn import Linear, ModuleDict
+    >>> model = ModuleDict(dict(body=Linear(2, 2), head=Linear(2, 1)))
+    >>> muon = dict(ndim=2, exclude_names=["head"], optimizer=dict(type="Muon"))
+    >>> routes = Routes.parse(model, {"muon": muon}, dict(type="AdamW"))
     >>> {route.name: len(route.params) for route in routes}
     {'muon': 1, 'default': 3}
 """
@@ -50,9 +51,12 @@ class RouteRule:
         module_types: Class names of the module holding it (``['Linear']``; a subclass counts).
 
     Examples:
-        >>> rule = RouteRule.parse("routes['muon']", dict(ndim=2, module_types=["Linear"], exclude_names=["head"]))
-        >>> model = torch.nn.ModuleDict(dict(body=torch.nn.Linear(2, 2), head=torch.nn.Linear(2, 1)))
-        >>> tuple(name for name, module, param in owned_parameters(model) if rule.takes(name, module, param))
+        >>> from torch.nn import Linear, ModuleDict
+        >>> config = dict(ndim=2, module_types=["Linear"], exclude_names=["head"])
+        >>> rule = RouteRule.parse("routes['muon']", config)
+        >>> model = ModuleDict(dict(body=Linear(2, 2), head=Linear(2, 1)))
+        >>> owned = owned_parameters(model)
+        >>> tuple(name for name, module, p in owned if rule.takes(name, module, p))
         ('body.weight',)
     """
 

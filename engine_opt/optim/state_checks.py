@@ -160,7 +160,8 @@ def check_hyperparameters(optimizer: torch.optim.Optimizer) -> None:
 
     Examples:
         >>> param = torch.zeros(1, requires_grad=True)
-        >>> check_hyperparameters(torch.optim.SGD([{"params": [param], "lr": float("inf")}], lr=0.1))
+        >>> groups = [{"params": [param], "lr": float("inf")}]
+        >>> check_hyperparameters(torch.optim.SGD(groups, lr=0.1))
         Traceback (most recent call last):
         ...
         ValueError: SGD param group 0's 'lr' must be a finite number, got inf
@@ -185,7 +186,8 @@ def check_structure(current: Any, saved: Any, where: str, *, require_keys: bool 
     Keys only one side has are otherwise left alone: releases add and drop some.
 
     Examples:
-        >>> check_structure({"last_epoch": 3, "base_lrs": [0.1]}, {"last_epoch": 5, "base_lrs": []}, "scheduler")
+        >>> reference = {"last_epoch": 3, "base_lrs": [0.1]}
+        >>> check_structure(reference, {"last_epoch": 5, "base_lrs": []}, "scheduler")
         Traceback (most recent call last):
         ...
         ValueError: scheduler['base_lrs'] must be a list of 1, got [] of type list

@@ -23,14 +23,16 @@ snapshot's optimizer with the counts and the window of now, ``at_position``).
 Examples:
     >>> import torch
     >>> param = torch.nn.Parameter(torch.ones(2))
-    >>> state = {"counters": {"inner_count": 1, "accumulative_counts": 2}, **window_entries([torch.ones(2)], None)}
+    >>> counters = {"inner_count": 1, "accumulative_counts": 2}
+    >>> state = {"counters": counters, **window_entries([torch.ones(2)], None)}
     >>> check(state, [param], accumulative_counts=2)
     >>> sorted(window_of(state)), saved_grads(state)
     (['accumulated_grads'], [tensor([1., 1.])])
-    >>> check(state, [param], accumulative_counts=4)
+    >>> check(state, [param], accumulative_counts=4)  # doctest: +NORMALIZE_WHITESPACE
     Traceback (most recent call last):
     ...
-    ValueError: state_dict was saved mid-window with accumulative_counts=2, this wrapper has 4: ...
+    ValueError: state_dict was saved mid-window with accumulative_counts=2,
+    this wrapper has 4: ...
 """
 
 from __future__ import annotations
@@ -84,9 +86,12 @@ def at_position(earlier: Mapping[str, Any], now: Mapping[str, Any]) -> dict[str,
     neither argument is changed.
 
     Examples:
-        >>> earlier = {"state": {}, "param_groups": [], "counters": {"inner_count": 4, "steps": 2},
+        >>> earlier = {"state": {}, "param_groups": [],
+        ...            "counters": {"inner_count": 4, "steps": 2},
         ...            "accumulated_grads": [None]}
-        >>> at_position(earlier, {"state": {}, "param_groups": [], "counters": {"inner_count": 9, "steps": 7}})
+        >>> now = {"state": {}, "param_groups": [],
+        ...        "counters": {"inner_count": 9, "steps": 7}}
+        >>> at_position(earlier, now)
         {'state': {}, 'param_groups': [], 'counters': {'inner_count': 9, 'steps': 7}}
     """
     moved = {key: value for key, value in earlier.items() if key not in WINDOW_KEYS}
@@ -157,7 +162,7 @@ def check_optimizer_type(state_dict: Mapping[str, Any], optimizer: torch.optim.O
         >>> check_optimizer_type({"optimizer_type": "AdamW"}, adam)
         Traceback (most recent call last):
         ...
-        ValueError: state_dict is the state of the optimizer AdamW, this wrapper's is Adam: ...
+        ValueError: state_dict is the state of the optimizer AdamW, this wrapper's ...
     """
     saved, current = state_dict.get("optimizer_type"), optimizer_type(optimizer)
     if saved is not None and not isinstance(saved, str):

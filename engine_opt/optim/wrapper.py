@@ -15,7 +15,8 @@ Examples:
     >>> import torch
     >>> from torch import nn
     >>> model = nn.Linear(1, 1)
-    >>> wrapper = OptimWrapper(torch.optim.SGD(model.parameters(), lr=0.01), accumulative_counts=2)
+    >>> optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    >>> wrapper = OptimWrapper(optimizer, accumulative_counts=2)
     >>> for _ in range(4):
     ...     with wrapper.optim_context(model):
     ...         loss = model(torch.ones(1, 1)).sum()
@@ -204,7 +205,8 @@ class OptimWrapper(OptimizerView):
         Examples:
             >>> import torch
             >>> model = torch.nn.Linear(1, 1)
-            >>> wrapper = OptimWrapper(torch.optim.SGD(model.parameters(), lr=0.1), accumulative_counts=2)
+            >>> optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+            >>> wrapper = OptimWrapper(optimizer, accumulative_counts=2)
             >>> wrapper.update_params(model(torch.ones(1)).sum())
             >>> wrapper.in_window
             True
@@ -566,7 +568,9 @@ class OptimWrapper(OptimizerView):
             >>> model = torch.nn.Linear(1, 1)
             >>> wrapper = OptimWrapper(torch.optim.SGD(model.parameters(), lr=0.1))
             >>> seen = []
-            >>> handle = wrapper.register_step_hook(lambda w, event, loss: seen.append(event.value))
+            >>> def hook(wrapper, event, loss):
+            ...     seen.append(event.value)
+            >>> handle = wrapper.register_step_hook(hook)
             >>> wrapper.update_params(model(torch.ones(1, 1)).sum())
             >>> seen
             ['backward_completed', 'before_optim_step', 'optim_step_completed']
@@ -619,10 +623,13 @@ class OptimWrapper(OptimizerView):
         Examples:
             >>> import torch
             >>> model = torch.nn.Linear(2, 1, bias=False)
-            >>> wrapper = OptimWrapper(torch.optim.SGD(model.parameters(), lr=1.0), accumulative_counts=2)
+            >>> optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+            >>> wrapper = OptimWrapper(optimizer, accumulative_counts=2)
             >>> wrapper.update_params(model(torch.ones(3, 2)).sum(), num_items=3)
-            >>> wrapper.update_params(model(torch.ones(1, 2)).sum(), num_items=torch.tensor(1))
-            >>> wrapper.update_params(model(torch.ones(1, 2)).sum())  # the next window: without is fine
+            >>> loss = model(torch.ones(1, 2)).sum()
+            >>> wrapper.update_params(loss, num_items=torch.tensor(1))
+            >>> # the next window: without is fine
+            >>> wrapper.update_params(model(torch.ones(1, 2)).sum())
         """
         if closure is not None or self._needs_closure:
             self._update_reevaluating(loss, step_kwargs, zero_kwargs, num_items, closure)
@@ -783,11 +790,14 @@ class OptimWrapper(OptimizerView):
 
         Examples:
             >>> import torch
-            >>> wrapper = OptimWrapper(torch.optim.SGD(torch.nn.Linear(1, 1).parameters(), lr=0.1))
-            >>> wrapper.check_state_dict({"lr": 0.1})
+            >>> model = torch.nn.Linear(1, 1)
+            >>> wrapper = OptimWrapper(torch.optim.SGD(model.parameters(), lr=0.1))
+            >>> wrapper.check_state_dict(  # doctest: +NORMALIZE_WHITESPACE
+            ...     {"lr": 0.1})
             Traceback (most recent call last):
             ...
-            ValueError: state_dict lacks the optimizer key(s) ['state', 'param_groups']; got keys ['lr']. ...
+            ValueError: state_dict lacks the optimizer key(s) ['state', 'param_groups'];
+            got keys ['lr']. ...
         """
         if isinstance(state_dict, Mapping):
             window_state.check_optimizer_type(state_dict, self.optimizer)

@@ -36,9 +36,12 @@ def members(optim_wrapper: OptimWrapper | OptimWrapperDict) -> list[tuple[str | 
 
     Examples:
         >>> import torch
-        >>> wrapper = OptimWrapper(torch.optim.SGD(torch.nn.Linear(1, 1).parameters(), lr=0.1))
-        >>> [name for name, _ in members(wrapper)], [name for name, _ in members(OptimWrapperDict(gen=wrapper))]
-        ([None], ['gen'])
+        >>> model = torch.nn.Linear(1, 1)
+        >>> wrapper = OptimWrapper(torch.optim.SGD(model.parameters(), lr=0.1))
+        >>> [name for name, _ in members(wrapper)]
+        [None]
+        >>> [name for name, _ in members(OptimWrapperDict(gen=wrapper))]
+        ['gen']
     """
     if isinstance(optim_wrapper, OptimWrapperDict):
         return list(optim_wrapper.items())
@@ -161,7 +164,8 @@ class OptimWrapperDict:
 
         Examples:
             >>> import torch
-            >>> gen = OptimWrapper(torch.optim.SGD(torch.nn.Linear(1, 1).parameters(), lr=0.1))
+            >>> model = torch.nn.Linear(1, 1)
+            >>> gen = OptimWrapper(torch.optim.SGD(model.parameters(), lr=0.1))
             >>> groups = OptimWrapperDict(gen=gen).param_groups
             >>> list(groups), groups["gen"] is gen.optimizer.param_groups
             (['gen'], True)
@@ -277,7 +281,8 @@ class OptimWrapperDict:
             >>> with wrappers.optim_context(gen, member="gen"):
             ...     loss = disc(gen(torch.ones(1, 1))).sum()
             >>> wrappers["gen"].update_params(loss)
-            >>> disc.weight.grad is None, disc.weight.requires_grad, wrappers["gen"].applied_steps
+            >>> applied = wrappers["gen"].applied_steps
+            >>> disc.weight.grad is None, disc.weight.requires_grad, applied
             (True, True, 1)
         """
         if member is None:

@@ -25,10 +25,13 @@ The momentum schedulers set ``momentum``, or for Adam-like optimizers
 Examples:
     >>> import torch
     >>> from engine_opt import OptimWrapper
-    >>> wrapper = OptimWrapper(torch.optim.SGD(torch.nn.Linear(2, 1).parameters(), lr=0.1))
+    >>> model = torch.nn.Linear(2, 1)
+    >>> wrapper = OptimWrapper(torch.optim.SGD(model.parameters(), lr=0.1))
     >>> schedulers = build_param_scheduler(wrapper, [
-    ...     dict(type="LinearLR", start_factor=0.25, begin=0, end=3, by_epoch=False),
-    ...     dict(type="CosineAnnealingLR", T_max=4, begin=3, end=7, by_epoch=False)])
+    ...     dict(type="LinearLR", start_factor=0.25, begin=0, end=3,
+    ...          by_epoch=False),
+    ...     dict(type="CosineAnnealingLR", T_max=4, begin=3, end=7,
+    ...          by_epoch=False)])
     >>> lrs, (group,) = [], wrapper.param_groups
     >>> for _ in range(7):
     ...     lrs.append(round(group["lr"], 4))   # the value this update uses

@@ -154,11 +154,17 @@ def build_param_scheduler(
     Examples:
         >>> import torch
         >>> from engine_opt import OptimWrapper
-        >>> wrapper = OptimWrapper(torch.optim.AdamW(torch.nn.Linear(2, 1).parameters(), lr=1e-3))
-        >>> for scheduler in build_param_scheduler(wrapper, [
-        ...         dict(type="LinearLR", start_factor=0.1, end=500, by_epoch=False),
-        ...         dict(type="CosineAnnealingLR", begin=1, convert_to_iter_based=True),
-        ...         dict(type="CosineAnnealingMomentum", eta_min=0.85)], epoch_length=500, max_epochs=12):
+        >>> model = torch.nn.Linear(2, 1)
+        >>> wrapper = OptimWrapper(torch.optim.AdamW(model.parameters(), lr=1e-3))
+        >>> configs = [
+        ...     dict(type="LinearLR", start_factor=0.1, end=500, by_epoch=False),
+        ...     dict(type="CosineAnnealingLR", begin=1, convert_to_iter_based=True),
+        ...     dict(type="CosineAnnealingMomentum", eta_min=0.85),
+        ... ]
+        >>> schedulers = build_param_scheduler(
+        ...     wrapper, configs, epoch_length=500, max_epochs=12
+        ... )
+        >>> for scheduler in schedulers:
         ...     print(scheduler)
         LinearLR('lr', begin=0, end=500, by iter)
         CosineAnnealingLR('lr', begin=500, end=6000, by iter)

@@ -23,7 +23,8 @@ def from_mmengine(state: Mapping[str, Any], scheduler_type: str, groups: list[di
     run's own config applies, as for this package's states.
 
     Examples:
-        >>> from_mmengine({"_global_step": 3, "last_step": 3, "by_epoch": False}, "LinearLR", [])
+        >>> saved = {"_global_step": 3, "last_step": 3, "by_epoch": False}
+        >>> from_mmengine(saved, "LinearLR", [])
         {'type': 'LinearLR', 'by_epoch': False, 'last_step': 3, 'global_step': 3}
     """
     if "_global_step" not in state or "global_step" in state:
