@@ -34,7 +34,7 @@ from torch import nn
 
 from . import checks
 from .distributed import NO_CONTEXT
-from .grad_scaler import step_reporting_skip
+from .grad_scaler import inverse_scale, step_reporting_skip
 from .loss_scale import check_loss_scale, check_scaler_state
 from .wrapper import OptimWrapper
 
@@ -189,6 +189,15 @@ class AmpOptimWrapper(OptimWrapper):
             self._scaler_open = True
             self.loss_scaler.unscale_(self.optimizer)
             self._unscaled = True
+
+    def _inverse_scale(self) -> torch.Tensor | None:
+        """``1 / scale`` while the gradients are scaled; where the scale cannot be read, they are unscaled now."""
+        if self.loss_scaler is None or self._unscaled:
+            return None
+        inverse = inverse_scale(self.loss_scaler)
+        if inverse is None:
+            self.unscale_grads()
+        return inverse
 
     def _optimizer_step(self, kwargs: dict[str, Any]) -> torch.Tensor | None:
         scaler = self.loss_scaler

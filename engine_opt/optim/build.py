@@ -30,6 +30,9 @@ from torch import nn
 
 from . import checks, distributed
 from .amp import AmpOptimWrapper
+from .implementation import KEY as IMPLEMENTATION_KEY
+from .implementation import Implementation, choose, combined
+from .implementation import check as check_implementation
 from .paramwise import ParamwiseRules
 from .routed import RoutedOptimizer
 from .routes import DEFAULT_ROUTE, Route, Routes
@@ -195,8 +198,13 @@ def _tensors(params: list[Any]) -> list[torch.Tensor]:
 
 
 def _build_optimizer(
-    model: nn.Module, optimizer_cfg: Any, paramwise_cfg: Mapping[str, Any] | None, route: Route | None = None
-) -> torch.optim.Optimizer:
+    model: nn.Module,
+    optimizer_cfg: Any,
+    paramwise_cfg: Mapping[str, Any] | None,
+    route: Route | None = None,
+    implementation: str | None = None,
+) -> tuple[torch.optim.Optimizer, Implementation | None]:
+    """The optimizer a config describes, and what its ``implementation`` (if given) chose."""
     where = "optimizer" if route is None else route.where("optimizer")
     optimizer_cfg = dict(checks.mapping(where, optimizer_cfg))
     if "type" not in optimizer_cfg:
@@ -223,13 +231,17 @@ def _build_optimizer(
     params = _parameters(unwrap_model(model), paramwise_cfg, base_lr, base_wd, names, wd_given, route)
     if optimizer_cls is torch.optim.Muon and distributed.any_sharded(_tensors(params)):
         optimizer_cls = ShardedMuon  # torch's Muon takes no DTensor: each matrix orthogonalised whole, on its owner
+    choice = None
+    if implementation is not None:
+        choice, kwargs = choose(implementation, optimizer_cls, _tensors(params), optimizer_cfg, where)
+        optimizer_cfg.update(kwargs)
     if route is not None:
-        return route.build(optimizer_cls, params, optimizer_cfg)
+        return route.build(optimizer_cls, params, optimizer_cfg), choice
     if zero:
         from torch.distributed.optim import ZeroRedundancyOptimizer
 
-        return ZeroRedundancyOptimizer(params, optimizer_class=optimizer_cls, **zero_args, **optimizer_cfg)
-    return optimizer_cls(params, **optimizer_cfg)
+        return ZeroRedundancyOptimizer(params, optimizer_class=optimizer_cls, **zero_args, **optimizer_cfg), choice
+    return optimizer_cls(params, **optimizer_cfg), choice
 
 
 def _build_one(model: nn.Module, cfg: Mapping[str, Any]) -> OptimWrapper:
@@ -247,30 +259,48 @@ def _build_one(model: nn.Module, cfg: Mapping[str, Any]) -> OptimWrapper:
     optimizer_cfg = cfg.pop("optimizer")
     paramwise_cfg = cfg.pop("paramwise_cfg", None)
     routes_cfg = cfg.pop("routes", None)
+    implementation = cfg.pop(IMPLEMENTATION_KEY, None)
     accepted = _accepted_args(wrapper_cls, skip=("optimizer",))
     if accepted is not None:
-        known = ["type", "optimizer", "paramwise_cfg", "routes", *accepted[0]]
+        known = ["type", "optimizer", "paramwise_cfg", "routes", IMPLEMENTATION_KEY, *accepted[0]]
         checks.known_keys(f"{wrapper_cls.__name__} config", cfg, known)
+    if implementation is not None:
+        check_implementation(implementation)  # before anything is built
     if routes_cfg is None:
-        optimizer = _build_optimizer(model, optimizer_cfg, paramwise_cfg)
+        optimizer, choice = _build_optimizer(model, optimizer_cfg, paramwise_cfg, implementation=implementation)
     else:
-        optimizer = _build_routed(model, routes_cfg, optimizer_cfg, paramwise_cfg)
-    return wrapper_cls(optimizer=optimizer, **cfg)
+        optimizer, choice = _build_routed(model, routes_cfg, optimizer_cfg, paramwise_cfg, implementation)
+    wrapper = wrapper_cls(optimizer=optimizer, **cfg)
+    if choice is not None:
+        wrapper.implementation = choice
+    return wrapper
 
 
 def _build_routed(
-    model: nn.Module, routes_cfg: Any, optimizer_cfg: Any, paramwise_cfg: Mapping[str, Any] | None
-) -> RoutedOptimizer:
-    """A ``RoutedOptimizer``: each route's optimizer over the parameters it takes first, ``optimizer`` over the rest."""
+    model: nn.Module,
+    routes_cfg: Any,
+    optimizer_cfg: Any,
+    paramwise_cfg: Mapping[str, Any] | None,
+    implementation: str | None = None,
+) -> tuple[RoutedOptimizer, Implementation | None]:
+    """A ``RoutedOptimizer``: each route's optimizer over the parameters it takes first, ``optimizer`` over the rest.
+
+    ``implementation`` applies to each route's optimizer (``'auto'``: each its own pick).
+    """
     routes = Routes.parse(unwrap_model(model), routes_cfg, optimizer_cfg)
     optimizers = {}
+    choices: dict[str, Implementation] = {}
     for route in routes:
         # paramwise_cfg leaves frozen parameters out (without it they stay, so unfreezing them trains them)
         if paramwise_cfg and not route.trainable and route.name != DEFAULT_ROUTE:
             raise ValueError(f"routes[{route.name!r}] takes only frozen parameters (requires_grad=False)")
         if route.params and (route.trainable or not paramwise_cfg):
-            optimizers[route.name] = _build_optimizer(model, route.optimizer_cfg, paramwise_cfg, route)
-    return RoutedOptimizer(optimizers)
+            optimizer, choice = _build_optimizer(model, route.optimizer_cfg, paramwise_cfg, route, implementation)
+            optimizers[route.name] = optimizer
+            if choice is not None:
+                choices[route.name] = choice
+    routed = RoutedOptimizer(optimizers)
+    return routed, (None if implementation is None else combined(implementation, choices))
 
 
 def build_optim_wrapper(model: nn.Module, cfg: Mapping[str, Any]) -> OptimWrapper | OptimWrapperDict:
@@ -297,7 +327,11 @@ def build_optim_wrapper(model: nn.Module, cfg: Mapping[str, Any]) -> OptimWrappe
             ``RoutedOptimizer`` (``routes``: Muon beside AdamW; ``'Muon'``
             over FSDP2-sharded parameters builds a ``ShardedMuon``), and
             ``sam=dict(rho=..., adaptive=...)`` makes each update SAM's two
-            passes (``OptimWrapper``'s ``sam``). A model
+            passes (``OptimWrapper``'s ``sam``). ``implementation``
+            (``'auto'``, ``'for-loop'``, ``'foreach'``, ``'fused'``) sets
+            torch's ``foreach``/``fused`` arguments of the optimizer
+            (``implementation``; without it, torch's default), and the
+            wrapper's ``implementation`` says what it chose. A model
             that only wraps ``.module`` (``DistributedDataParallel``) is
             unwrapped first. ``cfg`` is not modified.
 

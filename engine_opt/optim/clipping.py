@@ -43,11 +43,14 @@ class GradClipper:
 
     Attributes:
         type: ``'norm'`` or ``'value'``.
-        kwargs: The arguments of the torch function (without ``type``).
+        kwargs: The arguments of the torch function (without ``type`` and ``fold_into_step``).
+        fold_into_step: ``clip_grad['fold_into_step']``: the clipping (and a float16 unscaling) done by a
+            fused optimizer's step (``clip_in_step``); default ``False``.
     """
 
     type: str
     kwargs: dict[str, Any]
+    fold_into_step: bool = False
 
     @classmethod
     def parse(cls, clip_grad: Any) -> GradClipper | None:
@@ -56,10 +59,11 @@ class GradClipper:
             return None
         kwargs = dict(checks.mapping("clip_grad", clip_grad))
         clip_type = kwargs.pop("type", "norm")
+        fold = checks.flag("clip_grad['fold_into_step']", kwargs.pop("fold_into_step", False))
         if clip_type not in _CLIP_ARGS:
             raise ValueError(f"clip_grad['type'] must be one of {sorted(_CLIP_ARGS)}, got {clip_type!r}")
         required, accepted = _CLIP_ARGS[clip_type]
-        checks.known_keys(f"clip_grad (type {clip_type!r})", kwargs, ("type", *accepted))
+        checks.known_keys(f"clip_grad (type {clip_type!r})", kwargs, ("type", "fold_into_step", *accepted))
         if required not in kwargs:
             raise ValueError(
                 f"clip_grad of type {clip_type!r} needs {required!r}, got {dict(clip_grad)!r}; "
@@ -73,7 +77,7 @@ class GradClipper:
             checks.flag("clip_grad['error_if_nonfinite']", kwargs["error_if_nonfinite"])
         if kwargs.get("foreach") is not None:
             checks.flag("clip_grad['foreach']", kwargs["foreach"])
-        return cls(clip_type, kwargs)
+        return cls(clip_type, kwargs, fold)
 
     def clip(self, params: list[torch.Tensor]) -> torch.Tensor | None:
         """Clip the gradients of ``params`` in place; return the total norm before clipping (norm type only)."""
@@ -84,4 +88,5 @@ class GradClipper:
 
     def as_config(self) -> Mapping[str, Any]:
         """The ``clip_grad`` dict this clipper was parsed from, with its type made explicit."""
-        return {"type": self.type, **self.kwargs}
+        fold = {"fold_into_step": True} if self.fold_into_step else {}
+        return {"type": self.type, **self.kwargs, **fold}

@@ -7,7 +7,9 @@ private ``_found_inf_per_device(optimizer)`` holds the decision as tensors;
 fused optimizers step unconditionally, so whether ``optimizer.step`` ran says
 nothing. Where that private method is missing, the fallback unscales the
 gradients first and checks them itself (the same decision, made from the
-same gradients).
+same gradients). ``inverse_scale`` reads its private ``_scale`` tensor, for
+clipping folded into a fused step (``clip_in_step``); where it is missing,
+the gradients are unscaled as usual.
 
 Examples:
     >>> import torch
@@ -32,6 +34,25 @@ import torch
 from .finite import grads_finite
 
 _FOUND_INF = "_found_inf_per_device"  # torch.amp.GradScaler's, private
+_SCALE = "_scale"  # torch.amp.GradScaler's, private: the scale tensor, on the device
+
+
+def inverse_scale(scaler: torch.amp.GradScaler) -> torch.Tensor | None:
+    """``1 / scale`` as a tensor on the device, as ``unscale_`` computes it; ``None`` where it cannot be read.
+
+    ``get_scale()`` would read the scale on the host; the private ``_scale``
+    holds it on the device (from the first ``scale()`` on). ``None`` (the
+    private name missing, or no loss scaled yet): the caller unscales as usual.
+
+    Examples:
+        >>> import torch
+        >>> scaler = torch.amp.GradScaler("cpu", init_scale=4.0)
+        >>> loss = scaler.scale(torch.ones(()))
+        >>> inverse_scale(scaler)
+        tensor(0.2500)
+    """
+    scale = getattr(scaler, _SCALE, None)
+    return scale.double().reciprocal().float() if isinstance(scale, torch.Tensor) else None
 
 
 def step_reporting_skip(

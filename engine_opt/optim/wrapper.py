@@ -36,9 +36,11 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from . import checks, distributed, window_state
+from .clip_in_step import ClipInStep
 from .clipping import GradClipper
 from .closure import Closure, Reevaluation, check_closure, needs_closure
 from .hooks import StepEvent, StepHook, StepHooks
+from .implementation import Implementation
 from .num_items import check_num_items, divide_by_items
 from .optimizer_view import OptimizerView
 from .param_layout import regrouped
@@ -111,6 +113,8 @@ class OptimWrapper(OptimizerView):
         loss_scaler: The float16 grad scaler: always ``None`` here (see
             ``AmpOptimWrapper``).
         sync_each_micro_step: As given (``False`` for a wrapper pickled before the option existed).
+        implementation: What the config's ``implementation`` chose (``build_optim_wrapper``):
+            ``None`` where it chose none (torch's default).
 
     Examples:
         >>> import torch
@@ -131,7 +135,9 @@ class OptimWrapper(OptimizerView):
     """
 
     sync_each_micro_step: bool = False
+    implementation: Implementation | None = None
     _sam: SharpnessAware | None = None
+    _folded: ClipInStep | None = None
     _second_pass = False
 
     def __init__(
@@ -160,6 +166,7 @@ class OptimWrapper(OptimizerView):
         self.sync_each_micro_step = checks.flag("sync_each_micro_step", sync_each_micro_step)
         self._clipper = GradClipper.parse(clip_grad)
         self.clip_grad_kwargs: dict[str, Any] | None = None if self._clipper is None else dict(self._clipper.kwargs)
+        self._folded = ClipInStep(self._clipper, optimizer) if self._clipper and self._clipper.fold_into_step else None
         self._inner_count = 0
         self._max_counts = -1
         self._steps = 0  # windows stepped, applied or skipped
@@ -488,14 +495,20 @@ class OptimWrapper(OptimizerView):
         self._stepping = True
         grad_norm = None
         try:
-            if self._clipper is not None or self._on_before_step:
+            if (self._clipper is not None and self._folded is None) or self._on_before_step:
                 self.unscale_grads()  # to clip, or for hooks that read the gradients
             cancel = self._hooks.call_before_step(self) if self._on_before_step else False
             if self._clipper is not None and cancel is not True:
-                grad_norm = self._clipper.clip(params_in_model_order(self.optimizer.param_groups))
+                params = params_in_model_order(self.optimizer.param_groups)
+                if self._folded is None:
+                    grad_norm = self._clipper.clip(params)
+                else:  # the optimizer's fused step divides by the clip (and loss) scale
+                    grad_norm = self._folded.prepare(params, self._inverse_scale())
             found_inf = self._optimizer_step(kwargs) if cancel is False else self._cancelled_step(cancel, kwargs)
         finally:
             self._stepping = False
+            if self._folded is not None:
+                self._folded.release()
         self._record_step(found_inf, grad_norm)
         if self._on_outcome[0] or self._on_outcome[1]:
             self._report_outcome(cancel is True, found_inf)
@@ -684,6 +697,10 @@ class OptimWrapper(OptimizerView):
         hooks. Calling it again before the step does nothing.
         """
 
+    def _inverse_scale(self) -> torch.Tensor | None:
+        """``1 / loss scale`` while the gradients are scaled (``AmpOptimWrapper``); ``None`` here."""
+        return None
+
     def _optimizer_step(self, kwargs: dict[str, Any]) -> torch.Tensor | None:
         """Step the optimizer; return a found-inf tensor when the step may have been skipped."""
         self.optimizer.step(**kwargs)
@@ -842,6 +859,7 @@ class OptimWrapper(OptimizerView):
         optimizer = repr(self.optimizer).replace("\n", "\n  ")
         sync = "  sync_each_micro_step=True,\n" if self.sync_each_micro_step else ""
         sync += "" if self._sam is None else f"  sam={self._sam},\n"
+        sync += "" if self.implementation is None else f"  implementation={self.implementation},\n"
         return (
             f"{type(self).__name__}(\n  accumulative_counts={self._accumulative_counts},\n"
             f"  clip_grad={clip},\n{sync}{self._extra_repr()}  optimizer={optimizer},\n)"
