@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The project's GPU check, for a machine with a CUDA device and the project installed (as in the README):
 # the tests marked `cuda` (float16 by default, fused AdamW, no host sync under set_sync_debug_mode("error")),
-# then the benchmark's GPU rows (speed of every row; peak memory of the mlp rows). Under 8 minutes: each
+# then the benchmark's GPU rows (speed of every row; peak memory of the mlp rows), then the update against
+# the GPU's memory bandwidth (bandwidth.py's table at 20M parameters). Under 10 minutes: each
 # stage has its own time limit. Everything it writes goes to one folder: $OUT if set, else
 # benchmarks/results/gpu-<date>. Record the figures in docs/benchmarks.md.
 set -uo pipefail
@@ -28,4 +29,5 @@ stage() {  # stage NAME SECONDS COMMAND...: run it, keep its output, remember a 
 stage cuda-tests 150 python -m pytest -m cuda -p no:cacheprovider -q -rs --junitxml="$out/cuda-tests.xml"
 stage bench-speed 210 python benchmarks/bench.py --device cuda --repeats 3 --no-memory --no-traffic --out "$out/bench-speed"
 stage bench-memory 90 python benchmarks/bench.py --device cuda --models mlp --repeats 1 --no-traffic --out "$out/bench-memory"
+stage bandwidth 90 python benchmarks/bandwidth.py --device cuda --sizes 20M --repeats 5
 exit "$status"
