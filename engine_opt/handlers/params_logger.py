@@ -1,6 +1,6 @@
 """``OptimParamsHandler``: log learning rates, momenta, weight decay and update health, to any Ignite logger.
 
-Tags (``{m}`` is ``''`` for one wrapper and ``'{name}.'`` for each member of
+Tags (``{m}`` is ``''`` for one wrapper and ``'{name}/'`` for each member of
 an ``OptimWrapperDict``; ``{g}`` is a param group's ``name`` when it has one,
 as ``build_optim_wrapper`` gives them, else ``group_{i}``; with ``tag``,
 every tag starts with ``'{tag}/'``):
@@ -42,7 +42,7 @@ from ..engine.events import OptimEvents
 from ..engine.state import OptimState
 from ..optim import checks
 from ..optim.wrapper import OptimWrapper
-from ..optim.wrapper_dict import OptimWrapperDict, member_prefix, members
+from ..optim.wrapper_dict import OptimWrapperDict, member_tag, members
 from .tensorboard_writer import write_scalars
 
 _X_AXES = ("iteration", "updates")
@@ -118,7 +118,7 @@ def optim_scalars(optim_wrapper: OptimWrapper | OptimWrapperDict) -> dict[str, f
     """
     scalars: dict[str, float] = {}
     for name, wrapper in members(optim_wrapper):
-        scalars.update(member_scalars(wrapper, member_prefix(name)))
+        scalars.update(member_scalars(wrapper, member_tag(name)))
     return scalars
 
 
@@ -196,12 +196,12 @@ class OptimParamsHandler(BaseHandler):
         if self.global_step_transform is not None or self.x_axis == "iteration":
             scalars: dict[str, float] = {}
             for name, wrapper in logged:
-                scalars.update(member_scalars(wrapper, member_prefix(name)))
+                scalars.update(member_scalars(wrapper, member_tag(name)))
             step = engine.state.iteration
             if self.global_step_transform is not None:
                 step = self.global_step_transform(engine, event_name)
             return [(step, scalars)]
-        return [(wrapper.applied_steps, member_scalars(wrapper, member_prefix(name))) for name, wrapper in logged]
+        return [(wrapper.applied_steps, member_scalars(wrapper, member_tag(name))) for name, wrapper in logged]
 
 
 class ScalarWriter:

@@ -1,6 +1,6 @@
 """``UpdateTelemetryHandler``: per param group and per layer norms of the gradients, the update and the weights.
 
-Tags (``{m}`` is ``''`` for one wrapper and ``'{name}.'`` for each member of
+Tags (``{m}`` is ``''`` for one wrapper and ``'{name}/'`` for each member of
 an ``OptimWrapperDict``; ``{g}`` is a param group's label, as
 ``OptimParamsHandler`` names it (``group_labels``); ``{l}`` a layer prefix;
 every tag starts with ``'{tag}/'``, ``telemetry/`` by default):
@@ -42,7 +42,7 @@ from ..optim import checks
 from ..optim.foreach import tensor_norms
 from ..optim.hooks import StepEvent
 from ..optim.wrapper import OptimWrapper
-from ..optim.wrapper_dict import OptimWrapperDict, member_prefix, members
+from ..optim.wrapper_dict import OptimWrapperDict, member_tag, members
 from .params_logger import ScalarWriter, group_labels
 
 _FAMILIES = ("grad_norm", "update_norm", "weight_norm", "update_ratio")
@@ -136,7 +136,7 @@ class _Member:
         self.every = every
         self.results = results  # where each measured update's stacked values wait for the handler's next read
         self.wrapper = wrapper
-        self.prefix = member_prefix(name)
+        self.prefix = member_tag(name)
         groups = wrapper.param_groups
         ordered = [param for group in groups for param in group["params"]]
         # Parameters in runs of one device and dtype, so each snapshot is one flat tensor per run.

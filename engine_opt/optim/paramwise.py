@@ -28,6 +28,7 @@ Examples:
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -230,7 +231,7 @@ class ParamwiseRules:
         key = next((key for key in sorted(sorted(self.custom_keys), key=len, reverse=True) if key in name), None)
         if key is not None:
             self.matched.add(key)
-            return self._custom(key), {key}
+            return self._custom(key), {_custom_label(key)}
         settings: dict[str, Any] = {}
         labels: set[str] = set()
         mult = self.multipliers
@@ -286,6 +287,11 @@ class ParamwiseRules:
         for key, group in groups.items():  # named after its rules, in characters every logger takes
             group["name"] = "-".join(sorted(labels[key]))
         return list(groups.values())
+
+
+def _custom_label(key: str) -> str:
+    """A custom key's group label: ``'custom-3'`` for ``'3.'``, in the characters every logger's tags take."""
+    return "custom-" + re.sub(r"[^\w.-]", "_", key.strip("."))
 
 
 def _walk(model: nn.Module) -> list[tuple[str, nn.Module, bool]]:

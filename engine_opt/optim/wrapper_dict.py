@@ -72,6 +72,16 @@ def member_prefix(name: str | None) -> str:
     return "" if name is None else f"{name}."
 
 
+def member_tag(name: str | None) -> str:
+    """``'{name}/'``, the prefix of a member's tags in loggers, one level of TensorBoard's tree (``''`` alone).
+
+    Examples:
+        >>> member_tag("gen"), member_tag(None)
+        ('gen/', '')
+    """
+    return "" if name is None else f"{name}/"
+
+
 class OptimWrapperDict:
     """A read-only, ordered collection of named ``OptimWrapper`` objects.
 

@@ -229,12 +229,12 @@ def test_a_dict_logs_each_member_with_its_prefix_and_the_scale(tmp_path):
     trainer.run([x for x, _ in make_batches(4)])
     tb_logger.close()
     scalars = read_scalars(tmp_path)
-    assert [step for step, _ in scalars["gen.update_norm/group_0"]] == [1, 2, 3, 4]
-    assert [step for step, _ in scalars["disc.update_norm/group_0"]] == [2, 4]  # accumulates 2
-    assert "gen.layer_grad_norm/gen" in scalars and "disc.layer_grad_norm/disc" in scalars
-    assert "gen.layer_grad_norm/disc" not in scalars  # a member measures its own parameters only
-    assert [value for _, value in scalars["gen.loss_scale"]] == [64.0] * 4  # growth_interval 2000
-    assert "disc.loss_scale" not in scalars and "gen.clipped" not in scalars
+    assert [step for step, _ in scalars["gen/update_norm/group_0"]] == [1, 2, 3, 4]
+    assert [step for step, _ in scalars["disc/update_norm/group_0"]] == [2, 4]  # accumulates 2
+    assert "gen/layer_grad_norm/gen" in scalars and "disc/layer_grad_norm/disc" in scalars
+    assert "gen/layer_grad_norm/disc" not in scalars  # a member measures its own parameters only
+    assert [value for _, value in scalars["gen/loss_scale"]] == [64.0] * 4  # growth_interval 2000
+    assert "disc/loss_scale" not in scalars and "gen/clipped" not in scalars
 
 
 @pytest.mark.slow  # MLflow starts processes (git, uname) as it logs a run

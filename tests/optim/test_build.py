@@ -187,7 +187,7 @@ def test_groups_made_from_paramwise_cfg_are_named_after_their_rules():
     assert [(group["name"], len(group["params"])) for group in wrapper.param_groups] == [
         ("default", 1),  # 0.weight
         ("bias-norm", 3),  # 0.bias, 1.weight, 1.bias: the same settings, one group
-        ("3.", 2),
+        ("custom-3", 2),  # the custom key 3.
     ]
     assert "name" not in build_optim_wrapper(model, dict(optimizer=dict(type="SGD", lr=0.1))).param_groups[0]
 

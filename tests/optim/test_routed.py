@@ -300,7 +300,8 @@ def test_custom_keys_options_are_checked_against_the_routes_they_reach():
     cfg = config(paramwise_cfg={"custom_keys": {"head": {"betas": (0.9, 0.95)}, "body.0.weight": {"ns_steps": 3}}})
     wrapper = build_optim_wrapper(Net(), cfg)  # head: AdamW's betas; body.0.weight: Muon's ns_steps
     options = {group["name"]: group for group in wrapper.param_groups}
-    assert options["muon/body.0.weight"]["ns_steps"] == 3 and options["default/head"]["betas"] == (0.9, 0.95)
+    assert options["muon/custom-body.0.weight"]["ns_steps"] == 3
+    assert options["default/custom-head"]["betas"] == (0.9, 0.95)
     cfg["paramwise_cfg"]["custom_keys"]["body.3"] = {"betas": (0.9, 0.9)}  # a Muon weight given AdamW's option
     with pytest.raises(ValueError, match=r"gives \['betas'\] to parameters of the route 'muon'"):
         build_optim_wrapper(Net(), cfg)
