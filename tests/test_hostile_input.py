@@ -394,6 +394,20 @@ def a_directory_another_run_holds() -> None:
         other_run.release()
 
 
+def a_command_into_a_directory_another_run_holds() -> None:
+    Path("runs/held/checkpoints").mkdir(parents=True)
+    other_run = filelock.FileLock("runs/held/checkpoints/.engine_opt.lock", timeout=0)
+    with other_run:
+        command("--log-dir", "runs/held")
+
+
+RUN_CONFIG = b"""
+import torch
+model = torch.nn.Linear(4, 2)
+train_dataloader = dict(batch_size=8, dataset=torch.utils.data.TensorDataset(torch.randn(16, 4)))
+"""
+
+
 def a_checkpoint_directory_under_a_file() -> None:
     file_with("plain.txt", b"")
     model = make_model()
@@ -570,6 +584,8 @@ CASES = [
     Case("constructor", "`attach_sharded_checkpoint(trainer, to_save, 'ckpt', async_save='yes')`", lambda: attach_sharded_checkpoint(a_trainer(), {}, "ckpt", async_save="yes"), "async_save"),
     Case("config", "`build_optim_wrapper(model, {'type': 'FastWrapper', ...})`", lambda: build_optim_wrapper(make_model(), {"type": "FastWrapper", "optimizer": {"type": "SGD", "lr": 0.1}}), "FastWrapper"),
     Case("config", "`build_optim_wrapper(model, {'optimizer': {'type': 'Adamm'}})`", lambda: build_optim_wrapper(make_model(), {"optimizer": {"type": "Adamm", "lr": 0.1}}), "Adamm"),
+    Case("config", "`build_optim_wrapper(model, {..., 'implementation': 'fast'})`", lambda: build_optim_wrapper(make_model(), {"optimizer": {"type": "SGD", "lr": 0.1}, "implementation": "fast"}), "implementation"),
+    Case("config", "`build_optim_wrapper(model, {..., 'clip_grad': {'max_norm': 1, 'fold_into_step': True}})` of an unfused SGD", lambda: build_optim_wrapper(make_model(), {"optimizer": {"type": "SGD", "lr": 0.1}, "clip_grad": {"max_norm": 1.0, "fold_into_step": True}}), "fold_into_step"),
     Case("config", "`build_optim_wrapper(model, {'optimizer': {'lr': 0.1}})` (no type)", lambda: build_optim_wrapper(make_model(), {"optimizer": {"lr": 0.1}}), "type"),
     Case("config", "`build_optim_wrapper(model, {'type': 'OptimWrapper'})` (no optimizer)", lambda: build_optim_wrapper(make_model(), {"type": "OptimWrapper"}), "optimizer"),
     Case("config", "`build_optim_wrapper(model, {'optimizer': {'type': 'SGD', 'lr': 0.1, 'momentom': 0.9}})`", lambda: build_optim_wrapper(make_model(), {"optimizer": {"type": "SGD", "lr": 0.1, "momentom": 0.9}}), "momentom"),
@@ -681,6 +697,11 @@ CASES = [
     Case("command", "`engine-opt train --resume --checkpoint-dir elsewhere` into an earlier run's logs, no checkpoint there", resume_from_nowhere_over_earlier_logs, "--checkpoint-dir"),
     Case("command", "`engine-opt train --resume` whose newest checkpoint has a flipped bit", resume_from_a_damaged_newest, "checkpoint_32.pt is the newest that reads whole"),
     Case("command", "`engine-opt train` into a checkpoint directory holding a directory `checkpoint_64.pt`", a_command_into_a_directory_named_like_a_checkpoint, "checkpoint_64.pt (a directory)"),
+    Case("command", "`engine-opt train` into a checkpoint directory another run holds", a_command_into_a_directory_another_run_holds, "in use by another run"),
+    Case("command", "`engine-opt train --config run.py` whose file sets MMEngine's `work_dir`", lambda: (file_with("run.py", RUN_CONFIG + b"work_dir = 'out'"), command("--log-dir", "runs/py1", "--config", "run.py")), "work_dir"),
+    Case("command", "`engine-opt train --config run.py` whose file defines no `train_dataloader`", lambda: (file_with("run2.py", b"import torch\nmodel = torch.nn.Linear(4, 2)"), command("--log-dir", "runs/py2", "--config", "run2.py")), "train_dataloader"),
+    Case("command", "`engine-opt train --config run.py` whose loader asks for another sampler", lambda: (file_with("run3.py", RUN_CONFIG + b"train_dataloader['sampler'] = dict(type='InfiniteSampler')"), command("--log-dir", "runs/py3", "--config", "run3.py")), "sampler"),
+    Case("command", "`engine-opt train --config run.py --task gan`", lambda: (file_with("run4.py", RUN_CONFIG), command("--log-dir", "runs/py4", "--config", "run4.py", "--task", "gan")), "--task gan"),
     Case("command", "`engine-opt train --nproc-per-node 3 --batch-size 64`", lambda: command("--nproc-per-node", "3", "--batch-size", "64"), "--batch-size 64"),
     Case("command", "`engine-opt train --nproc-per-node 2 --backend nccl` without GPUs", lambda: command("--nproc-per-node", "2", "--backend", "nccl"), "--backend nccl"),
 ]

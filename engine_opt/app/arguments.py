@@ -5,7 +5,8 @@ command loads torch (seconds): ``engine_opt.app.start`` parses with this
 parser first.
 
 Examples:
-    >>> args = build_parser().parse_args(["train", "--dtype", "bfloat16", "--config", "no-such.json"])
+    >>> argv = ["train", "--dtype", "bfloat16", "--config", "no-such.json"]
+    >>> args = build_parser().parse_args(argv)
     >>> args.dtype, args.task
     ('bf16', 'classifier')
 """
@@ -24,6 +25,17 @@ TASKS = ("classifier", "gan")
 """The built-in tasks (``engine_opt.app.tasks``)."""
 TASK_MEMBERS = {"gan": ["disc", "gen"]}
 """A task's wrapper members, by which a ``--config`` names its task."""
+
+
+DEFAULT_EPOCHS = 5
+"""Epochs when neither ``--epochs`` nor a Python config's ``train_cfg`` gives them."""
+DEFAULT_BATCH_SIZE = 64
+"""The global batch when neither ``--batch-size`` nor a Python config's ``train_dataloader`` gives it."""
+
+
+def is_python_config(path: Path | None) -> bool:
+    """Whether ``--config`` names a Python run config (a ``.py`` file) rather than a JSON wrapper config."""
+    return path is not None and path.suffix == ".py"
 
 
 def task_of_config(path: Path | None) -> str:
@@ -81,7 +93,11 @@ class _Parser(argparse.ArgumentParser):
         self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
     ) -> tuple[argparse.Namespace, list[str]]:
         parsed, extra = super().parse_known_args(args, namespace)
-        if getattr(parsed, "task", "") is None:
+        if is_python_config(getattr(parsed, "config", None)):
+            if parsed.task is not None:
+                self.error(f"--task {parsed.task}: the Python config {parsed.config} defines the model and data")
+            parsed.task = parsed.config.stem
+        elif getattr(parsed, "task", "") is None:
             parsed.task = task_of_config(parsed.config)
         if getattr(parsed, "dtype", None) in _DTYPE_NAMES:
             parsed.dtype = _DTYPE_NAMES[parsed.dtype]
@@ -92,8 +108,11 @@ def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``engine-opt``."""
     parser = _Parser(prog="engine-opt", description="Train with engine_opt's optimizer wrappers.")
     parser.add_argument("--version", action="version", version=f"engine-opt {__version__}")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    train = commands.add_parser("train", help="train a built-in synthetic task (no downloads)")
+    # the subcommands parse plainly; the top level resolves what depends on several options, once
+    commands = parser.add_subparsers(
+        dest="command", required=True, metavar="COMMAND", parser_class=argparse.ArgumentParser
+    )
+    train = commands.add_parser("train", help="train your model (--config FILE.py) or a built-in synthetic task")
     for add_options in (_task_options, _distributed_options, _wrapper_options, _strategy_options, _output_options):
         add_options(train)
     return parser
@@ -104,14 +123,19 @@ def _task_options(train: argparse.ArgumentParser) -> None:
     task.add_argument(
         "--task",
         choices=TASKS,
-        help="what to train (default: gan for a --config with its members gen and disc, else classifier)",
+        help="a built-in task (default: gan for a --config with its members gen and disc, else classifier; a Python "
+        "--config defines its own)",
     )
-    task.add_argument("--epochs", type=_positive_int, default=5, help="epochs to train, in total (default: 5)")
+    task.add_argument(
+        "--epochs",
+        type=_positive_int,
+        help=f"epochs to train, in total (default: a Python config's train_cfg max_epochs, else {DEFAULT_EPOCHS})",
+    )
     task.add_argument(
         "--batch-size",
         type=_positive_int,
-        default=64,
-        help="batch size of one iteration, over all processes (default: 64)",
+        help="batch size of one iteration, over all processes (default: a Python config's train_dataloader "
+        f"batch_size, else {DEFAULT_BATCH_SIZE})",
     )
     task.add_argument("--seed", type=int, default=0, help="seed of the data and the weights (default: 0)")
     task.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
@@ -141,7 +165,9 @@ def _wrapper_options(train: argparse.ArgumentParser) -> None:
     wrapper.add_argument(
         "--config",
         type=Path,
-        help="a JSON build_optim_wrapper config (default: none, the options below; see examples/configs/)",
+        help="a JSON build_optim_wrapper config for a built-in task, or a Python run config (FILE.py) defining "
+        "your model, data, loss and optionally optim_wrapper and param_scheduler (default: none, the options below; "
+        "see examples/configs/)",
     )
     wrapper.add_argument(
         "--wrapper",
@@ -164,6 +190,12 @@ def _wrapper_options(train: argparse.ArgumentParser) -> None:
         "Adam for gan)",
     )
     wrapper.add_argument("--lr", type=_positive_float, help="learning rate (default: the task's, 0.001)")
+    wrapper.add_argument(
+        "--implementation",
+        choices=("auto", "fused", "foreach", "for-loop", "torch"),
+        help="how torch's optimizer steps: auto, the fastest measured for the optimizer, device and dtype (fused for "
+        "SGD, Adam, AdamW on CPU); torch, torch's own default, as runs made before this option (default: auto)",
+    )
     wrapper.add_argument(
         "--sam",
         type=_positive_float,
@@ -234,4 +266,12 @@ def _output_options(train: argparse.ArgumentParser) -> None:
     )
 
 
-__all__ = ["TASKS", "TASK_MEMBERS", "build_parser", "task_of_config"]
+__all__ = [
+    "DEFAULT_BATCH_SIZE",
+    "DEFAULT_EPOCHS",
+    "TASKS",
+    "TASK_MEMBERS",
+    "build_parser",
+    "is_python_config",
+    "task_of_config",
+]

@@ -1,16 +1,18 @@
-"""The ``engine-opt`` command: train a built-in synthetic task with any wrapper configuration.
+"""The ``engine-opt`` command: train your model, or a built-in synthetic task, with any wrapper configuration.
 
     engine-opt train                                   # classifier, fp32, a few seconds on 2 CPU cores
     engine-opt train --dtype bf16 --accumulate 4 --clip-norm 1.0
     engine-opt train --task gan --dtype fp16
     engine-opt train --config wrapper.json             # a build_optim_wrapper config, as JSON
+    engine-opt train --config my_run.py                # your model and data: a Python run config
     engine-opt train --resume                          # continue from the newest checkpoint
     engine-opt train --nproc-per-node 2                # data-parallel (DDP) in 2 processes
     torchrun --nproc-per-node 2 -m engine_opt train    # the same, launched by torchrun (or across machines)
 
 It shows a progress bar, logs to TensorBoard, checkpoints, and ends with a
-summary. Exit status: 0 done; 2 bad options (a message says which); 1 an
-error (an unwritable or full disk, a busy checkpoint directory) or a run a
+summary. Exit status: 0 done; 2 bad options (a message says which) or a
+checkpoint directory another run holds (refused before the set-up); 1 an
+error (an unwritable or full disk) or a run a
 guard stopped (``--nonfinite stop``; ``--spike-guard rollback`` after its
 last rollback, which saves the last good state first); 130 or 143 stopped
 by SIGINT or SIGTERM: at an iteration's end with a checkpoint to
@@ -47,12 +49,13 @@ from torch.multiprocessing.spawn import ProcessExitedException
 from ..checkpoint import RunDirectoryBusy, RunDirectoryConflict, latest_checkpoint
 from ..handlers import SpikesPersist
 from ..optim.distributed import rank, world_size
-from .arguments import build_parser
+from .arguments import DEFAULT_BATCH_SIZE, build_parser, is_python_config
 from .config import UsageError
 from .launcher import FromLauncher, RankLink, launch_ranks
+from .report import summary
 from .run_directories import raised_by_tensorboard
 from .signals import EXIT_STATUS, StopNow, StopRequest
-from .train import check_batch_size, run_paths, summary, train
+from .train import check_batch_size, run_paths, train
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -88,9 +91,9 @@ def _launch(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     distributed = args.nproc_per_node is not None or under_torchrun
     if not distributed:
         return _run(args)
-    if args.nproc_per_node is not None:  # refused here, before the processes start
+    if args.nproc_per_node is not None and not is_python_config(args.config):  # refused before the processes start
         try:
-            check_batch_size(args.batch_size, args.nproc_per_node)
+            check_batch_size(args.batch_size or DEFAULT_BATCH_SIZE, args.nproc_per_node)
         except UsageError as error:
             return _fail(2, f"engine-opt: error: {error}")
     backend = args.backend or ("nccl" if torch.cuda.is_available() and args.device != "cpu" else "gloo")
@@ -189,13 +192,13 @@ def _run(args: argparse.Namespace, stop: StopRequest | None = None) -> int:
         status = EXIT_STATUS["SIGINT"] if stop is None else 1  # a spawned rank's is no stop the ranks agreed on
         saved = _newest_saved(args) or "; nothing was saved for it"
         return _fail(status, f"{name}: interrupted by SIGINT outside the training loop{saved}")
-    except UsageError as error:
+    except (UsageError, RunDirectoryBusy) as error:  # a directory another run holds, found once set up
         return _fail(2, f"{name}: error: {error}")
     except (FloatingPointError, SpikesPersist) as error:  # a guard stopped the run
         return _fail(1, f"{name}: training stopped: {error}")
     except OSError as error:  # an unwritable directory, a full disk: what is saved stays
         return _fail(1, f"{name}: error: {error}{_newest_saved(args)}")
-    except (RunDirectoryBusy, RunDirectoryConflict) as error:
+    except RunDirectoryConflict as error:
         return _fail(1, f"{name}: error: {error}")
     if rank() == 0:
         print(summary(result), file=sys.stderr if result.stopped_by else sys.stdout)

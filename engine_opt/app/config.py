@@ -3,10 +3,13 @@
 Examples:
     >>> import argparse
     >>> from engine_opt.app.tasks import make_task
-    >>> args = argparse.Namespace(config=None, wrapper=None, dtype="bf16", accumulate=4, clip_norm=None,
-    ...                           optimizer=None, lr=None, sam=None)
-    >>> wrapper_config(args, make_task("classifier", seed=0, batch_size=64))
-    {'type': 'AmpOptimWrapper', 'optimizer': {'type': 'AdamW', 'lr': 0.001}, 'dtype': 'bf16', 'accumulative_counts': 4}
+    >>> args = argparse.Namespace(
+    ...     config=None, wrapper=None, dtype="bf16", accumulate=4, clip_norm=None,
+    ...     optimizer=None, lr=None, sam=None, implementation=None)
+    >>> task = make_task("classifier", seed=0, batch_size=64)
+    >>> wrapper_config(args, task)  # doctest: +NORMALIZE_WHITESPACE
+    {'type': 'AmpOptimWrapper', 'optimizer': {'type': 'AdamW', 'lr': 0.001},
+     'dtype': 'bf16', 'accumulative_counts': 4, 'implementation': 'auto'}
 """
 
 from __future__ import annotations
@@ -18,10 +21,10 @@ from typing import Any
 
 from torch import nn
 
-from .arguments import TASK_MEMBERS
+from .arguments import TASK_MEMBERS, is_python_config
 from .tasks import Task
 
-WRAPPER_FLAGS = ("wrapper", "dtype", "accumulate", "clip_norm", "optimizer", "lr", "sam")
+WRAPPER_FLAGS = ("wrapper", "dtype", "accumulate", "clip_norm", "optimizer", "lr", "sam", "implementation")
 """The options that make up a wrapper config; ``--config`` replaces them all."""
 
 
@@ -29,12 +32,18 @@ class UsageError(Exception):
     """A bad option or config: reported as a message, exit status 2."""
 
 
-def wrapper_config(args: argparse.Namespace, task: Task) -> dict[str, Any]:
-    """The ``build_optim_wrapper`` config that the options describe (a dict per member for the GAN)."""
-    if args.config is not None:
-        given = [f"--{flag.replace('_', '-')}" for flag in WRAPPER_FLAGS if getattr(args, flag) is not None]
-        if given:
-            raise UsageError(f"--config holds the whole wrapper config; drop {', '.join(given)} or edit the file")
+def wrapper_config(args: argparse.Namespace, task: Task, given: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The ``build_optim_wrapper`` config that the options describe (a dict per member for the GAN).
+
+    ``given`` is a Python config's ``optim_wrapper``; like a JSON ``--config``, it replaces the wrapper options.
+    """
+    if given is not None or (args.config is not None and not is_python_config(args.config)):
+        given_flags = [f"--{flag.replace('_', '-')}" for flag in WRAPPER_FLAGS if getattr(args, flag) is not None]
+        if given_flags:
+            source = "--config" if given is None else f"--config {args.config}'s optim_wrapper"
+            raise UsageError(f"{source} holds the whole wrapper config; drop {', '.join(given_flags)} or edit the file")
+        if given is not None:
+            return given
         cfg = _load_config(args.config)
         for other, names in TASK_MEMBERS.items():
             if other != args.task and sorted(cfg) == names and args.task not in TASK_MEMBERS:
@@ -87,6 +96,8 @@ def _one_config(args: argparse.Namespace, default: dict[str, Any], model: nn.Mod
         cfg["clip_grad"] = {"max_norm": args.clip_norm}
     if args.sam is not None:
         cfg["sam"] = {"rho": args.sam}
+    if args.implementation != "torch":  # auto: the fastest update measured for the optimizer, device and dtype
+        cfg["implementation"] = args.implementation or "auto"
     return cfg
 
 

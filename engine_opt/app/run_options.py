@@ -8,9 +8,11 @@ process count is no difference: ``--batch-size`` is the global batch, and
 the data's order does not depend on the count (``processes`` records it).
 
 Examples:
-    >>> saved = RunOptions(task="classifier", batch_size=64, seed=0, processes=1, wrapper={"type": "OptimWrapper"},
-    ...                    schedule="cosine", epochs=5)
-    >>> RunOptions(**{**saved.state_dict(), "batch_size": 32, "epochs": 8}).check_state_dict(saved.state_dict())
+    >>> saved = RunOptions(
+    ...     task="classifier", batch_size=64, seed=0, processes=1,
+    ...     wrapper={"type": "OptimWrapper"}, schedule="cosine", epochs=5)
+    >>> here = RunOptions(**{**saved.state_dict(), "batch_size": 32, "epochs": 8})
+    >>> here.check_state_dict(saved.state_dict())
     Traceback (most recent call last):
     ...
     ValueError: this run differs from the checkpoint's:
@@ -20,7 +22,7 @@ Examples:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
@@ -40,6 +42,7 @@ _CONFIG_FLAGS = {
     "routes": "--optimizer",
     "optimizer.type": "--optimizer",
     "optimizer.lr": "--lr",
+    "implementation": "--implementation",
 }
 
 
@@ -56,8 +59,11 @@ def config_differences(
         source: The ``--config`` file the config came from: then no option set it, and the file is named.
 
     Examples:
-        >>> config_differences({"dtype": "fp16", "optimizer": {"lr": 0.1}}, {"dtype": "bf16", "optimizer": {"lr": 0.1}})
-        ["--dtype (the wrapper config's 'dtype'): 'fp16' here, 'bf16' in the checkpoint"]
+        >>> here = {"dtype": "fp16", "optimizer": {"lr": 0.1}}
+        >>> saved = {"dtype": "bf16", "optimizer": {"lr": 0.1}}
+        >>> config_differences(here, saved)  # doctest: +NORMALIZE_WHITESPACE
+        ["--dtype (the wrapper config's 'dtype'): 'fp16' here,
+          'bf16' in the checkpoint"]
     """
     if isinstance(here, dict) and isinstance(saved, dict) and set(here) & set(saved):  # else: one line, all of it
         lines = []
@@ -75,6 +81,53 @@ def config_differences(
         where = f"the wrapper config's {path!r}" if path else "the wrapper config"
         name = where if flag is None else f"{flag} ({where})"
     return [f"{name}: {_shown(here)} here, {_shown(saved)} in the checkpoint"]
+
+
+def plain(value: Any) -> Any:
+    """``value`` as plain data a checkpoint holds (``weights_only`` loads it) and a resume compares.
+
+    A Python config may give classes and functions (``type=torch.optim.AdamW``):
+    they become their dotted names; tuples become lists; other objects their ``repr``.
+
+    Examples:
+        >>> import torch
+        >>> plain({"type": torch.optim.AdamW, "betas": (0.9, 0.99)})
+        {'type': 'torch.optim.adamw.AdamW', 'betas': [0.9, 0.99]}
+    """
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, Mapping):
+        return {str(key): plain(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain(item) for item in value]
+    if isinstance(value, type) or (callable(value) and hasattr(value, "__qualname__")):
+        return f"{value.__module__}.{value.__qualname__}"
+    return repr(value)
+
+
+def hparams(options: RunOptions) -> dict[str, float | str | bool]:
+    """The run's options as TensorBoard hparams: nested configs by dotted key, lists as text, unset ones left out.
+
+    Examples:
+        >>> wrapper = {"gen": {"optimizer": {"lr": 1e-3, "betas": [0.5, 0.9]}}}
+        >>> flat = hparams(RunOptions("gan", 64, 0, 1, wrapper, "constant", 5))
+        >>> flat["wrapper.gen.optimizer.lr"], flat["wrapper.gen.optimizer.betas"]
+        (0.001, '[0.5, 0.9]')
+    """
+    flat: dict[str, float | str | bool] = {}
+
+    def add(key: str, value: Any) -> None:
+        if isinstance(value, Mapping):
+            for inner, item in value.items():
+                add(f"{key}.{inner}", item)
+        elif isinstance(value, (bool, int, float, str)):
+            flat[key] = value
+        elif value is not None:
+            flat[key] = str(value)
+
+    for key, value in options.state_dict().items():
+        add(key, value)
+    return flat
 
 
 def _shown(value: Any) -> str:
@@ -97,6 +150,8 @@ class RunOptions:
     data_order: str = "sampler"  # a DistributedSampler's, in one process too (before: one process's generator)
     config: str | None = None
     """The ``--config`` file the wrapper config came from (not saved: the config itself is)."""
+    param_scheduler: Any = None
+    """A Python config's ``param_scheduler`` (``schedule`` is then ``'param_scheduler'``), as ``plain`` data."""
 
     def state_dict(self) -> dict[str, Any]:
         """The options, as plain values (they load with ``weights_only=True``)."""
@@ -117,11 +172,15 @@ class RunOptions:
         differences += config_differences(self.wrapper, saved.get("wrapper"), members=members, source=self.config)
         if saved.get("schedule") != self.schedule:
             differences.append(f"--schedule {self.schedule}, the checkpoint's {saved.get('schedule')}")
-        elif self.schedule == "cosine" and saved.get("epochs") != self.epochs:
+        elif self.schedule != "constant" and saved.get("epochs") != self.epochs:
+            schedule = "the cosine schedule" if self.schedule == "cosine" else "the config's param_scheduler"
             differences.append(
-                f"--epochs {self.epochs}: the cosine schedule was set for the checkpoint's {saved.get('epochs')} "
+                f"--epochs {self.epochs}: {schedule} was set for the checkpoint's {saved.get('epochs')} "
                 "epochs and ends there; resume with that many, or start a new run for a longer schedule"
             )
+        differences += config_differences(
+            self.param_scheduler, saved.get("param_scheduler"), "param_scheduler", source=self.config
+        )
         for name in ("num_items", "spike_guard"):  # a checkpoint from before these options: off
             if saved.get(name, "off") != getattr(self, name):
                 flag = "--" + name.replace("_", "-")

@@ -56,7 +56,9 @@ class Task:
     """``loss_fn`` summed over the batch's items instead of averaged, for ``--num-items samples``."""
 
 
-def _loader(dataset: Dataset[Any], batch_size: int, generator: torch.Generator, seed: int) -> DataLoader[Any]:
+def make_loader(
+    dataset: Dataset[Any], batch_size: int, generator: torch.Generator, seed: int, num_workers: int = 0
+) -> DataLoader[Any]:
     """Shuffled batches of ``batch_size``; in a distributed run, each rank's share of them.
 
     A ``DistributedSampler`` in one process too: each epoch's order follows
@@ -66,7 +68,9 @@ def _loader(dataset: Dataset[Any], batch_size: int, generator: torch.Generator, 
     sampler: DistributedSampler[Any] = DistributedSampler(
         dataset, idist.get_world_size(), idist.get_rank(), shuffle=True, seed=seed
     )
-    loader = idist.auto_dataloader(dataset, batch_size=batch_size, sampler=sampler, generator=generator)
+    loader = idist.auto_dataloader(
+        dataset, batch_size=batch_size, sampler=sampler, generator=generator, num_workers=num_workers
+    )
     return cast(DataLoader[Any], loader)
 
 
@@ -75,12 +79,12 @@ def _classifier(generator: torch.Generator, batch_size: int, seed: int) -> Task:
     labels = torch.randint(0, 4, (_SAMPLES,), generator=generator)
     features = centers[labels] + torch.randn(_SAMPLES, 32, generator=generator)
     model = nn.Sequential(nn.Linear(32, 128), nn.ReLU(), nn.Dropout(0.1), nn.Linear(128, 4))
-    data = _loader(TensorDataset(features, labels), batch_size, generator, seed)
+    data = make_loader(TensorDataset(features, labels), batch_size, generator, seed)
     cfg = {"type": "OptimWrapper", "optimizer": {"type": "AdamW", "lr": 1e-3}}
-    return Task("classifier", model, data, cfg, loss_fn=F.cross_entropy, item_loss_fn=_cross_entropy_sum)
+    return Task("classifier", model, data, cfg, loss_fn=F.cross_entropy, item_loss_fn=cross_entropy_sum)
 
 
-def _cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """The cross-entropy summed over the batch's samples (``--num-items samples`` divides by their count)."""
     return F.cross_entropy(logits, labels, reduction="sum")
 
@@ -98,7 +102,7 @@ def _gan(generator: torch.Generator, batch_size: int, seed: int) -> Task:
             "disc": nn.Sequential(nn.Linear(2, 64), nn.LeakyReLU(0.2), nn.Linear(64, 1)),
         }
     )
-    data = _loader(TensorDataset(_ring(generator)), batch_size, generator, seed)
+    data = make_loader(TensorDataset(_ring(generator)), batch_size, generator, seed)
     one = {"type": "OptimWrapper", "optimizer": {"type": "Adam", "lr": 1e-3, "betas": [0.5, 0.999]}}
     cfg = {"gen": one, "disc": dict(one)}
 

@@ -4,7 +4,8 @@ Examples:
     >>> import tempfile
     >>> from engine_opt.app.cli import build_parser
     >>> with tempfile.TemporaryDirectory() as directory:
-    ...     args = build_parser().parse_args(["train", "--epochs", "1", "--no-progress", "--log-dir", directory])
+    ...     options = ["--epochs", "1", "--no-progress", "--log-dir", directory]
+    ...     args = build_parser().parse_args(["train", *options])
     ...     result = train(args)
     >>> result.iterations, result.applied
     (64, 64)
@@ -18,9 +19,9 @@ import os
 import random
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import ignite.distributed as idist
 import torch
@@ -29,7 +30,7 @@ from ignite.handlers import Checkpoint
 from ignite.handlers.tensorboard_logger import OutputHandler, TensorboardLogger
 from torch.utils.data import DataLoader, DistributedSampler
 
-from ..checkpoint import DamagedCheckpoint, RunDirectory, attach_checkpoint, resume_from_latest
+from ..checkpoint import DamagedCheckpoint, RunDirectory, RunDirectoryBusy, attach_checkpoint, resume_from_latest
 from ..engine import ResumableLoader, sampled_total
 from ..engine.events import OptimEvents, member_filter
 from ..engine.trainer import Trainer, create_trainer
@@ -42,15 +43,21 @@ from ..handlers import (
     UpdateTelemetryHandler,
     attach_progress_bar,
 )
+from ..handlers.tensorboard_writer import write_hparams
 from ..optim import build_optim_wrapper
 from ..optim.distributed import gather_objects, rank, world_size
+from ..optim.schedulers import build_param_scheduler
 from ..optim.wrapper import OptimWrapper
 from ..optim.wrapper_dict import OptimWrapperDict, members
+from .arguments import DEFAULT_BATCH_SIZE, DEFAULT_EPOCHS, is_python_config
 from .config import UsageError, wrapper_config
+from .python_config import PythonConfig, load_python_config, python_task
+from .report import LossTracker, Result, RunScalars, as_losses, implementation
 from .run_directories import check_run_directories, logs_named, mark, saved_there_before, way_past_damage
-from .run_options import RunOptions
+from .run_options import RunOptions, hparams, plain
 from .signals import StopOnSignal, StopRequest
 from .tasks import Task, make_task
+from .validation import Validation
 
 
 @dataclass
@@ -61,11 +68,14 @@ class Run:
     optim_wrapper: OptimWrapper | OptimWrapperDict
     trainer: Trainer
     data: ResumableLoader
-    schedulers: list[torch.optim.lr_scheduler.LRScheduler]
+    schedulers: list[Any]
+    """``torch.optim.lr_scheduler`` schedulers, or a Python config's ``param_scheduler`` built."""
     options: RunOptions
     log_dir: Path
     checkpoint_dir: Path
     spike_guard: SpikeGuard | None = None
+    config: PythonConfig | None = None
+    validation: Validation | None = None
 
     def to_save(self) -> dict[str, Any]:
         """What a checkpoint holds, by name; the run's options first, so a resume names what differs first."""
@@ -75,26 +85,6 @@ class Run:
         if self.spike_guard is not None:
             saved["spike_guard"] = self.spike_guard
         return saved
-
-
-@dataclass
-class Result:
-    """What the summary reports."""
-
-    task: str
-    epochs: int
-    iterations: int
-    seconds: float
-    losses: dict[str, float]
-    processes: int
-    applied: int
-    skipped: int
-    log_dir: Path
-    checkpoint: str | None
-    resumed_from: Path | None = field(default=None)
-    stopped_by: str | None = field(default=None)
-    loss_iterations: tuple[int, int] | None = field(default=None)
-    """Of the last epoch, the iterations its losses cover and its length, where they differ (a resume mid-epoch)."""
 
 
 def train(args: argparse.Namespace, stop: StopRequest | None = None) -> Result:
@@ -113,6 +103,7 @@ def train(args: argparse.Namespace, stop: StopRequest | None = None) -> Result:
 
 
 def _train(args: argparse.Namespace, stop: StopRequest | None) -> Result:
+    _refuse_a_held_directory(args)
     # here, not in build: train() gives the caller's count back, build() leaves nothing changed behind it
     if args.threads is not None or (_device(args).type == "cpu" and "OMP_NUM_THREADS" not in os.environ):
         torch.set_num_threads(args.threads or 1)
@@ -135,6 +126,24 @@ def _train(args: argparse.Namespace, stop: StopRequest | None) -> Result:
         if rank() == 0 and not existed:  # a refused run leaves no directory it made
             directory.discard_if_unused()
         raise
+
+
+def _refuse_a_held_directory(args: argparse.Namespace) -> None:
+    """Refuse, before the set-up, a checkpoint directory another run holds (every rank, as rank 0 finds it).
+
+    The run takes the directory later, once built; one that another run takes meanwhile is refused then.
+    """
+    _, checkpoint_dir = run_paths(args)
+    held = None
+    if rank() == 0 and checkpoint_dir.is_dir():
+        try:
+            with RunDirectory(checkpoint_dir).lock():
+                pass
+        except RunDirectoryBusy as error:
+            held = str(error)
+    held = gather_objects(held)[0]
+    if held is not None:
+        raise UsageError(held)
 
 
 def _note_repeated_samples(data: DataLoader[Any]) -> None:
@@ -167,7 +176,7 @@ def execute(run: Run, args: argparse.Namespace, resumed: Path | None, stop: Stop
     with StopOnSignal(run.trainer, stop) as signals:  # to the logs' close: a signal then is only noted
         try:
             with logs_named(run.log_dir):
-                state = run.trainer.run(run.data, max_epochs=args.epochs)
+                state = run.trainer.run(run.data, max_epochs=run.options.epochs)
         except SpikesPersist as error:  # the guard rolled the run back to its last good state: keep that
             checkpoint(run.trainer)
             raise SpikesPersist(f"{error}; its last good state is saved in {checkpoint.last_checkpoint}") from None
@@ -189,6 +198,8 @@ def execute(run: Run, args: argparse.Namespace, resumed: Path | None, stop: Stop
         resumed_from=resumed,
         stopped_by=signals.received,
         loss_iterations=None if tracker.count in (0, len(run.data)) else (tracker.count, len(run.data)),
+        validation={} if run.validation is None else run.validation.last,
+        implementation=implementation(run.optim_wrapper),
     )
 
 
@@ -196,33 +207,48 @@ def build(args: argparse.Namespace) -> Run:
     """The task, its wrapper(s) from the options, the trainer and its schedules; nothing attached yet."""
     device = _device(args)
     log_dir, checkpoint_dir = run_paths(args)
-    check_batch_size(args.batch_size, world_size())
-    task = make_task(args.task, args.seed, args.batch_size)  # the same data and weights on every rank
+    config = load_python_config(args.config, args.seed) if is_python_config(args.config) else None
+    batch_size = args.batch_size or (config and config.batch_size) or DEFAULT_BATCH_SIZE
+    epochs = args.epochs or (config and config.max_epochs) or DEFAULT_EPOCHS
+    check_batch_size(batch_size, world_size())
+    # the same data and weights on every rank
+    task = make_task(args.task, args.seed, batch_size) if config is None else python_task(config, args.seed, batch_size)
     task.model.to(device)
     if world_size() > 1:
         torch.manual_seed(args.seed + rank())  # each rank its own dropout and noise
         random.seed(args.seed + rank())
-    wrapper_cfg = wrapper_config(args, task)
+    wrapper_cfg = wrapper_config(args, task, None if config is None else config.optim_wrapper)
     optim_wrapper = _build_wrappers(args, task, wrapper_cfg)
     data = ResumableLoader(task.data)
     trainer = _build_trainer(args, task, optim_wrapper, device)
-    schedulers = _schedulers(args.schedule, optim_wrapper, args.epochs * len(data))
+    param_scheduler = None if config is None else config.param_scheduler
+    schedulers = _schedulers(args, optim_wrapper, epochs, len(data), param_scheduler)
     options = RunOptions(
         args.task,
-        args.batch_size,
+        batch_size,
         args.seed,
         world_size(),
-        wrapper_cfg,
-        args.schedule,
-        args.epochs,
+        plain(wrapper_cfg),
+        "param_scheduler" if param_scheduler is not None else args.schedule,
+        epochs,
         args.num_items,
         args.spike_guard,
         config=None if args.config is None else str(args.config),
+        param_scheduler=plain(param_scheduler),
     )
-    run = Run(task, optim_wrapper, trainer, data, schedulers, options, log_dir, checkpoint_dir)
+    run = Run(task, optim_wrapper, trainer, data, schedulers, options, log_dir, checkpoint_dir, config=config)
     if args.spike_guard != "off":  # a rollback restores the model and the schedules; the wrappers it restores itself
         restore = {"model": task.model, **{f"scheduler_{i}": scheduler for i, scheduler in enumerate(schedulers)}}
         run.spike_guard = SpikeGuard(args.spike_guard, restore=restore)
+    if config is not None and config.val_dataset is not None:
+        run.validation = Validation(
+            task.model,
+            config.val_dataset,
+            config.val_batch_size or batch_size,
+            config.val_metrics,
+            device,
+            config.val_interval,
+        )
     return run
 
 
@@ -255,9 +281,10 @@ def resume(run: Run, args: argparse.Namespace) -> Path | None:
         print(f"engine-opt: no checkpoint in {run.checkpoint_dir}; starting the run from the start", file=sys.stderr)
         return None
     state = run.trainer.state
-    if state.max_epochs is not None and args.epochs < state.max_epochs:
-        raise UsageError(f"--epochs {args.epochs} is less than the resumed run's {state.max_epochs}")
-    if state.epoch >= args.epochs:  # Ignite would start a finished run over
+    epochs = run.options.epochs
+    if state.max_epochs is not None and epochs < state.max_epochs:
+        raise UsageError(f"--epochs {epochs} is less than the resumed run's {state.max_epochs}")
+    if state.epoch >= epochs:  # Ignite would start a finished run over
         raise UsageError(
             f"the run in {run.checkpoint_dir} is complete ({state.epoch} epochs); "
             f"pass --epochs above {state.epoch} to train it further"
@@ -280,9 +307,15 @@ def attach_handlers(run: Run, args: argparse.Namespace) -> tuple[LossTracker, Ch
     trainer.add_event_handler(Events.ITERATION_COMPLETED, tracker.update)
     checkpoint = attach_checkpoint(trainer, run.to_save(), run.checkpoint_dir, every=args.checkpoint_every)
     if rank() != 0:
+        if run.validation is not None:  # Ignite's metrics agree across ranks: every rank evaluates
+            run.validation.attach(trainer)
+        _attach_config_handlers(run)
         return tracker, checkpoint, None
     # A resumed run drops what the interrupted one logged after its checkpoint, so each curve is drawn once.
     tb_logger = TensorboardLogger(log_dir=str(run.log_dir), purge_step=trainer.state.iteration + 1)
+    metrics = [f"train/{name}" for name in run.task.loss_names]
+    metrics += [f"val/{name}" for name in ([] if run.config is None else run.config.val_metrics)]
+    write_hparams(tb_logger.writer, hparams(run.options), metrics)
     every = args.log_every
     params = OptimParamsHandler(run.optim_wrapper, tag="optim")
     # the values the run starts from (a warm-up's first lr), every N-th update of each member, and the last ones
@@ -291,109 +324,26 @@ def attach_handlers(run: Run, args: argparse.Namespace) -> tuple[LossTracker, Ch
     if args.telemetry is not None:
         telemetry = UpdateTelemetryHandler(run.optim_wrapper, every=args.telemetry, model=run.task.model, depth=1)
         tb_logger.attach(trainer, telemetry, Events.ITERATION_COMPLETED)
-    losses = OutputHandler(tag="train", output_transform=_as_losses, global_step_transform=_iteration)
+    losses = OutputHandler(tag="train", output_transform=as_losses, global_step_transform=_iteration)
     last_off_cadence = Events.COMPLETED(event_filter=lambda engine, _: engine.state.iteration % every != 0)
     tb_logger.attach(trainer, losses, Events.ITERATION_COMPLETED(every=every) | last_off_cadence)
-    progress = RunScalars(tb_logger, args.batch_size, nonfinite, run.spike_guard)
+    progress = RunScalars(tb_logger, run.options.batch_size, nonfinite, run.spike_guard)
     trainer.add_event_handler(Events.STARTED, progress.start)
     trainer.add_event_handler(Events.ITERATION_COMPLETED(every=every) | last_off_cadence, progress)
+    if run.validation is not None:
+        run.validation.attach(trainer, tb_logger.writer.add_scalar)
     if not args.no_progress:
-        attach_progress_bar(trainer, run.optim_wrapper, every=5, show_lr=args.schedule != "constant", persist=True)
+        show_lr = run.options.schedule != "constant"
+        attach_progress_bar(trainer, run.optim_wrapper, every=5, show_lr=show_lr, persist=True)
+    _attach_config_handlers(run)
     return tracker, checkpoint, tb_logger
 
 
-class RunScalars:
-    """The run's own curves, at the losses' cadence: ``run/epoch``, ``run/iterations_per_second``,
-    ``run/samples_per_second`` (of the global batch) and the guards' counts, ``guard/nonfinite_skipped`` and
-    ``guard/spikes`` (per member: ``guard/spikes/gen``). Reading the spike guard's counts waits for the device."""
-
-    def __init__(
-        self,
-        tb_logger: TensorboardLogger,
-        batch_size: int,
-        nonfinite: NonFiniteGuard | None,
-        spike_guard: SpikeGuard | None,
-    ) -> None:
-        self.tb_logger, self.batch_size = tb_logger, batch_size
-        self.nonfinite, self.spike_guard = nonfinite, spike_guard
-        self.since: tuple[float, int] = (time.perf_counter(), 0)
-
-    def start(self, engine: Engine) -> None:
-        self.since = (time.perf_counter(), engine.state.iteration)
-
-    def __call__(self, engine: Engine) -> None:
-        iteration, now = engine.state.iteration, time.perf_counter()
-        seconds, done = now - self.since[0], iteration - self.since[1]
-        self.since = (now, iteration)
-        scalars: dict[str, float] = {"run/epoch": engine.state.epoch}
-        if seconds > 0 and done > 0:
-            scalars["run/iterations_per_second"] = done / seconds
-            scalars["run/samples_per_second"] = done * self.batch_size / seconds
-        if self.nonfinite is not None:
-            scalars.update(_per_member("guard/nonfinite_skipped", self.nonfinite.skipped))
-        if self.spike_guard is not None:
-            scalars.update(_per_member("guard/spikes", self.spike_guard.spikes()))
-        for tag, value in scalars.items():
-            self.tb_logger.writer.add_scalar(tag, value, iteration)
-
-
-def _per_member(tag: str, counts: dict[str | None, int]) -> dict[str, float]:
-    """``{tag: n}`` for one wrapper (``None``), ``{tag/member: n}`` for each member of a dict; 0 before any."""
-    return {tag if name is None else f"{tag}/{name}": count for name, count in counts.items()} or {tag: 0}
-
-
-class LossTracker:
-    """Mean of each loss over the last epoch, summed on the device and read once at the end."""
-
-    def __init__(self, names: tuple[str, ...]) -> None:
-        self.names = names
-        self.sums: dict[str, torch.Tensor] = {}
-        self.count = 0
-
-    def reset(self, engine: Engine) -> None:
-        self.sums, self.count = {}, 0
-
-    def update(self, engine: Engine) -> None:
-        values: dict[str, torch.Tensor] = _as_losses(engine.state.output)
-        for name in self.names:
-            value = values[name].detach().float()
-            self.sums[name] = value if name not in self.sums else self.sums[name] + value
-        self.count += 1
-
-    def means(self) -> dict[str, float]:
-        """The means over all ranks (a collective call in a distributed run)."""
-        means = {name: total / max(self.count, 1) for name, total in self.sums.items()}
-        if world_size() > 1:
-            means = {name: cast(torch.Tensor, idist.all_reduce(mean)) / world_size() for name, mean in means.items()}
-        return {name: mean.item() for name, mean in means.items()}
-
-
-def summary(result: Result) -> str:
-    """The lines printed at the end of ``engine-opt train`` (one line when a signal stopped it)."""
-    if result.stopped_by is not None:
-        return (
-            f"engine-opt: stopped by {result.stopped_by} at iteration {result.iterations}; saved "
-            f"{result.checkpoint}; continue with the same options and --resume"
-        )
-    losses = ", ".join(f"{name} {value:.4f}" for name, value in result.losses.items())
-    processes = f" on {result.processes} processes" if result.processes > 1 else ""
-    lines = [
-        f"engine-opt: trained {result.task} to epoch {result.epochs} "
-        f"({result.iterations} iterations) in {result.seconds:.1f} s{processes}",
-    ]
-    if result.resumed_from is not None:
-        lines.append(f"  resumed from:     {result.resumed_from}")
-    covered = ""
-    if result.loss_iterations is not None:  # the loss of the iterations before the checkpoint was not saved
-        count, length = result.loss_iterations
-        covered = f"   (its last {count} of {length} iterations: those run since the resume)"
-    lines += [
-        f"  last epoch loss:  {losses}{covered}",
-        f"  updates:          {result.applied} applied, {result.skipped} skipped",
-        f"  checkpoint:       {result.checkpoint}",
-        f"  TensorBoard logs: {result.log_dir}   (view: tensorboard --logdir {result.log_dir})",
-    ]
-    return "\n".join(lines)
+def _attach_config_handlers(run: Run) -> None:
+    """A Python config's ``handlers``, after the command's own: ``handler.attach(trainer)`` or ``handler(trainer)``."""
+    for handler in [] if run.config is None else run.config.handlers:
+        attach = getattr(handler, "attach", None)
+        (attach if callable(attach) else handler)(run.trainer)
 
 
 def _build_wrappers(args: argparse.Namespace, task: Task, cfg: dict[str, Any]) -> OptimWrapper | OptimWrapperDict:
@@ -426,12 +376,20 @@ def _build_trainer(
     if args.num_items == "samples":
         if task.item_loss_fn is None:
             raise UsageError(
-                f"--num-items samples: the {args.task} task has no per-sample loss; use it with classifier"
+                f"--num-items samples: the {args.task} task has no per-sample loss; the classifier and a Python "
+                "config with the default loss_fn have one"
             )
         model = _parallel_model(task.model)
         return create_trainer(
             model, optim_wrapper, task.item_loss_fn, device=device, num_items=_samples, output_transform=_sample_mean
         )
+    if task.make_train_step is None and task.loss_fn is None:  # a Python config's MMEngine model: its train_step
+        if world_size() > 1:
+            raise UsageError(
+                f"--config {args.config}: a model that trains itself (its train_step) runs in one process; "
+                "give loss_fn for a distributed run"
+            )
+        return create_trainer(task.model, optim_wrapper)
     if task.make_train_step is None:
         return create_trainer(_parallel_model(task.model), optim_wrapper, task.loss_fn, device=device)
     try:
@@ -452,14 +410,29 @@ def _samples(x: Any, y: torch.Tensor) -> int:
 
 
 def _schedulers(
-    schedule: str, optim_wrapper: OptimWrapper | OptimWrapperDict, iterations: int
-) -> list[torch.optim.lr_scheduler.LRScheduler]:
-    """One cosine schedule per member over its updates, or none."""
-    if schedule == "constant":
+    args: argparse.Namespace,
+    optim_wrapper: OptimWrapper | OptimWrapperDict,
+    epochs: int,
+    epoch_length: int,
+    param_scheduler: Any,
+) -> list[Any]:
+    """A Python config's ``param_scheduler``; else ``--schedule cosine``'s schedule per member over its updates."""
+    if param_scheduler is not None:
+        if args.schedule != "constant":
+            raise UsageError(f"--schedule {args.schedule}: --config {args.config} sets param_scheduler; drop one")
+        accumulation = max(wrapper.accumulative_counts for _, wrapper in members(optim_wrapper))
+        try:
+            built = build_param_scheduler(
+                optim_wrapper, param_scheduler, epoch_length=-(-epoch_length // accumulation), max_epochs=epochs
+            )
+        except (TypeError, ValueError) as error:
+            raise UsageError(f"--config {args.config}: {error}") from None
+        return [item for items in built.values() for item in items] if isinstance(built, dict) else built
+    if args.schedule == "constant":
         return []
     return [
         torch.optim.lr_scheduler.CosineAnnealingLR(
-            wrapper.optimizer, T_max=max(1, -(-iterations // wrapper.accumulative_counts))
+            wrapper.optimizer, T_max=max(1, -(-epochs * epoch_length // wrapper.accumulative_counts))
         )
         for _, wrapper in members(optim_wrapper)
     ]
@@ -480,10 +453,6 @@ def _device(args: argparse.Namespace) -> torch.device:
 def _parallel_model(model: torch.nn.Module) -> torch.nn.Module:
     """``idist.auto_model(model)`` (DDP) in a distributed run; the model itself in one process."""
     return idist.auto_model(model) if world_size() > 1 else model
-
-
-def _as_losses(output: Any) -> dict[str, Any]:
-    return dict(output) if isinstance(output, dict) else {"loss": output}
 
 
 def _iteration(engine: Engine, event: Any) -> int:

@@ -1,4 +1,4 @@
-"""``write_scalars``: several scalars as one TensorBoard event: the one place that builds TensorBoard records.
+"""``write_scalars``, ``write_hparams``: the one place that builds TensorBoard records.
 
 ``SummaryWriter.add_scalar`` writes one event per scalar, and TensorBoard's
 writer thread computes a pure-Python CRC per event while holding the GIL;
@@ -8,12 +8,18 @@ to the open ``SummaryWriter``'s ``file_writer.add_summary``; when either
 is missing, or the writer is closed, it falls back to ``add_scalar`` per
 tag.
 
+``write_hparams`` writes a run's settings for TensorBoard's HPARAMS tab into
+the run's own event file: torch's ``add_hparams`` opens a second writer in a
+sub-directory, which TensorBoard lists as a run of its own, apart from the
+curves the metrics name.
+
 Examples:
     >>> import tempfile
     >>> from torch.utils.tensorboard import SummaryWriter
     >>> with tempfile.TemporaryDirectory() as log_dir:
     ...     writer = SummaryWriter(log_dir)
     ...     write_scalars(writer, {"lr": 0.1, "momentum": 0.9}, step=1)
+    ...     write_hparams(writer, {"lr": 0.1, "optimizer": "SGD"}, ["train/loss"])
     ...     writer.close()
 """
 
@@ -39,3 +45,19 @@ def _summary(scalars: dict[str, float]) -> Any:
     except ImportError:  # tensorboard's layout changed: one event per scalar instead
         return None
     return Summary(value=[Summary.Value(tag=tag, simple_value=value) for tag, value in scalars.items()])
+
+
+def write_hparams(writer: Any, hparams: dict[str, float | str | bool], metrics: list[str]) -> None:
+    """Write ``hparams`` (the run's settings) and the tags of its ``metrics`` curves for TensorBoard's HPARAMS tab.
+
+    Nothing is written through a closed writer, or one without a ``file_writer``.
+    """
+    from torch.utils.tensorboard.summary import hparams as hparams_summaries
+
+    file_writer = getattr(writer, "file_writer", None)
+    if file_writer is None:
+        return
+    # the metrics' values are the curves of those tags the run logs: their placeholder values are not written
+    summaries = hparams_summaries(dict(hparams), dict.fromkeys(metrics, 0.0))  # type: ignore[no-untyped-call]
+    for summary in summaries:
+        file_writer.add_summary(summary)

@@ -10,7 +10,8 @@ Examples:
     >>> from torch import nn
     >>> model = nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4))
     >>> wrapper = build_optim_wrapper(model, dict(
-    ...     type="AmpOptimWrapper", dtype="bf16", accumulative_counts=4, clip_grad=dict(max_norm=1.0),
+    ...     type="AmpOptimWrapper", dtype="bf16", accumulative_counts=4,
+    ...     clip_grad=dict(max_norm=1.0),
     ...     optimizer=dict(type="AdamW", lr=1e-3, weight_decay=0.05),
     ...     paramwise_cfg=dict(norm_decay_mult=0.0, bias_decay_mult=0.0)))
     >>> [(len(g["params"]), g["weight_decay"]) for g in wrapper.param_groups]
@@ -54,8 +55,10 @@ def _optimizer_names() -> list[str]:
     )
 
 
-def _import_path(path: str) -> Any:
+def import_path(path: str, where: str = "optimizer type") -> Any:
     """The object a dotted path (``'mypkg.optim.Lion'``) names, or ``None`` if there is no such module or name.
+
+    ``where`` names the argument in the error message.
 
     Raises:
         ValueError: The module exists but fails to import (the error it raised is chained).
@@ -68,9 +71,9 @@ def _import_path(path: str) -> Any:
     except ModuleNotFoundError as error:
         if error.name is not None and module_name.startswith(error.name):
             return None  # the path's own module (or a parent) is not there
-        raise ValueError(f"optimizer type {path!r}: importing {module_name} failed: {error}") from error
+        raise ValueError(f"{where} {path!r}: importing {module_name} failed: {error}") from error
     except ImportError as error:
-        raise ValueError(f"optimizer type {path!r}: importing {module_name} failed: {error}") from error
+        raise ValueError(f"{where} {path!r}: importing {module_name} failed: {error}") from error
     return getattr(module, attribute, None)
 
 
@@ -78,7 +81,7 @@ def _optimizer_class(type_: Any, where: str = "optimizer type") -> type[torch.op
     """A ``torch.optim.Optimizer`` subclass from a class, a ``torch.optim`` name or a dotted import path."""
     candidate = type_
     if isinstance(type_, str):
-        candidate = _import_path(type_) if "." in type_ else getattr(torch.optim, type_, None)
+        candidate = import_path(type_) if "." in type_ else getattr(torch.optim, type_, None)
     if isinstance(candidate, type) and issubclass(candidate, OptimWrapper):
         raise ValueError(
             f"{where} must be an optimizer, got the wrapper {type_!r}: the wrapper's type goes in the outer config "

@@ -192,6 +192,10 @@ def test_python_dash_m():
         (["--schedule", "cosine"], ["--schedule cosine, the checkpoint's constant"]),
         (["--num-items", "samples"], ["--num-items samples, the checkpoint's off"]),
         (["--spike-guard", "skip"], ["--spike-guard skip, the checkpoint's off"]),
+        (
+            ["--implementation", "torch"],  # as a run made before the option: torch's default
+            ["\n  --implementation (the wrapper config's 'implementation'): not set here, 'auto' in the checkpoint"],
+        ),
     ],
 )
 def test_a_resume_with_other_options_is_refused_with_every_difference_listed(tmp_path, capsys, options, differences):
@@ -202,6 +206,14 @@ def test_a_resume_with_other_options_is_refused_with_every_difference_listed(tmp
     assert exit_info.value.code == 2 and "this run differs from the checkpoint's" in err
     for difference in differences:
         assert difference in err
+
+
+def test_a_run_made_before_the_implementation_option_resumes_with_implementation_torch(tmp_path, capsys):
+    assert run(tmp_path, "--epochs", "1", "--implementation", "torch") == 0  # its config has no 'implementation'
+    with pytest.raises(SystemExit):
+        run(tmp_path, "--epochs", "2", "--resume")
+    assert "--implementation (the wrapper config's 'implementation'): 'auto' here, not set" in capsys.readouterr().err
+    assert run(tmp_path, "--epochs", "2", "--resume", "--implementation", "torch") == 0
 
 
 def test_more_epochs_continue_a_constant_schedule_but_not_a_cosine_one(tmp_path, capsys):
@@ -390,7 +402,7 @@ def test_help_shows_every_default(capsys):
         main(["train", "--help"])
     text = capsys.readouterr().out.split("\noptions:", 1)[1]
     blocks = re.split(r"\n  (?=--)", text)[1:]  # one block per option: its name, its help
-    assert len(blocks) == 28  # with --sam, --threads and --log-every
+    assert len(blocks) == 29  # with --sam, --threads, --log-every and --implementation
     for block in blocks:
         assert "default" in block, f"the help of {block.split()[0]} does not say its default"
 
@@ -602,7 +614,7 @@ def test_the_spike_guards_counts_are_logged_per_member(tmp_path):
     scalars = read_scalars(tmp_path / "logs")
     for member in ("gen", "disc"):
         assert [step for step, _ in scalars[f"guard/spikes/{member}"]] == [*range(10, 61, 10), 64]
-        assert any(tag.startswith(f"optim/{member}.lr/") for tag in scalars)
+        assert any(tag.startswith(f"optim/{member}/lr/") for tag in scalars)
 
 
 def test_verbose_shows_ignites_info_messages_and_puts_logging_back(tmp_path, capfd):
@@ -789,3 +801,33 @@ def test_a_schedule_free_run_evaluates_and_resumes_in_eval_mode(tmp_path, capsys
     assert expected["optim_wrapper"]["param_groups"][0]["train_mode"] is False  # saved as it is meant
     assert_same_tensors(actual["model"], expected["model"])
     assert_same_tensors(actual["optim_wrapper"], expected["optim_wrapper"])
+
+
+def test_a_directory_another_run_holds_is_refused_with_status_2_before_the_set_up(tmp_path, capsys):
+    import filelock
+
+    (tmp_path / "logs" / "checkpoints").mkdir(parents=True)
+    marker = tmp_path / "config-ran"
+    config = tmp_path / "run.py"
+    config.write_text(f"open({str(marker)!r}, 'w').close()\n")  # a set-up that would run the file leaves a mark
+    other_run = filelock.FileLock(str(tmp_path / "logs" / "checkpoints" / ".engine_opt.lock"), timeout=0)
+    with other_run, pytest.raises(SystemExit) as exit_info:
+        run(tmp_path, "--config", str(config))
+    assert exit_info.value.code == 2 and not marker.exists()
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith(f"engine-opt: error: {tmp_path / 'logs' / 'checkpoints'} is in use by another run")
+
+
+def test_the_runs_options_are_its_hparams_and_each_member_its_own_branch_of_tags(tmp_path):
+    from scalars import read_hparams, read_scalars
+
+    assert run(tmp_path, "--task", "gan", "--epochs", "1", "--lr", "0.002", "--accumulate", "2") == 0
+    values, metrics = read_hparams(tmp_path / "logs")
+    assert metrics == ["train/gen_loss", "train/disc_loss"]
+    assert values["task"] == "gan" and values["batch_size"] == 64 and values["epochs"] == 5 - 4
+    assert values["wrapper.gen.optimizer.lr"] == values["wrapper.disc.optimizer.lr"] == 0.002
+    assert values["wrapper.disc.accumulative_counts"] == 2 and values["wrapper.gen.optimizer.betas"] == "[0.5, 0.999]"
+    assert not [path for path in (tmp_path / "logs").iterdir() if path.is_dir() and path.name != "checkpoints"]
+    tags = set(read_scalars(tmp_path / "logs"))
+    assert {"optim/gen/lr/group_0", "optim/disc/lr/group_0", "optim/gen/updates_applied"} <= tags
+    assert not [tag for tag in tags if ".lr" in tag or ".updates" in tag]

@@ -19,7 +19,7 @@ def config_of(*options, task="classifier"):
 
 
 def test_the_options_make_the_config_they_name():
-    assert config_of() == {"type": "OptimWrapper", "optimizer": {"type": "AdamW", "lr": 1e-3}}
+    assert config_of() == {"type": "OptimWrapper", "optimizer": {"type": "AdamW", "lr": 1e-3}, "implementation": "auto"}
     cfg = config_of("--dtype", "fp16", "--accumulate", "3", "--clip-norm", "0.5", "--optimizer", "SGD", "--lr", "0.1")
     assert cfg == {
         "type": "AmpOptimWrapper",
@@ -27,7 +27,16 @@ def test_the_options_make_the_config_they_name():
         "dtype": "fp16",
         "accumulative_counts": 3,
         "clip_grad": {"max_norm": 0.5},
+        "implementation": "auto",
     }
+
+
+def test_the_command_picks_the_fastest_update_and_a_config_file_keeps_torchs_default(tmp_path):
+    task = make_task("classifier", seed=0, batch_size=8)
+    assert build_optim_wrapper(task.model, config_of()).optimizer.defaults["fused"] is True
+    path = tmp_path / "wrapper.json"
+    path.write_text(json.dumps({"optimizer": {"type": "AdamW", "lr": 0.5}}))
+    assert build_optim_wrapper(task.model, config_of("--config", str(path))).optimizer.defaults["fused"] is None
 
 
 @pytest.mark.parametrize(
@@ -95,3 +104,9 @@ def test_dtype_and_threads_refusals_name_what_is_accepted(capsys):
             build_parser().parse_args(["train", *options])
         assert message in capsys.readouterr().err
     assert build_parser().parse_args(["train", "--dtype", "bfloat16"]).dtype == "bf16"
+
+
+def test_implementation_torch_leaves_torchs_default_as_runs_made_before_the_option():
+    assert "implementation" not in config_of("--implementation", "torch")
+    assert config_of("--implementation", "foreach")["implementation"] == "foreach"
+    assert config_of("--implementation", "for-loop", task="gan")["gen"]["implementation"] == "for-loop"

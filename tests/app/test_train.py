@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import dataclasses
-from pathlib import Path
-
 import pytest
 
 from engine_opt.app.cli import build_parser
 from engine_opt.app.config import UsageError
-from engine_opt.app.train import Result, build, resume, summary, train
+from engine_opt.app.train import build, resume, train
 from engine_opt.engine.trainer import Trainer
 
 
@@ -39,18 +36,6 @@ def test_a_run_resumes_only_where_it_fits(tmp_path):
     with pytest.raises(UsageError, match=r"is complete \(1 epochs\); pass --epochs above 1"):
         resume(build(done), done)
     assert resume(build(options(tmp_path / "other", "--resume")), options(tmp_path / "other", "--resume")) is None
-
-
-def test_the_summary_states_what_happened():
-    result = Result("gan", 2, 128, 1.25, {"gen_loss": 0.5}, 2, 120, 8, Path("runs/gan"), "runs/gan/c.pt", Path("x.pt"))
-    text = summary(result)
-    assert "trained gan to epoch 2 (128 iterations) in 1.2 s on 2 processes" in text
-    assert "resumed from:     x.pt" in text and "updates:          120 applied, 8 skipped" in text
-    assert "last epoch loss:  gen_loss 0.5000\n" in text
-    partial = dataclasses.replace(result, loss_iterations=(16, 64))
-    assert "last epoch loss:  gen_loss 0.5000   (its last 16 of 64 iterations: those run since the resume)" in (
-        summary(partial)
-    )
 
 
 @pytest.mark.slow  # trains a run of one epoch
