@@ -236,7 +236,8 @@ def _build_optimizer(
         optimizer_cls = ShardedMuon  # torch's Muon takes no DTensor: each matrix orthogonalised whole, on its owner
     choice = None
     if implementation is not None:
-        choice, kwargs = choose(implementation, optimizer_cls, _tensors(params), optimizer_cfg, where)
+        sparse = any(getattr(module, "sparse", False) is True for module in model.modules())
+        choice, kwargs = choose(implementation, optimizer_cls, _tensors(params), optimizer_cfg, where, sparse)
         optimizer_cfg.update(kwargs)
     if route is not None:
         return route.build(optimizer_cls, params, optimizer_cfg), choice
@@ -350,6 +351,12 @@ def build_optim_wrapper(model: nn.Module, cfg: Mapping[str, Any]) -> OptimWrappe
     cfg = checks.mapping("cfg", cfg)
     if "optimizer" in cfg or "type" in cfg:
         return _build_one(model, cfg)
+    if IMPLEMENTATION_KEY in cfg:  # beside members: where a single wrapper's config would have it
+        raise ValueError(
+            f"cfg {IMPLEMENTATION_KEY!r} goes in each member's config of a dict of wrapper configs "
+            f"({{'gen': dict(optimizer=..., {IMPLEMENTATION_KEY}=...), ...}}), "
+            f"got it beside {sorted(set(cfg) - {IMPLEMENTATION_KEY})}"
+        )
     if not cfg or not all(isinstance(value, Mapping) for value in cfg.values()):
         raise ValueError(
             "cfg must be one wrapper config with an 'optimizer' entry, or a dict of such configs keyed by "

@@ -19,10 +19,11 @@ The two torch attributes (``grad_scale``, read by the fused step; and
 ``_step_supports_amp_scaling``, which says the step reads it) are used here
 only; an optimizer without them is refused when the wrapper is built.
 
-Exactness (``tests/optim/test_clip_in_step.py``): the norm, ``grad_norm`` and
-the skipped steps are bitwise the unfolded path's. Where clipping does not cut
-(norm at most ``max_norm``), ``clip_coef`` is 1 and the update is bitwise the
-unfolded one. Where it cuts, each gradient is ``g / fl(1 / c)`` instead of
+Exactness (``tests/optim/test_clip_in_step.py``): the skipped steps are the
+unfolded path's; the norm (``grad_norm``) and, where clipping does not cut
+(norm at most ``max_norm``, ``clip_coef`` 1), the update are bitwise the
+unfolded ones in float32 and under a power-of-two loss scale (under another,
+they differ by a rounding of the scale's reciprocal). Where it cuts, each gradient is ``g / fl(1 / c)`` instead of
 ``fl(g * c)``: within 2 float32 units in the last place of the gradient
 (relative 2.4e-7), which the update carries on. So it is opt-in.
 
@@ -34,9 +35,9 @@ Examples:
     >>> clipper = GradClipper.parse(dict(max_norm=1.0, fold_into_step=True))
     >>> folded = ClipInStep(clipper, optimizer)
     >>> param.grad = torch.tensor([3.0, 4.0])
-    >>> folded.prepare([param], None)
+    >>> folded.prepare(optimizer, [param], None)
     tensor(5.)
-    >>> optimizer.step(); folded.release()
+    >>> optimizer.step(); folded.release(optimizer)
     >>> param.detach(), param.grad
     (tensor([-0.6000, -0.8000]), tensor([0.6000, 0.8000]))
 """
@@ -93,26 +94,39 @@ class ClipInStep:
         self._error_if_nonfinite = bool(clipper.kwargs.get("error_if_nonfinite", False))
         self._foreach = clipper.kwargs.get("foreach")
 
-    def prepare(self, params: list[torch.Tensor], inverse_scale: torch.Tensor | None) -> torch.Tensor:
-        """Measure the gradients' norm and set ``1 / clip_coef`` as the optimizer's ``grad_scale``.
+    def prepare(
+        self, optimizer: torch.optim.Optimizer, params: list[torch.Tensor], inverse_scale: torch.Tensor | None
+    ) -> torch.Tensor:
+        """Measure the gradients' norm and set ``1 / clip_coef`` as ``optimizer``'s ``grad_scale``.
 
         Args:
+            optimizer: The wrapper's optimizer now (checked again where it was replaced since).
             params: The parameters whose gradients are clipped (in the model's order, as unfolded).
             inverse_scale: ``1 / loss scale`` as a tensor while the gradients are still scaled, else ``None``.
 
         Returns:
             The total norm of the true (unscaled) gradients, as ``clip_grad_norm_`` returns it.
+
+        Raises:
+            RuntimeError: The optimizer cannot take the clipping in its step (now): replaced by one that is
+                not fused, or its groups' ``fused`` set off since.
         """
-        if not all(group.get("fused") for group in self._optimizer.param_groups):  # a state dict loaded since
-            raise RuntimeError(f"clip_grad['fold_into_step']: {_refusal(self._optimizer)}")
+        if optimizer is not self._optimizer or not all(group.get("fused") for group in optimizer.param_groups):
+            refusal = _refusal(optimizer)
+            if refusal is not None:
+                raise RuntimeError(
+                    f"clip_grad['fold_into_step']: {refusal}; give the wrapper a fused optimizer, or drop "
+                    "fold_into_step"
+                )
+            self._optimizer = optimizer
         grads = [param.grad for param in params if param.grad is not None]
         norm = torch.nn.utils.get_total_norm(grads, self._norm_type, self._error_if_nonfinite, self._foreach)
         norm = replicated_value(norm) if inverse_scale is None else replicated_value(norm) * inverse_scale
         clip_coef = torch.clamp(self._max_norm / (norm + 1e-6), max=1.0)  # as torch's clip_grads_with_norm_
         # the kernels take a float32 grad_scale (a GradScaler's dtype), whatever the gradients' dtype
-        setattr(self._optimizer, _GRAD_SCALE, torch.reciprocal(clip_coef.float()))
+        setattr(optimizer, _GRAD_SCALE, torch.reciprocal(clip_coef.float()))
         return norm
 
-    def release(self) -> None:
-        """Take the ``grad_scale`` off the optimizer (``GradScaler.step`` does it itself after its step)."""
-        self._optimizer.__dict__.pop(_GRAD_SCALE, None)
+    def release(self, optimizer: torch.optim.Optimizer) -> None:
+        """Take the ``grad_scale`` off ``optimizer`` (``GradScaler.step`` does it itself after its step)."""
+        optimizer.__dict__.pop(_GRAD_SCALE, None)

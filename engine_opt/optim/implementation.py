@@ -13,7 +13,7 @@ cannot run it. ``'auto'`` picks from ``FASTEST``, the fastest implementation
 ``benchmarks/bandwidth.py`` measured for the optimizer type, device and
 dtype, and torch's default (``'default'``) for any combination it does not list.
 
-How the results relate (``docs/optimizers.md``): ``'foreach'`` gives the
+How the results relate (``docs/semantics.md``): ``'foreach'`` gives the
 for-loop's parameters bitwise in float32; ``'fused'`` evaluates the same
 formulas in another order inside one kernel, within a few float32 units in the
 last place per step, and in bfloat16 it rounds once per step instead of after
@@ -58,13 +58,16 @@ FASTEST: dict[tuple[str, str, torch.dtype], str] = {
 """``'auto'``'s table: (optimizer class name, device type, parameter dtype) to the fastest implementation.
 
 From ``benchmarks/bandwidth.py`` (``docs/benchmarks.md``): on the CPU the fused
-update of SGD with momentum, Adam and AdamW ran 2-6 times faster than the
-for-loop and the foreach one at 1M-100M parameters, float32 and bfloat16
-(float16 mixed precision keeps float32 parameters). Only measured combinations
+update of Adam and AdamW ran 2-6 times faster than the for-loop and the foreach
+one at 20M-100M parameters, float32 and bfloat16 (float16 mixed precision keeps
+float32 parameters); SGD with momentum's for-loop is a few whole-tensor kernels
+already, and fused was as fast or faster by median in most rows and at 100M,
+slower by minimum in some 1M-20M rows, within this busy machine's noise. Only measured combinations
 are listed; the class must be torch's own (a subclass may change its step).
 """
 
-_FUSED_DEVICES = ("cpu", "cuda", "mps", "xpu", "hpu", "mtia")  # torch 2.13's list, where its private one is missing
+# torch 2.13's list, where its private one is missing
+_FUSED_DEVICES = ("cpu", "cuda", "mps", "xpu", "hpu", "mtia", "privateuseone")
 
 
 @dataclass(frozen=True)
@@ -91,8 +94,10 @@ class Implementation:
 
 
 def check(value: Any) -> str:
-    """``value`` if it is one of ``IMPLEMENTATIONS``; a ``ValueError`` naming the key otherwise."""
-    if not isinstance(value, str) or value not in IMPLEMENTATIONS:
+    """``value`` if it is one of ``IMPLEMENTATIONS``; a ``TypeError`` or ``ValueError`` naming the key otherwise."""
+    if not isinstance(value, str):
+        raise TypeError(f"optim wrapper config {KEY!r} must be a str, one of {list(IMPLEMENTATIONS)}, got {value!r}")
+    if value not in IMPLEMENTATIONS:
         raise ValueError(f"optim wrapper config {KEY!r} must be one of {list(IMPLEMENTATIONS)}, got {value!r}")
     return value
 
@@ -111,8 +116,10 @@ def fused_devices() -> list[str]:
         >>> "cpu" in fused_devices()
         True
     """
-    from torch.utils import _foreach_utils
-
+    try:
+        from torch.utils import _foreach_utils
+    except ImportError:
+        return list(_FUSED_DEVICES)
     read = getattr(_foreach_utils, "_get_fused_kernels_supported_devices", None)
     try:
         return list(read()) if read is not None else list(_FUSED_DEVICES)
@@ -120,9 +127,20 @@ def fused_devices() -> list[str]:
         return list(_FUSED_DEVICES)
 
 
-def _auto(optimizer_cls: type, params: Iterable[torch.Tensor], cfg: Mapping[str, Any]) -> str:
+def step_flags(optimizer: torch.optim.Optimizer) -> list[dict[str, Any]]:
+    """Each param group's ``foreach`` and ``fused``: torch's ``load_state_dict`` replaces them with the saved ones."""
+    return [{key: group[key] for key in ("foreach", "fused") if key in group} for group in optimizer.param_groups]
+
+
+def put_back_step_flags(optimizer: torch.optim.Optimizer, flags: list[dict[str, Any]]) -> None:
+    """Set each param group's ``foreach`` and ``fused`` as ``step_flags`` read them."""
+    for group, kept in zip(optimizer.param_groups, flags, strict=True):
+        group.update(kept)
+
+
+def _auto(optimizer_cls: type, params: Iterable[torch.Tensor], cfg: Mapping[str, Any], sparse: bool) -> str:
     """``FASTEST``'s entry for every parameter's (device type, dtype) if they agree, else ``'default'``."""
-    if cfg.get("differentiable") or not {"foreach", "fused"} <= _arguments(optimizer_cls):
+    if sparse or cfg.get("differentiable") or not {"foreach", "fused"} <= _arguments(optimizer_cls):
         return DEFAULT
     kinds = {(param.device.type, param.dtype) for param in params}
     if optimizer_cls is not getattr(torch.optim, optimizer_cls.__name__, None):
@@ -137,7 +155,7 @@ def _argument(chosen: str) -> str:
 
 
 def _check_runs(
-    chosen: str, optimizer_cls: type, params: list[torch.Tensor], cfg: Mapping[str, Any], where: str
+    chosen: str, optimizer_cls: type, params: list[torch.Tensor], cfg: Mapping[str, Any], where: str, sparse: bool
 ) -> None:
     """Refuse what ``optimizer_cls`` cannot run as ``chosen`` (named as the config's key, value and what works)."""
     name = optimizer_cls.__name__
@@ -150,6 +168,11 @@ def _check_runs(
     if chosen == "fused":
         if cfg.get("differentiable"):
             raise ValueError(f"{head}: fused=True cannot be differentiable=True; choose 'foreach' or 'for-loop'")
+        if sparse:
+            raise ValueError(
+                f"{head}: the model has a module with sparse gradients (sparse=True), which no fused kernel takes; "
+                "choose 'foreach' or 'for-loop'"
+            )
         devices = fused_devices()
         for param in params:
             if param.device.type not in devices or not torch.is_floating_point(param):
@@ -160,17 +183,24 @@ def _check_runs(
 
 
 def choose(
-    requested: Any, optimizer_cls: type, params: list[torch.Tensor], cfg: Mapping[str, Any], where: str
+    requested: Any,
+    optimizer_cls: type,
+    params: list[torch.Tensor],
+    cfg: Mapping[str, Any],
+    where: str,
+    sparse: bool = False,
 ) -> tuple[Implementation, dict[str, bool]]:
     """The implementation ``requested`` gives ``optimizer_cls`` over ``params``, and the arguments that make it.
 
     Args:
         requested: The config's ``implementation`` value.
         optimizer_cls: The optimizer class the config builds.
-        params: Its parameter tensors.
+        params: Its parameter tensors; those without ``requires_grad`` (frozen: never stepped) are not looked at.
         cfg: The optimizer config, ``type`` left out (not modified): a ``foreach`` or ``fused`` in it must
             agree with the choice, and ``'auto'`` takes neither.
         where: How the messages name the optimizer config (``'optimizer'``, ``"routes['muon'] optimizer"``).
+        sparse: Whether the model makes sparse gradients (an ``Embedding`` with ``sparse=True``): no fused
+            kernel takes them, so ``'auto'`` leaves torch's default and ``'fused'`` is refused.
 
     Returns:
         What was chosen, and the keyword arguments to add to the optimizer's (empty for ``'default'``).
@@ -180,6 +210,7 @@ def choose(
             ``foreach``/``fused`` in ``cfg`` that contradicts it.
     """
     requested = check(requested)
+    params = [param for param in params if param.requires_grad]
     given = {key: cfg[key] for key in ("foreach", "fused") if cfg.get(key) is not None}
     if requested == "auto":
         if given:
@@ -187,7 +218,7 @@ def choose(
                 f"{KEY}='auto' picks foreach/fused itself, but the {where} config sets {given}: drop them, "
                 f"or choose one of {list(_SETTINGS)} instead of 'auto'"
             )
-        chosen = _auto(optimizer_cls, params, cfg)
+        chosen = _auto(optimizer_cls, params, cfg, sparse)
     else:
         chosen = requested
         settings = dict(zip(("foreach", "fused"), _SETTINGS[chosen], strict=True))
@@ -197,7 +228,7 @@ def choose(
                     f"{KEY}={chosen!r} means {key}={settings[key]}, but the {where} config sets {key}={value!r}: "
                     f"drop {key} from it, or choose the implementation it means"
                 )
-        _check_runs(chosen, optimizer_cls, params, cfg, where)
+        _check_runs(chosen, optimizer_cls, params, cfg, where, sparse)
     if chosen == DEFAULT:
         return Implementation(requested, chosen), {}
     return Implementation(requested, chosen), (

@@ -40,7 +40,7 @@ from .clip_in_step import ClipInStep
 from .clipping import GradClipper
 from .closure import Closure, Reevaluation, check_closure, needs_closure
 from .hooks import StepEvent, StepHook, StepHooks
-from .implementation import Implementation
+from .implementation import Implementation, put_back_step_flags, step_flags
 from .num_items import check_num_items, divide_by_items
 from .optimizer_view import OptimizerView
 from .param_layout import regrouped
@@ -494,21 +494,24 @@ class OptimWrapper(OptimizerView):
             divide_by_items(self._params(), items)
         self._stepping = True
         grad_norm = None
+        folded = self._folded
+        if folded is not None and "closure" in kwargs:  # the closure clips each evaluation itself: no folding
+            folded = None
         try:
-            if (self._clipper is not None and self._folded is None) or self._on_before_step:
+            if (self._clipper is not None and folded is None) or self._on_before_step:
                 self.unscale_grads()  # to clip, or for hooks that read the gradients
             cancel = self._hooks.call_before_step(self) if self._on_before_step else False
             if self._clipper is not None and cancel is not True:
                 params = params_in_model_order(self.optimizer.param_groups)
-                if self._folded is None:
+                if folded is None:
                     grad_norm = self._clipper.clip(params)
                 else:  # the optimizer's fused step divides by the clip (and loss) scale
-                    grad_norm = self._folded.prepare(params, self._inverse_scale())
+                    grad_norm = folded.prepare(self.optimizer, params, self._inverse_scale())
             found_inf = self._optimizer_step(kwargs) if cancel is False else self._cancelled_step(cancel, kwargs)
         finally:
             self._stepping = False
-            if self._folded is not None:
-                self._folded.release()
+            if folded is not None:
+                folded.release(self.optimizer)
         self._record_step(found_inf, grad_norm)
         if self._on_outcome[0] or self._on_outcome[1]:
             self._report_outcome(cancel is True, found_inf)
@@ -832,6 +835,8 @@ class OptimWrapper(OptimizerView):
         nothing is loaded. The caller's dict is not modified. The parameters'
         gradients become the state's: those of its window when it was saved
         mid-window, none otherwise (whatever they held before is dropped).
+        Where a config chose the ``implementation``, the optimizer keeps it
+        (its groups' ``foreach`` and ``fused``), whatever the state was saved with.
         A window saved with ``num_items`` keeps its item count
         (``'accumulated_items'``): it loads into a wrapper with the same
         ``accumulative_counts``, like any mid-window state, and must be
@@ -839,7 +844,11 @@ class OptimWrapper(OptimizerView):
         """
         self.check_state_dict(state_dict)
         state_dict = self._in_layout(state_dict)
+        # the config's implementation stays: torch's load would take the saved groups' foreach and fused
+        kept = None if self.implementation is None else step_flags(self.optimizer)
         self.optimizer.load_state_dict({"state": state_dict["state"], "param_groups": state_dict["param_groups"]})
+        if kept is not None:
+            put_back_step_flags(self.optimizer, kept)
         counters = state_dict.get("counters")
         if counters is not None:
             self._inner_count = counters.get("inner_count", self._inner_count)

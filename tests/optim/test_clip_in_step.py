@@ -181,4 +181,40 @@ def test_a_state_dict_that_turns_fused_off_is_refused_at_the_step():
     folded = ClipInStep(GradClipper.parse({"max_norm": 1.0, "fold_into_step": True}), optimizer)
     optimizer.param_groups[0]["fused"] = None
     with pytest.raises(RuntimeError, match="fused"):
-        folded.prepare(list(model.parameters()), None)
+        folded.prepare(optimizer, list(model.parameters()), None)
+
+
+def test_a_step_given_a_closure_clips_once_as_unfolded():
+    """The closure's evaluations are clipped in place; a fold on top would clip the gradients twice."""
+    x = torch.ones(3, 4)
+
+    def updated(fold):
+        model = make_model()
+        clip = {"max_norm": 0.1, **({"fold_into_step": True} if fold else {})}
+        wrapper = OptimWrapper(torch.optim.SGD(model.parameters(), lr=1.0, fused=True), clip_grad=clip)
+
+        def closure():
+            wrapper.optimizer.zero_grad()
+            loss = model(x).sum()
+            loss.backward()
+            return loss
+
+        wrapper.update_params(model(x).sum(), closure=closure)
+        return model
+
+    assert_same_model(updated(fold=True), updated(fold=False))
+
+
+def test_a_replaced_optimizer_is_folded_into_or_refused_at_the_step():
+    x, max_norm = torch.ones(3, 4), 0.1
+    model = make_model()
+    clip = {"max_norm": max_norm, "fold_into_step": True}
+    wrapper = OptimWrapper(torch.optim.SGD(model.parameters(), lr=1.0, fused=True), clip_grad=clip)
+    wrapper.optimizer = torch.optim.SGD(model.parameters(), lr=1.0, fused=True)
+    before = [param.detach().clone() for param in model.parameters()]
+    wrapper.update_params(model(x).sum())
+    moved = torch.cat([(param.detach() - old).flatten() for param, old in zip(model.parameters(), before, strict=True)])
+    assert moved.norm() == pytest.approx(max_norm, rel=1e-5)  # lr 1: the update is the clipped gradient
+    wrapper.optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    with pytest.raises(RuntimeError, match=r"fold_into_step.*SGD does not divide the gradients in its step"):
+        wrapper.update_params(model(x).sum())

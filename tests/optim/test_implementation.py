@@ -137,3 +137,61 @@ def test_fused_refuses_parameters_without_a_fused_kernel():
     model.weight = nn.Parameter(torch.zeros(2, dtype=torch.complex64))
     with pytest.raises(ValueError, match=r"implementation='fused'.*complex64 on cpu has no fused kernel"):
         build_optim_wrapper(model, {"optimizer": CONFIGS["adamw"], "implementation": "fused"})
+
+
+@pytest.mark.parametrize(("implementation", "saved_with"), [("auto", None), ("for-loop", "fused")])
+def test_a_loaded_state_keeps_the_configs_implementation(implementation, saved_with):
+    """torch's load takes the saved groups' flags; the config's choice stays, and the run steps as it chose."""
+    saved_cfg = {"optimizer": {"type": "AdamW", "lr": 0.01}}
+    if saved_with is not None:
+        saved_cfg["implementation"] = saved_with
+    batches = make_batches(2)
+    saved = build_optim_wrapper(make_model(), saved_cfg)
+    run_wrapper(make_model(), saved, batches)
+    cfg = {"optimizer": {"type": "AdamW", "lr": 0.01}, "implementation": implementation}
+    model = make_model()
+    wrapper = build_optim_wrapper(model, cfg)
+    flags = [(group["foreach"], group["fused"]) for group in wrapper.param_groups]
+    wrapper.load_state_dict(saved.state_dict())
+    assert [(group["foreach"], group["fused"]) for group in wrapper.param_groups] == flags
+    assert bool(flags[0][1]) is (implementation == "auto")  # fused under auto on the CPU
+
+
+def test_a_folded_clip_steps_after_loading_a_state_saved_unfused():
+    cfg = {"optimizer": {"type": "AdamW", "lr": 0.01}, "clip_grad": {"max_norm": 0.1, "fold_into_step": True}}
+    saved = build_optim_wrapper(make_model(), {"optimizer": {"type": "AdamW", "lr": 0.01}})
+    run_wrapper(make_model(), saved, make_batches(2))
+    model = make_model()
+    wrapper = build_optim_wrapper(model, {**cfg, "implementation": "auto"})
+    wrapper.load_state_dict(saved.state_dict())
+    run_wrapper(model, wrapper, make_batches(2))
+    assert wrapper.applied_steps == 2 + 2
+
+
+def test_sparse_gradients_keep_torchs_default_under_auto_and_refuse_fused():
+    model = nn.Embedding(10, 3, sparse=True)
+    cfg = {"optimizer": {"type": "SGD", "lr": 0.1}}
+    wrapper = build_optim_wrapper(model, {**cfg, "implementation": "auto"})
+    assert wrapper.implementation == Implementation("auto", "default")
+    wrapper.update_params(model(torch.tensor([1, 2])).sum())  # a fused SGD raises on sparse gradients
+    assert wrapper.applied_steps == 1
+    with pytest.raises(ValueError, match=r"implementation='fused': .*sparse gradients .* 'foreach' or 'for-loop'"):
+        build_optim_wrapper(model, {**cfg, "implementation": "fused"})
+
+
+def test_frozen_parameters_decide_nothing():
+    model = nn.Sequential(nn.Linear(2, 2).half(), nn.Linear(2, 2))
+    model[0].requires_grad_(False)
+    model.register_parameter("step_count", nn.Parameter(torch.zeros((), dtype=torch.long), requires_grad=False))
+    cfg = {"optimizer": {"type": "AdamW"}}
+    assert build_optim_wrapper(model, {**cfg, "implementation": "auto"}).implementation.chosen == "fused"
+    assert build_optim_wrapper(model, {**cfg, "implementation": "fused"}).implementation.chosen == "fused"
+
+
+def test_a_value_of_another_type_is_a_type_error_and_a_dicts_top_level_key_is_named():
+    with pytest.raises(TypeError, match=r"'implementation' must be a str, one of \['auto', .*got True"):
+        build_optim_wrapper(make_model(), {"optimizer": {"type": "SGD", "lr": 0.1}, "implementation": True})
+    model = nn.ModuleDict({"gen": nn.Linear(2, 2), "disc": nn.Linear(2, 1)})
+    one = {"optimizer": {"type": "SGD", "lr": 0.1}}
+    with pytest.raises(ValueError, match=r"'implementation' goes in each member's config .* beside \['disc', 'gen'\]"):
+        build_optim_wrapper(model, {"gen": one, "disc": one, "implementation": "auto"})
