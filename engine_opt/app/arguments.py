@@ -35,7 +35,7 @@ DEFAULT_BATCH_SIZE = 64
 
 def is_python_config(path: Path | None) -> bool:
     """Whether ``--config`` names a Python run config (a ``.py`` file) rather than a JSON wrapper config."""
-    return path is not None and path.suffix == ".py"
+    return path is not None and path.suffix.lower() == ".py"
 
 
 def task_of_config(path: Path | None) -> str:
@@ -230,7 +230,8 @@ def _strategy_options(train: argparse.ArgumentParser) -> None:
         choices=("off", "samples"),
         default="off",
         help="samples: each update is the mean loss over its window's samples, the batches' loss sums divided by "
-        "their total count (token-weighted accumulation; exact for a short last batch; classifier only; "
+        "their total count (token-weighted accumulation; exact for a short last batch; the classifier, and a Python "
+        "config with the default loss_fn, counting every label; "
         "default: off, the mean of the batches' means)",
     )
 

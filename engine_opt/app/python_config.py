@@ -1,7 +1,8 @@
 """A Python run config (``engine-opt train --config my_run.py``): the user's model, data and loss, read and checked.
 
-The file is run as a Python script (after seeding torch with ``--seed``, so
-weights made in it are the same on every rank and every run), and these
+The file is run as a Python script (after seeding torch, ``random`` and numpy
+with ``--seed``, so weights and data made in it are the same on every rank and
+every run; its folder on ``sys.path``, so it imports the modules beside it), and these
 top-level names are read, in MMEngine's style; ``type`` is a callable or a
 dotted import path, the other keys its keyword arguments:
 
@@ -24,12 +25,17 @@ dotted import path, the other keys its keyword arguments:
   ``--epochs`` overrides ``max_epochs``.
 - ``val_metrics`` (optional): ``{name: ignite.metrics.Metric}``; default
   ``accuracy`` and ``loss``.
-- ``handlers`` (optional): a list of objects with ``attach(trainer)``, or
-  callables ``handler(trainer)``, attached after the command's own.
+- ``handlers`` (optional): a list of ``(event, handler)`` pairs
+  (``(Events.ITERATION_COMPLETED, TerminateOnNan())``), objects with
+  ``attach(trainer)``, or callables ``attach(trainer)`` called once, all
+  attached after the command's own.
 
 The rest of an MMEngine runner config (``default_hooks``, ``work_dir``,
-``_base_``, ...) is refused by name with the option that does its job;
-other names (helpers, constants, imports) are the file's own business.
+``_base_``, ...) is refused by name with the option that does its job, and
+so is a dict or list whose name is a letter away from one the command reads
+(``optim_wraper``); other names (helpers, constants, imports) are the file's
+own business. Each dataset's first item is checked at set-up: the
+supervised step splits batches into ``(x, y)``.
 
 Examples:
     >>> import tempfile, textwrap
@@ -52,8 +58,10 @@ Examples:
 
 from __future__ import annotations
 
+import difflib
 import random
 import runpy
+import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -63,8 +71,9 @@ import torch
 import torch.nn.functional as F
 from ignite.metrics import Accuracy, Loss, Metric
 from torch import nn
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, default_collate
 
+from ..engine.process import prepare_batch
 from ..optim import checks
 from ..optim.build import import_path
 from .config import UsageError
@@ -95,7 +104,19 @@ _REFUSED = {
     "data_preprocessor": "put the data preprocessor in the model config, as MMEngine's BaseModel takes it",
 }
 """MMEngine runner keys a config may hold that the command does not run, each with what does its job here."""
-_LOADER_KEYS = ("dataset", "batch_size", "num_workers", "sampler")
+_LOADER_KEYS = ("dataset", "batch_size", "num_workers", "sampler", "collate_fn")
+_NAMES = (
+    "model",
+    "train_dataloader",
+    "val_dataloader",
+    "loss_fn",
+    "optim_wrapper",
+    "param_scheduler",
+    "train_cfg",
+    "val_metrics",
+    "handlers",
+)
+"""The top-level names the command reads."""
 _TRAIN_CFG_KEYS = ("type", "by_epoch", "max_epochs", "val_interval")
 
 
@@ -111,6 +132,7 @@ class PythonConfig:
     num_workers: int = 0
     val_dataset: Dataset[Any] | None = None
     val_batch_size: int | None = None
+    val_num_workers: int = 0
     loss_fn: Callable[..., torch.Tensor] | None = None
     item_loss_fn: Callable[..., torch.Tensor] | None = None
     """``loss_fn`` summed over a batch's items (``--num-items samples``): known for the default loss only."""
@@ -122,26 +144,75 @@ class PythonConfig:
     handlers: list[Any] = field(default_factory=list)
 
 
+class _RaisedByConfig(Exception):
+    """An exception the config's own code raised while the command built what the config names."""
+
+    def __init__(self, error: Exception) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
 def load_python_config(path: Path, seed: int) -> PythonConfig:
-    """Run ``path`` with torch seeded by ``seed`` and read what it defines.
+    """Run ``path`` with torch, ``random`` and numpy seeded by ``seed`` and read what it defines.
+
+    The file's folder is first on ``sys.path`` while it runs and while what it
+    names is built, as for ``python FILE.py``: it imports the modules beside it.
 
     Raises:
         UsageError: The file cannot be read or is not valid Python, or a name
             it defines is refused or malformed (the message names it, the
             value received and what is accepted). An exception the file's own
-            code raises propagates, with a note naming the file.
+            code raises (running, or building what ``dict(type=...)`` names)
+            propagates, with a note naming the file.
     """
     torch.manual_seed(seed)
     random.seed(seed)
-    namespace = _run(path)
+    _seed_numpy(seed)
+    folder = str(path.resolve().parent)
+    sys.path.insert(0, folder)
+    try:
+        namespace = _run(path)
+        _refuse_unread(path, namespace)
+        where = f"--config {path}:"
+        try:
+            return _read(path, namespace, where)
+        except (TypeError, ValueError) as error:
+            raise UsageError(f"{where} {error}") from None
+    except _RaisedByConfig as raised:
+        raised.error.add_note(f"raised while building what the config file {path} names")
+        raise raised.error from None
+    finally:
+        if folder in sys.path:
+            sys.path.remove(folder)
+
+
+def _seed_numpy(seed: int) -> None:
+    """Seed numpy's global generator too, as MMEngine's ``randomness`` does, where numpy is installed."""
+    try:
+        import numpy
+    except ImportError:
+        return
+    numpy.random.seed(seed % 2**32)
+
+
+def _refuse_unread(path: Path, namespace: dict[str, Any]) -> None:
+    """Refuse MMEngine's runner keys and names one letter from those the command reads (a typo trains silently)."""
     for key, why in _REFUSED.items():
         if key in namespace:
             raise UsageError(f"--config {path}: {key!r} is an MMEngine runner key engine-opt does not run; {why}")
-    where = f"--config {path}:"
-    try:
-        return _read(path, namespace, where)
-    except (TypeError, ValueError) as error:
-        raise UsageError(f"{where} {error}") from None
+    if isinstance(namespace.get("optimizer"), Mapping):
+        raise UsageError(
+            f"--config {path}: 'optimizer' is MMCV's key; engine-opt reads optim_wrapper=dict(optimizer=...)"
+        )
+    for name, value in namespace.items():
+        if name in _NAMES or name.startswith("_") or not isinstance(value, (Mapping, list, tuple)):
+            continue
+        close = difflib.get_close_matches(name, _NAMES, n=1, cutoff=0.85)
+        if close:
+            raise UsageError(
+                f"--config {path}: {name!r} is not a name engine-opt reads; did you mean {close[0]!r}? "
+                f"(it reads {list(_NAMES)})"
+            )
 
 
 def _run(path: Path) -> dict[str, Any]:
@@ -175,7 +246,17 @@ def _read(path: Path, namespace: dict[str, Any], where: str) -> PythonConfig:
     optim_wrapper = namespace.get("optim_wrapper")
     if optim_wrapper is not None:
         optim_wrapper = dict(checks.mapping("optim_wrapper", optim_wrapper))
-    default_loss = loss_fn is None and not hasattr(model, "train_step")
+    trains_itself = loss_fn is None and callable(getattr(model, "train_step", None))
+    if trains_itself and val is not None:
+        raise ValueError(
+            "val_dataloader: a model that trains itself (MMEngine's train_step) validates through its val_step "
+            "and MMEngine's evaluators, which the command does not run; drop val_dataloader, or give loss_fn"
+        )
+    if not trains_itself:  # the supervised step splits each batch into (x, y): found out now, not at iteration 1
+        _check_items("train_dataloader", train["dataset"])
+        if val is not None:
+            _check_items("val_dataloader", val["dataset"])
+    default_loss = not trains_itself and loss_fn in (None, F.cross_entropy)
     return PythonConfig(
         name=path.stem,
         model=model,
@@ -184,6 +265,7 @@ def _read(path: Path, namespace: dict[str, Any], where: str) -> PythonConfig:
         num_workers=train.get("num_workers", 0),
         val_dataset=None if val is None else val["dataset"],
         val_batch_size=None if val is None else val.get("batch_size"),
+        val_num_workers=0 if val is None else val.get("num_workers", 0),
         loss_fn=F.cross_entropy if default_loss else loss_fn,
         item_loss_fn=cross_entropy_sum if default_loss else None,
         optim_wrapper=optim_wrapper,
@@ -193,6 +275,22 @@ def _read(path: Path, namespace: dict[str, Any], where: str) -> PythonConfig:
         val_metrics=_val_metrics(namespace.get("val_metrics"), val is not None, loss_fn),
         handlers=_handlers(namespace.get("handlers")),
     )
+
+
+def _check_items(name: str, dataset: Dataset[Any]) -> None:
+    """Refuse a dataset whose first item the supervised step cannot split into ``(x, y)``."""
+    try:
+        item = dataset[0]
+    except Exception as error:
+        raise _RaisedByConfig(error) from error
+    try:
+        prepare_batch(default_collate([item]))
+    except (TypeError, ValueError):
+        keys = f" with keys {list(item)}" if isinstance(item, Mapping) else ""
+        raise ValueError(
+            f"{name}['dataset'] items must be (x, y) pairs, or dicts with keys 'x' and 'y' (or 'input' and "
+            f"'target'), as the model's input and loss_fn's target; got {type(item).__name__}{keys}"
+        ) from None
 
 
 def _built(name: str, value: Any, kind: type) -> Any:
@@ -206,7 +304,10 @@ def _built(name: str, value: Any, kind: type) -> Any:
         )
     kwargs = dict(value)
     factory = _callable(f"{name}['type']", kwargs.pop("type"))
-    built = factory(**kwargs)
+    try:
+        built = factory(**kwargs)
+    except Exception as error:  # the config's own code: its traceback, not a usage message
+        raise _RaisedByConfig(error) from error
     if not isinstance(built, kind):
         raise TypeError(f"{name}: {factory!r} built {checks.describe(built)}, not a {kind.__name__}")
     return built
@@ -237,6 +338,12 @@ def _loader_cfg(name: str, value: Any) -> dict[str, Any]:
             f"{name}['sampler'] {sampler!r}: the command shuffles the training data with a DistributedSampler "
             "seeded by --seed (MMEngine's DefaultSampler); other samplers are not supported"
         )
+    collate_fn = cfg.pop("collate_fn", None)
+    if collate_fn is not None and collate_fn not in ({"type": "default_collate"}, default_collate):
+        raise ValueError(
+            f"{name}['collate_fn'] {collate_fn!r}: the command batches items with torch's default_collate "
+            "(dict(type='default_collate')); other collate functions are not supported"
+        )
     cfg["dataset"] = _built(f"{name}['dataset']", cfg["dataset"], Dataset)
     if "batch_size" in cfg:
         checks.positive_int(f"{name}['batch_size']", cfg["batch_size"])
@@ -250,7 +357,10 @@ def _loss_fn(value: Any) -> Callable[..., torch.Tensor] | None:
         return None
     if isinstance(value, Mapping):
         return _built("loss_fn", value, nn.Module)  # type: ignore[no-any-return]
-    return _callable("loss_fn", value)
+    found: Any = _callable("loss_fn", value)
+    if isinstance(found, type) and issubclass(found, nn.Module):  # torch.nn.CrossEntropyLoss: its instance
+        found = _built("loss_fn", {"type": found}, nn.Module)
+    return found  # type: ignore[no-any-return]
 
 
 def _train_cfg(value: Any) -> dict[str, Any]:
@@ -288,10 +398,12 @@ def _handlers(value: Any) -> list[Any]:
     if not isinstance(value, (list, tuple)):
         raise TypeError(f"handlers must be a list, got {checks.describe(value)}")
     for index, handler in enumerate(value):
+        if isinstance(handler, tuple) and len(handler) == 2 and callable(handler[1]):
+            continue  # (event, handler): trainer.add_event_handler(event, handler)
         if not (callable(getattr(handler, "attach", None)) or callable(handler)):
             raise TypeError(
-                f"handlers[{index}] must have attach(trainer) or be a callable handler(trainer), "
-                f"got {checks.describe(handler)}"
+                f"handlers[{index}] must be an (event, handler) pair, have attach(trainer), or be a callable "
+                f"attach(trainer), got {checks.describe(handler)}"
             )
     return list(value)
 

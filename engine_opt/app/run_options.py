@@ -24,10 +24,11 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
+from pathlib import Path
 from typing import Any
 
 from ..optim import checks
-from .arguments import TASK_MEMBERS
+from .arguments import TASK_MEMBERS, is_python_config
 
 _OPTIONS = {"task": "--task", "batch_size": "--batch-size", "seed": "--seed"}
 # the wrapper config's entries the options write (app/config.py), by the option that sets them
@@ -163,9 +164,12 @@ class RunOptions:
         """Raise a ``ValueError`` listing every option in which this run differs from the checkpoint's."""
         saved = checks.mapping("the saved run options", state_dict)
         checks.known_keys("the saved run options", saved, [field.name for field in fields(self)])
+        named = dict(_OPTIONS)
+        if is_python_config(None if self.config is None else Path(self.config)):  # set by the file, not --task
+            named.update(task="the task (the config file's name)", batch_size="--batch-size (or the config's)")
         differences = [
             f"{flag} {getattr(self, name)}, the checkpoint's {saved.get(name)}"
-            for name, flag in _OPTIONS.items()
+            for name, flag in named.items()
             if saved.get(name) != getattr(self, name)
         ]
         members = TASK_MEMBERS.get(self.task, ())
@@ -190,6 +194,10 @@ class RunOptions:
                 "the data order: the checkpoint's run of one process shuffled with its generator, as engine-opt did "
                 "before its order became the same at any process count; resume it with that release"
             )
+        if any(
+            line.startswith("--implementation") and line.endswith("not set in the checkpoint") for line in differences
+        ):
+            differences.append("(a checkpoint from before --implementation: resume it with --implementation torch)")
         if differences:
             raise ValueError("this run differs from the checkpoint's:" + "".join(f"\n  {line}" for line in differences))
 

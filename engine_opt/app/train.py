@@ -30,7 +30,7 @@ from ignite.handlers import Checkpoint
 from ignite.handlers.tensorboard_logger import OutputHandler, TensorboardLogger
 from torch.utils.data import DataLoader, DistributedSampler
 
-from ..checkpoint import DamagedCheckpoint, RunDirectory, RunDirectoryBusy, attach_checkpoint, resume_from_latest
+from ..checkpoint import DamagedCheckpoint, RunDirectory, attach_checkpoint, resume_from_latest
 from ..engine import ResumableLoader, sampled_total
 from ..engine.events import OptimEvents, member_filter
 from ..engine.trainer import Trainer, create_trainer
@@ -46,7 +46,6 @@ from ..handlers import (
 from ..handlers.tensorboard_writer import write_hparams
 from ..optim import build_optim_wrapper
 from ..optim.distributed import gather_objects, rank, world_size
-from ..optim.schedulers import build_param_scheduler
 from ..optim.wrapper import OptimWrapper
 from ..optim.wrapper_dict import OptimWrapperDict, members
 from .arguments import DEFAULT_BATCH_SIZE, DEFAULT_EPOCHS, is_python_config
@@ -55,6 +54,7 @@ from .python_config import PythonConfig, load_python_config, python_task
 from .report import LossTracker, Result, RunScalars, as_losses, implementation
 from .run_directories import check_run_directories, logs_named, mark, saved_there_before, way_past_damage
 from .run_options import RunOptions, hparams, plain
+from .schedules import run_schedules
 from .signals import StopOnSignal, StopRequest
 from .tasks import Task, make_task
 from .validation import Validation
@@ -134,13 +134,7 @@ def _refuse_a_held_directory(args: argparse.Namespace) -> None:
     The run takes the directory later, once built; one that another run takes meanwhile is refused then.
     """
     _, checkpoint_dir = run_paths(args)
-    held = None
-    if rank() == 0 and checkpoint_dir.is_dir():
-        try:
-            with RunDirectory(checkpoint_dir).lock():
-                pass
-        except RunDirectoryBusy as error:
-            held = str(error)
+    held = RunDirectory(checkpoint_dir).held_elsewhere() if rank() == 0 else None
     held = gather_objects(held)[0]
     if held is not None:
         raise UsageError(held)
@@ -210,7 +204,10 @@ def build(args: argparse.Namespace) -> Run:
     config = load_python_config(args.config, args.seed) if is_python_config(args.config) else None
     batch_size = args.batch_size or (config and config.batch_size) or DEFAULT_BATCH_SIZE
     epochs = args.epochs or (config and config.max_epochs) or DEFAULT_EPOCHS
-    check_batch_size(batch_size, world_size())
+    from_config = args.batch_size is None and config is not None and config.batch_size is not None
+    check_batch_size(
+        batch_size, world_size(), f"--config {args.config}'s batch_size" if from_config else "--batch-size"
+    )
     # the same data and weights on every rank
     task = make_task(args.task, args.seed, batch_size) if config is None else python_task(config, args.seed, batch_size)
     task.model.to(device)
@@ -218,11 +215,17 @@ def build(args: argparse.Namespace) -> Run:
         torch.manual_seed(args.seed + rank())  # each rank its own dropout and noise
         random.seed(args.seed + rank())
     wrapper_cfg = wrapper_config(args, task, None if config is None else config.optim_wrapper)
-    optim_wrapper = _build_wrappers(args, task, wrapper_cfg)
+    from_file = args.config is not None and (config is None or config.optim_wrapper is not None)
+    optim_wrapper = _build_wrappers(args, task, wrapper_cfg, from_file)
     data = ResumableLoader(task.data)
-    trainer = _build_trainer(args, task, optim_wrapper, device)
+    try:
+        trainer = _build_trainer(args, task, optim_wrapper, device)
+    except ValueError as error:  # what create_trainer refuses of a config's model and wrappers
+        if config is None:
+            raise
+        raise UsageError(f"--config {args.config}: {error}") from None
     param_scheduler = None if config is None else config.param_scheduler
-    schedulers = _schedulers(args, optim_wrapper, epochs, len(data), param_scheduler)
+    schedulers = run_schedules(args, optim_wrapper, epochs, len(data), param_scheduler)
     options = RunOptions(
         args.task,
         batch_size,
@@ -248,15 +251,16 @@ def build(args: argparse.Namespace) -> Run:
             config.val_metrics,
             device,
             config.val_interval,
+            config.val_num_workers,
         )
     return run
 
 
-def check_batch_size(batch_size: int, processes: int) -> None:
-    """``--batch-size`` is the batch of one iteration over all processes: each takes an equal share."""
+def check_batch_size(batch_size: int, processes: int, name: str = "--batch-size") -> None:
+    """``--batch-size`` (``name``) is the batch of one iteration over all processes: each takes an equal share."""
     if batch_size % processes:
         raise UsageError(
-            f"--batch-size {batch_size} is the batch of one iteration over all {processes} processes; "
+            f"{name} {batch_size} is the batch of one iteration over all {processes} processes; "
             f"it must be a multiple of {processes}"
         )
 
@@ -340,17 +344,23 @@ def attach_handlers(run: Run, args: argparse.Namespace) -> tuple[LossTracker, Ch
 
 
 def _attach_config_handlers(run: Run) -> None:
-    """A Python config's ``handlers``, after the command's own: ``handler.attach(trainer)`` or ``handler(trainer)``."""
+    """A Python config's ``handlers``, after the command's own: ``(event, handler)``, ``handler.attach(trainer)``,
+    or ``handler(trainer)``."""
     for handler in [] if run.config is None else run.config.handlers:
+        if isinstance(handler, tuple):
+            run.trainer.add_event_handler(*handler)
+            continue
         attach = getattr(handler, "attach", None)
         (attach if callable(attach) else handler)(run.trainer)
 
 
-def _build_wrappers(args: argparse.Namespace, task: Task, cfg: dict[str, Any]) -> OptimWrapper | OptimWrapperDict:
+def _build_wrappers(
+    args: argparse.Namespace, task: Task, cfg: dict[str, Any], from_file: bool
+) -> OptimWrapper | OptimWrapperDict:
     try:
         return build_optim_wrapper(task.model, cfg)
     except (TypeError, ValueError) as error:
-        source = f"--config {args.config}" if args.config is not None else "the wrapper options"
+        source = f"--config {args.config}" if from_file else "the wrapper options"
         raise UsageError(f"{source}: {error}") from None
 
 
@@ -401,41 +411,12 @@ def _build_trainer(
 
 def _sample_mean(x: Any, y: torch.Tensor, y_pred: Any, loss: torch.Tensor) -> torch.Tensor:
     """``--num-items samples``: the batch's loss as every other run shows it, the mean over its samples."""
-    return loss.detach() / len(y)
+    return loss.detach() / y.numel()
 
 
 def _samples(x: Any, y: torch.Tensor) -> int:
     """``--num-items samples``: a batch's item count, its number of labels (a shape: no device read)."""
-    return len(y)
-
-
-def _schedulers(
-    args: argparse.Namespace,
-    optim_wrapper: OptimWrapper | OptimWrapperDict,
-    epochs: int,
-    epoch_length: int,
-    param_scheduler: Any,
-) -> list[Any]:
-    """A Python config's ``param_scheduler``; else ``--schedule cosine``'s schedule per member over its updates."""
-    if param_scheduler is not None:
-        if args.schedule != "constant":
-            raise UsageError(f"--schedule {args.schedule}: --config {args.config} sets param_scheduler; drop one")
-        accumulation = max(wrapper.accumulative_counts for _, wrapper in members(optim_wrapper))
-        try:
-            built = build_param_scheduler(
-                optim_wrapper, param_scheduler, epoch_length=-(-epoch_length // accumulation), max_epochs=epochs
-            )
-        except (TypeError, ValueError) as error:
-            raise UsageError(f"--config {args.config}: {error}") from None
-        return [item for items in built.values() for item in items] if isinstance(built, dict) else built
-    if args.schedule == "constant":
-        return []
-    return [
-        torch.optim.lr_scheduler.CosineAnnealingLR(
-            wrapper.optimizer, T_max=max(1, -(-epochs * epoch_length // wrapper.accumulative_counts))
-        )
-        for _, wrapper in members(optim_wrapper)
-    ]
+    return y.numel()
 
 
 def _device(args: argparse.Namespace) -> torch.device:

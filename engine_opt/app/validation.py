@@ -30,6 +30,7 @@ class Validation:
         metrics: Ignite metrics by name.
         device: Where the model is.
         every: Evaluate after every ``every``-th epoch (and after the run's last).
+        num_workers: The validation loader's worker processes.
     """
 
     def __init__(
@@ -40,9 +41,12 @@ class Validation:
         metrics: dict[str, Metric],
         device: torch.device,
         every: int,
+        num_workers: int = 0,
     ) -> None:
         self.model, self.every = model, every
-        self.loader: DataLoader[Any] = DataLoader(dataset, batch_size=batch_size, generator=torch.Generator())
+        self.loader: DataLoader[Any] = DataLoader(
+            dataset, batch_size=batch_size, num_workers=num_workers, generator=torch.Generator()
+        )
         self.evaluator = create_supervised_evaluator(model, metrics=metrics, device=device, prepare_batch=prepare_batch)
         self.last: dict[str, float] = {}
         """The latest values of the metrics that are numbers, by name."""

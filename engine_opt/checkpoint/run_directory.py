@@ -225,6 +225,20 @@ class RunDirectory:
             owner = {"pid": os.getpid(), "host": socket.gethostname()}
             (self.path / _OWNER).write_text(json.dumps(owner))
 
+    def held_elsewhere(self) -> str | None:
+        """Why another run holds the directory (``RunDirectoryBusy``'s message), or ``None``; writes nothing.
+
+        A directory without a lock file is held by no run; one with it is held
+        for a moment to tell, and left as it was.
+        """
+        if not (self.path / _LOCK).is_file():
+            return None
+        try:
+            with self.lock():
+                return None
+        except RunDirectoryBusy as error:
+            return str(error)
+
     def release(self) -> None:
         """Let the directory go (once per ``acquire``); nothing happens if it is not held."""
         if self._lock.is_locked:

@@ -58,6 +58,9 @@ def write_hparams(writer: Any, hparams: dict[str, float | str | bool], metrics: 
     if file_writer is None:
         return
     # the metrics' values are the curves of those tags the run logs: their placeholder values are not written
-    summaries = hparams_summaries(dict(hparams), dict.fromkeys(metrics, 0.0))  # type: ignore[no-untyped-call]
-    for summary in summaries:
+    experiment, session_start, _ = hparams_summaries(  # type: ignore[no-untyped-call]
+        dict(hparams), dict.fromkeys(metrics, 0.0)
+    )
+    # not the session's end: written now it would mark a run that crashes later as a success
+    for summary in (experiment, session_start):
         file_writer.add_summary(summary)

@@ -212,7 +212,9 @@ def test_a_run_made_before_the_implementation_option_resumes_with_implementation
     assert run(tmp_path, "--epochs", "1", "--implementation", "torch") == 0  # its config has no 'implementation'
     with pytest.raises(SystemExit):
         run(tmp_path, "--epochs", "2", "--resume")
-    assert "--implementation (the wrapper config's 'implementation'): 'auto' here, not set" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "--implementation (the wrapper config's 'implementation'): 'auto' here, not set" in err
+    assert "(a checkpoint from before --implementation: resume it with --implementation torch)" in err
     assert run(tmp_path, "--epochs", "2", "--resume", "--implementation", "torch") == 0
 
 
@@ -819,6 +821,8 @@ def test_a_directory_another_run_holds_is_refused_with_status_2_before_the_set_u
 
 
 def test_the_runs_options_are_its_hparams_and_each_member_its_own_branch_of_tags(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
     from scalars import read_hparams, read_scalars
 
     assert run(tmp_path, "--task", "gan", "--epochs", "1", "--lr", "0.002", "--accumulate", "2") == 0
@@ -828,6 +832,9 @@ def test_the_runs_options_are_its_hparams_and_each_member_its_own_branch_of_tags
     assert values["wrapper.gen.optimizer.lr"] == values["wrapper.disc.optimizer.lr"] == 0.002
     assert values["wrapper.disc.accumulative_counts"] == 2 and values["wrapper.gen.optimizer.betas"] == "[0.5, 0.999]"
     assert not [path for path in (tmp_path / "logs").iterdir() if path.is_dir() and path.name != "checkpoints"]
+    accumulator = EventAccumulator(str(tmp_path / "logs"))
+    accumulator.Reload()
+    assert "_hparams_/session_end_info" not in accumulator.PluginTagToContent("hparams")  # a crash is no success
     tags = set(read_scalars(tmp_path / "logs"))
     assert {"optim/gen/lr/group_0", "optim/disc/lr/group_0", "optim/gen/updates_applied"} <= tags
     assert not [tag for tag in tags if ".lr" in tag or ".updates" in tag]

@@ -35,6 +35,18 @@ train_cfg = dict(max_epochs=2)
 """
 
 
+DICT_ITEMS = """
+class Dicts(torch.utils.data.Dataset):
+    def __len__(self):
+        return 4
+
+    def __getitem__(self, index):
+        return {"img": torch.zeros(2), "label": 1}
+
+train_dataloader["dataset"] = Dicts()
+"""
+
+
 def write(tmp_path, text, name="run.py"):
     path = tmp_path / name
     path.write_text(textwrap.dedent(text))
@@ -173,11 +185,11 @@ class Counter:
 def at_the_end(trainer):
     trainer.add_event_handler(Events.COMPLETED, lambda engine: open({str(seen)!r}, "a").write("end\\n"))
 
-handlers = [Counter(), at_the_end]
+handlers = [Counter(), at_the_end, (Events.STARTED, lambda engine: open({str(seen)!r}, "a").write("start\\n"))]
 """,
     )
     assert run(tmp_path, "--config", str(config)) == 0
-    assert seen.read_text().split() == ["epoch", "epoch", "end"]
+    assert seen.read_text().split() == ["start", "epoch", "epoch", "end"]
 
 
 @pytest.mark.parametrize(
@@ -202,9 +214,17 @@ handlers = [Counter(), at_the_end]
         (TINY + "train_cfg = dict(max_iters=100)", r"trains by epochs; give max_epochs"),
         (TINY + "train_cfg = dict(max_epochs=0)", r"train_cfg\['max_epochs'\] must be a positive int, got 0"),
         (TINY + "val_metrics = dict(acc=3)", r"val_metrics needs a val_dataloader"),
-        (TINY + "handlers = [3]", r"handlers\[0\] must have attach\(trainer\) or be a callable"),
+        (TINY + "handlers = [3]", r"handlers\[0\] must be an \(event, handler\) pair, have attach\(trainer\)"),
         (TINY + "loss_fn = 'no_such_module.loss'", r"loss_fn must be a callable or a dotted import path"),
         ("model = (", r"is not valid Python: .* \(line 1\)"),
+        (TINY + "optim_wraper = dict(optimizer=dict(type='SGD'))", r"'optim_wraper' .* did you mean 'optim_wrapper'"),
+        (TINY + "optimizer = dict(type='SGD', lr=0.1)", r"'optimizer' is MMCV's key; .*optim_wrapper=dict"),
+        (
+            TINY + DICT_ITEMS,
+            r"train_dataloader\['dataset'\] items must be \(x, y\) pairs, .* got dict with keys \['img', 'label'\]",
+        ),
+        (TINY + "train_dataloader['collate_fn'] = dict(type='pseudo_collate')", r"other collate functions"),
+        (TINY + "handlers = [(1, 2, 3)]", r"handlers\[0\] must be an \(event, handler\) pair"),
     ],
     ids=lambda value: value if len(value) < 30 else None,
 )
@@ -242,3 +262,129 @@ def test_options_the_config_replaces_are_refused(tmp_path, capsys, extra, said):
     with pytest.raises(SystemExit) as exit_info:
         run(tmp_path, "--config", str(config), *extra)
     assert exit_info.value.code == 2 and said in capsys.readouterr().err
+
+
+def test_numpy_is_seeded_too_and_the_configs_folder_imports(tmp_path):
+    (tmp_path / "beside_the_config.py").write_text(
+        "import numpy\ndef order():\n    return numpy.random.permutation(10).tolist()\n"
+    )
+    path = write(tmp_path, TINY + "from beside_the_config import order\nsplit = order()\n")
+    first, second = (runpy_split(path) for _ in range(2))
+    assert first == second
+    assert str(tmp_path) not in __import__("sys").path  # the folder is taken off again
+
+
+def runpy_split(path):
+    load_python_config(path, seed=1)
+    import beside_the_config  # imported by the config from its folder, left in sys.modules
+
+    return beside_the_config.order()
+
+
+def test_an_error_in_the_configs_own_code_keeps_its_type_and_traceback(tmp_path):
+    path = write(tmp_path, TINY + "def broken():\n    return int('sixteen')\nmodel = dict(type=broken)\n")
+    with pytest.raises(ValueError, match="invalid literal") as error:
+        load_python_config(path, seed=0)
+    assert not isinstance(error.value, UsageError)
+    assert f"raised while building what the config file {path} names" in error.value.__notes__
+
+
+def test_the_default_loss_named_and_a_loss_class_given(tmp_path):
+    named = load_python_config(write(tmp_path, TINY + "loss_fn = torch.nn.functional.cross_entropy"), seed=0)
+    assert named.item_loss_fn is not None  # --num-items samples works with it, as with the default
+    given = load_python_config(write(tmp_path, TINY + "loss_fn = 'torch.nn.CrossEntropyLoss'", "c.py"), seed=0)
+    assert isinstance(given.loss_fn, torch.nn.CrossEntropyLoss)
+    default_collate = load_python_config(
+        write(tmp_path, TINY + "train_dataloader['collate_fn'] = dict(type='default_collate')", "d.py"), seed=0
+    )
+    assert default_collate.batch_size == 10
+
+
+def test_a_model_that_trains_itself_is_refused_a_val_dataloader(tmp_path):
+    pytest.importorskip("mmengine")
+    text = """
+import torch
+from mmengine.model import BaseModel
+from torch.utils.data import TensorDataset
+
+class Regressor(BaseModel):
+    def __init__(self):
+        super().__init__()
+        self.linear = torch.nn.Linear(4, 1)
+
+    def forward(self, x, y, mode="tensor"):
+        return dict(loss=torch.nn.functional.mse_loss(self.linear(x), y))
+
+model = Regressor()
+data = TensorDataset(torch.randn(16, 4), torch.randn(16, 1))
+train_dataloader = dict(batch_size=8, dataset=data)
+val_dataloader = dict(batch_size=8, dataset=data)
+"""
+    with pytest.raises(UsageError, match=r"val_dataloader: a model that trains itself .* drop val_dataloader"):
+        load_python_config(write(tmp_path, text), seed=0)
+
+
+@pytest.mark.slow  # runs the command twice
+def test_num_items_counts_every_label_of_a_target_with_several(tmp_path, capsys):
+    config = write(
+        tmp_path,
+        """
+import torch
+from torch.utils.data import TensorDataset
+
+model = torch.nn.Sequential(torch.nn.Linear(6, 15), torch.nn.Unflatten(1, (3, 5)))
+train_dataloader = dict(
+    batch_size=8, dataset=TensorDataset(torch.randn(32, 6), torch.randint(0, 3, (32, 5)))
+)
+optim_wrapper = dict(optimizer=dict(type="SGD", lr=0.1))
+""",
+    )
+    losses = []
+    for extra in ([], ["--num-items", "samples"]):
+        assert run(tmp_path / str(len(extra)), "--config", str(config), "--epochs", "2", *extra) == 0
+        losses.append(float(re.search(r"last epoch loss: +loss ([0-9.]+)", capsys.readouterr().out).group(1)))
+    assert losses[1] == pytest.approx(losses[0], abs=2e-4)  # full batches: the same mean, the same updates
+
+
+@pytest.mark.slow  # runs the command
+def test_a_refused_config_writes_nothing_into_an_existing_checkpoint_directory(tmp_path):
+    existing = tmp_path / "logs" / "checkpoints"
+    existing.mkdir(parents=True)
+    with pytest.raises(SystemExit):
+        run(tmp_path, "--config", str(write(tmp_path, TINY + "work_dir = 'out'")))
+    assert list(existing.iterdir()) == []
+
+
+@pytest.mark.slow  # runs the command twice
+def test_a_resume_names_what_the_config_file_sets(tmp_path, capsys):
+    config = write(tmp_path, TINY.replace("param_scheduler", "unused"), "first.py")
+    assert run(tmp_path, "--config", str(config), "--epochs", "1") == 0
+    changed = write(tmp_path, TINY.replace("param_scheduler", "unused").replace("batch_size=10", "batch_size=9"))
+    with pytest.raises(SystemExit):
+        run(tmp_path, "--config", str(changed), "--epochs", "2", "--resume")
+    err = capsys.readouterr().err
+    assert "the task (the config file's name) run, the checkpoint's first" in err
+    assert "--batch-size (or the config's) 9, the checkpoint's 10" in err
+
+
+@pytest.mark.slow  # runs the command
+def test_the_wrapper_options_are_named_for_their_own_errors(tmp_path, capsys):
+    config = write(tmp_path, TINY.replace("optim_wrapper", "unused").replace("param_scheduler", "unused_s"))
+    with pytest.raises(SystemExit):
+        run(tmp_path, "--config", str(config), "--implementation", "fused", "--optimizer", "RMSprop")
+    assert "engine-opt: error: the wrapper options: implementation='fused'" in capsys.readouterr().err
+
+
+@pytest.mark.slow  # runs the command
+def test_members_without_a_step_that_updates_them_are_one_line(tmp_path, capsys):
+    text = TINY.replace(
+        "model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))",
+        "model = torch.nn.ModuleDict(dict(gen=torch.nn.Linear(6, 3), disc=torch.nn.Linear(3, 1)))",
+    ).replace(
+        'optim_wrapper = dict(optimizer=dict(type="SGD", lr=0.1, momentum=0.9))',
+        'optim_wrapper = dict(gen=dict(optimizer=dict(type="SGD", lr=0.1)), disc=dict(optimizer=dict(type="SGD")))',
+    )
+    with pytest.raises(SystemExit) as exit_info:
+        run(tmp_path, "--config", str(write(tmp_path, text.replace("param_scheduler", "unused"))))
+    (line,) = capsys.readouterr().err.splitlines()
+    assert exit_info.value.code == 2 and "OptimWrapperDict" in line

@@ -176,3 +176,17 @@ def test_removing_a_sharded_checkpoint_renames_it_to_a_partial_name_first_and_a_
         ".checkpoint_5.12.partial",
     ]
     assert os.listdir(tmp_path) == []
+
+
+def test_held_elsewhere_tells_without_writing_anything(tmp_path):
+    import filelock
+
+    assert RunDirectory(tmp_path / "absent").held_elsewhere() is None and not (tmp_path / "absent").exists()
+    assert RunDirectory(tmp_path).held_elsewhere() is None and list(tmp_path.iterdir()) == []  # no lock file: free
+    with RunDirectory(tmp_path).lock():
+        pass
+    left = sorted(path.name for path in tmp_path.iterdir())
+    assert RunDirectory(tmp_path).held_elsewhere() is None
+    assert sorted(path.name for path in tmp_path.iterdir()) == left
+    with filelock.FileLock(str(tmp_path / ".engine_opt.lock"), timeout=0):  # as another process holds it
+        assert RunDirectory(tmp_path).held_elsewhere().startswith(f"{tmp_path} is in use by another run")
