@@ -58,11 +58,10 @@ Examples:
 
 from __future__ import annotations
 
-import difflib
-import random
+import contextlib
 import runpy
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -71,13 +70,13 @@ import torch
 import torch.nn.functional as F
 from ignite.metrics import Accuracy, Loss, Metric
 from torch import nn
-from torch.utils.data import Dataset, default_collate
+from torch.utils.data import Dataset, IterableDataset, default_collate
 
 from ..engine.process import prepare_batch
 from ..optim import checks
 from ..optim.build import import_path
 from .config import UsageError
-from .tasks import Task, cross_entropy_sum, make_loader
+from .tasks import Task, cross_entropy_sum, make_loader, seed_all
 
 _REFUSED = {
     "_base_": "inheritance between config files is not supported: write one file (Python imports work)",
@@ -144,55 +143,55 @@ class PythonConfig:
     handlers: list[Any] = field(default_factory=list)
 
 
-class _RaisedByConfig(Exception):
-    """An exception the config's own code raised while the command built what the config names."""
+_BUILT = "raised while building what a Python run config names"
+"""The note on an exception of the config's own code (a factory it names): it propagates as raised."""
 
-    def __init__(self, error: Exception) -> None:
-        super().__init__(str(error))
-        self.error = error
+
+@contextlib.contextmanager
+def folder_on_path(path: Path) -> Iterator[None]:
+    """The config file's folder first on ``sys.path`` meanwhile, as for ``python FILE.py`` (left as it was after).
+
+    The command holds it while the config runs and while what it names (model, data, optimizer, schedules) is
+    built, so dotted paths and imports reach the modules beside the file.
+    """
+    folder = str(path.resolve().parent)
+    if folder in sys.path:
+        yield
+        return
+    sys.path.insert(0, folder)
+    try:
+        yield
+    finally:
+        if folder in sys.path:
+            sys.path.remove(folder)
 
 
 def load_python_config(path: Path, seed: int) -> PythonConfig:
     """Run ``path`` with torch, ``random`` and numpy seeded by ``seed`` and read what it defines.
 
-    The file's folder is first on ``sys.path`` while it runs and while what it
-    names is built, as for ``python FILE.py``: it imports the modules beside it.
+    The file's folder is first on ``sys.path`` meanwhile (``folder_on_path``).
 
     Raises:
         UsageError: The file cannot be read or is not valid Python, or a name
             it defines is refused or malformed (the message names it, the
             value received and what is accepted). An exception the file's own
             code raises (running, or building what ``dict(type=...)`` names)
-            propagates, with a note naming the file.
+            propagates as raised, with a note naming the file.
     """
-    torch.manual_seed(seed)
-    random.seed(seed)
-    _seed_numpy(seed)
-    folder = str(path.resolve().parent)
-    sys.path.insert(0, folder)
-    try:
+    seed_all(seed)
+    with folder_on_path(path):
         namespace = _run(path)
         _refuse_unread(path, namespace)
         where = f"--config {path}:"
         try:
             return _read(path, namespace, where)
         except (TypeError, ValueError) as error:
+            notes = getattr(error, "__notes__", [])
+            built = [index for index, note in enumerate(notes) if note.startswith(_BUILT)]
+            if built:  # the config's own code's: raised again with its traceback and chain, the file named
+                notes[built[-1]] += f" in {path}"
+                raise
             raise UsageError(f"{where} {error}") from None
-    except _RaisedByConfig as raised:
-        raised.error.add_note(f"raised while building what the config file {path} names")
-        raise raised.error from None
-    finally:
-        if folder in sys.path:
-            sys.path.remove(folder)
-
-
-def _seed_numpy(seed: int) -> None:
-    """Seed numpy's global generator too, as MMEngine's ``randomness`` does, where numpy is installed."""
-    try:
-        import numpy
-    except ImportError:
-        return
-    numpy.random.seed(seed % 2**32)
 
 
 def _refuse_unread(path: Path, namespace: dict[str, Any]) -> None:
@@ -200,19 +199,31 @@ def _refuse_unread(path: Path, namespace: dict[str, Any]) -> None:
     for key, why in _REFUSED.items():
         if key in namespace:
             raise UsageError(f"--config {path}: {key!r} is an MMEngine runner key engine-opt does not run; {why}")
-    if isinstance(namespace.get("optimizer"), Mapping):
+    if isinstance(namespace.get("optimizer"), Mapping) and "optim_wrapper" not in namespace:
         raise UsageError(
             f"--config {path}: 'optimizer' is MMCV's key; engine-opt reads optim_wrapper=dict(optimizer=...)"
         )
     for name, value in namespace.items():
         if name in _NAMES or name.startswith("_") or not isinstance(value, (Mapping, list, tuple)):
             continue
-        close = difflib.get_close_matches(name, _NAMES, n=1, cutoff=0.85)
+        close = [known for known in _NAMES if known not in namespace and _one_edit_apart(name, known)]
         if close:
             raise UsageError(
                 f"--config {path}: {name!r} is not a name engine-opt reads; did you mean {close[0]!r}? "
                 f"(it reads {list(_NAMES)})"
             )
+
+
+def _one_edit_apart(a: str, b: str) -> bool:
+    """Whether ``a`` becomes ``b`` by one inserted, deleted or changed letter, or two neighbours swapped."""
+    if a == b or abs(len(a) - len(b)) > 1:
+        return False
+    short, long = sorted((a, b), key=len)
+    first = next((i for i, (x, y) in enumerate(zip(short, long, strict=False)) if x != y), len(short))
+    if len(short) < len(long):
+        return short[first:] == long[first + 1 :]
+    swapped = short[first : first + 2] == long[first : first + 2][::-1]
+    return short[first + 1 :] == long[first + 1 :] or (swapped and short[first + 2 :] == long[first + 2 :])
 
 
 def _run(path: Path) -> dict[str, Any]:
@@ -278,11 +289,19 @@ def _read(path: Path, namespace: dict[str, Any], where: str) -> PythonConfig:
 
 
 def _check_items(name: str, dataset: Dataset[Any]) -> None:
-    """Refuse a dataset whose first item the supervised step cannot split into ``(x, y)``."""
+    """Refuse a dataset the command cannot batch by index, or whose first item is no ``(x, y)``."""
+    if isinstance(dataset, IterableDataset) or not callable(getattr(dataset, "__len__", None)):
+        raise TypeError(
+            f"{name}['dataset'] must be a map-style Dataset, with __len__ and __getitem__ (the command shuffles "
+            f"it with a DistributedSampler), got {checks.describe(dataset)}"
+        )
+    if len(dataset) == 0:  # type: ignore[arg-type]
+        raise ValueError(f"{name}['dataset'] is empty")
     try:
         item = dataset[0]
     except Exception as error:
-        raise _RaisedByConfig(error) from error
+        error.add_note(f"{_BUILT}: {name}['dataset'][0]")
+        raise
     try:
         prepare_batch(default_collate([item]))
     except (TypeError, ValueError):
@@ -307,7 +326,8 @@ def _built(name: str, value: Any, kind: type) -> Any:
     try:
         built = factory(**kwargs)
     except Exception as error:  # the config's own code: its traceback, not a usage message
-        raise _RaisedByConfig(error) from error
+        error.add_note(f"{_BUILT}: {name}")
+        raise
     if not isinstance(built, kind):
         raise TypeError(f"{name}: {factory!r} built {checks.describe(built)}, not a {kind.__name__}")
     return built

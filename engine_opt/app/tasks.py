@@ -150,11 +150,21 @@ def _bce(logits: torch.Tensor, target: float) -> torch.Tensor:
     return F.binary_cross_entropy_with_logits(logits, torch.full_like(logits, target))
 
 
+def seed_all(seed: int) -> None:
+    """Seed torch's, ``random``'s and (where installed) numpy's global generators, as MMEngine's ``randomness``."""
+    torch.manual_seed(seed)
+    random.seed(seed)
+    try:
+        import numpy
+    except ImportError:
+        return
+    numpy.random.seed(seed % 2**32)
+
+
 def make_task(name: str, seed: int, batch_size: int) -> Task:
     """Build the task called ``name`` (one of ``TASKS``) with its data drawn from ``seed``."""
     if name not in TASKS:
         raise ValueError(f"task must be one of {list(TASKS)}, got {name!r}")
     generator = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)
-    random.seed(seed)
+    seed_all(seed)
     return (_classifier if name == "classifier" else _gan)(generator, batch_size, seed)

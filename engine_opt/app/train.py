@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import random
 import sys
 import time
 from dataclasses import dataclass
@@ -50,13 +49,13 @@ from ..optim.wrapper import OptimWrapper
 from ..optim.wrapper_dict import OptimWrapperDict, members
 from .arguments import DEFAULT_BATCH_SIZE, DEFAULT_EPOCHS, is_python_config
 from .config import UsageError, wrapper_config
-from .python_config import PythonConfig, load_python_config, python_task
+from .python_config import PythonConfig, folder_on_path, load_python_config, python_task
 from .report import LossTracker, Result, RunScalars, as_losses, implementation
 from .run_directories import check_run_directories, logs_named, mark, saved_there_before, way_past_damage
 from .run_options import RunOptions, hparams, plain
 from .schedules import run_schedules
 from .signals import StopOnSignal, StopRequest
-from .tasks import Task, make_task
+from .tasks import Task, make_task, seed_all
 from .validation import Validation
 
 
@@ -198,7 +197,15 @@ def execute(run: Run, args: argparse.Namespace, resumed: Path | None, stop: Stop
 
 
 def build(args: argparse.Namespace) -> Run:
-    """The task, its wrapper(s) from the options, the trainer and its schedules; nothing attached yet."""
+    """The task, its wrapper(s) from the options, the trainer and its schedules; nothing attached yet.
+
+    A Python config's folder is on ``sys.path`` meanwhile: what it names is imported from beside it.
+    """
+    with folder_on_path(args.config) if is_python_config(args.config) else contextlib.nullcontext():
+        return _build(args)
+
+
+def _build(args: argparse.Namespace) -> Run:
     device = _device(args)
     log_dir, checkpoint_dir = run_paths(args)
     config = load_python_config(args.config, args.seed) if is_python_config(args.config) else None
@@ -212,8 +219,7 @@ def build(args: argparse.Namespace) -> Run:
     task = make_task(args.task, args.seed, batch_size) if config is None else python_task(config, args.seed, batch_size)
     task.model.to(device)
     if world_size() > 1:
-        torch.manual_seed(args.seed + rank())  # each rank its own dropout and noise
-        random.seed(args.seed + rank())
+        seed_all(args.seed + rank())  # each rank its own dropout, noise and augmentation
     wrapper_cfg = wrapper_config(args, task, None if config is None else config.optim_wrapper)
     from_file = args.config is not None and (config is None or config.optim_wrapper is not None)
     optim_wrapper = _build_wrappers(args, task, wrapper_cfg, from_file)
@@ -411,12 +417,16 @@ def _build_trainer(
 
 def _sample_mean(x: Any, y: torch.Tensor, y_pred: Any, loss: torch.Tensor) -> torch.Tensor:
     """``--num-items samples``: the batch's loss as every other run shows it, the mean over its samples."""
-    return loss.detach() / y.numel()
+    return loss.detach() / _samples(x, y)
 
 
 def _samples(x: Any, y: torch.Tensor) -> int:
-    """``--num-items samples``: a batch's item count, its number of labels (a shape: no device read)."""
-    return y.numel()
+    """``--num-items samples``: a batch's item count, from its target's shape (no device read).
+
+    Class indices count one item each (a target of shape (N, d) holds N * d); class probabilities (a
+    floating-point target, classes along dimension 1) one per row of classes.
+    """
+    return y.numel() // y.shape[1] if y.is_floating_point() and y.dim() > 1 else y.numel()
 
 
 def _device(args: argparse.Namespace) -> torch.device:

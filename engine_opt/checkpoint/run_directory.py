@@ -228,16 +228,26 @@ class RunDirectory:
     def held_elsewhere(self) -> str | None:
         """Why another run holds the directory (``RunDirectoryBusy``'s message), or ``None``; writes nothing.
 
-        A directory without a lock file is held by no run; one with it is held
-        for a moment to tell, and left as it was.
+        A directory without a lock file is held by no run, unless its owner
+        file names a live process (its lock file was removed under it); one
+        with a lock file is held for a moment to tell. A directory that cannot
+        be written says nothing here: the run's own set-up reports that.
         """
         if not (self.path / _LOCK).is_file():
-            return None
+            holder = self._live_holder()
+            if holder is None:
+                return None
+            return (
+                f"{self.path} is in use by another run ({holder}; its lock file was removed while it ran); one run "
+                f"writes to a checkpoint directory at a time (if that process is no run, remove {self.path / _OWNER})"
+            )
         try:
             with self.lock():
                 return None
         except RunDirectoryBusy as error:
             return str(error)
+        except OSError:
+            return None
 
     def release(self) -> None:
         """Let the directory go (once per ``acquire``); nothing happens if it is not held."""

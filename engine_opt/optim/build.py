@@ -236,7 +236,11 @@ def _build_optimizer(
         optimizer_cls = ShardedMuon  # torch's Muon takes no DTensor: each matrix orthogonalised whole, on its owner
     choice = None
     if implementation is not None:
-        sparse = any(getattr(module, "sparse", False) is True for module in model.modules())
+        # a trained module with sparse=True (Embedding, EmbeddingBag) makes sparse gradients
+        sparse = any(
+            getattr(module, "sparse", False) is True and any(p.requires_grad for p in module.parameters())
+            for module in model.modules()
+        )
         choice, kwargs = choose(implementation, optimizer_cls, _tensors(params), optimizer_cfg, where, sparse)
         optimizer_cfg.update(kwargs)
     if route is not None:

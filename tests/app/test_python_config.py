@@ -35,6 +35,8 @@ train_cfg = dict(max_epochs=2)
 """
 
 
+NO_WRAPPER = TINY.replace('optim_wrapper = dict(optimizer=dict(type="SGD", lr=0.1, momentum=0.9))\n', "")
+
 DICT_ITEMS = """
 class Dicts(torch.utils.data.Dataset):
     def __len__(self):
@@ -217,14 +219,24 @@ handlers = [Counter(), at_the_end, (Events.STARTED, lambda engine: open({str(see
         (TINY + "handlers = [3]", r"handlers\[0\] must be an \(event, handler\) pair, have attach\(trainer\)"),
         (TINY + "loss_fn = 'no_such_module.loss'", r"loss_fn must be a callable or a dotted import path"),
         ("model = (", r"is not valid Python: .* \(line 1\)"),
-        (TINY + "optim_wraper = dict(optimizer=dict(type='SGD'))", r"'optim_wraper' .* did you mean 'optim_wrapper'"),
-        (TINY + "optimizer = dict(type='SGD', lr=0.1)", r"'optimizer' is MMCV's key; .*optim_wrapper=dict"),
+        (
+            NO_WRAPPER + "optim_wraper = dict(optimizer=dict(type='SGD'))",
+            r"'optim_wraper' .* did you mean 'optim_wrapper'",
+        ),
+        (NO_WRAPPER + "optimizer = dict(type='SGD', lr=0.1)", r"'optimizer' is MMCV's key; .*optim_wrapper=dict"),
         (
             TINY + DICT_ITEMS,
             r"train_dataloader\['dataset'\] items must be \(x, y\) pairs, .* got dict with keys \['img', 'label'\]",
         ),
         (TINY + "train_dataloader['collate_fn'] = dict(type='pseudo_collate')", r"other collate functions"),
         (TINY + "handlers = [(1, 2, 3)]", r"handlers\[0\] must be an \(event, handler\) pair"),
+        (TINY + "val_dataloadr = dict(dataset=None)", r"'val_dataloadr' .* did you mean 'val_dataloader'"),
+        (
+            TINY + "class Stream(torch.utils.data.IterableDataset):\n    def __iter__(self):\n        yield 1\n"
+            "train_dataloader['dataset'] = Stream()",
+            r"train_dataloader\['dataset'\] must be a map-style Dataset",
+        ),
+        (TINY + "train_dataloader['dataset'] = TensorDataset(torch.zeros(0, 6))", r"'dataset'\] is empty"),
     ],
     ids=lambda value: value if len(value) < 30 else None,
 )
@@ -286,7 +298,7 @@ def test_an_error_in_the_configs_own_code_keeps_its_type_and_traceback(tmp_path)
     with pytest.raises(ValueError, match="invalid literal") as error:
         load_python_config(path, seed=0)
     assert not isinstance(error.value, UsageError)
-    assert f"raised while building what the config file {path} names" in error.value.__notes__
+    assert f"raised while building what a Python run config names: model in {path}" in error.value.__notes__
 
 
 def test_the_default_loss_named_and_a_loss_class_given(tmp_path):
@@ -388,3 +400,34 @@ def test_members_without_a_step_that_updates_them_are_one_line(tmp_path, capsys)
         run(tmp_path, "--config", str(write(tmp_path, text.replace("param_scheduler", "unused"))))
     (line,) = capsys.readouterr().err.splitlines()
     assert exit_info.value.code == 2 and "OptimWrapperDict" in line
+
+
+def test_helper_names_beside_the_ones_read_are_the_files_own(tmp_path):
+    text = NO_WRAPPER + (
+        'optimizer = dict(type="SGD", lr=0.1)\n'
+        "\noptim_wrapper = dict(optimizer=optimizer)\nhandler = (1, print)\nhandlers = [handler]\n"
+        "train_loader = train_dataloader\nmodels = [model]\n"
+    )
+    config = load_python_config(write(tmp_path, text), seed=0)
+    assert config.optim_wrapper["optimizer"]["type"] == "SGD" and len(config.handlers) == 1
+
+
+def test_the_configs_own_error_keeps_its_chain(tmp_path):
+    text = TINY + (
+        "def data():\n    try:\n        open('/no/such/file')\n    except OSError as error:\n"
+        "        raise RuntimeError('cannot load the data') from error\n"
+        "train_dataloader = dict(dataset=dict(type=data))\n"
+    )
+    with pytest.raises(RuntimeError, match="cannot load the data") as error:
+        load_python_config(write(tmp_path, text), seed=0)
+    assert isinstance(error.value.__cause__, FileNotFoundError)
+
+
+def test_an_optimizer_beside_the_config_is_found_by_its_dotted_path(tmp_path):
+    from engine_opt.app.cli import build_parser
+    from engine_opt.app.train import build
+
+    (tmp_path / "optimizers_beside.py").write_text("import torch\nclass MySGD(torch.optim.SGD):\n    pass\n")
+    text = TINY.replace('type="SGD"', 'type="optimizers_beside.MySGD"')
+    args = build_parser().parse_args(["train", "--config", str(write(tmp_path, text)), "--log-dir", str(tmp_path)])
+    assert type(build(args).optim_wrapper.optimizer).__name__ == "MySGD"

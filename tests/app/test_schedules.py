@@ -50,3 +50,14 @@ def test_a_schedule_option_beside_the_configs_is_refused():
     wrapper = wrapper_of(torch.nn.Linear(2, 1), 1)
     with pytest.raises(UsageError, match=r"--schedule cosine: --config run.py sets param_scheduler; drop one"):
         run_schedules(argparse.Namespace(schedule="cosine", config="run.py"), wrapper, 1, 4, [{"type": "LinearLR"}])
+
+
+def test_each_member_counts_its_own_updates():
+    model = torch.nn.ModuleDict({"gen": torch.nn.Linear(2, 2), "disc": torch.nn.Linear(2, 1)})
+    one = {"optimizer": {"type": "SGD", "lr": 1.0}}
+    wrappers = build_optim_wrapper(model, {"gen": one, "disc": {**one, "accumulative_counts": 4}})
+    linear = [{"type": "LinearLR", "by_epoch": False, "start_factor": 0.5}]
+    gen, disc = run_schedules(ARGS, wrappers, epochs=3, epoch_length=8, param_scheduler=linear)
+    assert (gen.end, disc.end) == (24, 6)  # 8 updates an epoch, and 2
+    with pytest.raises(UsageError, match=r"names member\(s\) \['critic'\], which the wrappers lack"):
+        run_schedules(ARGS, wrappers, epochs=3, epoch_length=8, param_scheduler={"critic": linear})

@@ -67,3 +67,14 @@ def test_gan_step_keeps_parameters_the_user_froze_frozen():
 def test_unknown_task():
     with pytest.raises(ValueError, match=r"task must be one of \['classifier', 'gan'\], got 'mnist'"):
         make_task("mnist", 0, 8)
+
+
+def test_seed_all_seeds_numpy_too():
+    import numpy
+
+    from engine_opt.app.tasks import seed_all
+
+    seed_all(3)
+    first = (torch.rand(2).tolist(), numpy.random.rand(2).tolist())
+    seed_all(3)
+    assert (torch.rand(2).tolist(), numpy.random.rand(2).tolist()) == first

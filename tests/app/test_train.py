@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from engine_opt.app.cli import build_parser
 from engine_opt.app.config import UsageError
@@ -63,3 +64,12 @@ def test_threads_are_one_on_cpu_unless_given_and_the_callers_come_back_after_the
         assert torch.get_num_threads() == 2  # build alone changes nothing
     finally:
         torch.set_num_threads(before)
+
+
+def test_num_items_counts_labels_and_rows_of_class_probabilities():
+    from engine_opt.app.train import _samples
+
+    assert _samples(None, torch.zeros(8, dtype=torch.long)) == 8
+    assert _samples(None, torch.zeros(8, 5, dtype=torch.long)) == 40  # a label per position
+    assert _samples(None, torch.zeros(8, 10)) == 8  # class probabilities along dimension 1
+    assert _samples(None, torch.zeros(8, 10, 4)) == 32

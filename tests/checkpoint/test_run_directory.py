@@ -190,3 +190,15 @@ def test_held_elsewhere_tells_without_writing_anything(tmp_path):
     assert sorted(path.name for path in tmp_path.iterdir()) == left
     with filelock.FileLock(str(tmp_path / ".engine_opt.lock"), timeout=0):  # as another process holds it
         assert RunDirectory(tmp_path).held_elsewhere().startswith(f"{tmp_path} is in use by another run")
+
+
+def test_held_elsewhere_finds_a_live_holder_whose_lock_file_was_removed(tmp_path):
+    import json
+
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (tmp_path / ".engine_opt.lock.owner").write_text(json.dumps({"pid": holder.pid, "host": socket.gethostname()}))
+        assert f"process {holder.pid}" in RunDirectory(tmp_path).held_elsewhere()
+    finally:
+        holder.kill()
+        holder.wait()

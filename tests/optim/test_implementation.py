@@ -195,3 +195,10 @@ def test_a_value_of_another_type_is_a_type_error_and_a_dicts_top_level_key_is_na
     one = {"optimizer": {"type": "SGD", "lr": 0.1}}
     with pytest.raises(ValueError, match=r"'implementation' goes in each member's config .* beside \['disc', 'gen'\]"):
         build_optim_wrapper(model, {"gen": one, "disc": one, "implementation": "auto"})
+
+
+def test_a_frozen_sparse_embedding_makes_no_sparse_gradients():
+    model = nn.Sequential(nn.Embedding(10, 3, sparse=True), nn.Linear(3, 1))
+    model[0].requires_grad_(False)
+    cfg = {"optimizer": {"type": "SGD", "lr": 0.1}, "implementation": "fused"}
+    assert build_optim_wrapper(model, cfg).implementation.chosen == "fused"
