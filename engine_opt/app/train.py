@@ -326,6 +326,8 @@ def attach_handlers(run: Run, args: argparse.Namespace) -> tuple[LossTracker, Ch
     metrics = [f"train/{name}" for name in run.task.loss_names]
     metrics += [f"val/{name}" for name in ([] if run.config is None else run.config.val_metrics)]
     write_hparams(tb_logger.writer, hparams(run.options), metrics)
+    ended_well = Events.COMPLETED(event_filter=lambda engine, _: engine.state.epoch == engine.state.max_epochs)
+    trainer.add_event_handler(ended_well, lambda _: write_hparams(tb_logger.writer, {}, [], ended=True))
     every = args.log_every
     params = OptimParamsHandler(run.optim_wrapper, tag="optim")
     # the values the run starts from (a warm-up's first lr), every N-th update of each member, and the last ones

@@ -47,10 +47,14 @@ def _summary(scalars: dict[str, float]) -> Any:
     return Summary(value=[Summary.Value(tag=tag, simple_value=value) for tag, value in scalars.items()])
 
 
-def write_hparams(writer: Any, hparams: dict[str, float | str | bool], metrics: list[str]) -> None:
+def write_hparams(
+    writer: Any, hparams: dict[str, float | str | bool], metrics: list[str], *, ended: bool = False
+) -> None:
     """Write ``hparams`` (the run's settings) and the tags of its ``metrics`` curves for TensorBoard's HPARAMS tab.
 
-    Nothing is written through a closed writer, or one without a ``file_writer``.
+    Call it at the run's start, and with ``ended=True`` once it has ended well: that writes only the
+    record of a successful end (its status in the tab; a run that crashes has none). Nothing is written
+    through a closed writer, or one without a ``file_writer``.
     """
     from torch.utils.tensorboard.summary import hparams as hparams_summaries
 
@@ -58,9 +62,8 @@ def write_hparams(writer: Any, hparams: dict[str, float | str | bool], metrics: 
     if file_writer is None:
         return
     # the metrics' values are the curves of those tags the run logs: their placeholder values are not written
-    experiment, session_start, _ = hparams_summaries(  # type: ignore[no-untyped-call]
+    experiment, session_start, session_end = hparams_summaries(  # type: ignore[no-untyped-call]
         dict(hparams), dict.fromkeys(metrics, 0.0)
     )
-    # not the session's end: written now it would mark a run that crashes later as a success
-    for summary in (experiment, session_start):
+    for summary in (session_end,) if ended else (experiment, session_start):
         file_writer.add_summary(summary)

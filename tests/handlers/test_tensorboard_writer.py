@@ -8,7 +8,7 @@ import pytest
 from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
 from torch.utils.tensorboard import SummaryWriter
 
-from engine_opt.handlers.tensorboard_writer import write_scalars
+from engine_opt.handlers.tensorboard_writer import write_hparams, write_scalars
 
 from scalars import f32, read_scalars
 
@@ -59,3 +59,21 @@ def test_values_are_stored_as_float32(tmp_path, value):
     write_scalars(writer, {"x": value}, step=0)
     writer.close()
     assert read_scalars(tmp_path)["x"] == [(0, f32(value))]
+
+
+def test_hparams_are_in_the_runs_own_file_and_the_end_only_when_the_run_ended_well(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    def hparams_tags():
+        writer.flush()
+        accumulator = EventAccumulator(str(tmp_path))
+        accumulator.Reload()
+        return sorted(accumulator.PluginTagToContent("hparams"))
+
+    writer = SummaryWriter(str(tmp_path))
+    write_hparams(writer, {"lr": 0.1, "optimizer": "SGD", "nesterov": True}, ["train/loss"])
+    assert hparams_tags() == ["_hparams_/experiment", "_hparams_/session_start_info"]  # a crash now: no end
+    write_hparams(writer, {}, [], ended=True)
+    assert hparams_tags() == ["_hparams_/experiment", "_hparams_/session_end_info", "_hparams_/session_start_info"]
+    writer.close()
+    assert [path for path in tmp_path.iterdir() if path.is_dir()] == []  # no second run in a sub-directory
