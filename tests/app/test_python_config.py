@@ -35,6 +35,24 @@ train_cfg = dict(max_epochs=2)
 """
 
 
+MMENGINE_MODEL = """
+import torch
+from mmengine.model import BaseModel
+from torch.utils.data import TensorDataset
+
+class Regressor(BaseModel):
+    def __init__(self):
+        super().__init__()
+        self.linear = torch.nn.Linear(4, 1)
+
+    def forward(self, x, y, mode="tensor"):
+        return dict(loss=torch.nn.functional.mse_loss(self.linear(x), y))
+
+model = Regressor()
+train_dataloader = dict(batch_size=8, dataset=TensorDataset(torch.randn(16, 4), torch.randn(16, 1)))
+"""
+"""A model of MMEngine's that trains itself (its train_step), and its data."""
+
 NO_WRAPPER = TINY.replace('optim_wrapper = dict(optimizer=dict(type="SGD", lr=0.1, momentum=0.9))\n', "")
 
 DICT_ITEMS = """
@@ -134,26 +152,7 @@ def test_the_digits_config_reaches_the_stated_accuracy_and_resumes_bitwise(tmp_p
 @pytest.mark.slow  # runs the command
 def test_a_model_that_trains_itself_through_mmengines_train_step(tmp_path):
     pytest.importorskip("mmengine")
-    config = write(
-        tmp_path,
-        """
-        import torch
-        from mmengine.model import BaseModel
-        from torch.utils.data import TensorDataset
-
-        class Regressor(BaseModel):
-            def __init__(self):
-                super().__init__()
-                self.linear = torch.nn.Linear(4, 1)
-
-            def forward(self, x, y, mode="tensor"):
-                return dict(loss=torch.nn.functional.mse_loss(self.linear(x), y))
-
-        model = Regressor()
-        train_dataloader = dict(batch_size=8, dataset=TensorDataset(torch.randn(16, 4), torch.randn(16, 1)))
-        optim_wrapper = dict(optimizer=dict(type="SGD", lr=0.1))
-        """,
-    )
+    config = write(tmp_path, MMENGINE_MODEL + 'optim_wrapper = dict(optimizer=dict(type="SGD", lr=0.1))\n')
     assert run(tmp_path, "--config", str(config), "--epochs", "1") == 0
     torch.manual_seed(0)
     namespace = runpy.run_path(str(config))
@@ -314,24 +313,7 @@ def test_the_default_loss_named_and_a_loss_class_given(tmp_path):
 
 def test_a_model_that_trains_itself_is_refused_a_val_dataloader(tmp_path):
     pytest.importorskip("mmengine")
-    text = """
-import torch
-from mmengine.model import BaseModel
-from torch.utils.data import TensorDataset
-
-class Regressor(BaseModel):
-    def __init__(self):
-        super().__init__()
-        self.linear = torch.nn.Linear(4, 1)
-
-    def forward(self, x, y, mode="tensor"):
-        return dict(loss=torch.nn.functional.mse_loss(self.linear(x), y))
-
-model = Regressor()
-data = TensorDataset(torch.randn(16, 4), torch.randn(16, 1))
-train_dataloader = dict(batch_size=8, dataset=data)
-val_dataloader = dict(batch_size=8, dataset=data)
-"""
+    text = MMENGINE_MODEL + "val_dataloader = dict(batch_size=8, dataset=train_dataloader['dataset'])\n"
     with pytest.raises(UsageError, match=r"val_dataloader: a model that trains itself .* drop val_dataloader"):
         load_python_config(write(tmp_path, text), seed=0)
 
