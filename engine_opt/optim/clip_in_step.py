@@ -84,10 +84,14 @@ class ClipInStep:
             )
         refusal = _refusal(optimizer)
         if refusal is not None:
-            raise ValueError(
-                f"clip_grad['fold_into_step']=True needs a fused optimizer: {refusal}; build it with fused=True "
-                "(implementation='fused', or 'auto' where it picks fused), or drop fold_into_step"
+            can_fuse = "fused" in getattr(optimizer, "defaults", {})  # torch's Adam, AdamW, SGD, Adagrad
+            how = (
+                "build it with fused=True (implementation='fused', or 'auto' where it picks fused), or drop "
+                "fold_into_step"
+                if can_fuse
+                else "it has no fused step: drop fold_into_step"
             )
+            raise ValueError(f"clip_grad['fold_into_step']=True needs a fused optimizer: {refusal}; {how}")
         self._optimizer = optimizer
         self._max_norm = float(clipper.kwargs["max_norm"])
         self._norm_type = float(clipper.kwargs.get("norm_type", 2.0))

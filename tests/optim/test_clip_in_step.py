@@ -163,8 +163,18 @@ def test_the_optimizer_keeps_no_grad_scale_after_a_step_or_a_failed_one():
 @pytest.mark.parametrize(
     ("optimizer", "clip_grad", "error", "words"),
     [
-        (lambda ps: torch.optim.AdamW(ps), {"max_norm": 1.0, "fold_into_step": True}, ValueError, ["fused", "AdamW"]),
-        (lambda ps: torch.optim.RMSprop(ps), {"max_norm": 1.0, "fold_into_step": True}, ValueError, ["RMSprop"]),
+        (
+            lambda ps: torch.optim.AdamW(ps),
+            {"max_norm": 1.0, "fold_into_step": True},
+            ValueError,
+            ["AdamW", "build it with fused=True"],
+        ),
+        (
+            lambda ps: torch.optim.RMSprop(ps),
+            {"max_norm": 1.0, "fold_into_step": True},
+            ValueError,
+            ["RMSprop", "it has no fused step: drop fold_into_step"],
+        ),
         (FUSED["adamw"], {"type": "value", "clip_value": 1.0, "fold_into_step": True}, ValueError, ["by value"]),
         (FUSED["adamw"], {"max_norm": 1.0, "fold_into_step": 1}, TypeError, ["clip_grad['fold_into_step']", "1"]),
     ],
