@@ -133,8 +133,6 @@ class PythonConfig:
     val_batch_size: int | None = None
     val_num_workers: int = 0
     loss_fn: Callable[..., torch.Tensor] | None = None
-    item_loss_fn: Callable[..., torch.Tensor] | None = None
-    """``loss_fn`` summed over a batch's items (``--num-items samples``): known for the default loss only."""
     optim_wrapper: dict[str, Any] | None = None
     param_scheduler: Any = None
     max_epochs: int | None = None
@@ -278,7 +276,6 @@ def _read(path: Path, namespace: dict[str, Any], where: str) -> PythonConfig:
         val_batch_size=None if val is None else val.get("batch_size"),
         val_num_workers=0 if val is None else val.get("num_workers", 0),
         loss_fn=F.cross_entropy if default_loss else loss_fn,
-        item_loss_fn=cross_entropy_sum if default_loss else None,
         optim_wrapper=optim_wrapper,
         param_scheduler=namespace.get("param_scheduler"),
         max_epochs=train_cfg.get("max_epochs"),
@@ -438,4 +435,6 @@ def python_task(config: PythonConfig, seed: int, batch_size: int) -> Task:
     generator = torch.Generator().manual_seed(seed)
     data = make_loader(config.train_dataset, batch_size, generator, seed, config.num_workers)
     default_cfg = {"type": "OptimWrapper", "optimizer": {"type": "AdamW", "lr": 1e-3}}
-    return Task(config.name, config.model, data, default_cfg, loss_fn=config.loss_fn, item_loss_fn=config.item_loss_fn)
+    # the loss summed over a batch's items (--num-items samples) is known for the default loss only
+    item_loss_fn = cross_entropy_sum if config.loss_fn is F.cross_entropy else None
+    return Task(config.name, config.model, data, default_cfg, loss_fn=config.loss_fn, item_loss_fn=item_loss_fn)

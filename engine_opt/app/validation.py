@@ -50,8 +50,6 @@ class Validation:
         self.evaluator = create_supervised_evaluator(model, metrics=metrics, device=device, prepare_batch=prepare_batch)
         self.last: dict[str, float] = {}
         """The latest values of the metrics that are numbers, by name."""
-        self.epoch: int | None = None
-        """The epoch after which they were measured."""
 
     def attach(self, trainer: Engine, log: Any = None) -> None:
         """Evaluate at ``trainer``'s cadence; ``log(tag, value, iteration)`` (TensorBoard's ``add_scalar``) each."""
@@ -67,7 +65,6 @@ class Validation:
         finally:
             self.model.train(training)
         self.last = {name: float(value) for name, value in metrics.items() if _is_number(value)}
-        self.epoch = trainer.state.epoch
         if log is not None:
             for name, value in self.last.items():
                 log(f"val/{name}", value, trainer.state.iteration)

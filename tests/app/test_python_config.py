@@ -13,7 +13,7 @@ from torch.utils.data import DistributedSampler
 
 from engine_opt.app.cli import main
 from engine_opt.app.config import UsageError
-from engine_opt.app.python_config import load_python_config
+from engine_opt.app.python_config import load_python_config, python_task
 
 from oracle import assert_same_tensors
 from scalars import read_hparams, read_scalars
@@ -302,9 +302,11 @@ def test_an_error_in_the_configs_own_code_keeps_its_type_and_traceback(tmp_path)
 
 def test_the_default_loss_named_and_a_loss_class_given(tmp_path):
     named = load_python_config(write(tmp_path, TINY + "loss_fn = torch.nn.functional.cross_entropy"), seed=0)
-    assert named.item_loss_fn is not None  # --num-items samples works with it, as with the default
+    # --num-items samples works with it, as with the default
+    assert python_task(named, seed=0, batch_size=10).item_loss_fn is not None
     given = load_python_config(write(tmp_path, TINY + "loss_fn = 'torch.nn.CrossEntropyLoss'", "c.py"), seed=0)
     assert isinstance(given.loss_fn, torch.nn.CrossEntropyLoss)
+    assert python_task(given, seed=0, batch_size=10).item_loss_fn is None
     default_collate = load_python_config(
         write(tmp_path, TINY + "train_dataloader['collate_fn'] = dict(type='default_collate')", "d.py"), seed=0
     )
